@@ -1,0 +1,105 @@
+"""Ahead-of-time compilation of every kernel for NVIDIA targets, and a reading of the cubin.
+
+A profiler without a GPU: Triton compiles to PTX and, with the ``ptxas`` in its wheel, to a cubin on a
+CPU-only machine; the ``cuobjdump`` in the same wheel reads registers, spills (``LOCAL``), shared memory
+and the SASS. ``python -m rlhf_fast.kernels._aot`` prints one JSON line per kernel build. It must run in a
+process without ``TRITON_INTERPRET=1``, since interpreted kernels cannot be compiled.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import triton
+
+ARCHS = (90, 80)
+
+
+@dataclass
+class KernelBuild:
+    """One compilation a launcher performs: kernel, argument types, constexprs and launch options."""
+
+    kernel: object
+    signature: dict  # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
+    constexprs: dict
+    divisible: list = field(default_factory=list)  # arguments Triton's launcher marks divisible by 16
+    num_warps: int = 4
+    streams_rows: bool = False  # a memory-bound streaming kernel: its global loads must be vectorized
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+
+def all_builds() -> list:
+    """Every kernel build of the package. Later ops append their module's ``build_specs()`` here."""
+    from . import logprobs
+
+    return logprobs.build_specs()
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_build(build: KernelBuild, arch: int) -> bytes:
+    """Compile one build for ``sm_<arch>`` and return the cubin."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(build.signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in build.divisible}
+    src = ASTSource(fn=build.kernel, signature=build.signature, constexprs=build.constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": build.num_warps})
+    return compiled.asm["cubin"]
+
+
+def inspect_cubin(cubin: bytes, path: str) -> dict:
+    """Registers, spills, shared memory and the kinds of global loads of a cubin."""
+    with open(path, "wb") as f:
+        f.write(cubin)
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+    sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    res = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
+    loads = sorted(set(re.findall(r"\b(LDG\.E[.\w]*)", sass)))
+    mma = sorted(set(re.findall(r"\b(HGMMA|HMMA)[.\w]*", sass)))
+    return {
+        "registers": int(res.get("REG", -1)),
+        "stack": int(res.get("STACK", -1)),
+        "shared": int(res.get("SHARED", -1)),
+        "local": int(res.get("LOCAL", -1)),
+        "global_loads": loads,
+        "mma": mma,
+    }
+
+
+def report(tmpdir: str) -> list:
+    """Compile every build for every arch in ``ARCHS`` and inspect it; one dict per (build, arch)."""
+    rows = []
+    for i, build in enumerate(all_builds()):
+        for arch in ARCHS:
+            row = {"kernel": build.name, "config": build.label, "arch": arch, "streams_rows": build.streams_rows}
+            try:
+                row.update(inspect_cubin(compile_build(build, arch), os.path.join(tmpdir, f"k{i}_{arch}.cubin")))
+            except Exception as exc:  # reported, and failed, by the test
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    import tempfile
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in report(tmp):
+            print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

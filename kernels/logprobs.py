@@ -1,0 +1,258 @@
+"""Per-token log-probs and entropy of ``softmax(logits / T)``, forward and backward, one pass over each row.
+
+Layout: the launchers take the logits as a ``[B, T, V]`` view whose last dimension is contiguous and whose
+two leading strides are free, so that the common ``logits[:, :-1, :]`` slice is read in place instead of
+copied. Row ``r`` of the flattened ``[B*T]`` outputs is ``(b, t) = divmod(r, T)``.
+
+Forward, per row (``z = x / T``), with a running max ``m`` started at ``-inf``::
+
+    s = sum_v exp(z_v - m)                      (rescaled by exp(m_old - m_new) when m grows)
+    u = sum_v exp(z_v - m) * (z_v - m)          (rescaled likewise, plus (m_old - m_new) * s)
+    lse = m + log(s)
+    H   = -sum_v p_v log p_v = log(s) - u / s   (p_v = exp(z_v - lse))
+
+Keeping ``u`` relative to the running max (instead of ``sum p_v z_v``) avoids the cancellation
+``lse - E[z]`` for large logits. Entries equal to ``-inf`` (masked vocabulary) have ``p_v = 0`` and add
+nothing to ``s`` or ``u``; the ``0 * -inf`` products they would create are replaced by 0 explicitly, so
+NaN can only come from NaN in the input. Backward needs only ``lse`` and ``H`` per row (8 bytes), never the
+softmax.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreter_safe_output
+from ._tuning import row_config
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    # pointers
+    logits_ptr,
+    labels_ptr,
+    logp_ptr,
+    entropy_ptr,
+    lse_ptr,
+    # strides of the [B, T, V] logits (the last stride is 1)
+    stride_logits_b,
+    stride_logits_t,
+    # sizes
+    T,
+    V,
+    # hyperparameters
+    inv_temperature,
+    ignore_index,
+    # meta-parameters
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
+    cols = tl.arange(0, BLOCK_V)
+
+    m = -float("inf")  # running max of z; -inf (not 0) so all-negative rows come out right
+    s = 0.0  # sum exp(z - m)
+    u = 0.0  # sum exp(z - m) * (z - m)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        z = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # While every entry so far is -inf, shift by 0 instead of -inf (which would give -inf - -inf = NaN).
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = z - m_ref
+        e = tl.exp(d)
+        ed = tl.where(z == -float("inf"), 0.0, e * d)
+        alpha = tl.exp(m - m_ref)  # 0 while m is -inf, and then s == u == 0 too
+        # sum e^(z-m_new)(z-m_new) = alpha * (u + (m - m_new) * s); the shift is 0 where s is still 0.
+        shift = tl.where(m == -float("inf"), 0.0, m - m_ref)
+        u = alpha * (u + shift * s) + tl.sum(ed, axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+
+    m_ref = tl.where(m == -float("inf"), 0.0, m)
+    log_s = tl.log(s)
+    lse = m_ref + log_s
+    entropy = log_s - u / s
+
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    ignored = label == ignore_index
+    safe_label = tl.where(ignored, 0, label)
+    z_label = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temperature
+    logp = tl.where(ignored, 0.0, z_label - lse)
+
+    tl.store(logp_ptr + row, logp)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    # pointers
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    grad_logits_ptr,
+    # strides of the [B, T, V] logits and of the [B, T, V] gradient (last strides are 1)
+    stride_logits_b,
+    stride_logits_t,
+    stride_grad_b,
+    stride_grad_t,
+    # sizes
+    T,
+    V,
+    # hyperparameters
+    inv_temperature,
+    ignore_index,
+    # meta-parameters
+    BLOCK_V: tl.constexpr,
+):
+    # With z = x / T, p = softmax(z), logp_y = z_y - lse, H = -sum_w p_w log p_w:
+    #   d logp_y / d z_v = [v == y] - p_v
+    #   d H / d z_v      = -sum_w (log p_w + 1) p_w ([w == v] - p_v)
+    #                    = -p_v (log p_v + 1) + p_v (1 - H)  =  -p_v (log p_v + H)
+    # so  dL/dx_v = ( g_logp * ([v == y] - p_v) - g_H * p_v * (log p_v + H) ) / T.
+    # Masked entries (x_v = -inf) have p_v = 0 and get exactly 0 (not 0 * -inf).
+    # The gradient may alias the logits (in-place backward): each element is read before it is written.
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
+    grad_row_ptr = grad_logits_ptr + b * stride_grad_b + t * stride_grad_t
+    cols = tl.arange(0, BLOCK_V)
+
+    lse = tl.load(lse_ptr + row)
+    entropy = tl.load(entropy_ptr + row)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    ignored = label == ignore_index
+    g_logp = tl.where(ignored, 0.0, tl.load(grad_logp_ptr + row).to(tl.float32))
+    g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
+
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        in_row = offs < V
+        z = tl.load(row_ptr + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
+        logp_v = z - lse
+        p = tl.exp(logp_v)
+        g = -p * (g_logp + g_entropy * (logp_v + entropy))
+        g = tl.where(z == -float("inf"), 0.0, g)
+        g = tl.where(offs == label, g + g_logp, g)
+        g = g * inv_temperature
+        tl.store(grad_row_ptr + offs, g.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+    """Log-probs, entropy and log-sum-exp of ``logits / temperature``.
+
+    ``logits``: ``[B, T, V]`` with ``stride(-1) == 1``; ``labels``: ``[B*T]`` contiguous integers.
+    Returns three contiguous float32 ``[B*T]`` tensors ``(logp, entropy, lse)``; ``lse`` is of
+    ``logits / temperature`` and is what :func:`logprobs_backward` needs.
+    """
+    B, T, V = logits.shape
+    N = B * T
+    logp = torch.empty(N, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    if N == 0:
+        return logp, entropy, lse
+    cfg = row_config(V, logits.element_size())
+    _logprobs_fwd_kernel[(N,)](
+        logits, labels, logp, entropy, lse,
+        logits.stride(0), logits.stride(1),
+        T, V,
+        1.0 / temperature, ignore_index,
+        BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return logp, entropy, lse
+
+
+def logprobs_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    grad_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient with respect to ``logits`` (``[B, T, V]``) of ``sum(grad_logp * logp + grad_entropy * H)``.
+
+    ``grad_logp``/``grad_entropy``: contiguous float32 ``[B*T]``. The gradient is written into
+    ``grad_logits`` when given (any ``[B, T, V]`` tensor with ``stride(-1) == 1``; it may be ``logits``
+    itself for an in-place backward), else into a new contiguous tensor of the logits' dtype.
+    """
+    B, T, V = logits.shape
+    if grad_logits is None:
+        grad_logits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    if B * T == 0:
+        return grad_logits
+    out = interpreter_safe_output(grad_logits)
+    cfg = row_config(V, logits.element_size())
+    _logprobs_bwd_kernel[(B * T,)](
+        logits, labels, lse, entropy, grad_logp, grad_entropy, out,
+        logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
+        T, V,
+        1.0 / temperature, ignore_index,
+        BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    if out is not grad_logits:
+        grad_logits.copy_(out)
+    return grad_logits
+
+
+# ------------------------------------------------------------------------- ahead-of-time build specs
+
+_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def build_specs():
+    """What the launchers compile, for the Hopper build check: one entry per kernel, dtype and config.
+
+    Sizes are typical (V a multiple of 16, 16-byte aligned rows), which is how Triton's launcher
+    specializes them at real shapes: pointers and 16-divisible integers get ``tt.divisibility=16``.
+    """
+    from ._aot import KernelBuild
+
+    specs = []
+    for dtype, tl_dtype in _TL_DTYPE.items():
+        configs = {row_config(V, dtype.itemsize) for V in (32000, 1024, 128)}
+        for cfg in sorted(configs, key=lambda c: c.BLOCK_V):
+            constexprs = {"BLOCK_V": cfg.BLOCK_V}
+            fwd = {
+                "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64",
+                "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+                "stride_logits_b": "i32", "stride_logits_t": "i32", "T": "i32", "V": "i32",
+                "inv_temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+            }  # fmt: skip
+            bwd = {
+                "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64", "lse_ptr": "*fp32",
+                "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
+                "grad_logits_ptr": f"*{tl_dtype}",
+                "stride_logits_b": "i32", "stride_logits_t": "i32",
+                "stride_grad_b": "i32", "stride_grad_t": "i32", "T": "i32", "V": "i32",
+                "inv_temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+            }  # fmt: skip
+            for kernel, sig in ((_logprobs_fwd_kernel, fwd), (_logprobs_bwd_kernel, bwd)):
+                specs.append(
+                    KernelBuild(
+                        kernel=kernel,
+                        signature=sig,
+                        constexprs=constexprs,
+                        divisible=[n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "V"],
+                        num_warps=cfg.num_warps,
+                        streams_rows=cfg.BLOCK_V >= 1024,
+                        label=f"{tl_dtype} BLOCK_V={cfg.BLOCK_V}",
+                    )
+                )
+    return specs

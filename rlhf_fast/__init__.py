@@ -1,0 +1,12 @@
+"""rlhf_fast: fused Triton kernels for the hot spots of RLHF training.
+
+Every public op is importable from here: ``import rlhf_fast as rf; rf.logprobs(logits, labels)``.
+The contract of each op (names, defaults, semantics) is fixed in the project's API document.
+"""
+
+from ._dispatch import IMPLS
+from .logprobs import logprobs
+
+__version__ = "0.1.0"
+
+__all__ = ["IMPLS", "logprobs", "__version__"]

@@ -1,0 +1,32 @@
+"""rlhf_fast: fused Triton kernels for RLHF training.
+
+``kernels/`` is shipped inside the package as ``rlhf_fast.kernels``: a top-level module named
+``kernels`` would shadow the package of that name that ``transformers`` probes for.
+"""
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["rlhf_fast", "rlhf_fast.*"])
+packages += ["rlhf_fast.kernels"] + [f"rlhf_fast.kernels.{p}" for p in find_packages("kernels")]
+
+setup(
+    name="rlhf_fast",
+    version="0.1.0",
+    description="Fused Triton kernels for RLHF: log-probs, entropy, KL, PPO and preference losses",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"rlhf_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "bench": ["matplotlib", "pytest-benchmark", "psutil"],
+        "peers": ["liger-kernel", "trl", "cut-cross-entropy"],
+    },
+    license="Apache-2.0",
+)
