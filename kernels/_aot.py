@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 import triton
@@ -28,6 +29,8 @@ class KernelBuild:
     divisible: list = field(default_factory=list)  # arguments Triton's launcher marks divisible by 16
     num_warps: int = 4
     streams_rows: bool = False  # a memory-bound streaming kernel: its global loads must be vectorized
+    narrow_loads: int = 0  # sub-32-bit scalar loads the kernel legitimately makes (e.g. one label logit)
+    streams_out: bool = False  # it also streams a [N, V] output: its global stores must be vectorized
     label: str = ""
 
     @property
@@ -65,7 +68,8 @@ def inspect_cubin(cubin: bytes, path: str) -> dict:
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True)
     sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
     res = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
-    loads = sorted(set(re.findall(r"\b(LDG\.E[.\w]*)", sass)))
+    loads = dict(Counter(re.findall(r"\b(LDG\.E[.\w]*)", sass)))
+    stores = dict(Counter(re.findall(r"\b(STG\.E[.\w]*)", sass)))
     mma = sorted(set(re.findall(r"\b(HGMMA|HMMA)[.\w]*", sass)))
     return {
         "registers": int(res.get("REG", -1)),
@@ -73,6 +77,7 @@ def inspect_cubin(cubin: bytes, path: str) -> dict:
         "shared": int(res.get("SHARED", -1)),
         "local": int(res.get("LOCAL", -1)),
         "global_loads": loads,
+        "global_stores": stores,
         "mma": mma,
     }
 
@@ -82,7 +87,14 @@ def report(tmpdir: str) -> list:
     rows = []
     for i, build in enumerate(all_builds()):
         for arch in ARCHS:
-            row = {"kernel": build.name, "config": build.label, "arch": arch, "streams_rows": build.streams_rows}
+            row = {
+                "kernel": build.name,
+                "config": build.label,
+                "arch": arch,
+                "streams_rows": build.streams_rows,
+                "narrow_loads_allowed": build.narrow_loads,
+                "streams_out": build.streams_out,
+            }
             try:
                 row.update(inspect_cubin(compile_build(build, arch), os.path.join(tmpdir, f"k{i}_{arch}.cubin")))
             except Exception as exc:  # reported, and failed, by the test

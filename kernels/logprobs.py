@@ -8,14 +8,14 @@ Forward, per row (``z = x / T``), with a running max ``m`` started at ``-inf``::
 
     s = sum_v exp(z_v - m)                      (rescaled by exp(m_old - m_new) when m grows)
     u = sum_v exp(z_v - m) * (z_v - m)          (rescaled likewise, plus (m_old - m_new) * s)
-    lse = m + log(s)
-    H   = -sum_v p_v log p_v = log(s) - u / s   (p_v = exp(z_v - lse))
+    log p_v = (z_v - m) - log(s)
+    H   = -sum_v p_v log p_v = log(s) - u / s
 
 Keeping ``u`` relative to the running max (instead of ``sum p_v z_v``) avoids the cancellation
 ``lse - E[z]`` for large logits. Entries equal to ``-inf`` (masked vocabulary) have ``p_v = 0`` and add
 nothing to ``s`` or ``u``; the ``0 * -inf`` products they would create are replaced by 0 explicitly, so
-NaN can only come from NaN in the input. Backward needs only ``lse`` and ``H`` per row (8 bytes), never the
-softmax.
+NaN can only come from NaN in the input. Backward needs only ``m``, ``log(s)`` and ``H`` per row
+(12 bytes), never the softmax.
 """
 
 import torch
@@ -35,7 +35,8 @@ def _logprobs_fwd_kernel(
     labels_ptr,
     logp_ptr,
     entropy_ptr,
-    lse_ptr,
+    row_max_ptr,
+    log_norm_ptr,
     # strides of the [B, T, V] logits (the last stride is 1)
     stride_logits_b,
     stride_logits_t,
@@ -75,18 +76,20 @@ def _logprobs_fwd_kernel(
 
     m_ref = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
-    lse = m_ref + log_s
     entropy = log_s - u / s
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
     safe_label = tl.where(ignored, 0, label)
     z_label = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temperature
-    logp = tl.where(ignored, 0.0, z_label - lse)
+    # (z - m) - log s, not z - (m + log s): the rounded sum m + log s would lose up to half an ulp of m,
+    # 5e-4 at logits around 1e4, which log_softmax does not lose either.
+    logp = tl.where(ignored, 0.0, (z_label - m_ref) - log_s)
 
     tl.store(logp_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
-    tl.store(lse_ptr + row, lse)
+    tl.store(row_max_ptr + row, m_ref)
+    tl.store(log_norm_ptr + row, log_s)
 
 
 @triton.jit
@@ -94,7 +97,8 @@ def _logprobs_bwd_kernel(
     # pointers
     logits_ptr,
     labels_ptr,
-    lse_ptr,
+    row_max_ptr,
+    log_norm_ptr,
     entropy_ptr,
     grad_logp_ptr,
     grad_entropy_ptr,
@@ -127,7 +131,8 @@ def _logprobs_bwd_kernel(
     grad_row_ptr = grad_logits_ptr + b * stride_grad_b + t * stride_grad_t
     cols = tl.arange(0, BLOCK_V)
 
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(row_max_ptr + row)
+    log_norm = tl.load(log_norm_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
@@ -138,7 +143,7 @@ def _logprobs_bwd_kernel(
         offs = start + cols
         in_row = offs < V
         z = tl.load(row_ptr + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
-        logp_v = z - lse
+        logp_v = (z - row_max) - log_norm
         p = tl.exp(logp_v)
         g = -p * (g_logp + g_entropy * (logp_v + entropy))
         g = tl.where(z == -float("inf"), 0.0, g)
@@ -154,31 +159,34 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: fl
     """Log-probs, entropy and log-sum-exp of ``logits / temperature``.
 
     ``logits``: ``[B, T, V]`` with ``stride(-1) == 1``; ``labels``: ``[B*T]`` contiguous integers.
-    Returns three contiguous float32 ``[B*T]`` tensors ``(logp, entropy, lse)``; ``lse`` is of
-    ``logits / temperature`` and is what :func:`logprobs_backward` needs.
+    Returns four contiguous float32 ``[B*T]`` tensors ``(logp, entropy, row_max, log_norm)``: the
+    log-sum-exp of ``logits / temperature`` is ``row_max + log_norm``, kept as two numbers so that
+    :func:`logprobs_backward` can form ``log p = (z - row_max) - log_norm`` without rounding the sum.
     """
     B, T, V = logits.shape
     N = B * T
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     entropy = torch.empty_like(logp)
-    lse = torch.empty_like(logp)
+    row_max = torch.empty_like(logp)
+    log_norm = torch.empty_like(logp)
     if N == 0:
-        return logp, entropy, lse
+        return logp, entropy, row_max, log_norm
     cfg = row_config(V, logits.element_size())
     _logprobs_fwd_kernel[(N,)](
-        logits, labels, logp, entropy, lse,
+        logits, labels, logp, entropy, row_max, log_norm,
         logits.stride(0), logits.stride(1),
         T, V,
         1.0 / temperature, ignore_index,
         BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return logp, entropy, lse
+    return logp, entropy, row_max, log_norm
 
 
 def logprobs_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_norm: torch.Tensor,
     entropy: torch.Tensor,
     grad_logp: torch.Tensor,
     grad_entropy: torch.Tensor,
@@ -200,7 +208,7 @@ def logprobs_backward(
     out = interpreter_safe_output(grad_logits)
     cfg = row_config(V, logits.element_size())
     _logprobs_bwd_kernel[(B * T,)](
-        logits, labels, lse, entropy, grad_logp, grad_entropy, out,
+        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, out,
         logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
         T, V,
         1.0 / temperature, ignore_index,
@@ -231,19 +239,21 @@ def build_specs():
             constexprs = {"BLOCK_V": cfg.BLOCK_V}
             fwd = {
                 "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64",
-                "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "lse_ptr": "*fp32",
+                "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
                 "stride_logits_b": "i32", "stride_logits_t": "i32", "T": "i32", "V": "i32",
                 "inv_temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
             }  # fmt: skip
             bwd = {
-                "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64", "lse_ptr": "*fp32",
+                "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
                 "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
                 "grad_logits_ptr": f"*{tl_dtype}",
                 "stride_logits_b": "i32", "stride_logits_t": "i32",
                 "stride_grad_b": "i32", "stride_grad_t": "i32", "T": "i32", "V": "i32",
                 "inv_temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
             }  # fmt: skip
-            for kernel, sig in ((_logprobs_fwd_kernel, fwd), (_logprobs_bwd_kernel, bwd)):
+            # The forward's one narrow load is the label logit; the backward streams dlogits out.
+            for kernel, sig, narrow, streams_out in ((_logprobs_fwd_kernel, fwd, 1, False),
+                                                     (_logprobs_bwd_kernel, bwd, 0, True)):
                 specs.append(
                     KernelBuild(
                         kernel=kernel,
@@ -252,6 +262,8 @@ def build_specs():
                         divisible=[n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "V"],
                         num_warps=cfg.num_warps,
                         streams_rows=cfg.BLOCK_V >= 1024,
+                        narrow_loads=narrow,
+                        streams_out=streams_out and cfg.BLOCK_V >= 1024,
                         label=f"{tl_dtype} BLOCK_V={cfg.BLOCK_V}",
                     )
                 )

@@ -3,7 +3,7 @@
 Two implementations behind one autograd contract (gradients through both outputs):
 
 - ``triton``: one kernel pass over each row forward (running max, log-sum-exp, entropy), one pass
-  backward writing ``dlogits``; saves only ``lse`` and the entropy per row.
+  backward writing ``dlogits``; saves only three floats per row (max, log-normalizer, entropy).
 - ``torch``: the same algorithm chunked over rows, so that the float32 temporaries are
   ``O(chunk * V)`` instead of the several ``[N, V]`` float32 tensors of the eager composition.
 
@@ -11,6 +11,7 @@ Both can write the gradient over the logits buffer (``inplace_backward=True``), 
 buffer when the caller no longer needs the logits.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ def _as_btv(logits: torch.Tensor) -> torch.Tensor:
     elif logits.dim() == 2:
         x = logits.unsqueeze(0)
     else:
-        x = logits.reshape(-1, logits.shape[-2], V)
+        x = logits.reshape(math.prod(logits.shape[:-2]), logits.shape[-2], V)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
@@ -62,8 +63,8 @@ class _LogprobsTriton(torch.autograd.Function):
 
         x = _as_btv(logits)
         flat_labels = labels.reshape(-1).contiguous()
-        logp, entropy, lse = logprobs_forward(x, flat_labels, opts.temperature, opts.ignore_index)
-        ctx.save_for_backward(x, flat_labels, lse, entropy)
+        logp, entropy, row_max, log_norm = logprobs_forward(x, flat_labels, opts.temperature, opts.ignore_index)
+        ctx.save_for_backward(x, flat_labels, row_max, log_norm, entropy)
         ctx.opts = opts
         ctx.logits_shape = logits.shape
         ctx.set_materialize_grads(False)
@@ -73,13 +74,14 @@ class _LogprobsTriton(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         from .kernels.logprobs import logprobs_backward
 
-        x, labels, lse, entropy = ctx.saved_tensors
+        x, labels, row_max, log_norm, entropy = ctx.saved_tensors
         opts = ctx.opts
         n = labels.numel()
         grad = logprobs_backward(
             x,
             labels,
-            lse,
+            row_max,
+            log_norm,
             entropy,
             _grad_or_zeros(grad_logp, n, x.device),
             _grad_or_zeros(grad_entropy, n, x.device),
@@ -132,20 +134,26 @@ class _LogprobsTorch(torch.autograd.Function):
         n = flat_labels.numel()
         logp = torch.empty(n, dtype=torch.float32, device=x.device)
         entropy = torch.empty_like(logp)
-        lse = torch.empty_like(logp)
+        row_max = torch.empty_like(logp)
+        log_norm = torch.empty_like(logp)
         for r, chunk in _row_chunks(x, _chunk_rows(x.shape[-1])):
             rows = slice(r, r + chunk.shape[0])
             z = _scaled_float_copy(chunk, opts.temperature)
-            chunk_lse = torch.logsumexp(z, dim=-1)
-            logp_all = z.sub_(chunk_lse.unsqueeze(-1))  # log p, in place of z
+            # Same statistics as the Triton kernel: log p = (z - m) - log(sum exp(z - m)), the max and the
+            # log-normalizer kept apart (their rounded sum would cost accuracy at large logits).
+            m = z.amax(dim=-1, keepdim=True)
+            m.masked_fill_(m == -float("inf"), 0.0)  # an all -inf row: shift by 0, not by -inf
+            d = z.sub_(m)
+            log_s = torch.exp(d).sum(-1, keepdim=True).log_()
+            logp_all = d.sub_(log_s)  # log p, in place of z
             logp[rows] = logp_all.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1)
-            p = logp_all.exp()
             # p * log p with the 0 * -inf of masked vocabulary entries set to 0 (NaN input stays NaN).
-            plogp = p.mul_(logp_all).masked_fill_(logp_all == -float("inf"), 0.0)
+            plogp = logp_all.exp().mul_(logp_all).masked_fill_(logp_all == -float("inf"), 0.0)
             entropy[rows] = -plogp.sum(-1)
-            lse[rows] = chunk_lse
+            row_max[rows] = m.squeeze(-1)
+            log_norm[rows] = log_s.squeeze(-1)
         logp.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(x, safe_labels, ignored, lse, entropy)
+        ctx.save_for_backward(x, safe_labels, ignored, row_max, log_norm, entropy)
         ctx.opts = opts
         ctx.logits_shape = logits.shape
         ctx.set_materialize_grads(False)
@@ -153,7 +161,7 @@ class _LogprobsTorch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        x, safe_labels, ignored, lse, entropy = ctx.saved_tensors
+        x, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
         opts = ctx.opts
         n = safe_labels.numel()
         g_logp = _grad_or_zeros(grad_logp, n, x.device).masked_fill(ignored, 0.0)
@@ -165,7 +173,7 @@ class _LogprobsTorch(torch.autograd.Function):
             # Same formula as the Triton backward (derivation in kernels/logprobs.py):
             #   dL/dz_v = g_logp * ([v == y] - p_v) - g_H * p_v * (log p_v + H),  dL/dx = dL/dz / T
             z = _scaled_float_copy(chunk, opts.temperature)
-            logp_all = z.sub_(lse[rows].unsqueeze(-1))
+            logp_all = z.sub_(row_max[rows].unsqueeze(-1)).sub_(log_norm[rows].unsqueeze(-1))
             p = logp_all.exp()
             coef = logp_all.add_(entropy[rows].unsqueeze(-1)).mul_(g_entropy[rows].unsqueeze(-1))
             g = coef.add_(g_logp[rows].unsqueeze(-1)).mul_(p).neg_()

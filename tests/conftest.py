@@ -1,0 +1,49 @@
+"""Test setup: seeds, the device under test, and the Triton interpreter on CPU-only machines.
+
+On a machine without CUDA, ``TRITON_INTERPRET=1`` is set here, before ``rlhf_fast`` (and so its kernels)
+is imported, so that ``impl="triton"`` runs the real kernels under the Triton interpreter. On a CUDA
+machine the same tests run the compiled kernels natively, and the GPU-only cases (marked ``cuda``) run too.
+"""
+
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import rlhf_fast  # noqa: E402,F401
+from rlhf_fast._dispatch import triton_status  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_OK, INTERPRETED, _ = triton_status()
+
+# impl values every op test runs through; triton needs a GPU or the interpreter
+IMPLS = ["torch"] + (["triton"] if TRITON_OK and (DEVICE.type == "cuda" or INTERPRETED) else [])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (big shapes, native kernels)")
+    # The interpreter evaluates 0 * -inf on the padded lanes of a block (then discarded by tl.where).
+    warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE.type != "cuda":
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device():
+    return DEVICE

@@ -1,0 +1,339 @@
+"""rf.logprobs against float64, through both impls (Triton runs under the interpreter on CPU)."""
+
+import pytest
+import torch
+from conftest import DEVICE, IMPLS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import logprobs_f64, logprobs_plain_same_dtype
+
+import rlhf_fast as rf
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+ALL_DTYPES = [torch.float32] + LOW_PRECISION
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check_logprobs(logits, labels, impl, *, temperature=1.0, ignore_index=-100, grads=("logp", "entropy")):
+    """Outputs and the gradient of ``sum(g1 * logp + g2 * entropy)`` against float64.
+
+    The bar is plain PyTorch in the input's dtype (for float32: the usual log_softmax, which is
+    accurate): our error must be no worse than its error plus a small margin. For float32 inputs the
+    result must also match float64 tightly.
+    """
+    x = logits.detach().clone().requires_grad_(True)
+    logp, ent = rf.logprobs(x, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=True, impl=impl)
+    assert logp.dtype == ent.dtype == torch.float32
+    assert logp.shape == ent.shape == labels.shape
+
+    g_logp = torch.randn(labels.shape, device=x.device) if "logp" in grads else None
+    g_ent = torch.randn(labels.shape, device=x.device) if "entropy" in grads else None
+    loss = sum((out * g).sum() for out, g in ((logp, g_logp), (ent, g_ent)) if g is not None)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+
+    ref_logp, ref_ent, ref_grad = logprobs_f64(logits, labels, temperature=temperature, ignore_index=ignore_index)
+    plain_logp, plain_ent, plain_grad = logprobs_plain_same_dtype(
+        logits, labels, temperature=temperature, ignore_index=ignore_index
+    )
+    ref_g = ref_grad(g_logp, g_ent)
+    pairs = {
+        "logp": (logp, plain_logp, ref_logp),
+        "entropy": (ent, plain_ent, ref_ent),
+        "grad": (grad, plain_grad(g_logp, g_ent), ref_g),
+    }
+    for name, (ours, plain, ref) in pairs.items():
+        finite = torch.isfinite(ref)
+        # -inf / NaN positions must agree exactly (e.g. a label on a masked vocabulary entry)
+        assert torch.equal(torch.isfinite(ours), finite), name
+        assert torch.equal(ours[~finite].double(), ref[~finite]) or torch.isnan(ref[~finite]).all(), name
+        ours, plain, ref = ours[finite], plain[finite], ref[finite]
+        scale = 1.0 + (ref.abs().max().item() if ref.numel() else 0.0)
+        err, bar = _max_err(ours, ref), _max_err(plain, ref)
+        assert err <= 1.25 * bar + 2e-6 * scale, f"{name}: error {err:.3g} vs plain {logits.dtype} {bar:.3g}"
+        if logits.dtype == torch.float32:
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5 * scale, msg=name)
+    return logp, ent, grad
+
+
+def _labels(shape, V, device, ignore_frac=0.0, ignore_index=-100):
+    labels = torch.randint(0, V, shape, device=device)
+    if ignore_frac:
+        labels[torch.rand(shape, device=device) < ignore_frac] = ignore_index
+    return labels
+
+
+# ----------------------------------------------------------------------------------- shapes and dtypes
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 47, 123), (5, 2100), (1, 1, 1), (2, 3, 2, 17), (4097,)])
+def test_shapes_dtypes(impl, dtype, shape, device):
+    logits = (torch.randn(shape, device=device) * 4).to(dtype)
+    labels = _labels(shape[:-1], shape[-1], device, ignore_frac=0.2)
+    check_logprobs(logits, labels, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_temperature(impl, temperature, dtype, device):
+    logits = (torch.randn(4, 9, 301, device=device) * 3).to(dtype)
+    check_logprobs(logits, _labels((4, 9), 301, device), impl, temperature=temperature)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("grads", [("logp",), ("entropy",)])
+def test_gradient_through_one_output(impl, grads, device):
+    logits = torch.randn(6, 2500, device=device) * 2
+    check_logprobs(logits, _labels((6,), 2500, device, ignore_frac=0.3), impl, grads=grads)
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_all_negative_logits(impl, dtype, device):
+    # A max started at 0 instead of -inf returns log-probs > 0 here.
+    logits = (torch.randn(5, 7, 333, device=device) - 60.0).to(dtype)
+    logp, _, _ = check_logprobs(logits, _labels((5, 7), 333, device), impl, temperature=0.6)
+    assert (logp <= 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 1e4), (torch.bfloat16, 3e4), (torch.float16, 6e4)])
+def test_very_large_logits(impl, dtype, offset, device):
+    # lse - E[z] cancels at large offsets; exp(z) without a max shift overflows.
+    logits = (torch.randn(4, 3, 2049, device=device) * 5 + offset).to(dtype)
+    logp, ent, _ = check_logprobs(logits, _labels((4, 3), 2049, device), impl)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_masked_vocab_minus_inf(impl, dtype, device):
+    N, V = 12, 1500
+    logits = (torch.randn(N, V, device=device) * 3).to(dtype)
+    masked = torch.rand(N, V, device=device) < 0.7
+    masked[0] = True  # row 0: a single finite entry, a one-hot distribution with zero entropy
+    masked[0, 5] = False
+    masked[1, 1024:] = True  # a whole trailing block masked
+    logits[masked] = -float("inf")
+    labels = torch.stack([torch.multinomial((~masked[i]).float(), 1)[0] for i in range(N)])
+    labels[2] = -100
+    logp, ent, grad = check_logprobs(logits, labels, impl, temperature=0.8)
+    assert not torch.isnan(logp).any() and not torch.isnan(ent).any() and not torch.isnan(grad).any()
+    assert ent[0].item() == 0.0 and logp[0].item() == 0.0
+    assert (grad[masked] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_label_on_masked_entry_is_minus_inf(impl, device):
+    logits = torch.randn(3, 100, device=device)
+    logits[1, 7] = -float("inf")
+    labels = torch.tensor([3, 7, 9], device=device)
+    logp = rf.logprobs(logits, labels, impl=impl)
+    assert logp[1].item() == -float("inf") and torch.isfinite(logp[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_propagates(impl, device):
+    logits = torch.randn(4, 700, device=device, requires_grad=True)
+    with torch.no_grad():
+        logits[2, 650] = float("nan")
+    logp, ent = rf.logprobs(logits, torch.tensor([1, 2, 3, 4], device=device), return_entropy=True, impl=impl)
+    assert torch.isnan(logp[2]) and torch.isnan(ent[2])
+    assert torch.isfinite(logp[[0, 1, 3]]).all() and torch.isfinite(ent[[0, 1, 3]]).all()
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isnan(logits.grad[2]).all() and torch.isfinite(logits.grad[[0, 1, 3]]).all()
+
+
+# -------------------------------------------------------------------------------- labels and layout
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignore_index(impl, device):
+    logits = torch.randn(4, 10, 257, device=device)
+    labels = _labels((4, 10), 257, device)
+    labels[0] = -100
+    labels[2, 3:] = -100
+    logp, ent, grad = check_logprobs(logits, labels, impl)
+    assert (logp[labels == -100] == 0).all()
+    # entropy is defined (and differentiable) on ignored rows too
+    assert (ent[labels == -100] > 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_custom_ignore_index_inside_vocab(impl, device):
+    logits = torch.randn(30, 64, device=device)
+    labels = _labels((30,), 64, device)
+    logp, _, _ = check_logprobs(logits, labels, impl, ignore_index=5)
+    assert (logp[labels == 5] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(impl, dtype, device):
+    base = (torch.randn(3, 12, 1030, device=device) * 2).to(dtype)
+    labels_full = _labels((3, 12), 1000, device)
+    cases = {
+        "shifted slice": (base[:, :-1, :1000], labels_full[:, 1:]),  # logits[:, :-1] with a vocab slice
+        "transposed rows": (base[:, :, :1000].transpose(0, 1), labels_full.t()),
+        "vocab-strided": (base[:, :, ::2][..., :500], labels_full % 500),  # last-dim stride 2
+    }
+    for name, (logits, labels) in cases.items():
+        assert not logits.is_contiguous(), name
+        check_logprobs(logits, labels, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_int32_labels(impl, device):
+    logits = torch.randn(7, 300, device=device)
+    labels = _labels((7,), 300, device).int()
+    ref = rf.logprobs(logits, labels.long(), impl=impl)
+    torch.testing.assert_close(rf.logprobs(logits, labels, impl=impl), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward(impl, dtype, device):
+    logits = (torch.randn(2, 5, 3001, device=device) * 2).to(dtype)[:, :-1]  # a strided view, in place too
+    labels = _labels((2, 4), 3001, device, ignore_frac=0.25)
+    x = logits.detach().clone().requires_grad_(True)
+    logp, ent = rf.logprobs(x, labels, return_entropy=True, impl=impl)
+    g1, g2 = torch.randn_like(logp), torch.randn_like(ent)
+    (expected,) = torch.autograd.grad((logp * g1 + ent * g2).sum(), x)
+
+    buf = logits.detach().clone()
+    y = buf.requires_grad_(True)
+    logp, ent = rf.logprobs(y, labels, return_entropy=True, impl=impl, inplace_backward=True)
+    (grad,) = torch.autograd.grad((logp * g1 + ent * g2).sum(), y)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    assert grad.data_ptr() == buf.data_ptr()  # written over the logits buffer: no new [N, V] tensor
+    torch.testing.assert_close(buf.detach(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_and_no_grad(impl, device):
+    logp, ent = rf.logprobs(torch.randn(0, 50, device=device), torch.zeros(0, dtype=torch.long, device=device),
+                            return_entropy=True, impl=impl)  # fmt: skip
+    assert logp.shape == ent.shape == (0,)
+    out = rf.logprobs(torch.randn(2, 0, 9, device=device), torch.zeros(2, 0, dtype=torch.long, device=device), impl=impl)
+    assert out.shape == (2, 0)
+    with torch.no_grad():
+        logp = rf.logprobs(torch.randn(3, 11, device=device, requires_grad=True), torch.ones(3, dtype=torch.long,
+                           device=device), impl=impl)  # fmt: skip
+    assert not logp.requires_grad
+
+
+def test_impls_agree(device):
+    if len(IMPLS) < 2:
+        pytest.skip("Triton is not available here")
+    logits = torch.randn(16, 5000, device=device, dtype=torch.bfloat16)
+    labels = _labels((16,), 5000, device, ignore_frac=0.2)
+    outs = [rf.logprobs(logits, labels, return_entropy=True, impl=i, temperature=1.3) for i in IMPLS]
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- unseen cases
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 9),
+    V=st.integers(1, 2600),
+    dtype=st.sampled_from(ALL_DTYPES),
+    temperature=st.floats(0.25, 4.0),
+    scale=st.sampled_from([0.1, 1.0, 8.0, 40.0]),
+    shift=st.floats(-500, 500),
+    ignore_frac=st.sampled_from([0.0, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_cases(impl, n, V, dtype, temperature, scale, shift, ignore_frac, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, V, generator=gen) * scale + shift).to(dtype).to(DEVICE)
+    labels = torch.randint(0, V, (n,), generator=gen).to(DEVICE)
+    labels[torch.rand(n, generator=gen).to(DEVICE) < ignore_frac] = -100
+    check_logprobs(logits, labels, impl, temperature=temperature)
+
+
+# --------------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        (dict(logits=torch.randint(0, 5, (3, 8))), "logits"),
+        (dict(logits=torch.randn(3, 8, dtype=torch.float64)), "logits"),
+        (dict(logits=torch.randn(())), "logits"),
+        (dict(logits=torch.randn(3, 0)), "logits"),
+        (dict(logits=[[0.0, 1.0]]), "logits"),
+        (dict(labels=torch.zeros(3, dtype=torch.float32)), "labels"),
+        (dict(labels=torch.zeros(3, dtype=torch.bool)), "labels"),
+        (dict(labels=torch.zeros(4, dtype=torch.long)), "labels"),
+        (dict(labels=torch.zeros(3, 1, dtype=torch.long)), "labels"),
+        (dict(labels=torch.tensor([0, 8, 1])), "labels"),
+        (dict(labels=torch.tensor([0, -1, 1])), "labels"),
+        (dict(labels=torch.tensor([0, -100, 1]), ignore_index=-1), "labels"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=True), "temperature"),
+        (dict(temperature=torch.tensor(1.0)), "temperature"),
+        (dict(ignore_index=1.5), "ignore_index"),
+        (dict(impl="cuda"), "impl"),
+        (dict(impl=None), "impl"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs, arg):
+    args = dict(logits=torch.randn(3, 8), labels=torch.tensor([0, 7, -100]))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=arg):
+        rf.logprobs(args.pop("logits"), args.pop("labels"), **args)
+
+
+@pytest.mark.cuda
+def test_bad_device_mix():
+    with pytest.raises(ValueError, match="labels"):
+        rf.logprobs(torch.randn(3, 8, device="cuda"), torch.zeros(3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- GPU-only big shapes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_big_vocab_cuda(impl, dtype):
+    logits = (torch.randn(2, 257, 151936, device="cuda") * 3).to(dtype)
+    labels = _labels((2, 257), 151936, "cuda", ignore_frac=0.1)
+    check_logprobs(logits, labels, impl, temperature=0.9)
+
+
+@pytest.mark.cuda
+def test_int64_offsets_cuda():
+    """N * V > 2^31: rows past the int32 range must be right (checked against float64 on those rows)."""
+    V = 151936
+    N = (2**31) // V + 64
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * N * V * 2 + (1 << 30):
+        pytest.skip("not enough GPU memory for an N*V > 2^31 case")
+    logits = torch.empty(N, V, device="cuda", dtype=torch.bfloat16).normal_(0, 3).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), device="cuda")
+    logp, ent = rf.logprobs(logits, labels, return_entropy=True, impl="triton")
+    g = torch.randn(N, device="cuda")
+    (logp * g + ent).sum().backward()
+    tail = slice(N - 40, N)  # offsets beyond 2^31 elements
+    ref_logp, ref_ent, ref_grad = logprobs_f64(logits[tail], labels[tail])
+    torch.testing.assert_close(logp[tail].double(), ref_logp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ent[tail].double(), ref_ent, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits.grad[tail].double(), ref_grad(g[tail], torch.ones_like(g[tail])),
+                               rtol=2e-2, atol=2e-3)  # fmt: skip
