@@ -234,7 +234,7 @@ def build_specs():
 
     specs = []
     for dtype, tl_dtype in _TL_DTYPE.items():
-        configs = {row_config(V, dtype.itemsize) for V in (32000, 1024, 128)}
+        configs = {row_config(V, dtype.itemsize) for V in (151936, 1024, 128)}
         for cfg in sorted(configs, key=lambda c: c.BLOCK_V):
             constexprs = {"BLOCK_V": cfg.BLOCK_V}
             fwd = {
