@@ -1,0 +1,914 @@
+"""The benchmark harness every ``benchmarks/bench_<op>.py`` shares.
+
+A benchmark module describes its op as a :class:`Benchmark` (how to build inputs for a shape, the
+methods to compare, the bytes the op must move) and calls :func:`main`. The harness measures every
+(shape, mode, method), prints a table and writes ``benchmarks/results/<device>/<name>.{json,md,png}``.
+
+Modes
+    ``forward``   one forward call, inputs requiring grad (the training forward: what backward needs is
+                  saved, and counts as memory).
+    ``backward``  the backward alone. Each repeat runs a fresh forward *outside* the timed region, then
+                  times ``torch.autograd.grad(outputs, inputs, ones)``. We recompute rather than use
+                  ``retain_graph=True`` because it is correct for every method: the backward frees saved
+                  tensors as it goes (as in training, so the memory is the real one), and methods whose
+                  backward overwrites its inputs (in-place gradients) get a real forward every time.
+    ``full``      forward + backward, timed together.
+
+    Gradients come from ``torch.autograd.grad``, not ``.backward()``: in a model the gradient of the
+    logits flows on into the lm_head backward and is never accumulated into a ``.grad``, and
+    accumulation into a leaf could copy an in-place gradient. The returned gradient counts as memory.
+
+Timing
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed before each run, median and 20/80 %
+    quantiles) when a call can simply be repeated; when each repeat needs an untimed setup (``backward``
+    mode, or a method that overwrites its inputs) the same CUDA-event timing with the setup before each
+    run. Never a host clock around asynchronous work, except the one-off "first call" time (JIT and
+    ``torch.compile`` cost), taken between two synchronizations.
+    CPU: ``time.perf_counter()`` around each call (CPU ops are synchronous), after warmup calls.
+
+Memory ("peak extra": the most the call held above what was allocated just before it)
+    CUDA: ``torch.cuda.reset_peak_memory_stats``, then ``max_memory_allocated() - memory_allocated()``
+    measured around one call.
+    CPU: there is no allocator statistic, so the number is RSS-based, and every (method, mode, shape) runs
+    in a fresh subprocess (no heap or compiled code left over from another method). Before each timed call
+    the harness returns free heap pages to the OS (``malloc_trim``), resets the kernel's peak-RSS mark
+    (``5 > /proc/self/clear_refs``) and reads the RSS; after it, peak RSS (``VmHWM``) minus that RSS.
+    Where the peak cannot be reset, it falls back to the process's lifetime peak
+    (``ru_maxrss``) minus the RSS after the inputs were created, and says so in the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+MODES = ("forward", "backward", "full")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIB = 1 << 20
+
+# CPU runs take seconds per call at real sizes: a few repeats after one warmup call (the first call of a
+# fresh process pays page faults and thread-pool start-up, ~3x a steady call at 4096x50000).
+# On CUDA only the loop with an untimed setup uses these; do_bench picks its own count (25 ms warmup,
+# 100 ms of repeats, Triton's defaults).
+DEFAULT_REPEATS = {"cpu": 3, "cuda": 20}
+DEFAULT_WARMUP = {"cpu": 1, "cuda": 3}
+# Zeroed before each CUDA-event-timed run to flush L2 (as do_bench does): larger than any L2 (H100: 50 MiB).
+_L2_FLUSH_BYTES = 256 * MIB
+# Ceilings: a 1 GiB device-to-device copy (moves 2 GiB: read + write) and an 8192^3 bf16 matmul are large
+# enough to reach steady-state bandwidth / tensor-core rate on any current GPU.
+_COPY_BYTES = 1 << 30
+_MATMUL_SIZE = 8192
+_RESULT_MARKER = "@@bench-result@@ "
+# A worker that takes longer than this is stuck (the slowest default CPU case takes well under a minute).
+_WORKER_TIMEOUT_S = 3600
+
+
+# ------------------------------------------------------------------------------------------ description
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of computing the op.
+
+    ``make()`` returns ``fn(**inputs) -> Tensor | tuple[Tensor, ...]``; it may import a peer library or
+    wrap with ``torch.compile`` and may raise (the method is then reported as skipped or failed, the run
+    goes on).
+    """
+
+    name: str
+    make: Callable[[], Callable[..., Any]]
+    description: str
+    modes: tuple[str, ...] = MODES
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    requires: tuple[str, ...] = ()  # modules it imports, checked (without importing) before running
+    overwrites_inputs: bool = False  # its backward writes over its inputs: restore them before each repeat
+    note: str = ""  # short, shown in the table's note column
+    first_call_note: str = ""  # e.g. "compile": show the first call's time (one-off cost) in the table
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """An op to benchmark: its inputs, the methods compared and the bytes it must move."""
+
+    name: str  # results file stem
+    module: str  # importable module defining it, run as ``python -m <module>`` for CPU workers
+    title: str  # one line for the markdown header
+    methods: tuple[Method, ...]
+    make_inputs: Callable[[tuple[int, ...], torch.dtype, torch.device], dict[str, torch.Tensor]]
+    grad_inputs: tuple[str, ...]  # inputs differentiated in the backward and full modes
+    bytes_moved: Callable[[tuple[int, ...], torch.dtype, str], int]  # minimum traffic of the op per mode
+    bytes_formula: str  # that formula in words, for the markdown
+    default_shapes: dict[str, tuple[tuple[int, ...], ...]]  # per device type
+    default_dtype: dict[str, torch.dtype]  # per device type
+    shape_format: str = "NxV"
+    baseline: str = "eager"
+    summarize: Callable[[list[dict]], list[str]] | None = None  # extra lines for the report
+
+    def method(self, name: str) -> Method:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise ValueError(f"unknown method {name!r}; {self.name} has {[m.name for m in self.methods]}")
+
+
+# ------------------------------------------------------------------------------------------- one case
+
+
+@dataclass
+class Case:
+    """What one measurement runs: ``state = setup()`` untimed (if any), then ``run(state)`` timed.
+
+    ``run`` returns what it computed; the harness drops it after stopping the clock, so freeing outputs
+    and saved tensors is not timed.
+    """
+
+    run: Callable[[Any], Any]
+    setup: Callable[[], Any] | None
+    grad_to_none: list[torch.Tensor]
+
+
+def build_case(
+    fn: Callable[..., Any],
+    inputs: dict[str, torch.Tensor],
+    grad_inputs: tuple[str, ...],
+    mode: str,
+    overwrites_inputs: bool = False,
+) -> Case:
+    """The (setup, run) pair measuring ``fn(**inputs)`` in ``mode`` (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    targets = [inputs[name] for name in grad_inputs]
+    grad_outputs: list[torch.Tensor] = []  # ones shaped like the outputs, made on the first (warmup) call
+
+    def forward() -> list[torch.Tensor]:
+        outs = fn(**inputs)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+
+    def backward(outs: list[torch.Tensor]):
+        if not grad_outputs:
+            grad_outputs.extend(torch.ones_like(o) for o in outs)
+        return torch.autograd.grad(outs, targets, grad_outputs)
+
+    restore = None
+    if overwrites_inputs and mode != "forward":
+        pristine = [(t, t.detach().clone()) for t in targets]
+
+        def restore():
+            with torch.no_grad():
+                for t, saved in pristine:
+                    t.copy_(saved)
+
+    if mode == "forward":
+        return Case(run=lambda _: forward(), setup=None, grad_to_none=targets)
+    if mode == "backward":
+
+        def fresh_forward():
+            if restore is not None:
+                restore()
+            return forward()
+
+        return Case(run=backward, setup=fresh_forward, grad_to_none=targets)
+    return Case(run=lambda _: backward(forward()), setup=restore, grad_to_none=targets)
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (what ``torch.quantile`` and do_bench use)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize_times(times_ms: list[float]) -> dict:
+    s = sorted(times_ms)
+    return {
+        "median_ms": _quantile(s, 0.5),
+        "p20_ms": _quantile(s, 0.2),
+        "p80_ms": _quantile(s, 0.8),
+        "repeats": len(s),
+    }
+
+
+# CPU memory: RSS, from /proc on Linux (psutil elsewhere).
+_LIBC = None
+if sys.platform.startswith("linux"):
+    try:
+        _LIBC = ctypes.CDLL("libc.so.6")
+    except OSError:
+        pass
+
+
+def _malloc_trim() -> None:
+    """Give free heap pages back to the OS, so that memory freed earlier is not already resident."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    rss = _proc_status_bytes("VmRSS")
+    if rss is None:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+    return rss
+
+
+def lifetime_peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux >= 4.0). False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    peak, rss = _proc_status_bytes("VmHWM"), _proc_status_bytes("VmRSS")
+    return peak is not None and rss is not None and peak <= rss + 16 * MIB
+
+
+CPU_MEMORY_METHOD = "peak RSS during the call minus RSS just before it (VmHWM reset via /proc/self/clear_refs)"
+CPU_MEMORY_FALLBACK = "lifetime peak RSS (ru_maxrss) minus RSS after the inputs were created (peak not resettable)"
+
+
+def measure_cpu(case: Case, repeats: int, warmup: int) -> dict:
+    """Median and 20/80 % quantiles of ``perf_counter`` times, and peak extra RSS, of a CPU case."""
+    rss_after_inputs = rss_bytes()
+    first_call_s = None
+    for _ in range(max(1, warmup)):  # at least one: the first call pays one-off costs (compile, page faults)
+        state = case.setup() if case.setup is not None else None
+        t0 = time.perf_counter()
+        out = case.run(state)
+        dt = time.perf_counter() - t0
+        first_call_s = dt if first_call_s is None else first_call_s
+        del out, state
+    times, peaks = [], []
+    resettable = True
+    for _ in range(repeats):
+        state = case.setup() if case.setup is not None else None
+        gc.collect()
+        _malloc_trim()
+        resettable = resettable and reset_peak_rss()
+        before = rss_bytes()
+        t0 = time.perf_counter()
+        out = case.run(state)
+        t1 = time.perf_counter()
+        peak = _proc_status_bytes("VmHWM") if resettable else None
+        del out, state
+        times.append((t1 - t0) * 1e3)
+        if peak is not None:
+            peaks.append(peak - before)
+    if resettable and peaks:
+        peak_extra, method = max(peaks), CPU_MEMORY_METHOD
+    else:
+        peak_extra, method = lifetime_peak_rss_bytes() - rss_after_inputs, CPU_MEMORY_FALLBACK
+    return {
+        **summarize_times(times),
+        "first_call_s": first_call_s,
+        "peak_extra_mib": max(peak_extra, 0) / MIB,
+        "memory_method": method,
+        "timing_method": f"perf_counter, {max(1, warmup)} warmup call(s)",
+    }
+
+
+def measure_cuda(case: Case, device: torch.device, repeats: int, warmup: int) -> dict:
+    """CUDA-event times (do_bench when no setup is needed) and peak extra allocated memory of a CUDA case."""
+    import triton.testing
+
+    sync = torch.cuda.synchronize
+    # First call, apart: Triton JIT / torch.compile / autotuning. Host clock between two synchronizations.
+    state = case.setup() if case.setup is not None else None
+    sync(device)
+    t0 = time.perf_counter()
+    out = case.run(state)
+    sync(device)
+    first_call_s = time.perf_counter() - t0
+    del out, state
+
+    # Peak extra memory of one call.
+    state = case.setup() if case.setup is not None else None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    out = case.run(state)
+    sync(device)
+    peak_extra = torch.cuda.max_memory_allocated(device) - before
+    del out, state
+
+    if case.setup is None:
+        median, p20, p80 = triton.testing.do_bench(
+            lambda: case.run(None), quantiles=[0.5, 0.2, 0.8], grad_to_none=case.grad_to_none
+        )
+        timing = {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "repeats": None}
+        timing_method = "triton.testing.do_bench (CUDA events, 25 ms warmup, 100 ms of repeats)"
+    else:
+        times = _cuda_event_times(case, device, repeats, warmup)
+        timing = summarize_times(times)
+        timing_method = f"CUDA events around each call after an untimed setup, {warmup} warmup call(s)"
+    return {
+        **timing,
+        "first_call_s": first_call_s,
+        "peak_extra_mib": peak_extra / MIB,
+        "memory_method": "torch.cuda.max_memory_allocated() - memory_allocated() before the call",
+        "timing_method": timing_method,
+    }
+
+
+def _cuda_event_times(case: Case, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """do_bench's loop with ``setup()`` enqueued before each run: only the run lies between the events."""
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    for _ in range(warmup):
+        state = case.setup()
+        out = case.run(state)
+        del out, state
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for i in range(repeats):
+        state = case.setup()
+        for t in case.grad_to_none:
+            t.grad = None
+        flush.zero_()
+        starts[i].record()
+        out = case.run(state)
+        ends[i].record()
+        del out, state  # the caching allocator reuses memory in stream order: safe before the sync
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+# -------------------------------------------------------------------------------------- measurements
+
+
+def _base_result(bench: Benchmark, method: str, shape, dtype: torch.dtype, device: torch.device, mode: str) -> dict:
+    return {
+        "benchmark": bench.name,
+        "method": method,
+        "mode": mode,
+        "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device.type,
+        "status": "ok",
+    }
+
+
+def _error_text(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def measure(
+    bench: Benchmark,
+    method_name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    mode: str,
+    repeats: int,
+    warmup: int,
+) -> dict:
+    """Measure one (method, mode, shape) in this process. Never raises: failures become ``status: error``."""
+    result = _base_result(bench, method_name, shape, dtype, device, mode)
+    method = bench.method(method_name)
+    inputs = case = None
+    try:
+        try:
+            fn = method.make()
+        except ImportError as exc:
+            result.update(status="skipped", reason=_error_text(exc))
+            return result
+        inputs = bench.make_inputs(tuple(shape), dtype, device)
+        case = build_case(fn, inputs, bench.grad_inputs, mode, method.overwrites_inputs)
+        if device.type == "cuda":
+            result.update(measure_cuda(case, device, repeats, warmup))
+        else:
+            result.update(measure_cpu(case, repeats, warmup))
+    except Exception as exc:  # a method that fails (compile error, OOM) is reported, the run goes on
+        traceback.print_exc(file=sys.stderr)
+        result.update(status="error", reason=_error_text(exc))
+    finally:
+        del inputs, case
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def measure_isolated(
+    bench: Benchmark, method: str, shape, dtype: torch.dtype, mode: str, repeats: int, warmup: int
+) -> dict:
+    """:func:`measure` on CPU in a fresh ``python -m <bench.module> --worker`` process (clean RSS)."""
+    spec = {
+        "method": method,
+        "shape": list(shape),
+        "dtype": str(dtype).removeprefix("torch."),
+        "mode": mode,
+        "repeats": repeats,
+        "warmup": warmup,
+    }
+    cmd = [sys.executable, "-m", bench.module, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=_WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc = None
+    if proc is not None:
+        for line in reversed(proc.stdout.splitlines()):
+            if line.startswith(_RESULT_MARKER):
+                result = json.loads(line[len(_RESULT_MARKER) :])
+                if result.get("status") == "error" and proc.stderr.strip():
+                    result["traceback_tail"] = proc.stderr.strip().splitlines()[-1][:300]
+                result["isolated"] = True
+                return result
+    result = _base_result(bench, method, shape, dtype, torch.device("cpu"), mode)
+    if proc is None:
+        reason = f"worker timed out after {_WORKER_TIMEOUT_S} s"
+    else:
+        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        reason = f"worker exited with {proc.returncode} (-9: killed, e.g. out of memory) {tail}"[:300]
+    result.update(status="error", reason=reason, isolated=True)
+    return result
+
+
+@dataclass
+class RunConfig:
+    device: torch.device
+    dtype: torch.dtype
+    shapes: list[tuple[int, ...]]
+    modes: list[str]
+    methods: list[str]
+    repeats: int
+    warmup: int
+    isolate: bool  # CPU: one subprocess per measurement
+    module: str = ""  # for the recorded command line
+    argv: tuple[str, ...] = ()
+
+
+def planned_cases(bench: Benchmark, config: RunConfig) -> tuple[list[tuple], list[dict]]:
+    """``(shape, mode, method)`` to measure, and skipped entries (wrong device, peer not installed)."""
+    todo, skipped = [], []
+    for name in config.methods:
+        method = bench.method(name)
+        reason = None
+        if config.device.type not in method.devices:
+            reason = f"{'/'.join(method.devices)} only"
+        else:
+            missing = [m for m in method.requires if importlib.util.find_spec(m.split(".")[0]) is None]
+            if missing:
+                reason = f"not installed: {', '.join(missing)}"
+        if reason is not None:
+            skipped.append({"method": name, "status": "skipped", "reason": reason})
+    skipped_names = {s["method"] for s in skipped}
+    for shape in config.shapes:
+        for mode in config.modes:
+            for name in config.methods:
+                if name not in skipped_names and mode in bench.method(name).modes:
+                    todo.append((shape, mode, name))
+    return todo, skipped
+
+
+def run_benchmark(bench: Benchmark, config: RunConfig, ceilings: dict | None = None) -> list[dict]:
+    """Measure every planned case, printing one line per result; adds bandwidth and ratios to baseline."""
+    todo, skipped = planned_cases(bench, config)
+    results = []
+    for i, (shape, mode, name) in enumerate(todo, 1):
+        label = f"[{i}/{len(todo)}] {format_shape(shape)} {mode:<8} {name:<26}"
+        print(label, end=" ", flush=True)
+        if config.device.type == "cpu" and config.isolate:
+            r = measure_isolated(bench, name, shape, config.dtype, mode, config.repeats, config.warmup)
+        else:
+            r = measure(bench, name, shape, config.dtype, config.device, mode, config.repeats, config.warmup)
+        add_bandwidth(bench, r, ceilings)
+        results.append(r)
+        if r["status"] == "ok":
+            print(f"{r['median_ms']:10.2f} ms {r['peak_extra_mib']:10.1f} MiB", flush=True)
+        else:
+            print(f"{r['status']}: {r.get('reason', '')}", flush=True)
+    add_ratios(results, bench.baseline)
+    return results + skipped
+
+
+def add_bandwidth(bench: Benchmark, r: dict, ceilings: dict | None) -> None:
+    """GB/s against the bytes the op must move (``bench.bytes_moved``), and the fraction of copy bandwidth."""
+    if r["status"] != "ok":
+        return
+    nbytes = bench.bytes_moved(tuple(r["shape"]), DTYPES[r["dtype"]], r["mode"])
+    r["bytes_moved"] = nbytes
+    r["gbps"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
+    if ceilings and ceilings.get("copy_gbps"):
+        r["copy_bw_fraction"] = r["gbps"] / ceilings["copy_gbps"]
+
+
+def add_ratios(results: list[dict], baseline: str) -> None:
+    """``time_vs_baseline`` and ``mem_vs_baseline``: this method's value over the baseline's (lower is better)."""
+    base = {
+        (tuple(r["shape"]), r["mode"]): r for r in results if r["method"] == baseline and r["status"] == "ok"
+    }
+    for r in results:
+        b = base.get((tuple(r["shape"]), r["mode"]))
+        if r["status"] != "ok" or b is None:
+            continue
+        r["time_vs_baseline"] = r["median_ms"] / b["median_ms"]
+        r["mem_vs_baseline"] = r["peak_extra_mib"] / b["peak_extra_mib"] if b["peak_extra_mib"] > 0 else None
+
+
+# ------------------------------------------------------------------------------ device and metadata
+
+
+def device_slug(device: torch.device) -> str:
+    """``cpu``, or the GPU name as a path-safe slug (``nvidia-h100-80gb-hbm3``)."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """Measured device ceilings: copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    import triton.testing
+
+    def median_ms(fn) -> float:
+        ms = triton.testing.do_bench(fn, quantiles=[0.5])
+        return ms[0] if isinstance(ms, (list, tuple)) else ms
+
+    src = torch.empty(_COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    n = _MATMUL_SIZE
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    mm_ms = median_ms(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    return {
+        # a copy of B bytes reads B and writes B
+        "copy_gbps": 2 * _COPY_BYTES / (copy_ms * 1e-3) / 1e9,
+        "copy_bytes": _COPY_BYTES,
+        # an n x n x n matmul is 2 n^3 floating-point operations
+        "bf16_matmul_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
+        "matmul_size": n,
+    }
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def collect_metadata(device: torch.device, config: RunConfig, ceilings: dict | None) -> dict:
+    commit = _git("rev-parse", "HEAD")
+    # uncommitted changes to the measured code, if any (the numbers are of the working tree)
+    dirty = [line[3:] for line in (_git("status", "--porcelain", "--", "rlhf_fast", "kernels") or "").splitlines()]
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m", config.module, *config.argv]),
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty_paths": dirty,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peers": {d: _version(d) for d in ("trl", "liger-kernel", "cut-cross-entropy", "transformers")},
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "dtype": str(config.dtype).removeprefix("torch."),
+        "shapes": [list(s) for s in config.shapes],
+        "modes": config.modes,
+        "methods": config.methods,
+        "repeats": config.repeats,
+        "warmup": config.warmup,
+        "ceilings": ceilings,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta.update(
+            cuda=torch.version.cuda,
+            compute_capability=f"{props.major}.{props.minor}",
+            device_memory_gib=props.total_memory / (1 << 30),
+            memory_note="peak extra memory: torch.cuda.max_memory_allocated() - memory_allocated() before the call",
+        )
+    else:
+        meta.update(
+            isolated_subprocesses=config.isolate,
+            memory_note="CPU memory is RSS-based: " + CPU_MEMORY_METHOD
+            + (", one fresh subprocess per measurement" if config.isolate else ", all in one process"),
+        )
+    return meta
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+
+def format_shape(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def table_rows(bench: Benchmark, results: list[dict], gpu: bool) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per measurement, skipped methods left out) shared by terminal and markdown."""
+    headers = ["shape", "mode", "method", "median ms (p20–p80)", "GB/s"]
+    headers += ["% copy BW"] if gpu else []
+    headers += ["peak extra MiB", f"time ÷ {bench.baseline}", f"mem ÷ {bench.baseline}", "note"]
+    rows = []
+    for r in results:
+        if "mode" not in r:  # a method skipped as a whole
+            continue
+        method = bench.method(r["method"])
+        notes = [method.note] if method.note else []
+        if r["status"] == "ok":
+            if method.first_call_note and r.get("first_call_s") is not None:
+                notes.append(f"1st call {r['first_call_s']:.1f} s ({method.first_call_note})")
+            cells = [
+                f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}–{r['p80_ms']:.2f})",
+                f"{r['gbps']:.1f}",
+            ]
+            cells += [f"{100 * r['copy_bw_fraction']:.0f}%" if r.get("copy_bw_fraction") else "—"] if gpu else []
+            cells += [
+                f"{r['peak_extra_mib']:.1f}",
+                _fmt_ratio(r.get("time_vs_baseline")),
+                _fmt_ratio(r.get("mem_vs_baseline")),
+            ]
+        else:
+            notes.append(f"{r['status']}: {r.get('reason', '')}")
+            cells = ["—"] * (len(headers) - 4)
+        rows.append([format_shape(r["shape"]), r["mode"], r["method"], *cells, "; ".join(notes)])
+    return headers, rows
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain aligned text table for the terminal."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    esc = lambda c: c.replace("|", "\\|")  # noqa: E731
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def skipped_lines(results: list[dict]) -> list[str]:
+    return [f"{r['method']}: {r['reason']}" for r in results if "mode" not in r]
+
+
+def print_report(bench: Benchmark, results: list[dict], meta: dict) -> None:
+    gpu = meta["device"] == "cuda"
+    headers, rows = table_rows(bench, results, gpu)
+    print()
+    print(f"{bench.name} on {meta['device_name']}, {meta['dtype']}  ({meta['memory_note']})")
+    if meta.get("ceilings"):
+        c = meta["ceilings"]
+        print(f"ceilings: copy {c['copy_gbps']:.0f} GB/s, bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s")
+    print(format_table(headers, rows))
+    for line in skipped_lines(results):
+        print(f"not run: {line}")
+    for line in bench.summarize(results) if bench.summarize else []:
+        print(line)
+
+
+def write_markdown(bench: Benchmark, results: list[dict], meta: dict, path: Path, png_name: str) -> None:
+    gpu = meta["device"] == "cuda"
+    headers, rows = table_rows(bench, results, gpu)
+    commit = (meta["git_commit"] or "unknown")[:12]
+    if meta["git_dirty_paths"]:
+        commit += " + uncommitted changes to " + ", ".join(meta["git_dirty_paths"])
+    lines = [
+        f"# {bench.name}: {meta['device_name']}",
+        "",
+        bench.title,
+        "",
+        f"- Device: {meta['device_name']} ({meta['device']}), {meta['dtype']}; "
+        f"{meta['cpu_count']} CPU cores, {meta['torch_threads']} torch threads",
+        f"- Software: python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["peers"].items() if v),
+        f"- Commit: {commit}; date {meta['date']}",
+        f"- Command: `{meta['command']}`",
+        f"- Timing: {'; '.join(sorted({r['timing_method'] for r in results if r.get('timing_method')}))}. "
+        "Median of the repeats, (20th–80th percentile).",
+        f"- Memory: {meta['memory_note']}.",
+        f"- GB/s: bytes the op must move / median time, {bench.bytes_formula}."
+        + (" % copy BW: that over the measured device-to-device copy bandwidth." if gpu else ""),
+        f"- Ratios: this method's time (memory) over {bench.baseline}'s, same shape and mode; below 1 is better.",
+        "- Modes: forward (inputs require grad), backward alone (fresh untimed forward before each repeat), "
+        "full = forward + backward; gradients via torch.autograd.grad.",
+    ]
+    if meta.get("ceilings"):
+        c = meta["ceilings"]
+        lines.append(
+            f"- Ceilings (measured): copy {c['copy_gbps']:.0f} GB/s (1 GiB copy, read + write), "
+            f"bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s ({c['matmul_size']}³)"
+        )
+    lines += ["", markdown_table(headers, rows), "", f"![{bench.name}]({png_name})", "", "## Methods", ""]
+    lines += [f"- `{m.name}`: {m.description}" for m in bench.methods if m.name in meta["methods"]]
+    if skipped_lines(results):
+        lines += ["", "## Not run", ""] + [f"- {line}" for line in skipped_lines(results)]
+    if bench.summarize:
+        lines += ["", "## Summary", ""] + [f"- {line}" for line in bench.summarize(results)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_results(bench: Benchmark, results: list[dict], meta: dict, path: Path) -> None:
+    """One row per shape: time per mode and method (bars p20–p80) on the left, peak extra memory right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r["status"] == "ok"]
+    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in ok)) or [()]
+    methods = [m.name for m in bench.methods if any(r["method"] == m.name for r in ok)]
+    modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
+    by_key = {(tuple(r["shape"]), r["mode"], r["method"]): r for r in ok}
+    colors = plt.get_cmap("tab10")
+    mem_label = "peak extra RSS (MiB)" if meta["device"] != "cuda" else "peak extra allocated (MiB)"
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(14, 4.6 * len(shapes)), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for row, shape in enumerate(shapes):
+        for col, (key, ylabel) in enumerate((("median_ms", "time per call (ms)"), ("peak_extra_mib", mem_label))):
+            ax = axes[row][col]
+            for j, name in enumerate(methods):
+                xs, ys, lo, hi = [], [], [], []
+                for i, mode in enumerate(modes):
+                    r = by_key.get((shape, mode, name))
+                    if r is None:
+                        continue
+                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                    ys.append(r[key])
+                    lo.append(r[key] - r["p20_ms"] if key == "median_ms" else 0)
+                    hi.append(r["p80_ms"] - r[key] if key == "median_ms" else 0)
+                if not xs:
+                    continue
+                bars = ax.bar(xs, ys, width, color=colors(j % 10), label=name,
+                              yerr=[lo, hi] if key == "median_ms" else None, capsize=2)  # fmt: skip
+                ax.bar_label(bars, fmt="%.0f" if max(ys) >= 100 else "%.2g", fontsize=7, rotation=90, padding=3)
+            ax.set_xticks(range(len(modes)), modes)
+            ax.set_ylabel(ylabel)
+            ax.margins(y=0.2)
+            ax.set_title(f"{format_shape(shape)} {meta['dtype']}: {ylabel}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    fig.suptitle(f"{bench.name} on {meta['device_name']} (lower is better)", fontsize=12)
+    fig.tight_layout(rect=(0, 0.06 if len(shapes) == 1 else 0.03, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_results(bench: Benchmark, results: list[dict], meta: dict, out_dir: Path) -> list[Path]:
+    """``<out_dir>/<name>.json`` (everything), ``.md`` (table and notes) and ``.png`` (plot)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = (out_dir / f"{bench.name}.{ext}" for ext in ("json", "md", "png"))
+    payload = {"benchmark": bench.name, "title": bench.title, "metadata": meta, "results": results}
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_markdown(bench, results, meta, md_path, png_path.name)
+    plot_results(bench, results, meta, png_path)
+    return [json_path, md_path, png_path]
+
+
+# ------------------------------------------------------------------------------------------------ cli
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    try:
+        shapes = [tuple(int(d) for d in s.strip().lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes look like 4096x50000,8192x151936; got {text!r}") from None
+    if not shapes or any(d <= 0 for s in shapes for d in s):
+        raise argparse.ArgumentTypeError(f"shapes must be positive, like 4096x50000; got {text!r}")
+    return shapes
+
+
+def _csv(choices):
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
+    """Command line shared by every ``benchmarks/bench_<op>.py``."""
+    names = [m.name for m in bench.methods]
+    p = argparse.ArgumentParser(prog=f"python -m {bench.module}", description=bench.title)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--shapes", type=parse_shapes, help=f"comma-separated {bench.shape_format}; default per device")
+    p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma-separated: " + ",".join(MODES))
+    p.add_argument("--methods", type=_csv(names), default=names, help="comma-separated: " + ",".join(names))
+    p.add_argument("--repeats", type=int, help="timed calls (CPU: default 3; CUDA: loops with setup, default 20)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (CPU: default 1; CUDA: default 3)")
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--in-process", action="store_true",
+                   help="CPU: measure everything in this process instead of one subprocess per measurement")  # fmt: skip
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one CPU measurement, JSON spec
+    args = p.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        r = measure(
+            bench, spec["method"], tuple(spec["shape"]), DTYPES[spec["dtype"]], torch.device("cpu"),
+            spec["mode"], spec["repeats"], spec["warmup"],
+        )  # fmt: skip
+        print(_RESULT_MARKER + json.dumps(r), flush=True)
+        return [r]
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = torch.device(kind)
+    config = RunConfig(
+        device=device,
+        dtype=DTYPES[args.dtype] if args.dtype else bench.default_dtype[kind],
+        shapes=args.shapes or list(bench.default_shapes[kind]),
+        modes=[m for m in MODES if m in args.modes],
+        methods=args.methods,
+        repeats=args.repeats if args.repeats is not None else DEFAULT_REPEATS[kind],
+        warmup=args.warmup if args.warmup is not None else DEFAULT_WARMUP[kind],
+        isolate=kind == "cpu" and not args.in_process,
+        module=bench.module,
+        argv=tuple(sys.argv[1:] if argv is None else argv),
+    )
+    if config.repeats < 1 or config.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    ceilings = None
+    if kind == "cuda":
+        print("measuring device ceilings (copy bandwidth, bf16 matmul)...", flush=True)
+        ceilings = measure_ceilings(device)
+    meta = collect_metadata(device, config, ceilings)
+    results = run_benchmark(bench, config, ceilings)
+    print_report(bench, results, meta)
+    if not args.no_save:
+        out_dir = args.out or RESULTS_DIR / device_slug(device)
+        for path in save_results(bench, results, meta, out_dir):
+            print(f"wrote {path}")
+    return results
