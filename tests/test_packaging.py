@@ -1,5 +1,6 @@
 """The kernels ship as rlhf_fast.kernels; no top-level 'kernels' module is ever installed."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,8 +26,12 @@ def test_kernels_are_a_subpackage(tmp_path):
 
 @pytest.mark.skipif(os.environ.get("RLHF_FAST_SKIP_WHEEL") == "1", reason="wheel build disabled")
 def test_wheel_layout(tmp_path):
+    # Build in this environment when its setuptools can make wheels on its own (>= 70.1, also offline, as
+    # on the GPU machines); otherwise let pip fetch the build requirements into an isolated environment.
+    has_bdist_wheel = importlib.util.find_spec("setuptools.command.bdist_wheel") is not None
+    isolation = ["--no-build-isolation"] if has_bdist_wheel else []
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path), str(ROOT)],
         capture_output=True,
         text=True,
         timeout=300,
