@@ -18,6 +18,7 @@ import torch
 
 from . import _checks
 from ._dispatch import dispatch, register
+from ._rowsoftmax import softmax_grad_, softmax_stats_
 
 # Rows per chunk of the PyTorch implementation: about 2M elements, so each float32 temporary is 8 MiB
 # (three live at a time), small next to any [N, V] tensor worth chunking and big enough that per-chunk
@@ -139,19 +140,7 @@ class _LogprobsTorch(torch.autograd.Function):
         for r, chunk in _row_chunks(x, _chunk_rows(x.shape[-1])):
             rows = slice(r, r + chunk.shape[0])
             z = _scaled_float_copy(chunk, opts.temperature)
-            # Same statistics as the Triton kernel: log p = (z - m) - log(sum exp(z - m)), the max and the
-            # log-normalizer kept apart (their rounded sum would cost accuracy at large logits).
-            m = z.amax(dim=-1, keepdim=True)
-            m.masked_fill_(m == -float("inf"), 0.0)  # an all -inf row: shift by 0, not by -inf
-            d = z.sub_(m)
-            log_s = torch.exp(d).sum(-1, keepdim=True).log_()
-            logp_all = d.sub_(log_s)  # log p, in place of z
-            logp[rows] = logp_all.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1)
-            # p * log p with the 0 * -inf of masked vocabulary entries set to 0 (NaN input stays NaN).
-            plogp = logp_all.exp().mul_(logp_all).masked_fill_(logp_all == -float("inf"), 0.0)
-            entropy[rows] = -plogp.sum(-1)
-            row_max[rows] = m.squeeze(-1)
-            log_norm[rows] = log_s.squeeze(-1)
+            logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows])
         logp.masked_fill_(ignored, 0.0)
         ctx.save_for_backward(x, safe_labels, ignored, row_max, log_norm, entropy)
         ctx.opts = opts
@@ -170,17 +159,9 @@ class _LogprobsTorch(torch.autograd.Function):
         out = x if opts.inplace_backward else torch.empty((B * T, V), dtype=x.dtype, device=x.device)
         for r, chunk in _row_chunks(x, _chunk_rows(V)):
             rows = slice(r, r + chunk.shape[0])
-            # Same formula as the Triton backward (derivation in kernels/logprobs.py):
-            #   dL/dz_v = g_logp * ([v == y] - p_v) - g_H * p_v * (log p_v + H),  dL/dx = dL/dz / T
             z = _scaled_float_copy(chunk, opts.temperature)
-            logp_all = z.sub_(row_max[rows].unsqueeze(-1)).sub_(log_norm[rows].unsqueeze(-1))
-            p = logp_all.exp()
-            coef = logp_all.add_(entropy[rows].unsqueeze(-1)).mul_(g_entropy[rows].unsqueeze(-1))
-            g = coef.add_(g_logp[rows].unsqueeze(-1)).mul_(p).neg_()
-            g.masked_fill_(p == 0, 0.0)  # masked vocabulary: p = 0 and log p = -inf
-            g.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), g_logp[rows].unsqueeze(-1))
-            if opts.temperature != 1.0:
-                g.div_(opts.temperature)
+            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], g_entropy[rows],
+                              safe_labels[rows], opts.temperature)  # fmt: skip
             (chunk if opts.inplace_backward else out[rows]).copy_(g)
         return out.reshape(ctx.logits_shape), None, None
 
