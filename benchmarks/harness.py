@@ -630,6 +630,8 @@ def collect_metadata(device: torch.device, config: RunConfig, ceilings: dict | N
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # other work on the machine skews CPU timings: the 1-minute load average before the run
+        "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
         "dtype": str(config.dtype).removeprefix("torch."),
@@ -662,6 +664,10 @@ def collect_metadata(device: torch.device, config: RunConfig, ceilings: dict | N
 
 def format_shape(shape) -> str:
     return "x".join(str(s) for s in shape)
+
+
+def _fmt_load(x: float | None) -> str:
+    return "?" if x is None else f"{x:.2f}"
 
 
 def _fmt_ratio(x: float | None) -> str:
@@ -748,6 +754,8 @@ def write_markdown(bench: Benchmark, results: list[dict], meta: dict, path: Path
         f"- Software: python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}; "
         + ", ".join(f"{k} {v}" for k, v in meta["peers"].items() if v),
         f"- Commit: {commit}; date {meta['date']}",
+        f"- Load average (1 min) before / after the run: {_fmt_load(meta.get('load_average_start'))} / "
+        f"{_fmt_load(meta.get('load_average_end'))} (other work on the machine skews CPU timings)",
         f"- Command: `{meta['command']}`",
         f"- Timing: {'; '.join(sorted({r['timing_method'] for r in results if r.get('timing_method')}))}. "
         "Median of the repeats, (20th–80th percentile).",
@@ -905,7 +913,10 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
         print("measuring device ceilings (copy bandwidth, bf16 matmul)...", flush=True)
         ceilings = measure_ceilings(device)
     meta = collect_metadata(device, config, ceilings)
+    if kind == "cpu" and meta["load_average_start"] is not None and meta["load_average_start"] > 0.5:
+        print(f"note: load average {meta['load_average_start']:.1f} before the run: other work skews CPU timings")
     results = run_benchmark(bench, config, ceilings)
+    meta["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print_report(bench, results, meta)
     if not args.no_save:
         out_dir = args.out or RESULTS_DIR / device_slug(device)
