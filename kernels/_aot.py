@@ -28,21 +28,31 @@ class KernelBuild:
     constexprs: dict
     divisible: list = field(default_factory=list)  # arguments Triton's launcher marks divisible by 16
     num_warps: int = 4
+    num_stages: int = 3
+    tensor_cores: bool = False  # a bf16/fp16 tl.dot kernel: sm_90 must use wgmma (HGMMA), sm_80 HMMA
     streams_rows: bool = False  # a memory-bound streaming kernel: its global loads must be vectorized
     narrow_loads: int = 0  # sub-32-bit scalar loads the kernel legitimately makes (e.g. one label logit)
     streams_out: bool = False  # it also streams a [N, V] output: its global stores must be vectorized
     label: str = ""
 
     @property
+    def jit_function(self):
+        """The ``JITFunction`` under any ``triton.heuristics`` / ``autotune`` wrappers."""
+        fn = self.kernel
+        while not isinstance(fn, triton.runtime.JITFunction):
+            fn = fn.fn
+        return fn
+
+    @property
     def name(self) -> str:
-        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+        return self.jit_function.fn.__name__
 
 
 def all_builds() -> list:
     """Every kernel build of the package. Later ops append their module's ``build_specs()`` here."""
-    from . import logprobs
+    from . import linear_logprobs, logprobs
 
-    return logprobs.build_specs()
+    return logprobs.build_specs() + linear_logprobs.build_specs()
 
 
 def _cuobjdump() -> str:
@@ -56,8 +66,9 @@ def compile_build(build: KernelBuild, arch: int) -> bytes:
 
     names = list(build.signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in build.divisible}
-    src = ASTSource(fn=build.kernel, signature=build.signature, constexprs=build.constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": build.num_warps})
+    src = ASTSource(fn=build.jit_function, signature=build.signature, constexprs=build.constexprs, attrs=attrs)
+    options = {"num_warps": build.num_warps, "num_stages": build.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return compiled.asm["cubin"]
 
 
@@ -94,6 +105,7 @@ def report(tmpdir: str) -> list:
                 "streams_rows": build.streams_rows,
                 "narrow_loads_allowed": build.narrow_loads,
                 "streams_out": build.streams_out,
+                "tensor_cores": build.tensor_cores,
             }
             try:
                 row.update(inspect_cubin(compile_build(build, arch), os.path.join(tmpdir, f"k{i}_{arch}.cubin")))

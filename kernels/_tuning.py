@@ -36,3 +36,31 @@ def row_config(V: int, element_size: int) -> RowConfig:
     threads = max(32, block * element_size // _BYTES_PER_THREAD)
     num_warps = max(1, min(_MAX_WARPS, threads // 32))
     return RowConfig(BLOCK_V=block, num_warps=num_warps)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tiles of a kernel that computes ``[BLOCK_N, BLOCK_V]`` logit tiles as ``hidden x weight^T``."""
+
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_H: int
+    num_warps: int
+    num_stages: int
+
+
+def matmul_config(dtype, backward: bool = False) -> MatmulConfig:
+    """Tiles for the fused linear kernels, by operand dtype and direction.
+
+    bf16/fp16: 128-row tiles with 64-deep K steps and 8 warps (two warpgroups) is a shape Triton lowers
+    to Hopper wgmma (HGMMA in the SASS, see the build check); 3 stages of pipelining fit in shared memory.
+    The forward keeps its [128, BLOCK_V] float32 tile alive through the online-softmax epilogue (max,
+    exp, two sums and the label pick), so its tile is 128 x 64: at 128 x 128 it needed all 255 registers
+    and spilled on sm_80. The backward's epilogue is elementwise, so it affords 128 x 128.
+    float32 operands use IEEE FMA products (no tensor cores): small tiles keep the register count down.
+    """
+    import torch
+
+    if dtype == torch.float32:
+        return MatmulConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
+    return MatmulConfig(BLOCK_N=128, BLOCK_V=128 if backward else 64, BLOCK_H=64, num_warps=8, num_stages=3)

@@ -5,8 +5,9 @@ The contract of each op (names, defaults, semantics) is fixed in the project's A
 """
 
 from ._dispatch import IMPLS
+from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["IMPLS", "logprobs", "__version__"]
+__all__ = ["IMPLS", "linear_logprobs", "logprobs", "__version__"]

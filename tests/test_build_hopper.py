@@ -32,7 +32,12 @@ def report():
 
 def test_every_kernel_is_built_for_both_archs(report):
     kernels = {r["kernel"] for r in report}
-    assert {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel"} <= kernels
+    assert {
+        "_logprobs_fwd_kernel",
+        "_logprobs_bwd_kernel",
+        "_linear_logprobs_fwd_kernel",
+        "_linear_logprobs_bwd_kernel",
+    } <= kernels
     for kernel in kernels:
         assert {r["arch"] for r in report if r["kernel"] == kernel} == {80, 90}
     for dtype in ("fp32", "bf16", "fp16"):
@@ -58,3 +63,12 @@ def test_streaming_loads_and_stores_are_vectorized(report):
         assert narrow <= r["narrow_loads_allowed"], f"{where}: {narrow} narrow scalar loads in {loads}"
         if r["streams_out"]:
             assert any(k.startswith("STG.E.128") or k.startswith("STG.E.64") for k in r["global_stores"]), where
+
+
+def test_matmul_tiles_use_tensor_cores(report):
+    """bf16/fp16 tl.dot kernels: wgmma (HGMMA) on sm_90, mma.sync (HMMA) on sm_80."""
+    tiles = [r for r in report if r["tensor_cores"]]
+    assert tiles
+    for r in tiles:
+        expected = "HGMMA" if r["arch"] == 90 else "HMMA"
+        assert expected in r["mma"], f"{r['kernel']} [{r['config']}] sm_{r['arch']}: {r['mma']}"

@@ -1,0 +1,330 @@
+"""Log-probs and entropy of ``softmax((hidden @ weight.T + bias) / T)`` without the ``[N, V]`` logits.
+
+Forward: a grid of (row block, vocabulary split). Each program computes ``[BLOCK_N, BLOCK_V]`` logit tiles
+with ``tl.dot`` (bf16/fp16 operands on the tensor cores, float32 accumulation; float32 operands in IEEE
+float32) across its share of the vocabulary, and keeps per-row online statistics exactly as the
+``rf.logprobs`` kernel does (running max from ``-inf``, ``s = sum e^(z-m)``, ``u = sum e^(z-m)(z-m)``)
+plus the label logit, picked up from the tile that holds it. The splits' partial statistics
+(``[SPLITS, N]`` each) are merged exactly afterwards (``merge_partials``): splitting the vocabulary gives
+the GPU enough programs when ``N / BLOCK_N`` alone is smaller than the number of SMs.
+
+Backward: per chunk of rows, a kernel recomputes the logit tiles and writes ``dlogits`` (same formula as
+``rf.logprobs``) into a bounded ``[chunk, V]`` buffer in the input dtype; cuBLAS then forms
+``d_hidden = dlogits @ W``, ``d_weight += dlogits^T @ hidden`` and ``d_bias += sum(dlogits)``. We chose
+the bounded buffer over a fully fused backward because ``d_hidden`` needs a reduction over the whole
+vocabulary and ``d_weight`` one over all rows: fusing both needs ``[BLOCK_N, H]`` accumulators (too big
+at H = 4096) or atomics; two cuBLAS GEMMs run at the card's matmul rate with chunk-sized extra memory.
+"""
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+from ._common import interpreter_safe_output
+from ._tuning import matmul_config
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _logit_tile(
+    hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
+    stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_temperature,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``(hidden[rows] @ weight[cols].T + bias[cols]) / T`` as float32; columns past V are ``-inf``."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_H)
+    for k0 in range(0, H, BLOCK_H):
+        k = k0 + ks
+        k_ok = k < H
+        h = tl.load(hidden_ptr + rows[:, None] * stride_h_n + k[None, :] * stride_h_k,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        w = tl.load(weight_ptr + cols[None, :] * stride_w_v + k[:, None] * stride_w_k,
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # fmt: skip
+        if UPCAST:  # the interpreter multiplies bf16/fp16 wrongly: give it float32 operands
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_ok[None, :], acc * inv_temperature, -float("inf"))
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    # pointers
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_ent_ptr,
+    part_label_ptr,
+    # strides
+    stride_h_n,
+    stride_h_k,
+    stride_w_v,
+    stride_w_k,
+    # sizes
+    N,
+    V,
+    H,
+    v_per_split,
+    # hyperparameters
+    inv_temperature,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    v_start = split * v_per_split
+    v_end = tl.minimum(V, v_start + v_per_split)
+
+    m = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)  # running max from -inf, never 0
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) * (z - m)
+    z_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_ok = cols < v_end
+        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
+                        stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_temperature,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)  # fmt: skip
+        # The online update of kernels/logprobs.py, one row per lane of the tile.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d = z - m_ref[:, None]
+        e = tl.exp(d)
+        ed = tl.where(z == -float("inf"), 0.0, e * d)
+        alpha = tl.exp(m - m_ref)
+        shift = tl.where(m == -float("inf"), 0.0, m - m_ref)
+        u = alpha * (u + shift * s) + tl.sum(ed, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+
+    out = split.to(tl.int64) * N + rows
+    tl.store(part_max_ptr + out, m, mask=row_ok)
+    tl.store(part_sum_ptr + out, s, mask=row_ok)
+    tl.store(part_ent_ptr + out, u, mask=row_ok)
+    tl.store(part_label_ptr + out, z_label, mask=row_ok)
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    # pointers
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    labels_ptr,
+    row_max_ptr,
+    log_norm_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    grad_logits_ptr,
+    # strides
+    stride_h_n,
+    stride_h_k,
+    stride_w_v,
+    stride_w_k,
+    stride_g_n,
+    # sizes (the rows of this launch are row_start .. row_start + N of the full batch)
+    N,
+    V,
+    H,
+    row_start,
+    # hyperparameters
+    inv_temperature,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # dL/dz_v = g_logp ([v == y] - p_v) - g_H p_v (log p_v + H), dL/dx = dL/dz / T: derived in
+    # kernels/logprobs.py. grad_logp is 0 on ignored rows (the launcher's caller sees to it).
+    local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = local < N
+    col_ok = cols < V
+    rows = row_start + local
+    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
+                    stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_temperature,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)  # fmt: skip
+    row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+    log_norm = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    g_logp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0)
+    g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+
+    logp_v = (z - row_max[:, None]) - log_norm[:, None]
+    p = tl.exp(logp_v)
+    g = -p * (g_logp[:, None] + g_entropy[:, None] * (logp_v + entropy[:, None]))
+    g = tl.where(z == -float("inf"), 0.0, g)
+    g = tl.where(cols[None, :] == labels[:, None], g + g_logp[:, None], g)
+    g = g * inv_temperature
+    tl.store(grad_logits_ptr + local[:, None] * stride_g_n + cols[None, :],
+             g.to(grad_logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 operands: IEEE float32 products, as an unfused float32 matmul gives (no TF32 rounding)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_splits(N: int, V: int, block_n: int, block_v: int, device: torch.device) -> int:
+    """Vocabulary splits so that the grid has a few programs per SM (4 under the interpreter)."""
+    row_blocks = triton.cdiv(N, block_n)
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(V, block_v), triton.cdiv(target, row_blocks)))
+
+
+def merge_partials(part_max, part_sum, part_ent, part_label):
+    """Exact merge of per-split statistics ``[SPLITS, N]`` into ``(logp, entropy, row_max, log_norm)``."""
+    M = part_max.amax(0)
+    M_ref = torch.where(M == -float("inf"), 0.0, M)
+    alpha = torch.exp(part_max - M_ref)  # 0 for a split whose entries were all -inf (then s = u = 0)
+    shift = torch.where(part_max == -float("inf"), 0.0, part_max - M_ref)
+    S = (alpha * part_sum).sum(0)
+    U = (alpha * (part_ent + shift * part_sum)).sum(0)
+    log_norm = torch.log(S)
+    entropy = log_norm - U / S
+    logp = (part_label.sum(0) - M_ref) - log_norm
+    return logp, entropy, M_ref, log_norm
+
+
+def linear_logprobs_forward(hidden, weight, bias, labels, temperature: float):
+    """``(logp, entropy, row_max, log_norm)`` for ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``.
+
+    ``labels`` must be in ``[0, V)`` (the caller maps ignored rows to 0 and zeroes their ``logp``).
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = matmul_config(hidden.dtype)
+    splits = _num_splits(N, V, cfg.BLOCK_N, cfg.BLOCK_V, hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(V, cfg.BLOCK_V), splits) * cfg.BLOCK_V
+    splits = triton.cdiv(V, v_per_split)
+    parts = torch.empty((4, splits, N), dtype=torch.float32, device=hidden.device)
+    if N:
+        _linear_logprobs_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
+            hidden, weight, bias, labels, parts[0], parts[1], parts[2], parts[3],
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            N, V, H, v_per_split,
+            1.0 / temperature,
+            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, UPCAST=INTERPRET,
+            DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return merge_partials(*parts)
+
+
+# dlogits buffer of the backward: at most this many bytes (1 GiB: 3532 rows of a 151936-entry bf16 vocab).
+_BWD_CHUNK_BYTES = 1 << 30
+
+
+def linear_logprobs_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
+                             temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool):  # fmt: skip
+    """``(d_hidden, d_weight, d_bias)`` (``None`` where not needed) through a bounded dlogits buffer.
+
+    ``d_weight`` accumulates chunk by chunk in the weight's dtype (cuBLAS accumulates each product in
+    float32); one chunk covers ``_BWD_CHUNK_BYTES`` of dlogits, so bf16 rounds once per ~3.5k rows.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    cfg = matmul_config(hidden.dtype, backward=True)
+    rows_per_chunk = max(cfg.BLOCK_N, _BWD_CHUNK_BYTES // (V * hidden.element_size()) // cfg.BLOCK_N * cfg.BLOCK_N)
+    d_hidden = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros_like(weight) if need_weight else None
+    d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_bias else None
+    buf = torch.empty((min(rows_per_chunk, N), V), dtype=hidden.dtype, device=hidden.device)
+    for r0 in range(0, N, rows_per_chunk):
+        n = min(rows_per_chunk, N - r0)
+        dlogits = buf[:n]
+        g = interpreter_safe_output(dlogits)
+        _linear_logprobs_bwd_kernel[(triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))](
+            hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, g,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), g.stride(0),
+            n, V, H, r0,
+            1.0 / temperature,
+            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, UPCAST=INTERPRET,
+            DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if g is not dlogits:
+            dlogits.copy_(g)
+        if need_hidden:
+            torch.mm(dlogits, weight, out=d_hidden[r0 : r0 + n])
+        if need_weight:
+            d_weight.addmm_(dlogits.t(), hidden[r0 : r0 + n])
+        if need_bias:
+            d_bias += dlogits.sum(0, dtype=torch.float32)
+    return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
+
+
+# ------------------------------------------------------------------------- ahead-of-time build specs
+
+
+def build_specs():
+    """Forward and backward for each operand dtype, with and without bias (see kernels/_aot.py)."""
+    from ._aot import KernelBuild
+    from .logprobs import _TL_DTYPE
+
+    meta = {k: "constexpr" for k in ("HAS_BIAS", "BLOCK_N", "BLOCK_V", "BLOCK_H", "UPCAST", "DOT_PRECISION")}
+    specs = []
+    for (dtype, t), backward, has_bias in itertools.product(_TL_DTYPE.items(), (False, True), (True, False)):
+        cfg = matmul_config(dtype, backward)
+        ptrs = {"hidden_ptr": f"*{t}", "weight_ptr": f"*{t}", "bias_ptr": f"*{t}" if has_bias else "constexpr",
+                "labels_ptr": "*i64"}  # fmt: skip
+        if backward:
+            kernel = _linear_logprobs_bwd_kernel
+            sig = {**ptrs, "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32", "entropy_ptr": "*fp32",
+                   "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_logits_ptr": f"*{t}",
+                   "stride_h_n": "i32", "stride_h_k": "constexpr", "stride_w_v": "i32", "stride_w_k": "constexpr",
+                   "stride_g_n": "i32", "N": "i32", "V": "i32", "H": "i32", "row_start": "i32",
+                   "inv_temperature": "fp32", **meta}  # fmt: skip
+        else:
+            kernel = _linear_logprobs_fwd_kernel
+            sig = {**ptrs, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_ent_ptr": "*fp32",
+                   "part_label_ptr": "*fp32", "stride_h_n": "i32", "stride_h_k": "constexpr",
+                   "stride_w_v": "i32", "stride_w_k": "constexpr", "N": "i32", "V": "i32", "H": "i32",
+                   "v_per_split": "i32", "inv_temperature": "fp32", **meta}  # fmt: skip
+        # Contiguous hidden and weight: Triton's launcher specializes their unit inner strides to 1.
+        constexprs = {"BLOCK_N": cfg.BLOCK_N, "BLOCK_V": cfg.BLOCK_V, "BLOCK_H": cfg.BLOCK_H, "HAS_BIAS": has_bias,
+                      "UPCAST": False, "DOT_PRECISION": _dot_precision(dtype), "stride_h_k": 1, "stride_w_k": 1}
+        if not has_bias:
+            constexprs["bias_ptr"] = None
+        divisible = ("stride_h_n", "stride_w_v", "stride_g_n", "V", "H", "v_per_split")
+        specs.append(
+            KernelBuild(
+                kernel=kernel,
+                signature=sig,
+                constexprs=constexprs,
+                divisible=[n for n, ty in sig.items() if ty.startswith("*") or n in divisible],
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                tensor_cores=dtype != torch.float32,
+                label=f"{t} {'bias' if has_bias else 'no bias'} {cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_H}",
+            )
+        )
+    return specs

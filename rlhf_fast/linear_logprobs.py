@@ -1,0 +1,186 @@
+"""``rf.linear_logprobs``: log-probs and entropy of ``softmax((hidden @ weight.T + bias) / T)``, never
+building the ``[N, V]`` logits.
+
+- ``torch``: chunks of rows; each chunk's logits are computed, reduced to per-row statistics
+  (max, log-normalizer, entropy, label log-prob) and dropped. Backward recomputes each chunk's logits,
+  turns them into ``dlogits`` with the same formula as ``rf.logprobs`` and multiplies them into
+  ``d_hidden``, ``d_weight`` and ``d_bias``. Extra memory: ``O(N + chunk * V)`` (plus a float32 copy of
+  the weight and its gradient accumulator when the weight is bf16/fp16).
+- ``triton``: the forward kernel tiles ``hidden x weight^T`` with ``tl.dot`` and merges the online
+  statistics of each vocabulary tile; backward recomputes logit tiles into a bounded ``[chunk, V]``
+  ``dlogits`` buffer and hands the two products to cuBLAS (see kernels/linear_logprobs.py).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _checks
+from ._dispatch import dispatch, register
+from ._rowsoftmax import softmax_grad_, softmax_stats_
+from .logprobs import _grad_or_zeros
+
+# Rows per chunk of the PyTorch implementation: ~4M logits (16 MiB float32 per temporary). Larger than
+# rf.logprobs' chunks because each chunk is also one matmul, which wants enough rows to run at full rate.
+_TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class LinearLogprobsOptions:
+    temperature: float = 1.0
+    ignore_index: int = -100
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, _TORCH_CHUNK_ELEMENTS // V)
+
+
+def _chunk_logits(h32, w32, b32, temperature: float) -> torch.Tensor:
+    """``(h @ w.T + b) / T`` for one chunk of rows, as a new float32 tensor."""
+    z = torch.addmm(b32, h32, w32.t()) if b32 is not None else h32 @ w32.t()
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+class _LinearLogprobsTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: LinearLogprobsOptions):
+        N, V = hidden.shape[0], weight.shape[0]
+        ignored = labels == opts.ignore_index
+        safe_labels = labels.masked_fill(ignored, 0)
+        w32 = weight.float()
+        b32 = None if bias is None else bias.float()
+        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        entropy, row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
+        step = _chunk_rows(V)
+        for r in range(0, N, step):
+            rows = slice(r, r + step)
+            z = _chunk_logits(hidden[rows].float(), w32, b32, opts.temperature)
+            logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows])
+        logp.masked_fill_(ignored, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
+        opts = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, V = hidden.shape[0], weight.shape[0]
+        g_logp = _grad_or_zeros(grad_logp, N, hidden.device).masked_fill(ignored, 0.0)
+        g_entropy = _grad_or_zeros(grad_entropy, N, hidden.device)
+        w32 = weight.float()
+        b32 = None if bias is None else bias.float()
+        d_hidden = torch.empty_like(hidden) if need_h else None
+        d_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        d_b32 = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        step = _chunk_rows(V)
+        for r in range(0, N, step):
+            rows = slice(r, r + step)
+            h32 = hidden[rows].float()
+            z = _chunk_logits(h32, w32, b32, opts.temperature)
+            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], g_entropy[rows],
+                              safe_labels[rows], opts.temperature)  # fmt: skip
+            if need_h:
+                d_hidden[rows] = g @ w32
+            if need_w:
+                d_w32.addmm_(g.t(), h32)
+            if need_b:
+                d_b32 += g.sum(0)
+        d_weight = None if d_w32 is None else d_w32.to(weight.dtype)
+        d_bias = None if d_b32 is None else d_b32.to(bias.dtype)
+        return d_hidden, d_weight, d_bias, None, None
+
+
+class _LinearLogprobsTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: LinearLogprobsOptions):
+        from .kernels.linear_logprobs import linear_logprobs_forward
+
+        ignored = labels == opts.ignore_index
+        safe_labels = labels.masked_fill(ignored, 0).contiguous()
+        logp, entropy, row_max, log_norm = linear_logprobs_forward(hidden, weight, bias, safe_labels, opts.temperature)
+        logp.masked_fill_(ignored, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        from .kernels.linear_logprobs import linear_logprobs_backward
+
+        hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
+        N = hidden.shape[0]
+        g_logp = _grad_or_zeros(grad_logp, N, hidden.device).masked_fill(ignored, 0.0)
+        g_entropy = _grad_or_zeros(grad_entropy, N, hidden.device)
+        d_hidden, d_weight, d_bias = linear_logprobs_backward(
+            hidden, weight, bias, safe_labels, row_max, log_norm, entropy, g_logp, g_entropy,
+            ctx.opts.temperature, *ctx.needs_input_grad[:3],
+        )  # fmt: skip
+        return d_hidden, d_weight, d_bias, None, None
+
+
+@register("linear_logprobs", "triton")
+def _linear_logprobs_triton(hidden, weight, bias, labels, opts):
+    return _LinearLogprobsTriton.apply(hidden, weight, bias, labels, opts)
+
+
+@register("linear_logprobs", "torch")
+def _linear_logprobs_torch(hidden, weight, bias, labels, opts):
+    return _LinearLogprobsTorch.apply(hidden, weight, bias, labels, opts)
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    impl: str = "auto",
+):
+    """``rf.logprobs(hidden @ weight.T + bias, labels, ...)`` without materializing the ``[N, V]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` float32, bfloat16 or float16 (the last hidden states).
+        weight: ``[V, H]`` (the lm_head layout), same dtype as ``hidden``.
+        labels: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]``, same dtype as ``hidden``.
+        temperature, ignore_index, return_entropy, impl: as in :func:`rlhf_fast.logprobs`.
+
+    Returns:
+        float32 ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``; differentiable
+        with respect to ``hidden``, ``weight`` and ``bias`` (gradients in their dtypes).
+    """
+    _checks.check_float_tensor(hidden, "hidden", min_dim=1)
+    _checks.check_float_tensor(weight, "weight", min_dim=2)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight must have at least one row (a non-empty vocabulary)")
+    if bias is not None:
+        _checks.check_float_tensor(bias, "bias")
+        _checks.check_shape("bias", bias, (V,), "one entry per vocabulary row of weight")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        _checks.check_same_device("bias", bias, "hidden", hidden)
+    _checks.check_int_tensor(labels, "labels")
+    _checks.check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
+    _checks.check_same_device("weight", weight, "hidden", hidden)
+    _checks.check_same_device("labels", labels, "hidden", hidden)
+    opts = LinearLogprobsOptions(
+        temperature=_checks.check_positive("temperature", temperature),
+        ignore_index=_checks.check_int("ignore_index", ignore_index),
+    )
+    fn = dispatch("linear_logprobs", impl, hidden.device)
+    _checks.check_labels_in_range(labels, V, opts.ignore_index)
+    logp, entropy = fn(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts)
+    logp, entropy = logp.view(labels.shape), entropy.view(labels.shape)
+    return (logp, entropy) if return_entropy else logp

@@ -1,0 +1,167 @@
+"""rf.linear_logprobs against float64: outputs and the gradients of hidden, weight and bias."""
+
+import pytest
+import torch
+from conftest import DEVICE, IMPLS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import assert_no_worse
+
+import rlhf_fast as rf
+from rlhf_fast.reference import logprobs_reference
+
+
+def _unfused(hidden, weight, bias, labels, *, temperature, ignore_index, f64):
+    """The unfused path: logits = F.linear(...) (in float64, or in the input dtype), then log_softmax."""
+    leaves = [t.detach().double() if f64 else t.detach().clone() for t in (hidden, weight, bias) if t is not None]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    h, w = leaves[0], leaves[1]
+    b = leaves[2] if bias is not None else None
+    logits = torch.nn.functional.linear(h, w, b)
+    logp, ent = logprobs_reference(logits, labels, temperature=temperature, ignore_index=ignore_index)
+
+    def grads(g_logp, g_ent):
+        loss = (logp * g_logp.to(logp.dtype)).sum() + (ent * g_ent.to(ent.dtype)).sum()
+        return torch.autograd.grad(loss, leaves, retain_graph=True)
+
+    return logp.detach(), ent.detach(), grads
+
+
+def check_linear(hidden, weight, bias, labels, impl, *, temperature=1.0, ignore_index=-100):
+    """Error against float64 no worse than the unfused PyTorch path in the input dtype, plus a margin."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
+    b = leaves[2] if bias is not None else None
+    logp, ent = rf.linear_logprobs(leaves[0], leaves[1], labels, bias=b, temperature=temperature,
+                                   ignore_index=ignore_index, return_entropy=True, impl=impl)  # fmt: skip
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == labels.shape
+    g_logp, g_ent = torch.randn_like(logp), torch.randn_like(ent)
+    ours_grads = torch.autograd.grad((logp * g_logp).sum() + (ent * g_ent).sum(), leaves)
+    for g, t in zip(ours_grads, leaves):
+        assert g.dtype == t.dtype and g.shape == t.shape
+
+    kw = dict(temperature=temperature, ignore_index=ignore_index)
+    ref_logp, ref_ent, ref_grads = _unfused(hidden, weight, bias, labels, f64=True, **kw)
+    plain_logp, plain_ent, plain_grads = _unfused(hidden, weight, bias, labels, f64=False, **kw)
+    names = ["logp", "entropy", "d_hidden", "d_weight", "d_bias"]
+    ours = [logp, ent, *ours_grads]
+    plain = [plain_logp, plain_ent, *plain_grads(g_logp, g_ent)]
+    refs = [ref_logp, ref_ent, *ref_grads(g_logp, g_ent)]
+    for name, o, p, r in zip(names, ours, plain, refs):
+        scale = assert_no_worse(name, o, p, r, rel_margin=5e-6)
+        if hidden.dtype == torch.float32:
+            torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=2e-5 * scale, msg=name)
+    return logp, ent
+
+
+def _case(shape, H, V, dtype, device, *, bias=True, ignore_frac=0.2, scale=1.0):
+    hidden = (torch.randn(*shape, H, device=device) * scale).to(dtype)
+    weight = (torch.randn(V, H, device=device) / H**0.5 * 2).to(dtype)
+    b = (torch.randn(V, device=device) * 0.5).to(dtype) if bias else None
+    labels = torch.randint(0, V, shape, device=device)
+    labels[torch.rand(shape, device=device) < ignore_frac] = -100
+    return hidden, weight, b, labels
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,H,V", [((3, 47), 19, 1003), ((129,), 64, 257), ((1,), 1, 1)])
+def test_against_float64(impl, dtype, bias, shape, H, V, device):
+    hidden, weight, b, labels = _case(shape, H, V, dtype, device, bias=bias)
+    check_linear(hidden, weight, b, labels, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_temperature(impl, temperature, device):
+    hidden, weight, b, labels = _case((2, 33), 24, 515, torch.float32, device)
+    check_linear(hidden, weight, b, labels, impl, temperature=temperature)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_negative_logits(impl, dtype, device):
+    hidden, weight, _, labels = _case((40,), 16, 700, dtype, device)
+    b = torch.full((700,), -80.0, device=device, dtype=dtype)  # every logit far below 0
+    logp, _ = check_linear(hidden, weight, b, labels, impl, temperature=0.7)
+    assert (logp <= 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_logits(impl, device):
+    hidden, weight, _, labels = _case((25,), 32, 900, torch.float32, device, scale=30.0)
+    check_linear(hidden, weight, None, labels, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignored_rows_and_custom_index(impl, device):
+    hidden, weight, b, labels = _case((5, 11), 8, 300, torch.float32, device, ignore_frac=0.5)
+    labels[labels == -100] = 3
+    logp, ent = check_linear(hidden, weight, b, labels, impl, ignore_index=3)
+    assert (logp[labels == 3] == 0).all() and (ent > 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_logprobs_on_built_logits(impl, device):
+    hidden, weight, b, labels = _case((4, 9), 40, 333, torch.float32, device)
+    ours = rf.linear_logprobs(hidden, weight, labels, bias=b, return_entropy=True, impl=impl, temperature=0.9)
+    ref = rf.logprobs(hidden @ weight.T + b, labels, return_entropy=True, impl=impl, temperature=0.9)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_hidden(impl, device):
+    hidden, weight, b, labels = _case((6, 20), 30, 401, torch.float32, device)
+    check_linear(hidden[:, ::2], weight, b, labels[:, ::2], impl)
+    check_linear(hidden.transpose(0, 1), weight, b, labels.t(), impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 70),
+    H=st.integers(1, 70),
+    V=st.integers(1, 1100),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    bias=st.booleans(),
+    temperature=st.floats(0.3, 3.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_cases(impl, n, H, V, dtype, bias, temperature, seed):
+    torch.manual_seed(seed)
+    hidden, weight, b, labels = _case((n,), H, V, dtype, DEVICE, bias=bias)
+    check_linear(hidden, weight, b, labels, impl, temperature=temperature)
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        (dict(hidden=torch.randn(4, 8, dtype=torch.float64)), "hidden"),
+        (dict(weight=torch.randn(10, 7)), "weight"),
+        (dict(weight=torch.randn(10)), "weight"),
+        (dict(weight=torch.randn(10, 8, dtype=torch.bfloat16)), "weight"),
+        (dict(weight=torch.randn(0, 8)), "weight"),
+        (dict(bias=torch.randn(9)), "bias"),
+        (dict(bias=torch.randn(10, dtype=torch.float16)), "bias"),
+        (dict(labels=torch.tensor([0, 1, 2])), "labels"),
+        (dict(labels=torch.tensor([0, 1, 2, 10])), "labels"),
+        (dict(labels=torch.tensor([0.0, 1, 2, 3])), "labels"),
+        (dict(temperature=0), "temperature"),
+        (dict(ignore_index="x"), "ignore_index"),
+        (dict(impl="fast"), "impl"),
+    ],
+)
+def test_bad_inputs_raise_value_error(kwargs, arg):
+    args = dict(hidden=torch.randn(4, 8), weight=torch.randn(10, 8), labels=torch.tensor([0, 9, -100, 3]))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=arg):
+        rf.linear_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+def test_real_shape_cuda(impl):
+    """H = 4096, V = 151936 in bf16, against float64 on a few hundred rows."""
+    hidden, weight, b, labels = _case((300,), 4096, 151936, torch.bfloat16, "cuda", bias=False)
+    check_linear(hidden, weight, b, labels, impl)
