@@ -129,7 +129,10 @@ def bytes_moved(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
 
 
 def summarize(results: list[dict]) -> list[str]:
-    """rlhf_fast against eager, forward + backward: the bar is <= 0.5x eager's memory and <= 1x its time."""
+    """rlhf_fast against eager, forward + backward.
+
+    On CPU this is the PyTorch implementation's bar: at most 0.5x eager's peak extra memory, and no more time.
+    """
     lines = []
     for r in results:
         if r.get("method") != "rlhf_fast" or r.get("mode") != "full" or r["status"] != "ok":
@@ -137,12 +140,14 @@ def summarize(results: list[dict]) -> list[str]:
         t, m = r.get("time_vs_baseline"), r.get("mem_vs_baseline")
         if t is None or m is None:
             continue
-        verdict = "meets" if (m <= 0.5 and t <= 1.0) else "does NOT meet"
-        lines.append(
+        line = (
             f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: rlhf_fast takes {t:.2f}x eager's "
-            f"time and {m:.2f}x its peak extra memory ({r['median_ms']:.0f} ms, {r['peak_extra_mib']:.0f} MiB): "
-            f"{verdict} the bar (<= 0.5x memory, <= 1x time)"
+            f"time and {m:.2f}x its peak extra memory ({r['median_ms']:.0f} ms, {r['peak_extra_mib']:.0f} MiB)"
         )
+        if r["device"] == "cpu":
+            verdict = "meets" if (m <= 0.5 and t <= 1.0) else "does NOT meet"
+            line += f": {verdict} the bar of the PyTorch implementation (<= 0.5x memory, <= 1x time)"
+        lines.append(line)
     return lines
 
 

@@ -794,6 +794,7 @@ def plot_results(bench: Benchmark, results: list[dict], meta: dict, path: Path) 
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
     by_key = {(tuple(r["shape"]), r["mode"], r["method"]): r for r in ok}
     colors = plt.get_cmap("tab10")
+    color_of = {m.name: i for i, m in enumerate(bench.methods)}  # the same color for a method in every plot
     mem_label = "peak extra RSS (MiB)" if meta["device"] != "cuda" else "peak extra allocated (MiB)"
     fig, axes = plt.subplots(len(shapes), 2, figsize=(14, 4.6 * len(shapes)), squeeze=False)
     width = 0.8 / max(1, len(methods))
@@ -812,7 +813,7 @@ def plot_results(bench: Benchmark, results: list[dict], meta: dict, path: Path) 
                     hi.append(r["p80_ms"] - r[key] if key == "median_ms" else 0)
                 if not xs:
                     continue
-                bars = ax.bar(xs, ys, width, color=colors(j % 10), label=name,
+                bars = ax.bar(xs, ys, width, color=colors(color_of[name] % 10), label=name,
                               yerr=[lo, hi] if key == "median_ms" else None, capsize=2)  # fmt: skip
                 ax.bar_label(bars, fmt="%.0f" if max(ys) >= 100 else "%.2g", fontsize=7, rotation=90, padding=3)
             ax.set_xticks(range(len(modes)), modes)
@@ -878,6 +879,8 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: measure everything in this process instead of one subprocess per measurement")  # fmt: skip
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: reprint and redraw (md, png) the saved JSON in the results folder")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one CPU measurement, JSON spec
     args = p.parse_args(argv)
 
@@ -890,9 +893,20 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
         print(_RESULT_MARKER + json.dumps(r), flush=True)
         return [r]
 
+    kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if args.report_only:
+        if args.out is None and kind == "cuda" and not torch.cuda.is_available():
+            p.error("--report-only for GPU results on a machine without one: pass --out benchmarks/results/<gpu>")
+        out_dir = args.out or RESULTS_DIR / device_slug(torch.device(kind))
+        saved = json.loads((out_dir / f"{bench.name}.json").read_text())
+        print_report(bench, saved["results"], saved["metadata"])
+        write_markdown(bench, saved["results"], saved["metadata"], out_dir / f"{bench.name}.md", f"{bench.name}.png")
+        plot_results(bench, saved["results"], saved["metadata"], out_dir / f"{bench.name}.png")
+        print(f"rewrote {out_dir / bench.name}.md and .png from {bench.name}.json")
+        return saved["results"]
+
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     device = torch.device(kind)
     config = RunConfig(
         device=device,
