@@ -30,7 +30,8 @@ Memory ("peak extra": the most the call held above what was allocated just befor
     CUDA: ``torch.cuda.reset_peak_memory_stats``, then ``max_memory_allocated() - memory_allocated()``
     measured around one call.
     CPU: there is no allocator statistic, so the number is RSS-based, and every (method, mode, shape) runs
-    in a fresh subprocess (no heap or compiled code left over from another method). Before each timed call
+    in a fresh subprocess (no heap or compiled code left over from another method; ``--in-process`` turns
+    this off for quick runs). Before each timed call
     the harness returns free heap pages to the OS (``malloc_trim``), resets the kernel's peak-RSS mark
     (``5 > /proc/self/clear_refs``) and reads the RSS; after it, peak RSS (``VmHWM``) minus that RSS.
     Where the peak cannot be reset, it falls back to the process's lifetime peak
