@@ -24,6 +24,7 @@ import triton.language as tl
 
 from . import INTERPRET
 from ._common import interpreter_safe_output
+from ._softmax import online_softmax_update, softmax_dlogits
 from ._tuning import matmul_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -105,17 +106,7 @@ def _linear_logprobs_fwd_kernel(
         z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
                         stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_temperature,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)  # fmt: skip
-        # The online update of kernels/logprobs.py, one row per lane of the tile.
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = z - m_ref[:, None]
-        e = tl.exp(d)
-        ed = tl.where(z == -float("inf"), 0.0, e * d)
-        alpha = tl.exp(m - m_ref)
-        shift = tl.where(m == -float("inf"), 0.0, m - m_ref)
-        u = alpha * (u + shift * s) + tl.sum(ed, axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, u = online_softmax_update(m, s, u, z, AXIS=1)
         z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
 
     out = split.to(tl.int64) * N + rows
@@ -160,8 +151,8 @@ def _linear_logprobs_bwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # dL/dz_v = g_logp ([v == y] - p_v) - g_H p_v (log p_v + H), dL/dx = dL/dz / T: derived in
-    # kernels/logprobs.py. grad_logp is 0 on ignored rows (the launcher's caller sees to it).
+    # dL/dx from the saved row statistics (kernels/_softmax.py). grad_logp is 0 on ignored rows (the
+    # launcher's caller sees to it).
     local = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = local < N
@@ -177,12 +168,8 @@ def _linear_logprobs_bwd_kernel(
     g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
 
-    logp_v = (z - row_max[:, None]) - log_norm[:, None]
-    p = tl.exp(logp_v)
-    g = -p * (g_logp[:, None] + g_entropy[:, None] * (logp_v + entropy[:, None]))
-    g = tl.where(z == -float("inf"), 0.0, g)
-    g = tl.where(cols[None, :] == labels[:, None], g + g_logp[:, None], g)
-    g = g * inv_temperature
+    g = softmax_dlogits(z, cols[None, :] == labels[:, None], row_max[:, None], log_norm[:, None],
+                        entropy[:, None], g_logp[:, None], g_entropy[:, None], inv_temperature)  # fmt: skip
     tl.store(grad_logits_ptr + local[:, None] * stride_g_n + cols[None, :],
              g.to(grad_logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 

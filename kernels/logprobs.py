@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreter_safe_output
+from ._softmax import online_softmax_update, softmax_dlogits
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -61,18 +62,7 @@ def _logprobs_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         z = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # While every entry so far is -inf, shift by 0 instead of -inf (which would give -inf - -inf = NaN).
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = z - m_ref
-        e = tl.exp(d)
-        ed = tl.where(z == -float("inf"), 0.0, e * d)
-        alpha = tl.exp(m - m_ref)  # 0 while m is -inf, and then s == u == 0 too
-        # sum e^(z-m_new)(z-m_new) = alpha * (u + (m - m_new) * s); the shift is 0 where s is still 0.
-        shift = tl.where(m == -float("inf"), 0.0, m - m_ref)
-        u = alpha * (u + shift * s) + tl.sum(ed, axis=0)
-        s = alpha * s + tl.sum(e, axis=0)
-        m = m_new
+        m, s, u = online_softmax_update(m, s, u, z, AXIS=0)
 
     m_ref = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(s)
@@ -117,12 +107,7 @@ def _logprobs_bwd_kernel(
     # meta-parameters
     BLOCK_V: tl.constexpr,
 ):
-    # With z = x / T, p = softmax(z), logp_y = z_y - lse, H = -sum_w p_w log p_w:
-    #   d logp_y / d z_v = [v == y] - p_v
-    #   d H / d z_v      = -sum_w (log p_w + 1) p_w ([w == v] - p_v)
-    #                    = -p_v (log p_v + 1) + p_v (1 - H)  =  -p_v (log p_v + H)
-    # so  dL/dx_v = ( g_logp * ([v == y] - p_v) - g_H * p_v * (log p_v + H) ) / T.
-    # Masked entries (x_v = -inf) have p_v = 0 and get exactly 0 (not 0 * -inf).
+    # dL/dx from the saved row statistics: formula and derivation in kernels/_softmax.py.
     # The gradient may alias the logits (in-place backward): each element is read before it is written.
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -143,12 +128,7 @@ def _logprobs_bwd_kernel(
         offs = start + cols
         in_row = offs < V
         z = tl.load(row_ptr + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
-        logp_v = (z - row_max) - log_norm
-        p = tl.exp(logp_v)
-        g = -p * (g_logp + g_entropy * (logp_v + entropy))
-        g = tl.where(z == -float("inf"), 0.0, g)
-        g = tl.where(offs == label, g + g_logp, g)
-        g = g * inv_temperature
+        g = softmax_dlogits(z, offs == label, row_max, log_norm, entropy, g_logp, g_entropy, inv_temperature)
         tl.store(grad_row_ptr + offs, g.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 

@@ -41,95 +41,95 @@ def _chunk_logits(h32, w32, b32, temperature: float) -> torch.Tensor:
     return z if temperature == 1.0 else z.div_(temperature)
 
 
-class _LinearLogprobsTorch(torch.autograd.Function):
+def _torch_forward(hidden, weight, bias, labels, temperature: float):
+    """``(logp, entropy, row_max, log_norm)``, chunk by chunk; the twin of ``linear_logprobs_forward``."""
+    N, V = hidden.shape[0], weight.shape[0]
+    w32 = weight.float()
+    b32 = None if bias is None else bias.float()
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    entropy, row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
+    step = _chunk_rows(V)
+    for r in range(0, N, step):
+        rows = slice(r, r + step)
+        z = _chunk_logits(hidden[rows].float(), w32, b32, temperature)
+        logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, labels[rows])
+    return logp, entropy, row_max, log_norm
+
+
+def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_logp, g_entropy,
+                    temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool):  # fmt: skip
+    """``(d_hidden, d_weight, d_bias)`` with recomputed chunk logits; the twin of ``linear_logprobs_backward``.
+
+    The weight gradient accumulates in float32 and is cast once at the end.
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    w32 = weight.float()
+    b32 = None if bias is None else bias.float()
+    d_hidden = torch.empty_like(hidden) if need_hidden else None
+    d_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    d_b32 = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_bias else None
+    step = _chunk_rows(V)
+    for r in range(0, N, step):
+        rows = slice(r, r + step)
+        h32 = hidden[rows].float()
+        z = _chunk_logits(h32, w32, b32, temperature)
+        g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], g_entropy[rows],
+                          labels[rows], temperature)  # fmt: skip
+        if need_hidden:
+            d_hidden[rows] = g @ w32
+        if need_weight:
+            d_w32.addmm_(g.t(), h32)
+        if need_bias:
+            d_b32 += g.sum(0)
+    d_weight = None if d_w32 is None else d_w32.to(weight.dtype)
+    d_bias = None if d_b32 is None else d_b32.to(bias.dtype)
+    return d_hidden, d_weight, d_bias
+
+
+def _backend(impl: str):
+    """``(forward, backward)`` of an implementation: the Triton launchers or their PyTorch twins."""
+    if impl == "triton":
+        from .kernels.linear_logprobs import linear_logprobs_backward, linear_logprobs_forward
+
+        return linear_logprobs_forward, linear_logprobs_backward
+    return _torch_forward, _torch_backward
+
+
+class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts: LinearLogprobsOptions):
-        N, V = hidden.shape[0], weight.shape[0]
-        ignored = labels == opts.ignore_index
-        safe_labels = labels.masked_fill(ignored, 0)
-        w32 = weight.float()
-        b32 = None if bias is None else bias.float()
-        logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        entropy, row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
-        step = _chunk_rows(V)
-        for r in range(0, N, step):
-            rows = slice(r, r + step)
-            z = _chunk_logits(hidden[rows].float(), w32, b32, opts.temperature)
-            logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows])
-        logp.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy)
-        ctx.opts = opts
-        ctx.set_materialize_grads(False)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
-        opts = ctx.opts
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N, V = hidden.shape[0], weight.shape[0]
-        g_logp = _grad_or_zeros(grad_logp, N, hidden.device).masked_fill(ignored, 0.0)
-        g_entropy = _grad_or_zeros(grad_entropy, N, hidden.device)
-        w32 = weight.float()
-        b32 = None if bias is None else bias.float()
-        d_hidden = torch.empty_like(hidden) if need_h else None
-        d_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        d_b32 = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
-        step = _chunk_rows(V)
-        for r in range(0, N, step):
-            rows = slice(r, r + step)
-            h32 = hidden[rows].float()
-            z = _chunk_logits(h32, w32, b32, opts.temperature)
-            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], g_entropy[rows],
-                              safe_labels[rows], opts.temperature)  # fmt: skip
-            if need_h:
-                d_hidden[rows] = g @ w32
-            if need_w:
-                d_w32.addmm_(g.t(), h32)
-            if need_b:
-                d_b32 += g.sum(0)
-        d_weight = None if d_w32 is None else d_w32.to(weight.dtype)
-        d_bias = None if d_b32 is None else d_b32.to(bias.dtype)
-        return d_hidden, d_weight, d_bias, None, None
-
-
-class _LinearLogprobsTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts: LinearLogprobsOptions):
-        from .kernels.linear_logprobs import linear_logprobs_forward
-
+    def forward(ctx, hidden, weight, bias, labels, opts: LinearLogprobsOptions, impl: str):
         ignored = labels == opts.ignore_index
         safe_labels = labels.masked_fill(ignored, 0).contiguous()
-        logp, entropy, row_max, log_norm = linear_logprobs_forward(hidden, weight, bias, safe_labels, opts.temperature)
+        forward, _ = _backend(impl)
+        logp, entropy, row_max, log_norm = forward(hidden, weight, bias, safe_labels, opts.temperature)
         logp.masked_fill_(ignored, 0.0)
         ctx.save_for_backward(hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy)
-        ctx.opts = opts
+        ctx.opts, ctx.impl = opts, impl
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        from .kernels.linear_logprobs import linear_logprobs_backward
-
         hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
         N = hidden.shape[0]
         g_logp = _grad_or_zeros(grad_logp, N, hidden.device).masked_fill(ignored, 0.0)
         g_entropy = _grad_or_zeros(grad_entropy, N, hidden.device)
-        d_hidden, d_weight, d_bias = linear_logprobs_backward(
+        _, backward = _backend(ctx.impl)
+        d_hidden, d_weight, d_bias = backward(
             hidden, weight, bias, safe_labels, row_max, log_norm, entropy, g_logp, g_entropy,
             ctx.opts.temperature, *ctx.needs_input_grad[:3],
         )  # fmt: skip
-        return d_hidden, d_weight, d_bias, None, None
+        return d_hidden, d_weight, d_bias, None, None, None
 
 
 @register("linear_logprobs", "triton")
 def _linear_logprobs_triton(hidden, weight, bias, labels, opts):
-    return _LinearLogprobsTriton.apply(hidden, weight, bias, labels, opts)
+    return _LinearLogprobs.apply(hidden, weight, bias, labels, opts, "triton")
 
 
 @register("linear_logprobs", "torch")
 def _linear_logprobs_torch(hidden, weight, bias, labels, opts):
-    return _LinearLogprobsTorch.apply(hidden, weight, bias, labels, opts)
+    return _LinearLogprobs.apply(hidden, weight, bias, labels, opts, "torch")
 
 
 def linear_logprobs(

@@ -54,65 +54,22 @@ def _grad_or_zeros(grad: torch.Tensor | None, n: int, device: torch.device) -> t
     return grad.reshape(-1).to(torch.float32).contiguous()
 
 
-# ---------------------------------------------------------------------------------------------- triton
-
-
-class _LogprobsTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: LogprobsOptions):
-        from .kernels.logprobs import logprobs_forward
-
-        x = _as_btv(logits)
-        flat_labels = labels.reshape(-1).contiguous()
-        logp, entropy, row_max, log_norm = logprobs_forward(x, flat_labels, opts.temperature, opts.ignore_index)
-        ctx.save_for_backward(x, flat_labels, row_max, log_norm, entropy)
-        ctx.opts = opts
-        ctx.logits_shape = logits.shape
-        ctx.set_materialize_grads(False)
-        return logp.view(labels.shape), entropy.view(labels.shape)
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        from .kernels.logprobs import logprobs_backward
-
-        x, labels, row_max, log_norm, entropy = ctx.saved_tensors
-        opts = ctx.opts
-        n = labels.numel()
-        grad = logprobs_backward(
-            x,
-            labels,
-            row_max,
-            log_norm,
-            entropy,
-            _grad_or_zeros(grad_logp, n, x.device),
-            _grad_or_zeros(grad_entropy, n, x.device),
-            opts.temperature,
-            opts.ignore_index,
-            grad_logits=x if opts.inplace_backward else None,
-        )
-        return grad.reshape(ctx.logits_shape), None, None
-
-
-@register("logprobs", "triton")
-def _logprobs_triton(logits, labels, opts):
-    return _LogprobsTriton.apply(logits, labels, opts)
-
-
 # ----------------------------------------------------------------------------------------------- torch
 
 
-def _row_chunks(x: torch.Tensor, rows: int):
-    """Yield ``(row_offset, [n, V] view)`` over the ``B*T`` rows of a ``[B, T, V]`` tensor, ``n <= rows``."""
-    B, T, V = x.shape
+def _row_chunks(tensors: list[torch.Tensor], rows: int):
+    """Yield ``(row_offset, [chunk of each tensor])`` over the ``B*T`` rows of same-shape ``[B, T, V]``
+    tensors, at most ``rows`` rows at a time, with the same row boundaries in every tensor."""
+    B, T, V = tensors[0].shape
     try:
-        flat = x.view(B * T, V)
+        flats = [x.view(B * T, V) for x in tensors]
     except RuntimeError:  # a strided slice such as logits[:, :-1]: chunk inside each of the B blocks
         for b in range(B):
             for t in range(0, T, rows):
-                yield b * T + t, x[b, t : t + rows]
+                yield b * T + t, [x[b, t : t + rows] for x in tensors]
         return
     for r in range(0, B * T, rows):
-        yield r, flat[r : r + rows]
+        yield r, [flat[r : r + rows] for flat in flats]
 
 
 def _scaled_float_copy(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -125,50 +82,94 @@ def _chunk_rows(V: int) -> int:
     return max(1, _TORCH_CHUNK_ELEMENTS // V)
 
 
-class _LogprobsTorch(torch.autograd.Function):
+def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+    """``(logp, entropy, row_max, log_norm)`` of ``[B, T, V]`` logits, chunk by chunk.
+
+    The PyTorch twin of ``kernels.logprobs.logprobs_forward`` (same arguments, same outputs).
+    """
+    ignored = labels == ignore_index
+    safe_labels = labels.masked_fill(ignored, 0)
+    logp = torch.empty(labels.numel(), dtype=torch.float32, device=x.device)
+    entropy, row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
+    for r, (chunk,) in _row_chunks([x], _chunk_rows(x.shape[-1])):
+        rows = slice(r, r + chunk.shape[0])
+        z = _scaled_float_copy(chunk, temperature)
+        logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows])
+    return logp.masked_fill_(ignored, 0.0), entropy, row_max, log_norm
+
+
+def _torch_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature: float,
+                    ignore_index: int, grad_logits: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Gradient with respect to ``[B, T, V]`` logits, chunk by chunk, into ``grad_logits`` when given.
+
+    The PyTorch twin of ``kernels.logprobs.logprobs_backward``; ``grad_logits`` may be ``x`` (in place).
+    """
+    ignored = labels == ignore_index
+    safe_labels = labels.masked_fill(ignored, 0)
+    g_logp = grad_logp.masked_fill(ignored, 0.0)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_logits is None else grad_logits
+    for r, (chunk, out_chunk) in _row_chunks([x, out], _chunk_rows(x.shape[-1])):
+        rows = slice(r, r + chunk.shape[0])
+        z = _scaled_float_copy(chunk, temperature)
+        out_chunk.copy_(softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows],
+                                      grad_entropy[rows], safe_labels[rows], temperature))  # fmt: skip
+    return out
+
+
+# -------------------------------------------------------------------------------------------- autograd
+
+
+def _backend(impl: str):
+    """``(forward, backward)`` of an implementation: the Triton launchers or their PyTorch twins."""
+    if impl == "triton":
+        from .kernels.logprobs import logprobs_backward, logprobs_forward
+
+        return logprobs_forward, logprobs_backward
+    return _torch_forward, _torch_backward
+
+
+class _Logprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: LogprobsOptions):
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: LogprobsOptions, impl: str):
         x = _as_btv(logits)
-        flat_labels = labels.reshape(-1)
-        ignored = flat_labels == opts.ignore_index
-        safe_labels = flat_labels.masked_fill(ignored, 0)
-        n = flat_labels.numel()
-        logp = torch.empty(n, dtype=torch.float32, device=x.device)
-        entropy = torch.empty_like(logp)
-        row_max = torch.empty_like(logp)
-        log_norm = torch.empty_like(logp)
-        for r, chunk in _row_chunks(x, _chunk_rows(x.shape[-1])):
-            rows = slice(r, r + chunk.shape[0])
-            z = _scaled_float_copy(chunk, opts.temperature)
-            logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows])
-        logp.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(x, safe_labels, ignored, row_max, log_norm, entropy)
-        ctx.opts = opts
+        flat_labels = labels.reshape(-1).contiguous()
+        forward, _ = _backend(impl)
+        logp, entropy, row_max, log_norm = forward(x, flat_labels, opts.temperature, opts.ignore_index)
+        ctx.save_for_backward(x, flat_labels, row_max, log_norm, entropy)
+        ctx.opts, ctx.impl = opts, impl
         ctx.logits_shape = logits.shape
         ctx.set_materialize_grads(False)
         return logp.view(labels.shape), entropy.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        x, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
+        x, labels, row_max, log_norm, entropy = ctx.saved_tensors
         opts = ctx.opts
-        n = safe_labels.numel()
-        g_logp = _grad_or_zeros(grad_logp, n, x.device).masked_fill(ignored, 0.0)
-        g_entropy = _grad_or_zeros(grad_entropy, n, x.device)
-        B, T, V = x.shape
-        out = x if opts.inplace_backward else torch.empty((B * T, V), dtype=x.dtype, device=x.device)
-        for r, chunk in _row_chunks(x, _chunk_rows(V)):
-            rows = slice(r, r + chunk.shape[0])
-            z = _scaled_float_copy(chunk, opts.temperature)
-            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], g_entropy[rows],
-                              safe_labels[rows], opts.temperature)  # fmt: skip
-            (chunk if opts.inplace_backward else out[rows]).copy_(g)
-        return out.reshape(ctx.logits_shape), None, None
+        n = labels.numel()
+        _, backward = _backend(ctx.impl)
+        grad = backward(
+            x,
+            labels,
+            row_max,
+            log_norm,
+            entropy,
+            _grad_or_zeros(grad_logp, n, x.device),
+            _grad_or_zeros(grad_entropy, n, x.device),
+            opts.temperature,
+            opts.ignore_index,
+            grad_logits=x if opts.inplace_backward else None,
+        )
+        return grad.reshape(ctx.logits_shape), None, None, None
+
+
+@register("logprobs", "triton")
+def _logprobs_triton(logits, labels, opts):
+    return _Logprobs.apply(logits, labels, opts, "triton")
 
 
 @register("logprobs", "torch")
 def _logprobs_torch(logits, labels, opts):
-    return _LogprobsTorch.apply(logits, labels, opts)
+    return _Logprobs.apply(logits, labels, opts, "torch")
 
 
 # ---------------------------------------------------------------------------------------------- public

@@ -1,0 +1,53 @@
+"""Online softmax statistics and the log-prob/entropy gradient, shared by every row-softmax kernel.
+
+Both helpers broadcast: ``rf.logprobs``' kernel calls them on one row (``z`` of shape ``[BLOCK_V]``,
+scalar statistics, ``AXIS=0``), the fused linear kernels on a tile (``z`` of shape ``[BLOCK_N, BLOCK_V]``,
+per-row statistics, ``AXIS=1``).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_softmax_update(m, s, u, z, AXIS: tl.constexpr):
+    """Fold a block ``z`` of logits into the running ``(m, s, u)`` of its rows.
+
+    ``m``: running max (starts at -inf, never 0: all-negative rows must come out right);
+    ``s = sum exp(z - m)``; ``u = sum exp(z - m) * (z - m)``, both rescaled to the new max:
+    ``sum e^(z-m')(z-m') = e^(m-m') (u + (m - m') s)``. Entries equal to ``-inf`` add exactly 0 (their
+    ``0 * -inf`` is replaced), so NaN can only come from NaN in the input.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
+    # While every entry so far is -inf, shift by 0 instead of -inf (which would give -inf - -inf = NaN).
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+    d = z - tl.expand_dims(m_ref, AXIS)
+    e = tl.exp(d)
+    ed = tl.where(z == -float("inf"), 0.0, e * d)
+    alpha = tl.exp(m - m_ref)  # 0 while m is -inf, and then s == u == 0 too
+    shift = tl.where(m == -float("inf"), 0.0, m - m_ref)
+    u = alpha * (u + shift * s) + tl.sum(ed, axis=AXIS)
+    s = alpha * s + tl.sum(e, axis=AXIS)
+    return m_new, s, u
+
+
+@triton.jit
+def softmax_dlogits(z, is_label, row_max, log_norm, entropy, g_logp, g_entropy, inv_temperature):
+    """``dL/dx`` for ``z = x / T``, ``L = g_logp * logp_label + g_entropy * H``.
+
+    With ``p = softmax(z)``, ``log p_v = (z_v - row_max) - log_norm`` and ``H = -sum_w p_w log p_w``::
+
+        d logp_y / d z_v = [v == y] - p_v
+        d H / d z_v      = -sum_w (log p_w + 1) p_w ([w == v] - p_v)
+                         = -p_v (log p_v + 1) + p_v (1 - H)  =  -p_v (log p_v + H)
+        dL/dx_v = ( g_logp ([v == y] - p_v) - g_H p_v (log p_v + H) ) / T
+
+    Masked entries (``z_v = -inf``) have ``p_v = 0`` and get exactly 0 (not ``0 * -inf``). ``g_logp``
+    must be 0 for rows whose label is ignored.
+    """
+    logp_v = (z - row_max) - log_norm
+    p = tl.exp(logp_v)
+    g = -p * (g_logp + g_entropy * (logp_v + entropy))
+    g = tl.where(z == -float("inf"), 0.0, g)
+    g = tl.where(is_label, g + g_logp, g)
+    return g * inv_temperature
