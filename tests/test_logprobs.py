@@ -331,3 +331,14 @@ def test_int64_offsets_cuda():
     torch.testing.assert_close(ent[tail].double(), ref_ent, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits.grad[tail].double(), ref_grad(g[tail], torch.ones_like(g[tail])),
                                rtol=2e-2, atol=2e-3)  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_minus_inf_row_is_nan_not_a_distribution(impl, device):
+    """A row with no finite entry has no softmax: NaN, as PyTorch's log_softmax gives, in both impls."""
+    logits = torch.randn(3, 40, device=device)
+    logits[1] = -float("inf")
+    logp, ent = rf.logprobs(logits, torch.tensor([0, 1, 2], device=device), return_entropy=True, impl=impl)
+    assert torch.isnan(logp[1]) and torch.isnan(ent[1])
+    assert torch.isnan(torch.log_softmax(logits[1], -1)).all()
+    assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
