@@ -1,0 +1,51 @@
+"""Loss aggregation over per-token values ``L [B, T]`` and a response mask, shared by the RL ops.
+
+``agg`` modes (API document):
+
+- ``"token-mean"``: ``sum(mask * L) / sum(mask)``
+- ``"seq-mean-token-mean"``: mean over rows with at least one token of ``sum_t(mask * L) / sum_t(mask)``
+- ``"seq-mean-token-sum"``: mean over rows with at least one token of ``sum_t(mask * L)``
+- ``"seq-mean-token-sum-norm"``: ``sum(mask * L) / (B * T)``
+
+A batch with no response token at all aggregates to 0 (with zero gradient) rather than NaN: the
+denominators are clamped to at least 1, which changes nothing when there is a token.
+"""
+
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def check_agg(agg) -> str:
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    return agg
+
+
+def row_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """``w [B, T]`` float32 with ``aggregate(L, mask, agg) == sum(w * L)``: the per-token weight of each mode.
+
+    Computing the weights once (per-row token counts, number of non-empty rows) is what lets a fused
+    kernel apply any mode token by token, and gives every mode's gradient as ``dloss/dL = w``.
+    """
+    m = mask.to(torch.float32)
+    B, T = m.shape
+    if agg == "token-mean":
+        return m / m.sum().clamp(min=1.0)
+    if agg == "seq-mean-token-sum-norm":
+        return m / float(max(B * T, 1))
+    tokens = m.sum(1, keepdim=True)
+    rows = (tokens > 0).sum().clamp(min=1).to(torch.float32)
+    if agg == "seq-mean-token-mean":
+        return m / tokens.clamp(min=1.0) / rows
+    return m / rows  # seq-mean-token-sum
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor | None, agg: str) -> torch.Tensor:
+    """``agg`` of ``values [B, T]`` over ``mask [B, T]`` (``None``: all ones), as a float32 scalar."""
+    if mask is None:
+        mask = torch.ones(values.shape, dtype=torch.float32, device=values.device)
+    w = row_weights(mask, agg)
+    # where(), not w * values alone: padding may hold inf/NaN (say, a ratio of garbage log-probs), and
+    # 0 * inf would leak NaN into the loss.
+    return torch.where(w != 0, w * values.to(torch.float32), 0.0).sum()
