@@ -5,9 +5,10 @@ The contract of each op (names, defaults, semantics) is fixed in the project's A
 """
 
 from ._dispatch import IMPLS
+from .full_kl import full_kl
 from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["IMPLS", "linear_logprobs", "logprobs", "__version__"]
+__all__ = ["IMPLS", "full_kl", "linear_logprobs", "logprobs", "__version__"]

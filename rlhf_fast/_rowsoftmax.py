@@ -1,11 +1,57 @@
-"""Row statistics and gradients of ``softmax(z)`` on a float32 chunk: the PyTorch twin of the Triton kernels.
+"""Row-chunked softmax helpers of the PyTorch implementations: the twins of the Triton kernels.
 
-Used by every PyTorch implementation that turns a ``[n, V]`` chunk of (temperature-scaled) logits into
-log-probs and entropy: ``rf.logprobs`` (chunks of the logits) and ``rf.linear_logprobs`` (chunks of
-``hidden @ weight.T``). Both functions overwrite the chunk they are given, so a caller passes a scratch copy.
+Layout helpers (``as_btv``, ``row_chunks``, ``scaled_float_copy``, ``grad_or_zeros``) shared by every op
+that streams ``[..., V]`` rows, and the statistics/gradient of ``softmax(z)`` on a float32 chunk, used by
+``rf.logprobs`` (chunks of the logits), ``rf.linear_logprobs`` (chunks of ``hidden @ weight.T``) and the
+ops built on them. ``softmax_stats_`` and ``softmax_grad_`` overwrite the chunk they are given, so a caller
+passes a scratch copy.
 """
 
+import math
+
 import torch
+
+
+def as_btv(logits: torch.Tensor) -> torch.Tensor:
+    """A ``[B, T, V]`` view of ``[..., V]`` logits with a contiguous last dimension (a copy only if needed).
+
+    Two free leading strides cover the usual ``logits[:, :-1, :]`` slice without a copy.
+    """
+    V = logits.shape[-1]
+    if logits.dim() == 1:
+        x = logits.reshape(1, 1, V)
+    elif logits.dim() == 2:
+        x = logits.unsqueeze(0)
+    else:
+        x = logits.reshape(math.prod(logits.shape[:-2]), logits.shape[-2], V)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def grad_or_zeros(grad: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    if grad is None:
+        return torch.zeros(n, dtype=torch.float32, device=device)
+    return grad.reshape(-1).to(torch.float32).contiguous()
+
+
+def row_chunks(tensors: list[torch.Tensor], rows: int):
+    """Yield ``(row_offset, [chunk of each tensor])`` over the ``B*T`` rows of same-shape ``[B, T, V]``
+    tensors, at most ``rows`` rows at a time, with the same row boundaries in every tensor."""
+    B, T, V = tensors[0].shape
+    try:
+        flats = [x.view(B * T, V) for x in tensors]
+    except RuntimeError:  # a strided slice such as logits[:, :-1]: chunk inside each of the B blocks
+        for b in range(B):
+            for t in range(0, T, rows):
+                yield b * T + t, [x[b, t : t + rows] for x in tensors]
+        return
+    for r in range(0, B * T, rows):
+        yield r, [flat[r : r + rows] for flat in flats]
+
+
+def scaled_float_copy(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``chunk / temperature`` as a new float32 tensor (``.float()`` alone would alias float32 input)."""
+    z = chunk.to(torch.float32, copy=True)
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def softmax_stats_(z: torch.Tensor, labels: torch.Tensor):

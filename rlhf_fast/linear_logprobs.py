@@ -17,8 +17,7 @@ import torch
 
 from . import _checks
 from ._dispatch import dispatch, register
-from ._rowsoftmax import softmax_grad_, softmax_stats_
-from .logprobs import _grad_or_zeros
+from ._rowsoftmax import grad_or_zeros, softmax_grad_, softmax_stats_
 
 # Rows per chunk of the PyTorch implementation: ~4M logits (16 MiB float32 per temporary). Larger than
 # rf.logprobs' chunks because each chunk is also one matmul, which wants enough rows to run at full rate.
@@ -112,8 +111,8 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
         N = hidden.shape[0]
-        g_logp = _grad_or_zeros(grad_logp, N, hidden.device).masked_fill(ignored, 0.0)
-        g_entropy = _grad_or_zeros(grad_entropy, N, hidden.device)
+        g_logp = grad_or_zeros(grad_logp, N, hidden.device).masked_fill(ignored, 0.0)
+        g_entropy = grad_or_zeros(grad_entropy, N, hidden.device)
         _, backward = _backend(ctx.impl)
         d_hidden, d_weight, d_bias = backward(
             hidden, weight, bias, safe_labels, row_max, log_norm, entropy, g_logp, g_entropy,

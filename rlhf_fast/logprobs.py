@@ -11,14 +11,13 @@ Both can write the gradient over the logits buffer (``inplace_backward=True``), 
 buffer when the caller no longer needs the logits.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from . import _checks
 from ._dispatch import dispatch, register
-from ._rowsoftmax import softmax_grad_, softmax_stats_
+from ._rowsoftmax import as_btv, grad_or_zeros, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
 
 # Rows per chunk of the PyTorch implementation: about 2M elements, so each float32 temporary is 8 MiB
 # (three live at a time), small next to any [N, V] tensor worth chunking and big enough that per-chunk
@@ -33,49 +32,7 @@ class LogprobsOptions:
     inplace_backward: bool = False
 
 
-def _as_btv(logits: torch.Tensor) -> torch.Tensor:
-    """A ``[B, T, V]`` view of ``[..., V]`` logits with a contiguous last dimension (a copy only if needed).
-
-    Two free leading strides cover the usual ``logits[:, :-1, :]`` slice without a copy.
-    """
-    V = logits.shape[-1]
-    if logits.dim() == 1:
-        x = logits.reshape(1, 1, V)
-    elif logits.dim() == 2:
-        x = logits.unsqueeze(0)
-    else:
-        x = logits.reshape(math.prod(logits.shape[:-2]), logits.shape[-2], V)
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _grad_or_zeros(grad: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-    if grad is None:
-        return torch.zeros(n, dtype=torch.float32, device=device)
-    return grad.reshape(-1).to(torch.float32).contiguous()
-
-
 # ----------------------------------------------------------------------------------------------- torch
-
-
-def _row_chunks(tensors: list[torch.Tensor], rows: int):
-    """Yield ``(row_offset, [chunk of each tensor])`` over the ``B*T`` rows of same-shape ``[B, T, V]``
-    tensors, at most ``rows`` rows at a time, with the same row boundaries in every tensor."""
-    B, T, V = tensors[0].shape
-    try:
-        flats = [x.view(B * T, V) for x in tensors]
-    except RuntimeError:  # a strided slice such as logits[:, :-1]: chunk inside each of the B blocks
-        for b in range(B):
-            for t in range(0, T, rows):
-                yield b * T + t, [x[b, t : t + rows] for x in tensors]
-        return
-    for r in range(0, B * T, rows):
-        yield r, [flat[r : r + rows] for flat in flats]
-
-
-def _scaled_float_copy(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``chunk / temperature`` as a new float32 tensor (``.float()`` alone would alias float32 input)."""
-    z = chunk.to(torch.float32, copy=True)
-    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def _chunk_rows(V: int) -> int:
@@ -91,9 +48,9 @@ def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ig
     safe_labels = labels.masked_fill(ignored, 0)
     logp = torch.empty(labels.numel(), dtype=torch.float32, device=x.device)
     entropy, row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
-    for r, (chunk,) in _row_chunks([x], _chunk_rows(x.shape[-1])):
+    for r, (chunk,) in row_chunks([x], _chunk_rows(x.shape[-1])):
         rows = slice(r, r + chunk.shape[0])
-        z = _scaled_float_copy(chunk, temperature)
+        z = scaled_float_copy(chunk, temperature)
         logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows])
     return logp.masked_fill_(ignored, 0.0), entropy, row_max, log_norm
 
@@ -108,9 +65,9 @@ def _torch_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entro
     safe_labels = labels.masked_fill(ignored, 0)
     g_logp = grad_logp.masked_fill(ignored, 0.0)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if grad_logits is None else grad_logits
-    for r, (chunk, out_chunk) in _row_chunks([x, out], _chunk_rows(x.shape[-1])):
+    for r, (chunk, out_chunk) in row_chunks([x, out], _chunk_rows(x.shape[-1])):
         rows = slice(r, r + chunk.shape[0])
-        z = _scaled_float_copy(chunk, temperature)
+        z = scaled_float_copy(chunk, temperature)
         out_chunk.copy_(softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows],
                                       grad_entropy[rows], safe_labels[rows], temperature))  # fmt: skip
     return out
@@ -131,7 +88,7 @@ def _backend(impl: str):
 class _Logprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: LogprobsOptions, impl: str):
-        x = _as_btv(logits)
+        x = as_btv(logits)
         flat_labels = labels.reshape(-1).contiguous()
         forward, _ = _backend(impl)
         logp, entropy, row_max, log_norm = forward(x, flat_labels, opts.temperature, opts.ignore_index)
@@ -153,8 +110,8 @@ class _Logprobs(torch.autograd.Function):
             row_max,
             log_norm,
             entropy,
-            _grad_or_zeros(grad_logp, n, x.device),
-            _grad_or_zeros(grad_entropy, n, x.device),
+            grad_or_zeros(grad_logp, n, x.device),
+            grad_or_zeros(grad_entropy, n, x.device),
             opts.temperature,
             opts.ignore_index,
             grad_logits=x if opts.inplace_backward else None,
