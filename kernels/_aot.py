@@ -50,9 +50,9 @@ class KernelBuild:
 
 def all_builds() -> list:
     """Every kernel build of the package. Later ops append their module's ``build_specs()`` here."""
-    from . import kl, linear_logprobs, logprobs
+    from . import kl, linear_logprobs, logprobs, ppo
 
-    return logprobs.build_specs() + linear_logprobs.build_specs() + kl.build_specs()
+    return logprobs.build_specs() + linear_logprobs.build_specs() + kl.build_specs() + ppo.build_specs()
 
 
 def _cuobjdump() -> str:

@@ -8,7 +8,8 @@ from ._dispatch import IMPLS
 from .full_kl import full_kl
 from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
+from .ppo_fused import ppo_loss_from_logits
 
 __version__ = "0.1.0"
 
-__all__ = ["IMPLS", "full_kl", "linear_logprobs", "logprobs", "__version__"]
+__all__ = ["IMPLS", "full_kl", "linear_logprobs", "logprobs", "ppo_loss_from_logits", "__version__"]

@@ -34,3 +34,66 @@ def logprobs_reference(
     else:
         plogp = logp_all.exp() * logp_all
     return logp, -plogp.sum(-1)
+
+
+def kl_penalty_reference(logp, ref_logp, estimator: str):
+    """k1 / k2 / k3 / abs of ``lr = logp - ref_logp``, straight from their definitions."""
+    lr = logp - ref_logp
+    return {"k1": lr, "k2": 0.5 * lr**2, "k3": torch.exp(-lr) - 1 + lr, "abs": lr.abs()}[estimator]
+
+
+def aggregate_reference(values, mask, agg: str):
+    """The four aggregation modes, written out as the API document states them."""
+    m = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    masked = torch.where(m > 0, values, 0.0)
+    B, T = values.shape
+    row_tokens = m.sum(1)
+    rows = row_tokens > 0
+    if agg == "token-mean":
+        return masked.sum() / m.sum()
+    if agg == "seq-mean-token-mean":
+        return (masked.sum(1)[rows] / row_tokens[rows]).mean()
+    if agg == "seq-mean-token-sum":
+        return masked.sum(1)[rows].mean()
+    if agg == "seq-mean-token-sum-norm":
+        return masked.sum() / (B * T)
+    raise ValueError(f"unknown agg {agg!r}")
+
+
+def ppo_loss_reference(
+    logits,
+    labels,
+    old_logp,
+    advantages,
+    mask=None,
+    *,
+    ref_logp=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
+    entropy_coef=0.0,
+    temperature=1.0,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    ignore_index=-100,
+    mask_zero_probs=True,
+):
+    """The PPO policy loss as trainers compose it (TRL / verl / OpenRLHF style), every step a PyTorch op.
+
+    log_softmax of the upcast logits -> gathered log-probs and entropy -> ratio -> clipped surrogate
+    (dual clip) -> KL penalty against ``ref_logp`` -> entropy bonus -> aggregation. Returns the loss.
+    """
+    logp, entropy = logprobs_reference(
+        logits, labels, temperature=temperature, ignore_index=ignore_index, mask_zero_probs=mask_zero_probs
+    )
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logp)
+    ratio = torch.exp(logp - old_logp)
+    high = clip_low if clip_high is None else clip_high
+    token = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + high))
+    if dual_clip is not None:
+        token = torch.where(adv < 0, torch.minimum(token, -adv * dual_clip), token)
+    if ref_logp is not None:
+        token = token + kl_coef * kl_penalty_reference(logp, ref_logp, kl_estimator)
+    token = token - entropy_coef * entropy
+    return aggregate_reference(token, mask, agg)

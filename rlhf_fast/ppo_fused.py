@@ -1,0 +1,230 @@
+"""``rf.ppo_loss_from_logits``: the fused PPO policy step.
+
+    loss = agg(L_clip + kl_coef * kl_penalty(logp, ref_logp) - entropy_coef * entropy)
+    logp, entropy = logprobs(logits, labels, temperature=..., return_entropy=True)
+
+- ``triton``: one kernel pass over each logits row computes the log-prob, entropy, ratio, clipped
+  surrogate, KL penalty, entropy bonus and ``d loss_t / d logp`` (kernels/ppo.py); backward is one more
+  pass (``rf.logprobs``' backward kernel) writing ``dlogits``. The aggregation is a weighted sum whose
+  per-token weights come from the mask once (per-row token counts, rlhf_fast/_agg.py).
+- ``torch``: the same composition on ``rf.logprobs``' chunked PyTorch implementation, so no ``[N, V]``
+  float32 intermediate is built; the per-token arithmetic is autograd over ``[B, T]`` tensors.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _agg, _checks
+from ._dispatch import dispatch, register
+from ._rowsoftmax import as_btv
+from .logprobs import LogprobsOptions, _Logprobs
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+@dataclass(frozen=True)
+class PPOOptions:
+    temperature: float = 1.0
+    ignore_index: int = -100
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+
+
+def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimator of ``lr = logp - ref_logp`` (k3 through ``expm1`` to avoid cancellation)."""
+    lr = logp - ref_logp
+    if estimator == "k1":
+        return lr
+    if estimator == "k2":
+        return 0.5 * lr * lr
+    if estimator == "k3":
+        return torch.expm1(-lr) + lr
+    return lr.abs()
+
+
+def _token_losses(logp, entropy, old_logp, advantages, ref_logp, opts: PPOOptions):
+    """Per-token ``L_clip + kl_coef * k - entropy_coef * H`` on ``[B, T]`` tensors (autograd-friendly)."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = -advantages * ratio.clamp(1.0 - opts.clip_low, 1.0 + opts.clip_high)
+    loss = torch.maximum(-advantages * ratio, clipped)
+    if opts.dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * opts.dual_clip), loss)
+    if ref_logp is not None:
+        loss = loss + opts.kl_coef * kl_terms(logp, ref_logp, opts.kl_estimator)
+    return loss - opts.entropy_coef * entropy
+
+
+def policy_metrics(logp, old_logp, advantages, mask, opts: PPOOptions) -> dict:
+    """Masked means a trainer logs: ``clipfrac`` (share of tokens whose gradient the clip zeroes),
+    ``approx_kl`` (mean of ``old_logp - logp``), ``ratio_mean``, ``ratio_max``, and with ``dual_clip``
+    the share of negative-advantage tokens it caps (``dual_clipfrac``). All detached float32 scalars."""
+    with torch.no_grad():
+        logp, old_logp = logp.float(), old_logp.float()
+        m = (torch.ones_like(logp) if mask is None else mask.float()) > 0
+        count = m.sum().clamp(min=1)
+
+        def mean(x):
+            return torch.where(m, x.float(), 0.0).sum() / count
+
+        ratio = torch.exp(logp - old_logp)
+        unclipped = -advantages * ratio
+        clipped = -advantages * ratio.clamp(1.0 - opts.clip_low, 1.0 + opts.clip_high)
+        metrics = {
+            "clipfrac": mean(clipped > unclipped),
+            "approx_kl": mean(old_logp - logp),
+            "ratio_mean": mean(ratio),
+            "ratio_max": torch.where(m, ratio, -float("inf")).max() if m.any() else ratio.new_zeros(()),
+        }
+        if opts.dual_clip is not None:
+            capped = (advantages < 0) & (torch.maximum(unclipped, clipped) > -advantages * opts.dual_clip)
+            metrics["dual_clipfrac"] = mean(capped)
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------- triton
+
+
+class _PPOTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, old_logp, advantages, weights, ref_logp, opts: PPOOptions):
+        from .kernels.ppo import ppo_forward
+
+        x = as_btv(logits)
+        flat = [None if t is None else t.reshape(-1).float().contiguous() for t in (old_logp, advantages, weights, ref_logp)]
+        labels = labels.reshape(-1).contiguous()
+        logp, entropy, row_max, log_norm, token_loss, dloss_dlogp = ppo_forward(
+            x, labels, *flat, temperature=opts.temperature, ignore_index=opts.ignore_index,
+            clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip, kl_coef=opts.kl_coef,
+            kl_estimator=opts.kl_estimator, entropy_coef=opts.entropy_coef,
+        )  # fmt: skip
+        loss = (flat[2] * token_loss).sum()
+        ctx.save_for_backward(x, labels, row_max, log_norm, entropy, flat[2], dloss_dlogp)
+        ctx.opts, ctx.logits_shape = opts, logits.shape
+        ctx.mark_non_differentiable(logp, entropy)
+        return loss, logp.view(old_logp.shape), entropy.view(old_logp.shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        from .kernels.logprobs import logprobs_backward
+
+        x, labels, row_max, log_norm, entropy, weights, dloss_dlogp = ctx.saved_tensors
+        opts = ctx.opts
+        g = grad_loss.float() * weights
+        grad = logprobs_backward(x, labels, row_max, log_norm, entropy, g * dloss_dlogp, g * -opts.entropy_coef,
+                                 opts.temperature, opts.ignore_index)  # fmt: skip
+        return grad.reshape(ctx.logits_shape), None, None, None, None, None, None
+
+
+@register("ppo_loss_from_logits", "triton")
+def _ppo_triton(logits, labels, old_logp, advantages, weights, ref_logp, opts):
+    loss, logp, entropy = _PPOTriton.apply(logits, labels, old_logp, advantages, weights, ref_logp, opts)
+    return loss, logp, entropy
+
+
+@register("ppo_loss_from_logits", "torch")
+def _ppo_torch(logits, labels, old_logp, advantages, weights, ref_logp, opts):
+    logprobs_opts = LogprobsOptions(temperature=opts.temperature, ignore_index=opts.ignore_index)
+    logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, "torch")
+    token_loss = _token_losses(logp, entropy, old_logp.float(), advantages.float(), ref_logp, opts)
+    loss = torch.where(weights != 0, weights * token_loss, 0.0).sum()
+    return loss, logp.detach(), entropy.detach()
+
+
+# ---------------------------------------------------------------------------------------------- public
+
+
+def ppo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    ignore_index: int = -100,
+    impl: str = "auto",
+):
+    """The PPO policy loss straight from ``[B, T, V]`` logits, and the metrics a trainer logs.
+
+    ``loss = agg(L_clip + kl_coef * kl_penalty(logp, ref_logp, kl_estimator) - entropy_coef * entropy)``
+    with ``logp, entropy = rf.logprobs(logits, labels, temperature=temperature, return_entropy=True)``,
+    ``L_clip = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``, ``r = exp(logp - old_logp)`` and, with
+    ``dual_clip=c``, ``L_clip = min(L_clip, -A c)`` where ``A < 0``. ``advantages`` is ``[B, T]`` or ``[B]``.
+
+    Returns ``(loss, metrics)``: ``loss`` a float32 scalar differentiable in ``logits``; ``metrics`` a dict
+    of detached float32 scalars: ``clipfrac``, ``approx_kl``, ``ratio_mean``, ``ratio_max`` (as
+    ``rf.ppo_policy_loss``), ``entropy`` and ``kl`` (masked means; ``kl`` is 0 without ``ref_logp``).
+    """
+    _checks.check_float_tensor(logits, "logits", min_dim=3)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    if V == 0:
+        raise ValueError("logits must have a non-empty last (vocabulary) dimension")
+    _checks.check_int_tensor(labels, "labels")
+    _checks.check_shape("labels", labels, (B, T), "[B, T] like logits")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None or name == "old_logp":
+            _checks.check_float_tensor(t, name)
+            _checks.check_shape(name, t, (B, T), "[B, T] like logits")
+    _checks.check_float_tensor(advantages, "advantages")
+    if tuple(advantages.shape) not in ((B, T), (B,)):
+        raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
+    if mask is not None:
+        _checks.check_shape("mask", mask, (B, T), "[B, T] like logits")
+    for name, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
+                    ("ref_logp", ref_logp)):  # fmt: skip
+        if t is not None:
+            _checks.check_same_device(name, t, "logits", logits)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if kl_coef != 0 and ref_logp is None:
+        raise ValueError("ref_logp is required when kl_coef != 0")
+    clip_low = _checks.check_positive("clip_low", clip_low)
+    clip_high = clip_low if clip_high is None else _checks.check_positive("clip_high", clip_high)
+    if dual_clip is not None and not (_checks.check_positive("dual_clip", dual_clip) > 1.0):
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
+    _agg.check_agg(agg)
+    if B * T == 0 and agg != "seq-mean-token-sum-norm":
+        raise ValueError(f"agg={agg!r} is a mean over tokens, but the batch is empty (B={B}, T={T})")
+    opts = PPOOptions(
+        temperature=_checks.check_positive("temperature", temperature),
+        ignore_index=_checks.check_int("ignore_index", ignore_index),
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=None if dual_clip is None else float(dual_clip),
+        kl_coef=float(kl_coef),
+        kl_estimator=kl_estimator,
+        entropy_coef=float(entropy_coef),
+    )
+    fn = dispatch("ppo_loss_from_logits", impl, logits.device)
+    _checks.check_labels_in_range(labels, V, opts.ignore_index)
+    adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
+    weights = _agg.row_weights(torch.ones(B, T, device=logits.device) if mask is None else mask, agg)
+    ref = None if ref_logp is None or opts.kl_coef == 0 else ref_logp.detach().float()
+    loss, logp, entropy = fn(logits, labels, old_logp.detach().float(), adv.detach(), weights, ref, opts)
+
+    metrics = policy_metrics(logp, old_logp, adv, mask, opts)
+    with torch.no_grad():
+        m = (torch.ones(B, T, device=logits.device) if mask is None else mask.float()) > 0
+        count = m.sum().clamp(min=1)
+        metrics["entropy"] = torch.where(m, entropy, 0.0).sum() / count
+        kl = kl_terms(logp, ref_logp.float(), kl_estimator) if ref_logp is not None else torch.zeros_like(logp)
+        metrics["kl"] = torch.where(m, kl, 0.0).sum() / count
+    return loss, metrics
