@@ -8,8 +8,21 @@ from ._dispatch import IMPLS
 from .full_kl import full_kl
 from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
+from .ppo import group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
 from .ppo_fused import ppo_loss_from_logits
 
 __version__ = "0.1.0"
 
-__all__ = ["IMPLS", "full_kl", "linear_logprobs", "logprobs", "ppo_loss_from_logits", "__version__"]
+__all__ = [
+    "IMPLS",
+    "full_kl",
+    "group_advantages",
+    "kl_penalty",
+    "linear_logprobs",
+    "logprobs",
+    "masked_whiten",
+    "ppo_loss_from_logits",
+    "ppo_policy_loss",
+    "value_loss",
+    "__version__",
+]

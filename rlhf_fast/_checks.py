@@ -53,3 +53,13 @@ def check_labels_in_range(labels: torch.Tensor, V: int, ignore_index: int) -> No
     if labels.numel() and bool(bad.any()):
         value = labels[bad].flatten()[0].item()
         raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, found {value}")
+
+
+def check_mask(mask, ref: torch.Tensor, ref_name: str, name: str = "mask") -> None:
+    """A response mask: a bool, integer or float tensor of ``ref``'s shape and device (nonzero = token)."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype.is_complex:
+        raise ValueError(f"{name} must be a bool, integer or float tensor, got {mask.dtype}")
+    check_shape(name, mask, ref.shape, f"the shape of {ref_name}")
+    check_same_device(name, mask, ref_name, ref)

@@ -1,0 +1,343 @@
+"""Per-token RL losses and advantage helpers in PyTorch: ``kl_penalty``, ``ppo_policy_loss``,
+``value_loss``, ``masked_whiten``, ``group_advantages``.
+
+These ops read ``[B, T]`` tensors a few times and are cheap next to the logits, so they have no kernels
+of their own (the fused ``ppo_loss_from_logits`` folds the same formulas into its pass over the logits).
+Arithmetic is float32 whatever the input dtype; gradients come back in the inputs' dtypes. Masked-out
+positions (padding) never reach a result: they are replaced by 0 before any arithmetic whose gradient
+could turn garbage there (``inf`` or NaN log-probs) into NaN.
+"""
+
+import math
+
+import torch
+
+from . import _checks
+from ._agg import aggregate, check_agg
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+# |lr| below which k3 = exp(-lr) - 1 + lr is summed as a series: there expm1(-lr) + lr cancels to
+# lr^2 / 2 and keeps only ~eps / |lr| relative precision (1e-3 at |lr| = 1e-4). At |lr| = 0.5 the first
+# dropped term, lr^9 / 9!, is 4e-8 of lr^2 / 2: below float32 rounding.
+_K3_SERIES_BOUND = 0.5
+
+
+def _k3(lr: torch.Tensor) -> torch.Tensor:
+    """``exp(-lr) - 1 + lr`` without cancellation at small ``|lr|`` (float32 ``lr``)."""
+    # Series of e^-x - 1 + x = x^2 (1/2! - x/3! + x^2/4! - ... + x^6/8!), by Horner.
+    # The series branch sees lr clamped to the bound, so its gradient stays finite where it is not used
+    # (torch.where passes 0 to the other branch, and 0 * inf would be NaN).
+    x = lr.clamp(-_K3_SERIES_BOUND, _K3_SERIES_BOUND)
+    poly = torch.full_like(x, 1.0 / math.factorial(8))
+    for n in range(7, 1, -1):
+        poly = poly * -x + 1.0 / math.factorial(n)
+    series = x * x * poly
+    return torch.where(lr.abs() < _K3_SERIES_BOUND, series, torch.expm1(-lr) + lr)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate from the sampled tokens' log-probs, float32, same shape as ``logp``.
+
+    With ``lr = logp - ref_logp`` (policy minus reference, at tokens sampled from the policy):
+
+    - ``"k1"``: ``lr`` (unbiased estimate of ``KL(pi || pi_ref)``, can be negative)
+    - ``"k2"``: ``0.5 * lr**2``
+    - ``"k3"``: ``exp(-lr) - 1 + lr`` (unbiased and >= 0; computed without cancellation at small ``lr``)
+    - ``"abs"``: ``|lr|``
+
+    Differentiable in ``logp``, and in ``ref_logp`` when it requires grad.
+
+    Choosing a KL. The usual objective is ``E[r] - beta * KL(pi || pi_ref)``, whose optimum is
+    ``pi*(y) = pi_ref(y) exp(r(y) / beta) / Z``. Two ways optimise exactly that:
+
+    - ``k1`` in the reward: ``r - beta * kl_penalty(logp, ref_logp, estimator="k1")``, a constant (no
+      gradient) per token, then advantages and the policy-gradient loss as usual;
+    - ``rf.full_kl`` (the exact KL over the vocabulary) in the loss: ``loss + beta * full_kl``.
+
+    ``k3`` in the *loss* (``loss + beta * mean(k3)``, as GRPO does) is a fine estimate of the KL's
+    value but not of its gradient: on samples from the policy its gradient is
+    ``E[(1 - pi_ref/pi) grad log pi] = grad KL(pi_ref || pi)``, the *forward* KL. It pulls towards a
+    different policy (``pi(y) = beta * pi_ref(y) / (c - r(y))`` in a bandit) than ``pi*``;
+    tests/test_kl_bandit.py shows both on a bandit. For completeness: ``k1`` in the loss has zero
+    expected gradient (``E[grad log pi] = 0``), so it regularises nothing; ``k2`` in the loss has, on
+    samples from the current policy, the reverse KL's gradient ``E[lr grad log pi]`` (PPO's later epochs
+    reuse samples of the old policy, which biases it slightly).
+    """
+    _checks.check_float_tensor(logp, "logp")
+    _checks.check_float_tensor(ref_logp, "ref_logp")
+    _checks.check_shape("ref_logp", ref_logp, logp.shape, "the shape of logp")
+    _checks.check_same_device("ref_logp", ref_logp, "logp", logp)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    lr = logp.to(torch.float32) - ref_logp.to(torch.float32)
+    if estimator == "k1":
+        return lr
+    if estimator == "k2":
+        return 0.5 * lr * lr
+    if estimator == "k3":
+        return _k3(lr)
+    return lr.abs()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _check_per_token(x, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    _checks.check_float_tensor(x, name)
+    _checks.check_shape(name, x, ref.shape, f"the shape of {ref_name}")
+    _checks.check_same_device(name, x, ref_name, ref)
+
+
+def _check_bt(x, name: str) -> None:
+    """A float ``[B, T]`` tensor with at least one entry (the losses are means)."""
+    _checks.check_float_tensor(x, name)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, T], got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): the loss is a mean over its tokens")
+
+
+def _check_clip(name: str, value, *, allow_none: bool = True):
+    if value is None and allow_none:
+        return None
+    return _checks.check_positive(name, value)
+
+
+def _token_mask(mask: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, T]``: the tokens that count (all of them for ``mask=None``)."""
+    if mask is None:
+        return torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
+    return mask != 0
+
+
+def _masked_mean(x: torch.Tensor, on: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.where(on, x, 0.0).sum() / count
+
+
+# ------------------------------------------------------------------------------------------------- PPO
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO policy loss over ``[B, T]`` tokens: ``(loss, metrics)``.
+
+    Per token, with ``r = exp(logp - old_logp)`` and advantage ``A``::
+
+        L = max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high))
+        L = min(L, -A * dual_clip)        where A < 0 (only with dual_clip)
+        L = L * is_weights                (only with is_weights)
+
+    aggregated over ``mask`` by ``agg`` (``rlhf_fast._agg``: ``"token-mean"``, ``"seq-mean-token-mean"``,
+    ``"seq-mean-token-sum"``, ``"seq-mean-token-sum-norm"``). A batch without any response token gives
+    a loss of 0 (and zero gradient).
+
+    Args:
+        logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (differentiable).
+        old_logp: ``[B, T]`` log-probs under the policy that sampled them.
+        advantages: ``[B, T]``, or ``[B]`` (one per sequence, broadcast over T).
+        mask: ``[B, T]`` response mask (nonzero = token) or ``None`` (all tokens).
+        clip_low, clip_high: the trust region ``[1 - clip_low, 1 + clip_high]`` of the ratio, both
+            positive; ``clip_high=None`` means ``clip_low`` (``clip_high > clip_low`` is DAPO's clip-higher).
+        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-A * c`` (dual-clip PPO).
+        agg: aggregation mode.
+        is_weights: ``[B, T]`` per-token importance weights multiplying ``L`` (e.g. truncated
+            rollout/trainer mismatch corrections); used as given, so detach them if they are constants.
+
+    Returns:
+        ``loss`` (float32 scalar) and ``metrics``, detached float32 scalars over the masked tokens
+        (0 when there is none):
+
+        - ``clipfrac``: fraction of tokens where the clipped branch is the active one, i.e.
+          ``-A * clip(r) > -A * r`` strictly: ``r`` is outside the trust region on the side where the
+          clip removes its gradient (``A > 0, r > 1 + clip_high`` or ``A < 0, r < 1 - clip_low``);
+        - ``dual_clipfrac`` (only with ``dual_clip``): fraction of tokens where the dual clip is
+          active (``A < 0`` and the loss was capped at ``-A * dual_clip``);
+        - ``approx_kl``: mean of ``old_logp - logp`` (the k1 estimate of ``KL(pi_old || pi)``);
+        - ``ratio_mean``, ``ratio_max``: mean and max of ``r``.
+    """
+    _check_bt(logp, "logp")
+    _check_per_token(old_logp, "old_logp", logp, "logp")
+    _checks.check_float_tensor(advantages, "advantages")
+    B, T = logp.shape
+    if tuple(advantages.shape) not in ((B, T), (B,)):
+        raise ValueError(f"advantages must have shape {(B, T)} or {(B,)} (per token or per sequence), "
+                         f"got {tuple(advantages.shape)}")  # fmt: skip
+    _checks.check_same_device("advantages", advantages, "logp", logp)
+    if mask is not None:
+        _checks.check_mask(mask, logp, "logp")
+    if is_weights is not None:
+        _check_per_token(is_weights, "is_weights", logp, "logp")
+    clip_low = _check_clip("clip_low", clip_low, allow_none=False)
+    clip_high = clip_low if clip_high is None else _check_clip("clip_high", clip_high)
+    if dual_clip is not None:
+        dual_clip = _checks.check_positive("dual_clip", dual_clip)
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (a cap at -A * dual_clip above the clipped loss), got {dual_clip}")
+    check_agg(agg)
+
+    on = _token_mask(mask, logp)
+    # Padding may hold anything (0, inf, NaN): log-ratio 0 there keeps exp() and its gradient finite.
+    log_ratio = torch.where(on, logp.to(torch.float32) - old_logp.to(torch.float32), 0.0)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(torch.float32)
+    if adv.dim() == 1:
+        adv = adv[:, None].expand(B, T)
+    adv = torch.where(on, adv, 0.0)
+
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        dual_active = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    if is_weights is not None:
+        per_token = per_token * torch.where(on, is_weights.to(torch.float32), 0.0)
+    loss = aggregate(per_token, on, agg)
+
+    with torch.no_grad():
+        count = on.sum().clamp(min=1).to(torch.float32)
+        ratio_d = ratio.detach()
+        metrics = {
+            "clipfrac": _masked_mean((loss_clipped > loss_unclipped).float(), on, count),
+            "approx_kl": _masked_mean(-log_ratio.detach(), on, count),
+            "ratio_mean": _masked_mean(ratio_d, on, count),
+            "ratio_max": torch.where(on, ratio_d, 0.0).max(),  # ratios are > 0: 0 only without tokens
+        }
+        if dual_clip is not None:
+            metrics["dual_clipfrac"] = _masked_mean(dual_active.float(), on, count)
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    clip: float | None = None,
+    agg: str = "token-mean",
+) -> torch.Tensor:
+    """Value-function loss over ``[B, T]`` tokens, aggregated by ``agg`` (float32 scalar).
+
+    Per token ``0.5 * (v - R)**2``, or with ``clip=c`` (PPO's value clipping)::
+
+        0.5 * max((v - R)**2, (old_v + clip(v - old_v, -c, c) - R)**2)
+
+    Args:
+        values: ``[B, T]`` current value predictions (differentiable).
+        old_values: ``[B, T]`` predictions of the rollout-time critic (only read with ``clip``; may be
+            ``None`` without it).
+        returns: ``[B, T]`` targets (e.g. the returns of :func:`rlhf_fast.gae`).
+        mask: ``[B, T]`` response mask or ``None``.
+        clip: positive clip range of ``v - old_v``, or ``None``.
+        agg: aggregation mode (see :func:`ppo_policy_loss`).
+    """
+    _check_bt(values, "values")
+    _check_per_token(returns, "returns", values, "values")
+    clip = _check_clip("clip", clip)
+    if old_values is not None:
+        _check_per_token(old_values, "old_values", values, "values")
+    elif clip is not None:
+        raise ValueError("old_values is required with clip (the clipped prediction is old_values + clip(...))")
+    if mask is not None:
+        _checks.check_mask(mask, values, "values")
+    check_agg(agg)
+
+    on = _token_mask(mask, values)
+    v = values.to(torch.float32)
+    target = returns.to(torch.float32)
+    err = torch.where(on, v - target, 0.0)  # padding stays out of the gradient (see the module docstring)
+    per_token = err * err
+    if clip is not None:
+        old = old_values.to(torch.float32)
+        v_clipped = old + torch.clamp(v - old, -clip, clip)
+        err_clipped = torch.where(on, v_clipped - target, 0.0)
+        per_token = torch.maximum(per_token, err_clipped * err_clipped)
+    return aggregate(0.5 * per_token, on, agg)
+
+
+# ---------------------------------------------------------------------------------------- advantages
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + 1e-8)`` over the entries where ``mask != 0``; 0 elsewhere. float32.
+
+    ``mean`` and ``var`` are taken over the selected entries only. The variance is the **unbiased**
+    one (``sum((x - mean)**2) / (n - 1)``, Bessel's correction), as in TRL's and verl's
+    ``masked_whiten``: trainers built on those get the same numbers, and whitening advantages of a
+    small batch is an estimate of a population's spread, which the unbiased form estimates better.
+    (Over thousands of tokens the two differ by a factor ``n / (n - 1)`` of no consequence.) So at least
+    two entries must be selected; fewer raise ``ValueError`` (the mean or the variance is undefined).
+
+    ``shift_mean=False`` keeps the mean: ``(x - mean) / sqrt(var + 1e-8) + mean`` (TRL's convention,
+    used to whiten rewards without moving their average). Differentiable in ``x``.
+    """
+    _checks.check_float_tensor(x, "x")
+    _checks.check_mask(mask, x, "x")
+    on = mask != 0
+    n = int(on.sum())
+    if n < 2:
+        raise ValueError(f"mask selects {n} entr{'y' if n == 1 else 'ies'} of x: masked_whiten needs at least 2 "
+                         "(the unbiased variance of fewer is undefined)")  # fmt: skip
+    xf = torch.where(on, x.to(torch.float32), 0.0)
+    mean = xf.sum() / n
+    centered = torch.where(on, xf - mean, 0.0)
+    var = (centered * centered).sum() / (n - 1)
+    out = centered * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(on, out, 0.0)
+
+
+def group_advantages(
+    scores: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO advantages: each score relative to its group of ``group_size`` completions of one prompt.
+
+    ``scores [N]`` holds ``N / group_size`` consecutive groups. For score ``s_i`` of group ``g`` with
+    ``G = group_size`` members::
+
+        mean_g = (1/G) * sum_{j in g} s_j
+        std_g  = sqrt( sum_{j in g} (s_j - mean_g)**2 / (G - 1) )       (unbiased)
+        A_i    = (s_i - mean_g) / (std_g + eps)     or  s_i - mean_g  with normalize_std=False
+
+    Returns float32 ``[N]``. A group whose scores are all equal gets advantages 0 (``0 / eps``; NaN
+    with ``eps=0``).
+    ``group_size=1`` with ``normalize_std=True`` raises ``ValueError``: the unbiased std of one sample is
+    undefined (and a lone completion carries no relative signal); with ``normalize_std=False`` it gives
+    zeros. Differentiable in ``scores``.
+    """
+    _checks.check_float_tensor(scores, "scores")
+    if scores.dim() != 1:
+        raise ValueError(f"scores must have shape [N], got {tuple(scores.shape)}")
+    if scores.numel() == 0:
+        raise ValueError("scores is empty: group advantages are relative to group means")
+    group_size = _checks.check_int("group_size", group_size)
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    N = scores.numel()
+    if N % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide the number of scores ({N})")
+    if normalize_std and group_size == 1:
+        raise ValueError("group_size must be >= 2 with normalize_std=True: the unbiased std of one score is undefined")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+    s = scores.to(torch.float32).view(N // group_size, group_size)
+    centered = s - s.mean(dim=1, keepdim=True)
+    if normalize_std:
+        std = centered.pow(2).sum(dim=1, keepdim=True).div(group_size - 1).sqrt()
+        centered = centered / (std + eps)
+    return centered.reshape(N)
