@@ -50,9 +50,15 @@ class KernelBuild:
 
 def all_builds() -> list:
     """Every kernel build of the package. Later ops append their module's ``build_specs()`` here."""
-    from . import kl, linear_logprobs, logprobs, ppo
+    from . import gae, kl, linear_logprobs, logprobs, ppo
 
-    return logprobs.build_specs() + linear_logprobs.build_specs() + kl.build_specs() + ppo.build_specs()
+    return (
+        logprobs.build_specs()
+        + linear_logprobs.build_specs()
+        + kl.build_specs()
+        + ppo.build_specs()
+        + gae.build_specs()
+    )
 
 
 def _cuobjdump() -> str:

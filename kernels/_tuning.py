@@ -64,3 +64,25 @@ def matmul_config(dtype, backward: bool = False) -> MatmulConfig:
     if dtype == torch.float32:
         return MatmulConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=4, num_stages=2)
     return MatmulConfig(BLOCK_N=128, BLOCK_V=128 if backward else 64, BLOCK_H=64, num_warps=8, num_stages=3)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Launch configuration of a kernel that scans one ``[T]`` row per program in tiles of ``BLOCK_T``."""
+
+    BLOCK_T: int
+    num_warps: int
+
+
+def gae_config(T: int) -> ScanConfig:
+    """Tile of the GAE reverse scan (kernels/gae.py).
+
+    A row is read once (rewards, values, mask) and written once (advantages, returns), so the kernel is
+    memory bound like the row-streaming ones; its extra cost is a log-depth scan of five floats per
+    tile. 1024 positions over 4 warps is 8 elements per thread: two 16-byte loads of float32, one of
+    bf16/fp16, and a whole 2048-token response in two tiles. A shorter row gets one tile of its own
+    (power-of-two) size, at least 16, with one warp per 256 positions (8 elements per thread from 256
+    positions up; shorter rows take one warp).
+    """
+    block = max(16, min(1024, triton.next_power_of_2(T)))
+    return ScanConfig(BLOCK_T=block, num_warps=max(1, min(4, block // 256)))

@@ -6,6 +6,7 @@ The contract of each op (names, defaults, semantics) is fixed in the project's A
 
 from ._dispatch import IMPLS
 from .full_kl import full_kl
+from .gae import gae
 from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
 from .ppo import group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IMPLS",
     "full_kl",
+    "gae",
     "group_advantages",
     "kl_penalty",
     "linear_logprobs",
