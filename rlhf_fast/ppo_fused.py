@@ -19,9 +19,7 @@ from . import _agg, _checks
 from ._dispatch import dispatch, register
 from ._rowsoftmax import as_btv
 from .logprobs import LogprobsOptions, _Logprobs
-
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-
+from .ppo import KL_ESTIMATORS, kl_penalty, ppo_policy_loss
 
 @dataclass(frozen=True)
 class PPOOptions:
@@ -35,18 +33,6 @@ class PPOOptions:
     entropy_coef: float = 0.0
 
 
-def kl_terms(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimator of ``lr = logp - ref_logp`` (k3 through ``expm1`` to avoid cancellation)."""
-    lr = logp - ref_logp
-    if estimator == "k1":
-        return lr
-    if estimator == "k2":
-        return 0.5 * lr * lr
-    if estimator == "k3":
-        return torch.expm1(-lr) + lr
-    return lr.abs()
-
-
 def _token_losses(logp, entropy, old_logp, advantages, ref_logp, opts: PPOOptions):
     """Per-token ``L_clip + kl_coef * k - entropy_coef * H`` on ``[B, T]`` tensors (autograd-friendly)."""
     ratio = torch.exp(logp - old_logp)
@@ -55,35 +41,8 @@ def _token_losses(logp, entropy, old_logp, advantages, ref_logp, opts: PPOOption
     if opts.dual_clip is not None:
         loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * opts.dual_clip), loss)
     if ref_logp is not None:
-        loss = loss + opts.kl_coef * kl_terms(logp, ref_logp, opts.kl_estimator)
+        loss = loss + opts.kl_coef * kl_penalty(logp, ref_logp, estimator=opts.kl_estimator)
     return loss - opts.entropy_coef * entropy
-
-
-def policy_metrics(logp, old_logp, advantages, mask, opts: PPOOptions) -> dict:
-    """Masked means a trainer logs: ``clipfrac`` (share of tokens whose gradient the clip zeroes),
-    ``approx_kl`` (mean of ``old_logp - logp``), ``ratio_mean``, ``ratio_max``, and with ``dual_clip``
-    the share of negative-advantage tokens it caps (``dual_clipfrac``). All detached float32 scalars."""
-    with torch.no_grad():
-        logp, old_logp = logp.float(), old_logp.float()
-        m = (torch.ones_like(logp) if mask is None else mask.float()) > 0
-        count = m.sum().clamp(min=1)
-
-        def mean(x):
-            return torch.where(m, x.float(), 0.0).sum() / count
-
-        ratio = torch.exp(logp - old_logp)
-        unclipped = -advantages * ratio
-        clipped = -advantages * ratio.clamp(1.0 - opts.clip_low, 1.0 + opts.clip_high)
-        metrics = {
-            "clipfrac": mean(clipped > unclipped),
-            "approx_kl": mean(old_logp - logp),
-            "ratio_mean": mean(ratio),
-            "ratio_max": torch.where(m, ratio, -float("inf")).max() if m.any() else ratio.new_zeros(()),
-        }
-        if opts.dual_clip is not None:
-            capped = (advantages < 0) & (torch.maximum(unclipped, clipped) > -advantages * opts.dual_clip)
-            metrics["dual_clipfrac"] = mean(capped)
-        return metrics
 
 
 # ---------------------------------------------------------------------------------------------- triton
@@ -220,11 +179,16 @@ def ppo_loss_from_logits(
     ref = None if ref_logp is None or opts.kl_coef == 0 else ref_logp.detach().float()
     loss, logp, entropy = fn(logits, labels, old_logp.detach().float(), adv.detach(), weights, ref, opts)
 
-    metrics = policy_metrics(logp, old_logp, adv, mask, opts)
+    # The metrics of rf.ppo_policy_loss on the detached log-probs (cheap [B, T] work), plus two more.
+    _, metrics = ppo_policy_loss(logp, old_logp, adv, mask, clip_low=clip_low, clip_high=clip_high,
+                                 dual_clip=opts.dual_clip)  # fmt: skip
     with torch.no_grad():
-        m = (torch.ones(B, T, device=logits.device) if mask is None else mask.float()) > 0
+        m = (torch.ones(B, T, device=logits.device) if mask is None else mask.float()) != 0
         count = m.sum().clamp(min=1)
         metrics["entropy"] = torch.where(m, entropy, 0.0).sum() / count
-        kl = kl_terms(logp, ref_logp.float(), kl_estimator) if ref_logp is not None else torch.zeros_like(logp)
-        metrics["kl"] = torch.where(m, kl, 0.0).sum() / count
+        if ref_logp is not None:
+            kl = kl_penalty(logp, ref_logp, estimator=kl_estimator)
+            metrics["kl"] = torch.where(m, kl, 0.0).sum() / count
+        else:
+            metrics["kl"] = torch.zeros((), device=logits.device)
     return loss, metrics
