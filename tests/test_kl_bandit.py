@@ -85,9 +85,21 @@ def k3_in_loss(bandit, logits, logp, ref_logp):
     return bandit.beta * rf.kl_penalty(logp, ref_logp, estimator="k3").mean()
 
 
+def full_kl_in_loss(impl):
+    def term(bandit, logits, logp, ref_logp):
+        ref_logits = bandit.ref_logp.expand_as(logits)
+        return bandit.beta * rf.full_kl(logits, ref_logits, impl=impl).mean()
+
+    return term
+
+
 def train_ppo(bandit: Bandit, *, seed: int, shaped_reward: RewardFn, loss_term: LossFn | None = None,
-              cfg: PPOConfig = PPOConfig()) -> torch.Tensor:  # fmt: skip
-    """PPO on the bandit from ``pi = pi_ref``; returns the final policy's probabilities (float64 ``[K]``)."""
+              fused_impl: str | None = None, cfg: PPOConfig = PPOConfig()) -> torch.Tensor:  # fmt: skip
+    """PPO on the bandit from ``pi = pi_ref``; returns the final policy's probabilities (float64 ``[K]``).
+
+    ``fused_impl`` set: the policy loss comes from ``rf.ppo_loss_from_logits`` on ``[n, 1, K]`` logits
+    (B = n sequences of one token) with that impl, instead of log_softmax + ``rf.ppo_policy_loss``.
+    """
     g = torch.Generator().manual_seed(1000 + seed)
     theta = bandit.ref_logp.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
@@ -104,7 +116,11 @@ def train_ppo(bandit: Bandit, *, seed: int, shaped_reward: RewardFn, loss_term: 
             for mb in torch.randperm(cfg.batch, generator=g).chunk(cfg.minibatches):
                 logits = theta.expand(len(mb), -1)
                 logp = logits.log_softmax(-1).gather(1, actions[mb, None])  # [n, 1]: B = n, T = 1
-                loss, _ = rf.ppo_policy_loss(logp, old_logp[mb, None], advantages[mb, None])
+                if fused_impl is None:
+                    loss, _ = rf.ppo_policy_loss(logp, old_logp[mb, None], advantages[mb, None])
+                else:
+                    loss, _ = rf.ppo_loss_from_logits(logits[:, None, :], actions[mb, None], old_logp[mb, None],
+                                                      advantages[mb, None], impl=fused_impl)  # fmt: skip
                 if loss_term is not None:
                     loss = loss + loss_term(bandit, logits, logp[:, 0], ref_logp[mb])
                 opt.zero_grad()
@@ -136,3 +152,16 @@ def test_k3_in_loss_reaches_a_different_policy(seed):
     pi = train_ppo(bandit, seed=seed, shaped_reward=plain_reward, loss_term=k3_in_loss)
     assert tv(pi, forward) < 0.02, (pi, forward)
     assert tv(pi, target) > 0.15, (pi, target)
+
+
+# The bandit lives on the CPU and makes ~4000 op calls: the PyTorch impls (the interpreter would take
+# minutes; tests/test_full_kl.py and tests/test_ppo_from_logits.py hold Triton to the same numbers).
+@pytest.mark.parametrize("impl", ["torch"])
+def test_full_kl_in_loss_reaches_the_reverse_kl_optimum(impl):
+    """The exact KL in the loss, with the fused policy loss: PPO ends at pi* too."""
+    seed = SEEDS[0]
+    bandit = make_bandit(seed)
+    target = bandit.reverse_kl_optimum()
+    pi = train_ppo(bandit, seed=seed, shaped_reward=plain_reward, loss_term=full_kl_in_loss(impl), fused_impl=impl)
+    assert tv(pi, target) < 0.02, (pi, target)
+    assert tv(pi, bandit.forward_kl_optimum()) > 0.15
