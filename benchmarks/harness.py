@@ -1,7 +1,8 @@
 """The benchmark harness every ``benchmarks/bench_<op>.py`` shares.
 
 A benchmark module describes its op as a :class:`Benchmark` (how to build inputs for a shape, the
-methods to compare, the bytes the op must move) and calls :func:`main`. The harness measures every
+methods to compare, the bytes the op must move or, for a compute-bound op, the floating-point operations each
+method performs) and calls :func:`main`. The harness measures every
 (shape, mode, method), prints a table and writes ``benchmarks/results/<device>/<name>.{json,md,png}``.
 
 Modes
@@ -119,13 +120,21 @@ class Benchmark:
     methods: tuple[Method, ...]
     make_inputs: Callable[[tuple[int, ...], torch.dtype, torch.device], dict[str, torch.Tensor]]
     grad_inputs: tuple[str, ...]  # inputs differentiated in the backward and full modes
-    bytes_moved: Callable[[tuple[int, ...], torch.dtype, str], int]  # minimum traffic of the op per mode
-    bytes_formula: str  # that formula in words, for the markdown
+    # Minimum traffic of the op per mode (GB/s column), or None for an op whose bound is compute (see flops).
+    bytes_moved: Callable[[tuple[int, ...], torch.dtype, str], int] | None
+    bytes_formula: str  # that formula in words, for the markdown ("" without bytes_moved)
     default_shapes: dict[str, tuple[tuple[int, ...], ...]]  # per device type
     default_dtype: dict[str, torch.dtype]  # per device type
     shape_format: str = "NxV"
     baseline: str = "eager"
     summarize: Callable[[list[dict]], list[str]] | None = None  # extra lines for the report
+    # Floating-point operations one call performs, from a result dict (its "shape", "mode", "method",
+    # "device", "dtype"): adds a TFLOP/s column and, on GPU, its fraction of the measured bf16 matmul rate.
+    # Per method, because methods may do different work (e.g. recompute a product in backward). None: no column.
+    flops: Callable[[dict], float | None] | None = None
+    flops_formula: str = ""  # that formula in words, for the markdown
+    # Extra table columns after "method": (header, cell text from a result dict), e.g. the work a method does.
+    extra_columns: tuple[tuple[str, Callable[[dict], str]], ...] = ()
 
     def method(self, name: str) -> Method:
         for m in self.methods:
@@ -517,6 +526,7 @@ def run_benchmark(bench: Benchmark, config: RunConfig, ceilings: dict | None = N
         else:
             r = measure(bench, name, shape, config.dtype, config.device, mode, config.repeats, config.warmup)
         add_bandwidth(bench, r, ceilings)
+        add_throughput(bench, r, ceilings)
         results.append(r)
         if r["status"] == "ok":
             print(f"{r['median_ms']:10.2f} ms {r['peak_extra_mib']:10.1f} MiB", flush=True)
@@ -528,13 +538,26 @@ def run_benchmark(bench: Benchmark, config: RunConfig, ceilings: dict | None = N
 
 def add_bandwidth(bench: Benchmark, r: dict, ceilings: dict | None) -> None:
     """GB/s against the bytes the op must move (``bench.bytes_moved``), and the fraction of copy bandwidth."""
-    if r["status"] != "ok":
+    if r["status"] != "ok" or bench.bytes_moved is None:
         return
     nbytes = bench.bytes_moved(tuple(r["shape"]), DTYPES[r["dtype"]], r["mode"])
     r["bytes_moved"] = nbytes
     r["gbps"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
     if ceilings and ceilings.get("copy_gbps"):
         r["copy_bw_fraction"] = r["gbps"] / ceilings["copy_gbps"]
+
+
+def add_throughput(bench: Benchmark, r: dict, ceilings: dict | None) -> None:
+    """TFLOP/s from the FLOPs the method performs (``bench.flops``), and the fraction of the bf16 matmul rate."""
+    if r["status"] != "ok" or bench.flops is None:
+        return
+    flops = bench.flops(r)
+    if flops is None:
+        return
+    r["flops"] = flops
+    r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
+    if ceilings and ceilings.get("bf16_matmul_tflops"):
+        r["matmul_fraction"] = r["tflops"] / ceilings["bf16_matmul_tflops"]
 
 
 def add_ratios(results: list[dict], baseline: str) -> None:
@@ -675,10 +698,16 @@ def _fmt_ratio(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}×"
 
 
+def _fmt_tflops(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}" if x < 1 else f"{x:.1f}"
+
+
 def table_rows(bench: Benchmark, results: list[dict], gpu: bool) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per measurement, skipped methods left out) shared by terminal and markdown."""
-    headers = ["shape", "mode", "method", "median ms (p20–p80)", "GB/s"]
-    headers += ["% copy BW"] if gpu else []
+    has_bytes, has_flops = bench.bytes_moved is not None, bench.flops is not None
+    headers = ["shape", "mode", "method", *(h for h, _ in bench.extra_columns), "median ms (p20–p80)"]
+    headers += (["GB/s"] + (["% copy BW"] if gpu else [])) if has_bytes else []
+    headers += (["TFLOP/s"] + (["% bf16 mm"] if gpu else [])) if has_flops else []
     headers += ["peak extra MiB", f"time ÷ {bench.baseline}", f"mem ÷ {bench.baseline}", "note"]
     rows = []
     for r in results:
@@ -686,14 +715,17 @@ def table_rows(bench: Benchmark, results: list[dict], gpu: bool) -> tuple[list[s
             continue
         method = bench.method(r["method"])
         notes = [method.note] if method.note else []
+        extra = [cell(r) for _, cell in bench.extra_columns]
         if r["status"] == "ok":
             if method.first_call_note and r.get("first_call_s") is not None:
                 notes.append(f"1st call {r['first_call_s']:.1f} s ({method.first_call_note})")
-            cells = [
-                f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}–{r['p80_ms']:.2f})",
-                f"{r['gbps']:.1f}",
-            ]
-            cells += [f"{100 * r['copy_bw_fraction']:.0f}%" if r.get("copy_bw_fraction") else "—"] if gpu else []
+            cells = [f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}–{r['p80_ms']:.2f})"]
+            if has_bytes:
+                cells += [f"{r['gbps']:.1f}" if r.get("gbps") is not None else "—"]
+                cells += [f"{100 * r['copy_bw_fraction']:.0f}%" if r.get("copy_bw_fraction") else "—"] if gpu else []
+            if has_flops:
+                cells += [_fmt_tflops(r.get("tflops"))]
+                cells += [f"{100 * r['matmul_fraction']:.0f}%" if r.get("matmul_fraction") else "—"] if gpu else []
             cells += [
                 f"{r['peak_extra_mib']:.1f}",
                 _fmt_ratio(r.get("time_vs_baseline")),
@@ -701,8 +733,8 @@ def table_rows(bench: Benchmark, results: list[dict], gpu: bool) -> tuple[list[s
             ]
         else:
             notes.append(f"{r['status']}: {r.get('reason', '')}")
-            cells = ["—"] * (len(headers) - 4)
-        rows.append([format_shape(r["shape"]), r["mode"], r["method"], *cells, "; ".join(notes)])
+            cells = ["—"] * (len(headers) - 4 - len(extra))
+        rows.append([format_shape(r["shape"]), r["mode"], r["method"], *extra, *cells, "; ".join(notes)])
     return headers, rows
 
 
@@ -761,8 +793,18 @@ def write_markdown(bench: Benchmark, results: list[dict], meta: dict, path: Path
         f"- Timing: {'; '.join(sorted({r['timing_method'] for r in results if r.get('timing_method')}))}. "
         "Median of the repeats, (20th–80th percentile).",
         f"- Memory: {meta['memory_note']}.",
-        f"- GB/s: bytes the op must move / median time, {bench.bytes_formula}."
-        + (" % copy BW: that over the measured device-to-device copy bandwidth." if gpu else ""),
+    ]
+    if bench.bytes_moved is not None:
+        lines.append(
+            f"- GB/s: bytes the op must move / median time, {bench.bytes_formula}."
+            + (" % copy BW: that over the measured device-to-device copy bandwidth." if gpu else "")
+        )
+    if bench.flops is not None:
+        lines.append(
+            f"- TFLOP/s: floating-point operations the method performs / median time, {bench.flops_formula}."
+            + (" % bf16 mm: that over the measured bf16 matmul rate." if gpu else "")
+        )
+    lines += [
         f"- Ratios: this method's time (memory) over {bench.baseline}'s, same shape and mode; below 1 is better.",
         "- Modes: forward (inputs require grad), backward alone (fresh untimed forward before each repeat), "
         "full = forward + backward; gradients via torch.autograd.grad.",
