@@ -24,7 +24,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # the harness tests run a benchmark end to end: its plot and its memory probe
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "psutil"],
         "bench": ["matplotlib", "pytest-benchmark", "psutil"],
         "peers": ["liger-kernel", "trl", "cut-cross-entropy"],
     },
