@@ -55,21 +55,25 @@ def scaled_float_copy(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def softmax_stats_(z: torch.Tensor, labels: torch.Tensor):
-    """``(logp, entropy, row_max, log_norm)`` of the rows of ``z``; ``z`` is overwritten with ``log p``.
+    """``(logp, entropy, row_max, log_norm)`` of the rows of ``z`` (overwritten as scratch).
 
-    ``labels`` are in ``[0, V)`` (ignored rows already mapped to 0). As in the Triton kernel,
-    ``log p = (z - m) - log(sum exp(z - m))`` with the max ``m`` and the log-normalizer kept apart: their
-    rounded sum would lose up to half an ulp of ``m`` (5e-4 at logits near 1e4).
+    ``labels`` are in ``[0, V)`` (ignored rows already mapped to 0). The same statistics as the Triton
+    kernel: ``log p = (z - m) - log s`` with ``s = sum e^(z - m)``, the max ``m`` and the log-normalizer
+    kept apart (their rounded sum would lose up to half an ulp of ``m``: 5e-4 at logits near 1e4), and
+    ``H = log s - u / s`` with ``u = sum e^(z - m) (z - m)``: two passes fewer than ``-sum p log p``.
     """
     m = z.amax(dim=-1, keepdim=True)
     m.masked_fill_(m == -float("inf"), 0.0)  # an all -inf row: shift by 0, not by -inf
     d = z.sub_(m)
-    log_s = torch.exp(d).sum(-1, keepdim=True).log_()
-    logp_all = d.sub_(log_s)
-    logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    # p * log p with the 0 * -inf of masked vocabulary entries set to 0 (NaN input stays NaN).
-    plogp = logp_all.exp().mul_(logp_all).masked_fill_(logp_all == -float("inf"), 0.0)
-    return logp, -plogp.sum(-1), m.squeeze(-1), log_s.squeeze(-1)
+    d_label = d.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    # Masked vocabulary: -inf -> the lowest float, so that e^d * d is 0 * finite = 0 rather than NaN
+    # (clamp keeps NaN, so NaN input still comes out NaN).
+    d.clamp_(min=torch.finfo(torch.float32).min)
+    e = torch.exp(d)
+    s = e.sum(-1)
+    u = e.mul_(d).sum(-1)
+    log_s = s.log()
+    return d_label - log_s, log_s - u / s, m.squeeze(-1), log_s
 
 
 def softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature: float):
