@@ -15,6 +15,10 @@ Modes
                   backward overwrites its inputs (in-place gradients) get a real forward every time.
     ``full``      forward + backward, timed together.
 
+    An op without a gradient (say GAE) sets ``Benchmark.modes = ("forward",)`` and ``grad_inputs = ()``:
+    ``forward`` is then the call alone, on inputs that do not require grad, and the other modes are not
+    offered.
+
     Gradients come from ``torch.autograd.grad``, not ``.backward()``: in a model the gradient of the
     logits flows on into the lm_head backward and is never accumulated into a ``.grad``, and
     accumulation into a leaf could copy an in-place gradient. The returned gradient counts as memory.
@@ -25,16 +29,21 @@ Timing
     mode, or a method that overwrites its inputs) the same CUDA-event timing with the setup before each
     run. Never a host clock around asynchronous work, except the one-off "first call" time (JIT and
     ``torch.compile`` cost), taken between two synchronizations.
-    CPU: ``time.perf_counter()`` around each call (CPU ops are synchronous), after warmup calls.
+    CPU: ``time.perf_counter()`` around each call (CPU ops are synchronous), after warmup calls, in the
+    steady state a training loop sees: the heap keeps the pages earlier calls freed (memory is measured
+    on a separate call, below).
 
 Memory ("peak extra": the most the call held above what was allocated just before it)
     CUDA: ``torch.cuda.reset_peak_memory_stats``, then ``max_memory_allocated() - memory_allocated()``
     measured around one call.
     CPU: there is no allocator statistic, so the number is RSS-based, and every (method, mode, shape) runs
     in a fresh subprocess (no heap or compiled code left over from another method; ``--in-process`` turns
-    this off for quick runs). Before each timed call
-    the harness returns free heap pages to the OS (``malloc_trim``), resets the kernel's peak-RSS mark
+    this off for quick runs). After the timed calls, one more call measures memory: before it the harness
+    returns free heap pages to the OS (``malloc_trim``), resets the kernel's peak-RSS mark
     (``5 > /proc/self/clear_refs``) and reads the RSS; after it, peak RSS (``VmHWM``) minus that RSS.
+    That call is not timed: after ``malloc_trim`` every page it allocates is a fresh page fault, which
+    doubles the time of an op of a few milliseconds (GAE at 256x2048: 4.5 ms steady, 9 ms after a trim);
+    tensors of more than 32 MiB (glibc's largest mmap threshold) are mmapped fresh on every call anyway.
     Where the peak cannot be reset, it falls back to the process's lifetime peak
     (``ru_maxrss``) minus the RSS after the inputs were created, and says so in the results.
 """
@@ -135,6 +144,18 @@ class Benchmark:
     flops_formula: str = ""  # that formula in words, for the markdown
     # Extra table columns after "method": (header, cell text from a result dict), e.g. the work a method does.
     extra_columns: tuple[tuple[str, Callable[[dict], str]], ...] = ()
+    # The modes the op has: all of MODES for a differentiable op, ("forward",) for one without a gradient.
+    modes: tuple[str, ...] = MODES
+    # Per device type, overrides of DEFAULT_REPEATS / DEFAULT_WARMUP: an op of a few milliseconds needs more
+    # repeats than the seconds-long default cases (the --repeats / --warmup flags override both).
+    repeats: dict[str, int] | None = None
+    warmup: dict[str, int] | None = None
+
+    def __post_init__(self):
+        if not self.modes or any(m not in MODES for m in self.modes):
+            raise ValueError(f"{self.name}: modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if not self.grad_inputs and self.modes != ("forward",):
+            raise ValueError(f"{self.name}: without grad_inputs there is nothing to differentiate: modes=('forward',)")
 
     def method(self, name: str) -> Method:
         for m in self.methods:
@@ -276,12 +297,15 @@ def reset_peak_rss() -> bool:
     return peak is not None and rss is not None and peak <= rss + 16 * MIB
 
 
-CPU_MEMORY_METHOD = "peak RSS during the call minus RSS just before it (VmHWM reset via /proc/self/clear_refs)"
+CPU_MEMORY_METHOD = (
+    "peak RSS during the call minus RSS just before it (VmHWM reset via /proc/self/clear_refs), "
+    "on one untimed call after malloc_trim"
+)
 CPU_MEMORY_FALLBACK = "lifetime peak RSS (ru_maxrss) minus RSS after the inputs were created (peak not resettable)"
 
 
 def measure_cpu(case: Case, repeats: int, warmup: int) -> dict:
-    """Median and 20/80 % quantiles of ``perf_counter`` times, and peak extra RSS, of a CPU case."""
+    """Median and 20/80 % quantiles of ``perf_counter`` times, and peak extra RSS (one more call), of a CPU case."""
     rss_after_inputs = rss_bytes()
     first_call_s = None
     for _ in range(max(1, warmup)):  # at least one: the first call pays one-off costs (compile, page faults)
@@ -291,24 +315,26 @@ def measure_cpu(case: Case, repeats: int, warmup: int) -> dict:
         dt = time.perf_counter() - t0
         first_call_s = dt if first_call_s is None else first_call_s
         del out, state
-    times, peaks = [], []
-    resettable = True
+    times = []
     for _ in range(repeats):
         state = case.setup() if case.setup is not None else None
         gc.collect()
-        _malloc_trim()
-        resettable = resettable and reset_peak_rss()
-        before = rss_bytes()
         t0 = time.perf_counter()
         out = case.run(state)
         t1 = time.perf_counter()
-        peak = _proc_status_bytes("VmHWM") if resettable else None
         del out, state
         times.append((t1 - t0) * 1e3)
-        if peak is not None:
-            peaks.append(peak - before)
-    if resettable and peaks:
-        peak_extra, method = max(peaks), CPU_MEMORY_METHOD
+    # Memory: one untimed call with the free heap returned to the OS first (see the module docstring).
+    state = case.setup() if case.setup is not None else None
+    gc.collect()
+    _malloc_trim()
+    resettable = reset_peak_rss()
+    before = rss_bytes()
+    out = case.run(state)
+    peak = _proc_status_bytes("VmHWM") if resettable else None
+    del out, state
+    if peak is not None:
+        peak_extra, method = peak - before, CPU_MEMORY_METHOD
     else:
         peak_extra, method = lifetime_peak_rss_bytes() - rss_after_inputs, CPU_MEMORY_FALLBACK
     return {
@@ -804,11 +830,16 @@ def write_markdown(bench: Benchmark, results: list[dict], meta: dict, path: Path
             f"- TFLOP/s: floating-point operations the method performs / median time, {bench.flops_formula}."
             + (" % bf16 mm: that over the measured bf16 matmul rate." if gpu else "")
         )
-    lines += [
-        f"- Ratios: this method's time (memory) over {bench.baseline}'s, same shape and mode; below 1 is better.",
-        "- Modes: forward (inputs require grad), backward alone (fresh untimed forward before each repeat), "
-        "full = forward + backward; gradients via torch.autograd.grad.",
-    ]
+    lines.append(
+        f"- Ratios: this method's time (memory) over {bench.baseline}'s, same shape and mode; below 1 is better."
+    )
+    if bench.grad_inputs:
+        lines.append(
+            "- Modes: forward (inputs require grad), backward alone (fresh untimed forward before each repeat), "
+            "full = forward + backward; gradients via torch.autograd.grad."
+        )
+    else:
+        lines.append("- Mode: forward only (the op has no gradient; inputs do not require grad).")
     if meta.get("ceilings"):
         c = meta["ceilings"]
         lines.append(
@@ -914,10 +945,15 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--shapes", type=parse_shapes, help=f"comma-separated {bench.shape_format}; default per device")
-    p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma-separated: " + ",".join(MODES))
+    p.add_argument("--modes", type=_csv(bench.modes), default=list(bench.modes),
+                   help="comma-separated: " + ",".join(bench.modes))  # fmt: skip
     p.add_argument("--methods", type=_csv(names), default=names, help="comma-separated: " + ",".join(names))
-    p.add_argument("--repeats", type=int, help="timed calls (CPU: default 3; CUDA: loops with setup, default 20)")
-    p.add_argument("--warmup", type=int, help="untimed calls first (CPU: default 1; CUDA: default 3)")
+    repeats = {**DEFAULT_REPEATS, **(bench.repeats or {})}
+    warmup = {**DEFAULT_WARMUP, **(bench.warmup or {})}
+    p.add_argument("--repeats", type=int, help=f"timed calls (CPU: default {repeats['cpu']}; "
+                   f"CUDA: loops with setup, default {repeats['cuda']})")  # fmt: skip
+    p.add_argument("--warmup", type=int, help=f"untimed calls first (CPU: default {warmup['cpu']}; "
+                   f"CUDA: default {warmup['cuda']})")  # fmt: skip
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
     p.add_argument("--in-process", action="store_true",
@@ -957,8 +993,8 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
         shapes=args.shapes or list(bench.default_shapes[kind]),
         modes=[m for m in MODES if m in args.modes],
         methods=args.methods,
-        repeats=args.repeats if args.repeats is not None else DEFAULT_REPEATS[kind],
-        warmup=args.warmup if args.warmup is not None else DEFAULT_WARMUP[kind],
+        repeats=args.repeats if args.repeats is not None else repeats[kind],
+        warmup=args.warmup if args.warmup is not None else warmup[kind],
         isolate=kind == "cpu" and not args.in_process,
         module=bench.module,
         argv=tuple(sys.argv[1:] if argv is None else argv),
