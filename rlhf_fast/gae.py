@@ -33,6 +33,7 @@ Two implementations:
 GAE has no gradient: the outputs are constants for the loss (they come back with ``requires_grad=False``).
 """
 
+import functools
 import math
 
 import torch
@@ -48,12 +49,14 @@ def _chunk_size(T: int) -> int:
     return max(16, 1 << math.ceil(math.log2(max(1.0, math.sqrt(T)))))
 
 
+@functools.lru_cache(maxsize=32)
 def _powers_lower(n: int, base: float, step: int, device: torch.device) -> torch.Tensor:
     """``[n, n]`` float32 with ``base^(step * (j - k))`` at ``(j, k)`` for ``j >= k``, 0 above the diagonal.
 
     The transpose of the upper-triangular ``M[k, j]`` of the module docstring, built contiguous: a
     right operand ``x @ M^T`` that is a transposed view takes a much slower matmul path on CPU.
     Powers in float64, then rounded once; ``base^e`` for ``e`` in the thousands underflows to 0, correctly.
+    Cached: a trainer calls GAE with the same ``T`` and ``gamma * lam`` every step.
     """
     j = torch.arange(n, device=device, dtype=torch.float64)
     exponent = (j[:, None] - j[None, :]) * step
@@ -86,7 +89,7 @@ def _torch_gae(rewards, values, mask, gamma: float, lam: float):
     B, T = rewards.shape
     r = rewards.to(torch.float32)
     v = values.to(torch.float32)
-    on = None if mask is None else mask != 0
+    on = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
     packed = on is not None and not _one_span_per_row(on)
     if packed:
         # Pack each row's response tokens to the front: token t goes to its rank (number of response
@@ -99,8 +102,9 @@ def _torch_gae(rewards, values, mask, gamma: float, lam: float):
     elif on is not None:
         # One span of response tokens per row: zeros around it give the same recursion without packing
         # (the positions before the span are masked out below; those after it add 0).
-        r = torch.where(on, r, 0.0)
-        v = torch.where(on, v, 0.0)
+        off = ~on
+        r = r.masked_fill(off, 0.0)
+        v = v.masked_fill(off, 0.0)
     # delta = r + gamma * V_next - V, with V = 0 after the last response token (rows end in zeros).
     delta = r - v
     delta[:, :-1].add_(v[:, 1:], alpha=gamma)
@@ -110,8 +114,10 @@ def _torch_gae(rewards, values, mask, gamma: float, lam: float):
         src = rank.clamp(min=0)
         adv, ret = adv.gather(1, src), ret.gather(1, src)
     if on is not None:
-        adv = torch.where(on, adv, 0.0)
-        ret = torch.where(on, ret, 0.0)
+        # masked_fill, not torch.where(on, x, 0): the same numbers, 2-3x faster on CPU at this size
+        off = ~on
+        adv = adv.masked_fill_(off, 0.0)
+        ret = ret.masked_fill_(off, 0.0)
     return adv, ret
 
 
