@@ -26,9 +26,8 @@ Two implementations:
   ``[0, 1]``: no division by a small power (the ``w^-t`` of the one-line log-space trick, which
   overflows for ``w^T`` near 0), and ``w^T`` underflowing to 0 is the right answer. Cost
   ``O(B * T * C)`` with ``C ~ sqrt(T)``; memory ``O(B * T)``. Rows whose response is one span (right or
-  left padding) skip the packing. On a 2-core CPU at B=256, T=2048: 1.8 ms without a mask (TRL's
-  Python loop: 48 ms), 5 ms right-padded and 12 ms with holes (verl's masked loop: 125 ms); error
-  against float64 within 2.5x that of the float32 loop (4e-7 of the largest advantage).
+  left padding) skip the packing. Error against float64 within 2.5x that of a float32 loop; timings
+  against the Python loops in benchmarks/results/cpu/gae.md.
 
 GAE has no gradient: the outputs are constants for the loss (they come back with ``requires_grad=False``).
 """
