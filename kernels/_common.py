@@ -16,3 +16,10 @@ def interpreter_safe_output(out: torch.Tensor) -> torch.Tensor:
     if INTERPRET and out.dtype == torch.bfloat16:
         return torch.empty(out.shape, dtype=torch.float32, device=out.device)
     return out
+
+
+def inverse_parts(temperature: float) -> tuple[float, float]:
+    """``(hi, lo)``: float32 numbers with ``hi + lo = 1 / temperature`` to ~2^-48 (kernels scale by both)."""
+    inverse = 1.0 / temperature  # float64
+    hi = float(torch.tensor(inverse, dtype=torch.float32))
+    return hi, float(torch.tensor(inverse - hi, dtype=torch.float32))

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreter_safe_output
+from ._common import interpreter_safe_output, inverse_parts
+from ._softmax import scale_by_inverse
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -47,7 +48,8 @@ def _full_kl_fwd_kernel(
     V,
     N,
     # hyperparameters
-    inv_temperature,
+    inv_t_hi,
+    inv_t_lo,
     # meta-parameters
     BLOCK_V: tl.constexpr,
 ):
@@ -66,8 +68,8 @@ def _full_kl_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_row = offs < V
-        zp = tl.load(x_row + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
-        zq = tl.load(r_row + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
+        zp = scale_by_inverse(tl.load(x_row + offs, mask=in_row, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
+        zq = scale_by_inverse(tl.load(r_row + offs, mask=in_row, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
         # new maxima; shift by 0 while a row has seen only -inf (not by -inf: -inf - -inf = NaN)
         mp_new = tl.maximum(m_p, tl.max(zp, axis=0))
         mq_new = tl.maximum(m_q, tl.max(zq, axis=0))
@@ -117,7 +119,8 @@ def _full_kl_bwd_kernel(
     V,
     N,
     # hyperparameters
-    inv_temperature,
+    inv_t_hi,
+    inv_t_lo,
     # meta-parameters
     BLOCK_V: tl.constexpr,
 ):
@@ -134,12 +137,12 @@ def _full_kl_bwd_kernel(
     log_sp = tl.load(stats_ptr + N + row)
     m_q = tl.load(stats_ptr + 2 * N + row)
     log_sq = tl.load(stats_ptr + 3 * N + row)
-    g_kl = tl.load(grad_kl_ptr + row).to(tl.float32) * inv_temperature
+    g_kl = scale_by_inverse(tl.load(grad_kl_ptr + row).to(tl.float32), inv_t_hi, inv_t_lo)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_row = offs < V
-        zp = tl.load(x_row + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
-        zq = tl.load(r_row + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
+        zp = scale_by_inverse(tl.load(x_row + offs, mask=in_row, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
+        zq = scale_by_inverse(tl.load(r_row + offs, mask=in_row, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
         log_p = (zp - m_p) - log_sp
         log_q = (zq - m_q) - log_sq
         g = tl.exp(log_p) * (((zp - m_p) - (zq - m_q)) - (log_sp - log_sq) - kl) * g_kl
@@ -170,7 +173,7 @@ def full_kl_forward(logits: torch.Tensor, ref: torch.Tensor, temperature: float)
             logits, ref, kl, stats,
             logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
             T, V, N,
-            1.0 / temperature,
+            *inverse_parts(temperature),
             BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
         )  # fmt: skip
     return kl, stats
@@ -188,7 +191,7 @@ def full_kl_backward(logits, ref, kl, stats, grad_kl, temperature: float) -> tor
         logits, ref, kl, stats, grad_kl, out,
         logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1), out.stride(0), out.stride(1),
         T, V, B * T,
-        1.0 / temperature,
+        *inverse_parts(temperature),
         BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
     )  # fmt: skip
     if out is not grad:
@@ -208,7 +211,7 @@ def build_specs():
     for dtype, t in _TL_DTYPE.items():
         cfg = row_config(151936, dtype.itemsize)
         strides = {"stride_x_b": "i32", "stride_x_t": "i32", "stride_r_b": "i32", "stride_r_t": "i32"}
-        tail = {"T": "i32", "V": "i32", "N": "i32", "inv_temperature": "fp32", "BLOCK_V": "constexpr"}
+        tail = {"T": "i32", "V": "i32", "N": "i32", "inv_t_hi": "fp32", "inv_t_lo": "fp32", "BLOCK_V": "constexpr"}
         fwd = {"logits_ptr": f"*{t}", "ref_ptr": f"*{t}", "kl_ptr": "*fp32", "stats_ptr": "*fp32", **strides, **tail}
         bwd = {"logits_ptr": f"*{t}", "ref_ptr": f"*{t}", "kl_ptr": "*fp32", "stats_ptr": "*fp32",
                "grad_kl_ptr": "*fp32", "grad_logits_ptr": f"*{t}", **strides,

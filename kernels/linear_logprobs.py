@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import interpreter_safe_output
-from ._softmax import online_softmax_update, softmax_dlogits
+from ._common import interpreter_safe_output, inverse_parts
+from ._softmax import online_softmax_update, scale_by_inverse, softmax_dlogits
 from ._tuning import matmul_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -33,7 +33,7 @@ from ._tuning import matmul_config
 @triton.jit
 def _logit_tile(
     hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
-    stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_temperature,
+    stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_t_hi, inv_t_lo,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -51,9 +51,13 @@ def _logit_tile(
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    # acc / T by the two-term inverse (kernels/_softmax.py); the matmul result is finite, so the tile needs
+    # no infinity guard (which cost registers here), only the bias vector does.
+    z = acc * inv_t_hi + acc * inv_t_lo
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(col_ok[None, :], acc * inv_temperature, -float("inf"))
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        z += scale_by_inverse(bias, inv_t_hi, inv_t_lo)[None, :]
+    return tl.where(col_ok[None, :], z, -float("inf"))
 
 
 @triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
@@ -79,7 +83,8 @@ def _linear_logprobs_fwd_kernel(
     H,
     v_per_split,
     # hyperparameters
-    inv_temperature,
+    inv_t_hi,
+    inv_t_lo,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -104,7 +109,7 @@ def _linear_logprobs_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_ok = cols < v_end
         z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
-                        stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_temperature,
+                        stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_t_hi, inv_t_lo,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)  # fmt: skip
         m, s, u = online_softmax_update(m, s, u, z, AXIS=1)
         z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
@@ -142,7 +147,8 @@ def _linear_logprobs_bwd_kernel(
     H,
     row_start,
     # hyperparameters
-    inv_temperature,
+    inv_t_hi,
+    inv_t_lo,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -159,7 +165,7 @@ def _linear_logprobs_bwd_kernel(
     col_ok = cols < V
     rows = row_start + local
     z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
-                    stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_temperature,
+                    stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_t_hi, inv_t_lo,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)  # fmt: skip
     row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     log_norm = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
@@ -169,7 +175,7 @@ def _linear_logprobs_bwd_kernel(
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
 
     g = softmax_dlogits(z, cols[None, :] == labels[:, None], row_max[:, None], log_norm[:, None],
-                        entropy[:, None], g_logp[:, None], g_entropy[:, None], inv_temperature)  # fmt: skip
+                        entropy[:, None], g_logp[:, None], g_entropy[:, None], inv_t_hi)  # fmt: skip
     tl.store(grad_logits_ptr + local[:, None] * stride_g_n + cols[None, :],
              g.to(grad_logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 
@@ -220,7 +226,7 @@ def linear_logprobs_forward(hidden, weight, bias, labels, temperature: float):
             hidden, weight, bias, labels, parts[0], parts[1], parts[2], parts[3],
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             N, V, H, v_per_split,
-            1.0 / temperature,
+            *inverse_parts(temperature),
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, UPCAST=INTERPRET,
             DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -254,7 +260,7 @@ def linear_logprobs_backward(hidden, weight, bias, labels, row_max, log_norm, en
             hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, g,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), g.stride(0),
             n, V, H, r0,
-            1.0 / temperature,
+            *inverse_parts(temperature),
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, UPCAST=INTERPRET,
             DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -289,13 +295,13 @@ def build_specs():
                    "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_logits_ptr": f"*{t}",
                    "stride_h_n": "i32", "stride_h_k": "constexpr", "stride_w_v": "i32", "stride_w_k": "constexpr",
                    "stride_g_n": "i32", "N": "i32", "V": "i32", "H": "i32", "row_start": "i32",
-                   "inv_temperature": "fp32", **meta}  # fmt: skip
+                   "inv_t_hi": "fp32", "inv_t_lo": "fp32", **meta}  # fmt: skip
         else:
             kernel = _linear_logprobs_fwd_kernel
             sig = {**ptrs, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_ent_ptr": "*fp32",
                    "part_label_ptr": "*fp32", "stride_h_n": "i32", "stride_h_k": "constexpr",
                    "stride_w_v": "i32", "stride_w_k": "constexpr", "N": "i32", "V": "i32", "H": "i32",
-                   "v_per_split": "i32", "inv_temperature": "fp32", **meta}  # fmt: skip
+                   "v_per_split": "i32", "inv_t_hi": "fp32", "inv_t_lo": "fp32", **meta}  # fmt: skip
         # Contiguous hidden and weight: Triton's launcher specializes their unit inner strides to 1.
         constexprs = {"BLOCK_N": cfg.BLOCK_N, "BLOCK_V": cfg.BLOCK_V, "BLOCK_H": cfg.BLOCK_H, "HAS_BIAS": has_bias,
                       "UPCAST": False, "DOT_PRECISION": _dot_precision(dtype), "stride_h_k": 1, "stride_w_k": 1}

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreter_safe_output
-from ._softmax import row_softmax_stats, softmax_dlogits
+from ._common import interpreter_safe_output, inverse_parts
+from ._softmax import row_softmax_stats, scale_by_inverse, softmax_dlogits
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -45,7 +45,8 @@ def _logprobs_fwd_kernel(
     T,
     V,
     # hyperparameters
-    inv_temperature,
+    inv_t_hi,
+    inv_t_lo,
     ignore_index,
     # meta-parameters
     BLOCK_V: tl.constexpr,
@@ -54,12 +55,12 @@ def _logprobs_fwd_kernel(
     b = row // T
     t = row - b * T
     row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    m_ref, log_s, entropy = row_softmax_stats(row_ptr, V, inv_temperature, BLOCK_V)
+    m_ref, log_s, entropy = row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V)
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
     safe_label = tl.where(ignored, 0, label)
-    z_label = tl.load(row_ptr + safe_label).to(tl.float32) * inv_temperature
+    z_label = scale_by_inverse(tl.load(row_ptr + safe_label).to(tl.float32), inv_t_hi, inv_t_lo)
     logp = tl.where(ignored, 0.0, (z_label - m_ref) - log_s)
 
     tl.store(logp_ptr + row, logp)
@@ -88,7 +89,8 @@ def _logprobs_bwd_kernel(
     T,
     V,
     # hyperparameters
-    inv_temperature,
+    inv_t_hi,
+    inv_t_lo,
     ignore_index,
     # meta-parameters
     BLOCK_V: tl.constexpr,
@@ -113,8 +115,8 @@ def _logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_row = offs < V
-        z = tl.load(row_ptr + offs, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temperature
-        g = softmax_dlogits(z, offs == label, row_max, log_norm, entropy, g_logp, g_entropy, inv_temperature)
+        z = scale_by_inverse(tl.load(row_ptr + offs, mask=in_row, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
+        g = softmax_dlogits(z, offs == label, row_max, log_norm, entropy, g_logp, g_entropy, inv_t_hi)
         tl.store(grad_row_ptr + offs, g.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -142,7 +144,7 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: fl
         logits, labels, logp, entropy, row_max, log_norm,
         logits.stride(0), logits.stride(1),
         T, V,
-        1.0 / temperature, ignore_index,
+        *inverse_parts(temperature), ignore_index,
         BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
     )  # fmt: skip
     return logp, entropy, row_max, log_norm
@@ -177,7 +179,7 @@ def logprobs_backward(
         logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, out,
         logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
         T, V,
-        1.0 / temperature, ignore_index,
+        *inverse_parts(temperature), ignore_index,
         BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
     )  # fmt: skip
     if out is not grad_logits:
@@ -207,7 +209,7 @@ def build_specs():
                 "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64",
                 "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
                 "stride_logits_b": "i32", "stride_logits_t": "i32", "T": "i32", "V": "i32",
-                "inv_temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
             }  # fmt: skip
             bwd = {
                 "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
@@ -215,7 +217,7 @@ def build_specs():
                 "grad_logits_ptr": f"*{tl_dtype}",
                 "stride_logits_b": "i32", "stride_logits_t": "i32",
                 "stride_grad_b": "i32", "stride_grad_t": "i32", "T": "i32", "V": "i32",
-                "inv_temperature": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
             }  # fmt: skip
             # The forward's one narrow load is the label logit; the backward streams dlogits out.
             for kernel, sig, narrow, streams_out in ((_logprobs_fwd_kernel, fwd, 1, False),

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._softmax import row_softmax_stats
+from ._common import inverse_parts
+from ._softmax import row_softmax_stats, scale_by_inverse
 from ._tuning import row_config
 
 # KL estimators, as the constexpr KL_ESTIMATOR
@@ -68,7 +69,8 @@ def _ppo_fwd_kernel(
     T,
     V,
     # hyperparameters
-    inv_temperature,
+    inv_t_hi,
+    inv_t_lo,
     ignore_index,
     clip_low,
     clip_high,
@@ -86,10 +88,10 @@ def _ppo_fwd_kernel(
     b = row // T
     t = row - b * T
     row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    m_ref, log_s, entropy = row_softmax_stats(row_ptr, V, inv_temperature, BLOCK_V)
+    m_ref, log_s, entropy = row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V)
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
-    z_label = tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32) * inv_temperature
+    z_label = scale_by_inverse(tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32), inv_t_hi, inv_t_lo)
     logp = tl.where(ignored, 0.0, (z_label - m_ref) - log_s)
 
     adv = tl.load(adv_ptr + row).to(tl.float32)
@@ -134,7 +136,7 @@ def ppo_forward(logits, labels, old_logp, advantages, weights, ref_logp, *, temp
             *out,
             logits.stride(0), logits.stride(1),
             T, V,
-            1.0 / temperature, ignore_index, clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef,
+            *inverse_parts(temperature), ignore_index, clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef,
             HAS_DUAL_CLIP=dual_clip is not None, KL_ESTIMATOR=KL_ESTIMATORS[kl_estimator],
             BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
         )  # fmt: skip
@@ -158,7 +160,7 @@ def build_specs():
                 "weight_ptr": "*fp32", "ref_logp_ptr": "*fp32" if has_ref else "constexpr",
                 **{f"{n}_ptr": "*fp32" for n in ("logp", "entropy", "row_max", "log_norm", "loss", "dloss_dlogp")},
                 "stride_logits_b": "i32", "stride_logits_t": "i32", "T": "i32", "V": "i32",
-                "inv_temperature": "fp32", "ignore_index": "i32", "clip_low": "fp32", "clip_high": "fp32",
+                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32", "clip_low": "fp32", "clip_high": "fp32",
                 "dual_clip": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32",
                 "HAS_REF": "constexpr", "HAS_DUAL_CLIP": "constexpr", "KL_ESTIMATOR": "constexpr",
                 "BLOCK_V": "constexpr",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import DEVICE, IMPLS
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from reference import assert_no_worse, logprobs_f64, logprobs_plain_same_dtype
 
@@ -36,6 +36,10 @@ def check_logprobs(logits, labels, impl, *, temperature=1.0, ignore_index=-100, 
         logits, labels, temperature=temperature, ignore_index=ignore_index
     )
     ref_g = ref_grad(g_logp, g_ent)
+    # x / T rounds (T != 1) by up to an ulp of the largest |x / T|; an error that size is the input's
+    finite_x = logits.float()[torch.isfinite(logits)]
+    z_max = finite_x.abs().max().item() / temperature if finite_x.numel() else 0.0
+    z_rounding = 0.0 if temperature == 1.0 else 2 * torch.finfo(torch.float32).eps * z_max
     pairs = {
         "logp": (logp, plain_logp, ref_logp),
         "entropy": (ent, plain_ent, ref_ent),
@@ -46,7 +50,7 @@ def check_logprobs(logits, labels, impl, *, temperature=1.0, ignore_index=-100, 
         # -inf / NaN positions must agree exactly (e.g. a label on a masked vocabulary entry)
         assert torch.equal(torch.isfinite(ours), finite), name
         assert torch.equal(ours[~finite].double(), ref[~finite]) or torch.isnan(ref[~finite]).all(), name
-        scale = assert_no_worse(name, ours[finite], plain[finite], ref[finite])
+        scale = assert_no_worse(name, ours[finite], plain[finite], ref[finite], input_rounding=z_rounding)
         ours, ref = ours[finite], ref[finite]
         if logits.dtype == torch.float32:
             torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5 * scale, msg=name)
@@ -250,6 +254,8 @@ def test_impls_agree(device):
     ignore_frac=st.sampled_from([0.0, 0.5]),
     seed=st.integers(0, 2**31 - 1),
 )
+# Found by hypothesis in CI: a product by the rounded 1/T biased the entropy at large logit spreads.
+@example(n=3, V=113, dtype=torch.float32, temperature=0.625, scale=40.0, shift=403.0, ignore_frac=0.0, seed=59)
 def test_random_cases(impl, n, V, dtype, temperature, scale, shift, ignore_frac, seed):
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(n, V, generator=gen) * scale + shift).to(dtype).to(DEVICE)
