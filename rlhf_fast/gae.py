@@ -99,25 +99,24 @@ def _torch_gae(rewards, values, mask, gamma: float, lam: float):
         buf = torch.zeros((2, B, T + 1), dtype=torch.float32, device=r.device)
         buf.scatter_(2, dest.expand(2, B, T), torch.stack((r, v)))
         r, v = buf[0, :, :T], buf[1, :, :T]
-    elif on is not None:
-        # One span of response tokens per row: zeros around it give the same recursion without packing
-        # (the positions before the span are masked out below; those after it add 0).
-        off = ~on
-        r = r.masked_fill(off, 0.0)
+    off = None if on is None else ~on
+    if off is not None and not packed:
+        # One span of response tokens per row: V = 0 outside it, and delta = 0 there (below), give the
+        # same recursion without packing. masked_fill, not torch.where(on, x, 0): 2-3x faster on CPU.
         v = v.masked_fill(off, 0.0)
     # delta = r + gamma * V_next - V, with V = 0 after the last response token (rows end in zeros).
     delta = r - v
     delta[:, :-1].add_(v[:, 1:], alpha=gamma)
+    if off is not None and not packed:
+        delta.masked_fill_(off, 0.0)
     adv = discounted_reverse_cumsum(delta, gamma * lam)
     ret = adv + v
     if packed:
         src = rank.clamp(min=0)
         adv, ret = adv.gather(1, src), ret.gather(1, src)
-    if on is not None:
-        # masked_fill, not torch.where(on, x, 0): the same numbers, 2-3x faster on CPU at this size
-        off = ~on
-        adv = adv.masked_fill_(off, 0.0)
-        ret = ret.masked_fill_(off, 0.0)
+    if off is not None:
+        adv.masked_fill_(off, 0.0)
+        ret.masked_fill_(off, 0.0)
     return adv, ret
 
 
