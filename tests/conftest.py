@@ -46,6 +46,12 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def native_env() -> dict:
+    """This process's environment without ``TRITON_INTERPRET``, for subprocesses that must compile kernels
+    or run as a user would (this file sets it for the tests themselves)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

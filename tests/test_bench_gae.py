@@ -6,12 +6,12 @@ what the forward-only option adds, with every measurement in one process to stay
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import native_env
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("rlhf_fast", "rlhf_fast_torch", "python_loop", "verl_loop")
@@ -36,12 +36,9 @@ print("ok")
 """
 
 
-def _env():
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # set by conftest for the tests
-
 
 def test_loops_match_rf_gae():
-    proc = subprocess.run([sys.executable, "-c", _CHECK], cwd=REPO, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _CHECK], cwd=REPO, env=native_env(), capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -51,7 +48,7 @@ def test_bench_gae_forward_only(tmp_path):
     shapes = ",".join("x".join(map(str, s)) for s in SHAPES)
     cmd = [sys.executable, "-m", "benchmarks.bench_gae", "--device", "cpu", "--shapes", shapes, "--repeats", "2",
            "--warmup", "1", "--in-process", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
     data = json.loads((tmp_path / "gae.json").read_text())
@@ -75,5 +72,5 @@ def test_bench_gae_forward_only(tmp_path):
 
 def test_bench_gae_rejects_backward():
     cmd = [sys.executable, "-m", "benchmarks.bench_gae", "--modes", "full", "--no-save"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "choose from forward" in proc.stderr

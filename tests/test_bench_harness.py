@@ -6,12 +6,12 @@ fresh subprocess for a measurement (the default on CPU, where memory is RSS-base
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import native_env
 
 REPO = Path(__file__).resolve().parents[1]
 N, V = 128, 4096
@@ -22,7 +22,7 @@ MODES = ("forward", "backward", "full")
 
 
 def _run_bench(out_dir: Path, *args: str, methods: tuple[str, ...] = METHODS) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # set by conftest for the tests
+    env = native_env()
     cmd = [sys.executable, "-m", "benchmarks.bench_logprobs", "--device", "cpu", "--shapes", f"{N}x{V}",
            "--methods", ",".join(methods), "--repeats", "1", "--out", str(out_dir), *args]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

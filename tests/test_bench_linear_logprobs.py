@@ -6,12 +6,12 @@ FLOP-based benchmark adds, with every measurement in one process to stay fast.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import native_env
 
 REPO = Path(__file__).resolve().parents[1]
 N, H, V = 64, 32, 1000
@@ -24,7 +24,7 @@ PASSES = {("rlhf_fast", "forward"): 1, ("rlhf_fast", "backward"): 3, ("rlhf_fast
 
 def test_bench_linear_logprobs_tflops(tmp_path):
     pytest.importorskip("matplotlib")  # the results' plot (the "bench" extra)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # set by conftest for the tests
+    env = native_env()
     cmd = [sys.executable, "-m", "benchmarks.bench_linear_logprobs", "--device", "cpu", "--shapes", f"{N}x{H}x{V}",
            "--methods", ",".join(METHODS), "--repeats", "1", "--in-process", "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

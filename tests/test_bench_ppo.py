@@ -6,12 +6,12 @@ PPO benchmark adds, with every measurement in one process to stay fast (torch_co
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import native_env
 
 REPO = Path(__file__).resolve().parents[1]
 B, T, V = 2, 32, 500
@@ -37,12 +37,9 @@ print("ok")
 """
 
 
-def _env():
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # set by conftest for the tests
-
 
 def test_methods_agree_on_the_inputs():
-    proc = subprocess.run([sys.executable, "-c", _CHECK], cwd=REPO, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _CHECK], cwd=REPO, env=native_env(), capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -51,7 +48,7 @@ def test_bench_ppo(tmp_path):
     pytest.importorskip("matplotlib")  # the results' plot (the "bench" extra)
     cmd = [sys.executable, "-m", "benchmarks.bench_ppo", "--device", "cpu", "--shapes", f"{B}x{T}x{V}",
            "--methods", ",".join(METHODS), "--repeats", "1", "--in-process", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
     data = json.loads((tmp_path / "ppo.json").read_text())

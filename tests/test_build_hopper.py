@@ -6,11 +6,11 @@ code (scalar 16-bit loads, register spills) in CI. The compilation runs in a sub
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import native_env
 
 NARROW = ("LDG.E.U16", "LDG.E.S16", "LDG.E.U8", "LDG.E.S8")
 VECTOR = ("LDG.E.128", "LDG.E.64")
@@ -19,7 +19,7 @@ VECTOR = ("LDG.E.128", "LDG.E.64")
 @pytest.fixture(scope="module")
 def report():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = native_env()
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run(
         [sys.executable, "-m", "rlhf_fast.kernels._aot"], env=env, capture_output=True, text=True, timeout=1200

@@ -1,12 +1,11 @@
 """The impl switch shared by every op."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import IMPLS
+from conftest import IMPLS, native_env
 
 import rlhf_fast as rf
 from rlhf_fast import _dispatch
@@ -45,7 +44,7 @@ def test_register_rejects_unknown_impl():
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     """Without TRITON_INTERPRET=1, impl='triton' on CPU tensors must say what to do, not crash in Triton."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = native_env()
     code = (
         "import torch, rlhf_fast as rf\n"
         "try:\n"
