@@ -1,0 +1,59 @@
+"""Small pieces the supervised trainers (sft, reward, dpo) share, so each trainer stays a straight line:
+the order of the data, the optimizer with its warmup, a step with gradient clipping, checkpoints."""
+
+import math
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+
+
+def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a permutation seeded by ``(seed, epoch)``, cut into full batches
+    (a last partial batch is dropped, so every step sees ``batch_size`` rows and every rank its share)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def total_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:
+    if n < batch_size:
+        raise ValueError(f"batch_size ({batch_size}) is larger than the dataset ({n} rows)")
+    steps = (n // batch_size) * epochs
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int):
+    """AdamW and a linear warmup to ``lr`` over ``warmup_steps``, constant after."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    return opt, sched
+
+
+def optimizer_step(model, opt, sched, max_grad_norm: float) -> float:
+    """Clip, step, zero: returns the gradient norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def maybe_resume(out_dir, resume: bool, *, modules, optimizers, schedulers) -> int:
+    """Load the latest checkpoint of ``out_dir`` when ``resume`` (and one exists); the step to start from."""
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is None:
+        return 0
+    return int(load_checkpoint(ckpt, modules=modules, optimizers=optimizers, schedulers=schedulers)["step"])
+
+
+def maybe_save(out_dir, step: int, every: int, keep: int, *, modules, optimizers, schedulers) -> None:
+    """A checkpoint every ``every`` steps (rank 0 writes; every rank waits for it)."""
+    if not every or step % every:
+        return
+    if distributed.is_main():
+        save_checkpoint(checkpoint_path(Path(out_dir), step), modules=modules, optimizers=optimizers,
+                        schedulers=schedulers, state={"step": step})  # fmt: skip
+        prune_checkpoints(out_dir, keep)
+    distributed.barrier()

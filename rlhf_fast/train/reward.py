@@ -1,0 +1,145 @@
+"""Reward model: a scalar head on a causal LM, trained on preference pairs with the Bradley-Terry loss.
+
+    rlhf-fast train rm --config rm.yaml model=runs/sft/model data=data/preferences.jsonl
+
+``AutoModelForSequenceClassification(num_labels=1)`` scores prompt + completion at its last token; the loss
+over a batch of pairs is ``mean(-log sigmoid(r(x, y+) - r(x, y-)))`` (``rf.pairwise_sigmoid_loss``, or
+``F.logsigmoid`` with ``ops="reference"``). Reported: the loss and the pairwise accuracy (the fraction of pairs
+whose chosen completion scores higher), on the training batches and on held-out pairs.
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import distributed
+from .common import MetricsLogger, autocast_context, plot_metrics, progress, resolve_device, seed_everything
+from .config import save_config
+from .data import collate_preferences, load_records, tokenize_preferences
+from .loop import batch_indices, make_optimizer, maybe_resume, maybe_save, optimizer_step, total_steps
+from .models import build_reward_model, load_tokenizer, reward_scores
+from .ops import get_ops
+from .runtime import peak_memory_mib, reset_peak_memory, write_json
+
+
+@dataclass
+class Config:
+    model: str = ""  # a causal LM (usually the SFT model) or a saved reward model
+    data: str = ""  # prompt/chosen/rejected records (or chosen/rejected message lists)
+    eval_data: str | None = None
+    out_dir: str = "runs/rm"
+    ops: Literal["fused", "reference"] = "fused"
+    epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 32  # pairs per optimizer step, over all processes
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "bf16"
+    log_every: int = 10
+
+
+def _pair_scores(model, rows, tokenizer, device, precision):
+    """``(chosen [B], rejected [B])`` scores of a list of tokenized pairs."""
+    batch = collate_preferences(rows, tokenizer.pad_token_id)
+    with autocast_context(device, precision):
+        scores = reward_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return scores[: len(rows)], scores[len(rows) :]
+
+
+@torch.no_grad()
+def evaluate(model, data, tokenizer, device, precision, batch_size: int) -> dict:
+    """Pairwise accuracy and mean margin ``r(y+) - r(y-)`` over ``data`` (split over ranks)."""
+    correct = margin = torch.zeros((), device=device)
+    idx = distributed.shard(list(range(len(data))), len(data) - len(data) % distributed.world_size())
+    for i in range(0, len(idx), batch_size):
+        c, r = _pair_scores(model, [data[j] for j in idx[i : i + batch_size]], tokenizer, device, precision)
+        correct, margin = correct + (c > r).sum(), margin + (c - r).sum()
+    n = len(idx) * distributed.world_size()
+    return {"accuracy": float(distributed.global_sum(correct)) / n, "margin": float(distributed.global_sum(margin)) / n,
+            "n": n}  # fmt: skip
+
+
+def train(cfg: Config) -> dict:
+    if not cfg.model or not cfg.data:
+        raise ValueError("model and data must be set (a causal LM or reward model, and preference pairs)")
+    distributed.init()
+    seed_everything(cfg.seed)
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    out = Path(cfg.out_dir)
+    ops = get_ops(cfg.ops)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_reward_model(cfg.model, tokenizer=tokenizer, device=device)
+    data = tokenize_preferences(load_records(cfg.data), tokenizer, cfg.max_length)
+    eval_data = tokenize_preferences(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
+    if cfg.batch_size % (cfg.grad_accum * distributed.world_size()):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum}) "
+                         f"times the number of processes ({distributed.world_size()})")  # fmt: skip
+    steps = total_steps(len(data), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    steps_per_epoch = len(data) // cfg.batch_size
+
+    opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                warmup_steps=cfg.warmup_steps)  # fmt: skip
+    saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
+    start = maybe_resume(out, cfg.resume, **saved)
+    ddp_model = distributed.wrap(model, device)
+
+    logger = MetricsLogger(out, enabled=distributed.is_main())
+    reset_peak_memory(device)
+    t_start, pairs = time.perf_counter(), 0
+    for step in progress(range(start, steps), desc="reward model", total=steps - start):
+        epoch, b = divmod(step, steps_per_epoch)
+        rows = distributed.shard(batch_indices(len(data), cfg.batch_size, seed=cfg.seed, epoch=epoch)[b],
+                                 cfg.batch_size)  # fmt: skip
+        micro = len(rows) // cfg.grad_accum
+        loss_sum, correct = 0.0, 0
+        for i in range(0, len(rows), micro):
+            chosen, rejected = _pair_scores(ddp_model, [data[j] for j in rows[i : i + micro]], tokenizer, device,
+                                            cfg.precision)  # fmt: skip
+            loss = ops.pairwise_loss(chosen, rejected)  # mean over the micro-batch's pairs
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss) / cfg.grad_accum
+            correct += int((chosen > rejected).sum())
+        grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
+        pairs += cfg.batch_size
+        record = {"loss": float(distributed.global_mean(torch.tensor(loss_sum))),
+                  "accuracy": float(distributed.global_sum(torch.tensor(float(correct)))) / cfg.batch_size,
+                  "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}  # fmt: skip
+        if eval_data is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            record |= {f"eval_{k}": v for k, v in evaluate(model, eval_data, tokenizer, device, cfg.precision,
+                                                           cfg.batch_size).items() if k != "n"}  # fmt: skip
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            logger.log(step + 1, record)
+        maybe_save(out, step + 1, cfg.save_every if step + 1 < steps else 0, cfg.keep_checkpoints, **saved)
+    seconds = time.perf_counter() - t_start
+    logger.close()
+
+    summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
+               "pairs_per_s": pairs / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
+               "ops": cfg.ops}  # fmt: skip
+    if eval_data is not None:
+        ev = evaluate(model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
+        summary |= {"eval_accuracy": ev["accuracy"], "eval_margin": ev["margin"], "eval_pairs": ev["n"]}
+    if distributed.is_main():
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"reward model ({cfg.ops} ops)")
+        write_json(out / "summary.json", summary)
+    distributed.barrier()
+    return summary

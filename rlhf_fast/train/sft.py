@@ -1,0 +1,139 @@
+"""Supervised fine-tuning: next-token loss on the completion tokens of prompt/completion (or ``messages``) data.
+
+    rlhf-fast train sft --config sft.yaml model=Qwen/Qwen2.5-0.5B data=data/sft.jsonl
+
+The loss is the mean negative log-likelihood over the completion tokens of the global batch, computed by
+``rf.linear_logprobs`` from the final hidden states and the lm_head weight (``ops="fused"``: the
+``[B, T, V]`` logits are never built) or by ``cross_entropy`` on the model's logits (``ops="reference"``).
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import distributed
+from .common import MetricsLogger, autocast_context, plot_metrics, progress, resolve_device, seed_everything
+from .config import save_config
+from .data import collate_sft, load_records, tokenize_sft
+from .loop import batch_indices, make_optimizer, maybe_resume, maybe_save, optimizer_step, total_steps
+from .models import load_causal_lm, load_tokenizer
+from .ops import get_ops
+from .runtime import peak_memory_mib, reset_peak_memory, write_json
+
+
+@dataclass
+class Config:
+    model: str = ""  # causal LM to fine-tune: a local directory or a hub name
+    data: str = ""  # prompt/completion, messages or text records (JSONL, Parquet, a hub dataset)
+    eval_data: str | None = None
+    out_dir: str = "runs/sft"
+    ops: Literal["fused", "reference"] = "fused"
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    batch_size: int = 32  # sequences per optimizer step, over all processes
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "bf16"
+    log_every: int = 10
+
+
+def _nll(ops, model, rows, tokenizer, device, precision):
+    batch = {k: v.to(device) for k, v in collate_sft(rows, tokenizer.pad_token_id).items()}
+    with autocast_context(device, precision):
+        return ops.sft_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+@torch.no_grad()
+def evaluate(ops, model, data, tokenizer, device, precision, batch_size: int) -> float:
+    """Mean completion-token NLL over ``data`` (this rank's share, summed over ranks)."""
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    rows = distributed.shard(list(range(len(data))), len(data) - len(data) % distributed.world_size())
+    for i in range(0, len(rows), batch_size):
+        nll, n = _nll(ops, model, [data[j] for j in rows[i : i + batch_size]], tokenizer, device, precision)
+        total, count = total + nll.float(), count + n
+    return float(distributed.global_sum(total) / distributed.global_sum(count).clamp(min=1))
+
+
+def train(cfg: Config) -> dict:
+    if not cfg.model or not cfg.data:
+        raise ValueError("model and data must be set (a causal LM and an SFT dataset)")
+    distributed.init()
+    seed_everything(cfg.seed)
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    out = Path(cfg.out_dir)
+    ops = get_ops(cfg.ops)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, device=device)
+    data = tokenize_sft(load_records(cfg.data), tokenizer, cfg.max_length)
+    eval_data = tokenize_sft(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
+    if cfg.batch_size % (cfg.grad_accum * distributed.world_size()):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum}) "
+                         f"times the number of processes ({distributed.world_size()})")  # fmt: skip
+    steps = total_steps(len(data), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    steps_per_epoch = len(data) // cfg.batch_size
+
+    opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                warmup_steps=cfg.warmup_steps)  # fmt: skip
+    saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
+    start = maybe_resume(out, cfg.resume, **saved)
+    ddp_model = distributed.wrap(model, device)
+
+    logger = MetricsLogger(out, enabled=distributed.is_main())
+    reset_peak_memory(device)
+    t_start, tokens = time.perf_counter(), 0
+    for step in progress(range(start, steps), desc="sft", total=steps - start):
+        epoch, b = divmod(step, steps_per_epoch)
+        rows = distributed.shard(batch_indices(len(data), cfg.batch_size, seed=cfg.seed, epoch=epoch)[b],
+                                 cfg.batch_size)  # fmt: skip
+        micro = len(rows) // cfg.grad_accum
+        chunks = [[data[j] for j in rows[i : i + micro]] for i in range(0, len(rows), micro)]
+        # Normalise by the global number of completion tokens: the mean over the global batch, however the
+        # rows are split across micro-batches and processes (DDP averages gradients: times world size).
+        counts = [sum(sum(t != -100 for t in r["labels"][1:]) for r in chunk) for chunk in chunks]
+        global_count = float(distributed.global_sum(torch.tensor(float(sum(counts)))))
+        loss_sum = 0.0
+        for chunk in chunks:
+            nll, _ = _nll(ops, ddp_model, chunk, tokenizer, device, cfg.precision)
+            (nll * distributed.world_size() / global_count).backward()
+            loss_sum += float(nll)
+        grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
+        tokens += int(distributed.global_sum(torch.tensor(float(sum(len(r["input_ids"]) for c in chunks for r in c)))))
+        loss = float(distributed.global_sum(torch.tensor(loss_sum))) / global_count
+        record = {"loss": loss, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+        if eval_data is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            record["eval_loss"] = evaluate(ops, model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            logger.log(step + 1, record)
+        maybe_save(out, step + 1, cfg.save_every if step + 1 < steps else 0, cfg.keep_checkpoints, **saved)
+    seconds = time.perf_counter() - t_start
+    logger.close()
+
+    summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
+               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
+               "ops": cfg.ops}  # fmt: skip
+    if eval_data is not None:
+        summary["eval_loss"] = evaluate(ops, model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
+    if distributed.is_main():
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"SFT ({cfg.ops} ops)")
+        write_json(out / "summary.json", summary)
+    distributed.barrier()
+    return summary
