@@ -97,3 +97,100 @@ def ppo_loss_reference(
         token = token + kl_coef * kl_penalty_reference(logp, ref_logp, kl_estimator)
     token = token - entropy_coef * entropy
     return aggregate_reference(token, mask, agg)
+
+
+# ------------------------------------------------------------------------------------ preference losses
+
+
+def _reduce_reference(losses, reduction: str):
+    return {"mean": losses.mean, "sum": losses.sum, "none": lambda: losses}[reduction]()
+
+
+def pairwise_sigmoid_loss_reference(chosen, rejected, *, margin=None, beta=1.0, reduction="mean"):
+    """TRL's reward-model loss ``-logsigmoid(rewards_chosen - rewards_rejected - margin)``, with ``beta``.
+
+    In the input dtype, as TRL computes it on the reward model's output (the "plain PyTorch in the same
+    dtype" bar for bf16/fp16; float64 input gives the ground truth). A per-pair ``margin`` tensor of
+    shape ``[B]`` is laid out like ``chosen`` (``[B, 1]`` scores minus a ``[B]`` margin would broadcast
+    to ``[B, B]``).
+    """
+    x = beta * (chosen - rejected)
+    if margin is not None:
+        x = x - (margin.reshape(chosen.shape) if isinstance(margin, torch.Tensor) else margin)
+    return _reduce_reference(-torch.nn.functional.logsigmoid(x), reduction)
+
+
+def dpo_loss_reference(
+    policy_chosen_logp,
+    policy_rejected_logp,
+    ref_chosen_logp,
+    ref_rejected_logp,
+    *,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    reduction="mean",
+):
+    """``(loss, metrics)`` as TRL's ``DPOTrainer.dpo_loss`` writes them, in the input dtype."""
+    pi_logratios = policy_chosen_logp - policy_rejected_logp
+    ref_logratios = ref_chosen_logp.detach() - ref_rejected_logp.detach()
+    logits = pi_logratios - ref_logratios
+    if loss_type == "sigmoid":
+        losses = (
+            -torch.nn.functional.logsigmoid(beta * logits) * (1 - label_smoothing)
+            - torch.nn.functional.logsigmoid(-beta * logits) * label_smoothing
+        )
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen_logp - ref_chosen_logp).detach()
+    rejected_rewards = beta * (policy_rejected_logp - ref_rejected_logp).detach()
+    metrics = {
+        "chosen_rewards": chosen_rewards.mean(),
+        "rejected_rewards": rejected_rewards.mean(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
+    }
+    return _reduce_reference(losses, reduction), metrics
+
+
+def sequence_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-100, average=False):
+    """TRL's ``get_batch_logps``: ``log_softmax`` of the upcast logits, gathered, masked, summed over T.
+
+    With ``average=True`` the sum is divided by the number of valid tokens, clamped to 1 so that a row
+    without any gives 0 as ``rf.sequence_logprobs`` defines (TRL's 0 / 0 would be NaN).
+    """
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    valid = labels != ignore_index
+    logp_all = torch.log_softmax(x / temperature, dim=-1)
+    token = logp_all.gather(-1, labels.masked_fill(~valid, 0).unsqueeze(-1)).squeeze(-1)
+    total = torch.where(valid, token, 0.0).sum(-1)  # not token * valid: a -inf at an ignored slot is NaN
+    return total / valid.sum(-1).clamp(min=1) if average else total
+
+
+def linear_dpo_loss_reference(
+    hidden,
+    weight,
+    labels,
+    ref_chosen_logp,
+    ref_rejected_logp,
+    *,
+    beta=0.1,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    ignore_index=-100,
+    average_log_prob=False,
+    bias=None,
+    reduction="mean",
+):
+    """The model's lm_head builds the ``[2B, T, V]`` logits, then TRL's sequence log-probs and DPO loss."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    seq = sequence_logprobs_reference(logits, labels, ignore_index=ignore_index, average=average_log_prob)
+    B = hidden.shape[0] // 2
+    return dpo_loss_reference(
+        seq[:B], seq[B:], ref_chosen_logp, ref_rejected_logp,
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
+    )  # fmt: skip
