@@ -50,7 +50,7 @@ class KernelBuild:
 
 def all_builds() -> list:
     """Every kernel build of the package. Later ops append their module's ``build_specs()`` here."""
-    from . import gae, kl, linear_logprobs, logprobs, ppo
+    from . import gae, kl, linear_logprobs, logprobs, ppo, preference
 
     return (
         logprobs.build_specs()
@@ -58,6 +58,7 @@ def all_builds() -> list:
         + kl.build_specs()
         + ppo.build_specs()
         + gae.build_specs()
+        + preference.build_specs()
     )
 
 

@@ -86,3 +86,24 @@ def gae_config(T: int) -> ScanConfig:
     """
     block = max(16, min(1024, triton.next_power_of_2(T)))
     return ScanConfig(BLOCK_T=block, num_warps=max(1, min(4, block // 256)))
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """Launch configuration of the pairwise preference kernel: one program looping over ``[N]`` pairs."""
+
+    BLOCK: int
+    num_warps: int
+
+
+def pair_config(N: int) -> PairConfig:
+    """Block of the pairwise sigmoid loss (kernels/preference.py).
+
+    A preference batch holds hundreds to a few thousand pairs, 2-3 numbers each: the kernel is one
+    program that loops over blocks of pairs, so its sums (loss, accuracy, margin) need no second pass and
+    are deterministic. 1024 pairs over 4 warps is 8 per thread: two 16-byte loads of float32, one of
+    bf16/fp16. A smaller batch gets one block of its own (power-of-two) size, at least 16, one warp per
+    256 pairs.
+    """
+    block = max(16, min(1024, triton.next_power_of_2(max(N, 1))))
+    return PairConfig(BLOCK=block, num_warps=max(1, min(4, block // 256)))

@@ -11,11 +11,13 @@ from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
 from .ppo import group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
 from .ppo_fused import ppo_loss_from_logits
+from .preference import dpo_loss, pairwise_sigmoid_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IMPLS",
+    "dpo_loss",
     "full_kl",
     "gae",
     "group_advantages",
@@ -23,6 +25,7 @@ __all__ = [
     "linear_logprobs",
     "logprobs",
     "masked_whiten",
+    "pairwise_sigmoid_loss",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
     "value_loss",
