@@ -1,0 +1,406 @@
+"""Data for the trainers, with Hugging Face ``datasets``: loading, format detection, tokenization and
+collators.
+
+Formats (a column holding a list of ``{"role", "content"}`` dicts is *conversational* and is rendered
+with ``tokenizer.apply_chat_template``; the tokenizer must have a chat template):
+
+============  ===================================================  ====================================
+purpose       columns                                               loss / output
+============  ===================================================  ====================================
+sft           ``prompt`` + ``completion`` (strings or messages)     completion tokens (+ eos)
+sft           ``messages``                                          every assistant turn's tokens
+sft           ``text``                                              every token (plain language modeling)
+preferences   ``prompt`` + ``chosen`` + ``rejected``                chosen / rejected tokens
+preferences   ``chosen`` + ``rejected`` as full conversations       their last (assistant) turn
+prompts       ``prompt`` (string or messages)                       ``prompt_input_ids``
+prompts       ``messages``                                          all turns before the last assistant
+============  ===================================================  ====================================
+
+Tokenized rows hold Python lists; ``labels`` are aligned with ``input_ids`` (the Hugging Face
+convention): ``labels[t] == input_ids[t]`` where the loss applies and ``-100`` elsewhere, so a trainer
+predicts ``labels[:, 1:]`` from ``hidden[:, :-1]``. Plain-text prompts are tokenized with the
+tokenizer's special tokens (its BOS), completions without; rendered conversations carry their own.
+When a row is longer than ``max_length``, the completion keeps up to ``max_length - min(len(prompt),
+max_length // 2)`` tokens from its start and the prompt keeps its end: a long prompt can never push
+the whole completion out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FORMATS",
+    "IGNORE_INDEX",
+    "collate_preferences",
+    "collate_prompts",
+    "collate_sft",
+    "detect_format",
+    "load_records",
+    "pad_batch",
+    "require_columns",
+    "tokenize_preferences",
+    "tokenize_prompts",
+    "tokenize_sft",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# The formats each purpose accepts, as they are named in error messages.
+FORMATS = {
+    "sft": ["prompt + completion", "messages", "text"],
+    "preferences": ["prompt + chosen + rejected", "chosen + rejected (conversations)"],
+    "prompts": ["prompt", "messages"],
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_records(source: str | Path, split: str = "train"):
+    """A ``datasets.Dataset`` from a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory of
+    such files (``train*``/``test*`` file names make splits, as in ``datasets``), or a hub dataset name
+    (needs the network). ``ValueError`` when it is neither a path that exists nor loadable."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        builder = _BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{str(source)!r}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}")
+        try:
+            return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split)
+        except ValueError as e:
+            raise ValueError(f"cannot read split {split!r} of {str(source)!r} (a single file is split 'train', "
+                             f"slices like 'train[:90%]' work): {e}") from e
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _BUILDERS and p.is_file())
+        if not files:
+            raise ValueError(f"directory {str(source)!r} holds no {'/'.join(sorted(_BUILDERS))} files")
+        builders = {_BUILDERS[p.suffix.lower()] for p in files}
+        if len(builders) > 1:
+            raise ValueError(f"directory {str(source)!r} mixes file types ({sorted(builders)}); keep one")
+        return datasets.load_dataset(builders.pop(), data_dir=str(path), split=split)
+    if _looks_like_path(str(source)):
+        raise ValueError(f"data source {str(source)!r} does not exist (no such file or directory)")
+    try:
+        return datasets.load_dataset(str(source), split=split)
+    except Exception as e:  # offline, unknown name, gated...: one clear error
+        raise ValueError(f"data source {str(source)!r} is not a local file or directory, and loading it as a "
+                         f"hub dataset failed: {type(e).__name__}: {e}") from e
+
+
+def _looks_like_path(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or "\\" in source or Path(source).suffix.lower() in _BUILDERS
+            or source.count("/") > 1)
+
+
+def _is_conversation(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value))
+
+
+def detect_format(ds, purpose: str) -> str:
+    """The format of ``ds`` for ``purpose`` (``"sft"``, ``"preferences"``, ``"prompts"``): one of
+    ``FORMATS[purpose]``; ``ValueError`` listing missing and present columns when none fits."""
+    if purpose not in FORMATS:
+        raise ValueError(f"purpose must be one of {sorted(FORMATS)}, got {purpose!r}")
+    cols = set(ds.column_names)
+    if purpose == "sft":
+        if {"prompt", "completion"} <= cols:
+            return "prompt + completion"
+        if "messages" in cols:
+            return "messages"
+        if "text" in cols:
+            return "text"
+        require_columns(ds, ["prompt", "completion"], purpose)
+    if purpose == "preferences":
+        if {"prompt", "chosen", "rejected"} <= cols:
+            return "prompt + chosen + rejected"
+        if {"chosen", "rejected"} <= cols and len(ds) and _is_conversation(ds[0]["chosen"]):
+            return "chosen + rejected (conversations)"
+        require_columns(ds, ["prompt", "chosen", "rejected"], purpose)
+    if purpose == "prompts":
+        if "prompt" in cols:
+            return "prompt"
+        if "messages" in cols:
+            return "messages"
+        require_columns(ds, ["prompt"], purpose)
+    raise AssertionError("unreachable")
+
+
+def require_columns(ds, columns: Sequence[str], purpose: str) -> None:
+    """``ValueError`` naming the missing columns, the present ones and the formats ``purpose`` accepts."""
+    present = list(ds.column_names)
+    missing = [c for c in columns if c not in present]
+    if missing:
+        accepted = "; ".join(FORMATS.get(purpose, [])) or ", ".join(columns)
+        raise ValueError(f"data for {purpose} is missing column(s) {missing}; it has {present}. "
+                         f"Accepted formats: {accepted}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# rendering and tokenization of one row
+
+
+def _render(tokenizer, messages: list, *, add_generation_prompt: bool) -> str:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversational data needs a tokenizer with a chat template "
+                         "(tokenizer.chat_template is None); set one, or use prompt/completion strings")
+    return tokenizer.apply_chat_template(_plain_messages(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def _plain_messages(messages: list) -> list[dict]:
+    # Arrow fills absent keys of a list of structs with None; templates test `if m['name']`-like keys
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def _ids(tokenizer, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text else []
+
+
+def _as_conversation(prompt: Any) -> list[dict]:
+    return prompt if _is_conversation(prompt) else [{"role": "user", "content": str(prompt)}]
+
+
+def _prompt_ids(tokenizer, prompt: Any) -> tuple[list[int], str]:
+    """Token ids and text of a prompt: a string as it is (with the tokenizer's BOS), a conversation
+    rendered up to the assistant's header."""
+    if _is_conversation(prompt):
+        text = _render(tokenizer, prompt, add_generation_prompt=True)
+        return _ids(tokenizer, text, special=False), text
+    return _ids(tokenizer, prompt, special=True), prompt
+
+
+def _append_eos(tokenizer, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is None or eos in ids:  # a rendered turn usually ends in it already
+        return ids
+    return ids + [eos]
+
+
+def _completion_ids(tokenizer, prompt: Any, completion: Any) -> list[int]:
+    """Tokens of the answer to ``prompt``: a string plus eos, or an assistant turn rendered after the
+    (conversational) prompt — the text the full conversation adds to the prompt's rendering."""
+    if not _is_conversation(completion) and not _is_conversation(prompt):
+        return _append_eos(tokenizer, _ids(tokenizer, completion, special=False))
+    convo = _as_conversation(prompt)
+    turn = completion if _is_conversation(completion) else [{"role": "assistant", "content": str(completion)}]
+    before = _render(tokenizer, convo, add_generation_prompt=True)
+    full = _render(tokenizer, convo + list(turn), add_generation_prompt=False)
+    if not full.startswith(before):
+        raise ValueError("the chat template does not render the prompt as a prefix of the whole "
+                         "conversation, so the completion's tokens cannot be told apart")
+    return _append_eos(tokenizer, _ids(tokenizer, full[len(before):], special=False))
+
+
+def _truncate(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    if len(prompt) + len(completion) <= max_length:
+        return prompt, completion
+    keep = min(len(completion), max_length - min(len(prompt), max_length // 2))
+    completion = completion[:keep]
+    room = max_length - keep
+    return (prompt[-room:] if room > 0 else []), completion
+
+
+def _join(prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + list(completion)
+
+
+def _conversation_pieces(tokenizer, messages: list) -> list[tuple[list[int], bool]]:
+    """A conversation as token pieces, each flagged True where it is an assistant turn's text (the
+    model's to learn). Pieces come from rendering growing prefixes; a template whose prefixes do not
+    render as prefixes (one that drops earlier reasoning, say) falls back to the last assistant turn."""
+    texts, prev = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        after = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not before.startswith(prev) or not after.startswith(before):
+            texts = None
+            break
+        texts += [(before[len(prev):], False), (after[len(before):], True)]
+        prev = after
+    if texts is None:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt_ids, _ = _prompt_ids(tokenizer, messages[:last])
+        return [(prompt_ids, False), (_completion_ids(tokenizer, messages[:last], messages[last: last + 1]), True)]
+    if not texts:
+        raise ValueError("a conversation for SFT needs at least one assistant message")
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    if full.startswith(prev) and len(full) > len(prev):
+        texts.append((full[len(prev):], False))
+    pieces = [(_ids(tokenizer, text, special=False), trained) for text, trained in texts]
+    last_trained = max(i for i, (_, trained) in enumerate(pieces) if trained)
+    pieces[last_trained] = (_append_eos(tokenizer, pieces[last_trained][0]), True)
+    return pieces
+
+
+def _sft_row(tokenizer, row: Mapping, fmt: str, max_length: int) -> dict[str, list[int]]:
+    if fmt == "prompt + completion":
+        prompt_ids, _ = _prompt_ids(tokenizer, row["prompt"])
+        prompt_ids, completion_ids = _truncate(prompt_ids, _completion_ids(tokenizer, row["prompt"], row["completion"]),
+                                               max_length)
+        input_ids, labels = _join(prompt_ids, completion_ids)
+    elif fmt == "text":
+        input_ids = _append_eos(tokenizer, _ids(tokenizer, row["text"], special=True))[:max_length]
+        labels = list(input_ids)
+    else:
+        input_ids, labels = [], []
+        for ids, trained in _conversation_pieces(tokenizer, row["messages"]):
+            input_ids += ids
+            labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _preference_row(tokenizer, row: Mapping, fmt: str, max_length: int) -> dict[str, list[int]]:
+    if fmt == "prompt + chosen + rejected":
+        prompt = row["prompt"]
+        chosen, rejected = row["chosen"], row["rejected"]
+    else:  # the prompt is the conversation both share, the answers their last turns
+        chosen_all, rejected_all = row["chosen"], row["rejected"]
+        if _plain_messages(chosen_all[:-1]) != _plain_messages(rejected_all[:-1]):
+            raise ValueError("chosen and rejected conversations must share every turn but the last")
+        prompt, chosen, rejected = chosen_all[:-1], chosen_all[-1:], rejected_all[-1:]
+    prompt_ids, _ = _prompt_ids(tokenizer, prompt)
+    out = {"prompt_input_ids": prompt_ids}
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        p, c = _truncate(prompt_ids, _completion_ids(tokenizer, prompt, answer), max_length)
+        out[f"{name}_input_ids"], out[f"{name}_labels"] = _join(p, c)
+    return out
+
+
+def _prompt_row(tokenizer, row: Mapping, fmt: str, max_prompt_length: int) -> dict[str, Any]:
+    if fmt == "prompt":
+        prompt = row["prompt"]
+    else:
+        messages = row["messages"]
+        cut = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+        prompt = messages[:cut]
+    ids, text = _prompt_ids(tokenizer, prompt)
+    return {"prompt_input_ids": ids[-max_prompt_length:], "prompt": text}
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenization of a dataset
+
+
+def _check_length(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 2:
+        raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+
+
+def _drop_untrained(ds, label_columns: Sequence[str], purpose: str):
+    """Rows whose labels are all ignored (nothing to learn after truncation) are dropped, with a warning."""
+    before = len(ds)
+    ds = ds.filter(lambda row: all(any(t != IGNORE_INDEX for t in row[c]) for c in label_columns))
+    if len(ds) < before:
+        logger.warning("%s: dropped %d of %d rows with no trained token after truncation", purpose,
+                       before - len(ds), before)
+    return ds
+
+
+def tokenize_sft(ds, tokenizer, max_length: int, *, num_proc: int | None = None):
+    """``input_ids`` and ``labels`` (``-100`` on prompt tokens, eos appended) for prompt/completion,
+    ``messages`` or ``text`` data; other columns are dropped."""
+    _check_length("max_length", max_length)
+    fmt = detect_format(ds, "sft")
+    out = ds.map(lambda row: _sft_row(tokenizer, row, fmt, max_length), remove_columns=ds.column_names,
+                 num_proc=num_proc, desc="tokenize sft")
+    return _drop_untrained(out, ["labels"], "sft")
+
+
+def tokenize_preferences(ds, tokenizer, max_length: int, *, num_proc: int | None = None):
+    """``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels`` (prompt masked
+    with ``-100``) and ``prompt_input_ids``; other columns are dropped."""
+    _check_length("max_length", max_length)
+    fmt = detect_format(ds, "preferences")
+    out = ds.map(lambda row: _preference_row(tokenizer, row, fmt, max_length), remove_columns=ds.column_names,
+                 num_proc=num_proc, desc="tokenize preferences")
+    return _drop_untrained(out, ["chosen_labels", "rejected_labels"], "preferences")
+
+
+def tokenize_prompts(ds, tokenizer, max_prompt_length: int, *, num_proc: int | None = None):
+    """``prompt_input_ids`` (the last ``max_prompt_length`` tokens) and ``prompt`` (the text, rendered for
+    conversations); every other column is kept (answers for a ``reward_fn``, say)."""
+    _check_length("max_prompt_length", max_prompt_length)
+    fmt = detect_format(ds, "prompts")
+    drop = ["prompt"] if "prompt" in ds.column_names else []
+    return ds.map(lambda row: _prompt_row(tokenizer, row, fmt, max_prompt_length), remove_columns=drop,
+                  num_proc=num_proc, desc="tokenize prompts")
+
+
+# ---------------------------------------------------------------------------------------------------
+# collators
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int] | torch.Tensor],
+    pad_id: int,
+    side: str = "right",
+    *,
+    pad_to_multiple_of: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, T] long, attention_mask [B, T] long)`` with ``pad_id`` on ``side`` (``"left"`` for
+    ``generate``); T is the longest row, rounded up to ``pad_to_multiple_of``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if len(sequences) == 0:
+        raise ValueError("pad_batch needs at least one sequence")
+    rows = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences]
+    length = max(len(r) for r in rows)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(0, len(r)) if side == "right" else slice(length - len(r), length)
+        ids[i, span] = r
+        mask[i, span] = 1
+    return ids, mask
+
+
+def collate_sft(features: Sequence[Mapping], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of ``tokenize_sft`` → ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on padding),
+    right-padded."""
+    input_ids, attention_mask = pad_batch([f["input_ids"] for f in features], pad_id)
+    labels, _ = pad_batch([f["labels"] for f in features], IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_preferences(features: Sequence[Mapping], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of ``tokenize_preferences`` → one right-padded ``[2B, T]`` batch: the B chosen rows, then the B
+    rejected rows (the layout of ``rf.linear_dpo_loss``), with ``attention_mask`` and ``labels``."""
+    seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+    labs = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
+    input_ids, attention_mask = pad_batch(seqs, pad_id)
+    labels, _ = pad_batch(labs, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts(features: Sequence[Mapping] | Sequence[Sequence[int]], pad_id: int):
+    """Rows of ``tokenize_prompts`` → left-padded ``input_ids`` and ``attention_mask`` (ready for
+    ``generate``), plus every other column as a list (``prompt`` texts, reference answers...).
+
+    Given bare token sequences (``rows["prompt_input_ids"]``) instead of rows, returns the tuple
+    ``(input_ids, attention_mask)``, as ``pad_batch(sequences, pad_id, side="left")``."""
+    if len(features) and not isinstance(features[0], Mapping):
+        return pad_batch(features, pad_id, side="left")
+    input_ids, attention_mask = pad_batch([f["prompt_input_ids"] for f in features], pad_id, side="left")
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    for key in features[0]:
+        if key != "prompt_input_ids":
+            batch[key] = [f[key] for f in features]
+    return batch
