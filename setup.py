@@ -22,7 +22,14 @@ setup(
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
+        # the trainers (rlhf_fast.train); none of these depends on torch, so no CUDA build is pulled in
+        "transformers>=4.45",
+        "datasets",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
     ],
+    entry_points={"console_scripts": ["rlhf-fast=rlhf_fast.cli:main"]},
     extras_require={
         # the harness tests run a benchmark end to end: its plot and its memory probe
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "psutil"],
