@@ -1,5 +1,6 @@
 """Small pieces the supervised trainers (sft, reward, dpo) share, so each trainer stays a straight line:
-the order of the data, the optimizer with its warmup, a step with gradient clipping, checkpoints."""
+the start and the end of a run, the order of the data, the optimizer with its warmup, a step with gradient
+clipping, checkpoints."""
 
 import math
 from pathlib import Path
@@ -8,6 +9,35 @@ import torch
 
 from . import distributed
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .common import plot_metrics, resolve_device, seed_everything
+from .config import save_config
+from .ops import get_ops
+from .runtime import write_json
+
+
+def start_run(cfg):
+    """The first lines of a trainer: the process group (under torchrun), the seeds, this process's device,
+    ``cfg.out_dir`` with the config saved in it (by rank 0) and the op set: ``(device, out_dir, ops)``."""
+    distributed.init()
+    seed_everything(cfg.seed)
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    out = Path(cfg.out_dir)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return device, out, get_ops(cfg.ops)
+
+
+def finish_run(out_dir, model, tokenizer, summary: dict, *, title: str) -> None:
+    """The last lines of a trainer: rank 0 saves the model and tokenizer to ``<out_dir>/model``, plots the
+    metrics to ``curves.png`` and writes ``summary.json``; every rank waits for it."""
+    out = Path(out_dir)
+    if distributed.is_main():
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        plot_metrics(out / "metrics.jsonl", out / "curves.png", title=title)
+        write_json(out / "summary.json", summary)
+    distributed.barrier()
 
 
 def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
@@ -22,6 +52,26 @@ def total_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:
         raise ValueError(f"batch_size ({batch_size}) is larger than the dataset ({n} rows)")
     steps = (n // batch_size) * epochs
     return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def plan_steps(n: int, cfg) -> int:
+    """The optimizer steps of a run over ``n`` rows (``total_steps`` of ``cfg.batch_size``, ``cfg.epochs``,
+    ``cfg.max_steps``), after checking that each global batch splits evenly over the processes and into
+    ``cfg.grad_accum`` micro-batches."""
+    if cfg.batch_size % (cfg.grad_accum * distributed.world_size()):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum}) "
+                         f"times the number of processes ({distributed.world_size()})")  # fmt: skip
+    return total_steps(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
+
+
+def micro_batches(step: int, n: int, cfg) -> list[list[int]]:
+    """This process's ``cfg.grad_accum`` micro-batches (row indices) of the global batch of optimizer step
+    ``step`` over ``n`` rows: batch ``step % steps_per_epoch`` of epoch ``step // steps_per_epoch`` of
+    ``batch_indices``, cut into equal shares for the processes."""
+    epoch, b = divmod(step, n // cfg.batch_size)
+    rows = distributed.shard(batch_indices(n, cfg.batch_size, seed=cfg.seed, epoch=epoch)[b], cfg.batch_size)
+    micro = len(rows) // cfg.grad_accum
+    return [rows[i : i + micro] for i in range(0, len(rows), micro)]
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int):
