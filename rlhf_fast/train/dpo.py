@@ -1,0 +1,186 @@
+"""Direct preference optimisation (DPO, Rafailov et al. 2023) on prompt/chosen/rejected pairs.
+
+    rlhf-fast train dpo --config dpo.yaml model=runs/sft/model data=data/preferences.jsonl
+
+No reward model and no sampling: the policy ``pi`` is trained so that its implicit reward
+``r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))`` ranks each pair the labeler's way. With
+``delta = (log pi(y+) - log pi_ref(y+)) - (log pi(y-) - log pi_ref(y-))`` and ``z = beta * delta`` the loss
+over a batch of pairs is the mean of ``-log sigmoid(z)`` (``"sigmoid"``, with ``label_smoothing`` eps:
+``-(1-eps) log sigmoid(z) - eps log sigmoid(-z)``), ``(delta - 1/(2 beta))^2`` (``"ipo"``) or
+``relu(1 - z)`` (``"hinge"``).
+
+The reference log-probs are constants: they are computed once, before the first step and without
+gradients, for every training and held-out pair, by the frozen reference model (``ref_model``, or the
+initial policy itself when it is None), and kept per pair. Each step then runs only the policy.
+
+``ops="fused"`` computes the loss with ``rf.linear_dpo_loss`` from the final hidden states and the lm_head
+weight (the ``[2B, T, V]`` logits are never built); ``ops="reference"`` with the model's logits, ``log_softmax``
+and the DPO formulas in plain PyTorch. Reported: the loss, ``reward_accuracy`` (the fraction of pairs whose
+chosen answer gets the higher implicit reward), ``reward_margin`` and the mean ``chosen_rewards`` /
+``rejected_rewards`` on the training batches; on held-out pairs the same accuracy and margin, and the
+policy's own log-prob margin ``log pi(y+) - log pi(y-)`` next to the reference's.
+
+Distributed: each process takes an equal share of every batch of pairs; the loss is a mean over pairs, so
+DDP's average of the gradients is the gradient of the global mean.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from . import distributed
+from .common import MetricsLogger, autocast_context, progress
+from .data import collate_preferences, load_records, tokenize_preferences
+from .loop import (finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches, optimizer_step, plan_steps,
+                   start_run)  # fmt: skip
+from .models import load_causal_lm, load_tokenizer
+from .runtime import peak_memory_mib, reset_peak_memory
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+METRICS = ("chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_margin")  # of ops.dpo_loss
+
+
+@dataclass
+class Config:
+    model: str = ""  # causal LM to train (usually the SFT model): a local directory or a hub name
+    ref_model: str | None = None  # frozen reference; None: the initial policy (``model``)
+    data: str = ""  # prompt/chosen/rejected records (or chosen/rejected message lists)
+    eval_data: str | None = None
+    out_dir: str = "runs/dpo"
+    ops: Literal["fused", "reference"] = "fused"
+    beta: float = 0.1  # strength of the pull towards the reference (the KL coefficient of the objective)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0  # sigmoid loss: assumed probability that a label is flipped (cDPO)
+    average_log_prob: bool = False  # mean instead of sum of the token log-probs of each answer
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    batch_size: int = 32  # pairs per optimizer step, over all processes
+    grad_accum: int = 1
+    lr: float = 1e-6  # TRL's default: the implicit reward moves fast on a pretrained model
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "bf16"
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if not self.model or not self.data:
+            raise ValueError("model and data must be set (a causal LM and preference pairs)")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size})")
+
+
+def _batch(data, idx: list[int], tokenizer, device) -> dict:
+    """The pairs ``idx`` of ``data`` as one ``[2B, T]`` batch on ``device``: chosen rows, then rejected rows."""
+    return {k: v.to(device) for k, v in collate_preferences([data[j] for j in idx], tokenizer.pad_token_id).items()}
+
+
+@torch.no_grad()
+def pair_logprobs(ops, model, data, tokenizer, device, precision, batch_size: int, *, average: bool):
+    """``(chosen [N], rejected [N])`` float32 sequence log-probs of the answers of all ``N`` pairs of ``data``
+    under ``model`` (prompt tokens not counted). Each process scores every ``world``-th pair; the sum over
+    processes fills in the rest, so every process ends up with all of them."""
+    chosen = torch.zeros(len(data), device=device)
+    rejected = torch.zeros(len(data), device=device)
+    mine = list(range(distributed.rank(), len(data), distributed.world_size()))
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i : i + batch_size]
+        batch = _batch(data, idx, tokenizer, device)
+        with autocast_context(device, precision):
+            logp = ops.sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         average=average).float()  # fmt: skip
+        chosen[idx], rejected[idx] = logp[: len(idx)], logp[len(idx) :]
+    return distributed.global_sum(chosen), distributed.global_sum(rejected)
+
+
+def evaluate(ops, model, data, ref_logp, tokenizer, device, cfg: Config) -> dict:
+    """Held-out implicit-reward accuracy and margin, and the policy's and the reference's mean log-prob
+    margin ``log p(y+) - log p(y-)``."""
+    chosen, rejected = pair_logprobs(ops, model, data, tokenizer, device, cfg.precision, cfg.batch_size,
+                                     average=cfg.average_log_prob)  # fmt: skip
+    ref_chosen, ref_rejected = ref_logp
+    chosen_r, rejected_r = cfg.beta * (chosen - ref_chosen), cfg.beta * (rejected - ref_rejected)
+    return {"reward_accuracy": float((chosen_r > rejected_r).float().mean()),
+            "reward_margin": float((chosen_r - rejected_r).mean()),
+            "logp_margin": float((chosen - rejected).mean()),
+            "ref_logp_margin": float((ref_chosen - ref_rejected).mean())}  # fmt: skip
+
+
+def train(cfg: Config) -> dict:
+    cfg.validate()
+    device, out, ops = start_run(cfg)
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, device=device)
+    data = tokenize_preferences(load_records(cfg.data), tokenizer, cfg.max_length)
+    eval_data = tokenize_preferences(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
+    steps = plan_steps(len(data), cfg)
+
+    # ---- reference log-probs, once per pair, before any update (and before a resumed run loads its
+    # checkpoint, so that the initial policy is the reference then too)
+    ref = load_causal_lm(cfg.ref_model, device=device) if cfg.ref_model else model
+    ref_logp = {name: pair_logprobs(ops, ref, pairs, tokenizer, device, cfg.precision, cfg.batch_size,
+                                    average=cfg.average_log_prob)
+                for name, pairs in (("train", data), ("eval", eval_data)) if pairs is not None}  # fmt: skip
+    (ref_chosen, ref_rejected), ref_eval = ref_logp["train"], ref_logp.get("eval")
+    del ref
+
+    opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                warmup_steps=cfg.warmup_steps)  # fmt: skip
+    saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
+    start = maybe_resume(out, cfg.resume, **saved)
+    ddp_model = distributed.wrap(model, device)
+
+    logger = MetricsLogger(out, enabled=distributed.is_main())
+    reset_peak_memory(device)
+    t_start, tokens = time.perf_counter(), 0
+    for step in progress(range(start, steps), desc="dpo", total=steps - start):
+        sums = dict.fromkeys(("loss", *METRICS), 0.0)
+        for idx in micro_batches(step, len(data), cfg):
+            batch = _batch(data, idx, tokenizer, device)
+            with autocast_context(device, cfg.precision):
+                loss, metrics = ops.dpo_loss(ddp_model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                             ref_chosen[idx], ref_rejected[idx], beta=cfg.beta,
+                                             loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                                             average_log_prob=cfg.average_log_prob)  # fmt: skip
+            (loss / cfg.grad_accum).backward()  # mean over the micro-batch's pairs -> mean over the batch
+            for k, v in (("loss", loss), *((k, metrics[k]) for k in METRICS)):
+                sums[k] += float(v.detach()) / cfg.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
+        record = {k: float(distributed.global_mean(torch.tensor(v))) for k, v in sums.items()}
+        record |= {"grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+        if eval_data is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            ev = evaluate(ops, model, eval_data, ref_eval, tokenizer, device, cfg)
+            record |= {f"eval_{k}": v for k, v in ev.items() if k != "ref_logp_margin"}
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            logger.log(step + 1, record)
+        maybe_save(out, step + 1, cfg.save_every if step + 1 < steps else 0, cfg.keep_checkpoints, **saved)
+    seconds = time.perf_counter() - t_start
+    logger.close()
+
+    tokens = int(distributed.global_sum(torch.tensor(float(tokens))))
+    summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
+               "pairs_per_s": (steps - start) * cfg.batch_size / seconds if seconds > 0 else None,
+               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
+               "ops": cfg.ops}  # fmt: skip
+    if eval_data is not None:
+        ev = evaluate(ops, model, eval_data, ref_eval, tokenizer, device, cfg)
+        summary |= {f"eval_{k}": v for k, v in ev.items()} | {"eval_pairs": len(eval_data)}
+    finish_run(out, model, tokenizer, summary, title=f"DPO ({cfg.ops} ops, {cfg.loss_type} loss)")
+    return summary
