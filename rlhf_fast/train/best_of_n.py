@@ -1,0 +1,219 @@
+"""Best-of-n rejection sampling: sample n completions per prompt, keep the best, fine-tune on it.
+
+    rlhf-fast train best-of-n --config bon.yaml policy=runs/sft/model reward_model=runs/rm/model \\
+        prompts=data/prompts.jsonl
+
+One round is a straight line:
+  1. sample ``n`` completions of each prompt of the round from the current policy (``rollout.generate`` on
+     the prompts repeated ``n`` times; ancestral sampling at ``temperature``, no top-k / top-p);
+  2. score them with a frozen reward model or a reward function ``(prompts, completions) -> list[float]``
+     and keep the highest-scoring completion of each prompt (the first sampled, on ties);
+  3. fine-tune the policy on the (prompt, kept completion) pairs with the SFT loss — the mean negative
+     log-likelihood of the completion tokens (``ops.sft_nll``: ``rf.linear_logprobs`` from the hidden
+     states, or ``cross_entropy`` on the logits with ``ops="reference"``) — for ``epochs`` passes.
+``rounds > 1`` repeats it, each round sampling from the policy the previous one left (expert iteration,
+ReST, RAFT). Logged per round: the mean score of all samples and of the kept ones, the fine-tuning loss.
+
+Best-of-n sampling is itself a policy, whose KL to the sampler is at most ``log n - (n - 1) / n`` nats;
+fine-tuning on its samples distills it. ``eval_prompts`` are scored (one sample each, ``eval_fn`` or the
+reward) before the first round and after the last, with the exact KL to the initial policy
+(``rlhf_fast.train.ppo.evaluate``). Checkpoints are taken between rounds (``save_every`` rounds) and a
+resumed run continues from the last one exactly. One process (like the PPO trainer).
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .common import MetricsLogger, autocast_context, progress
+from .data import IGNORE_INDEX, collate_prompts, collate_sft, load_records, tokenize_prompts
+from .loop import finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
+from .models import build_reward_model, load_causal_lm, load_tokenizer
+from .ppo import evaluate
+from .rollout import generate, load_function, score
+from .runtime import peak_memory_mib, reset_peak_memory
+
+
+@dataclass
+class Config:
+    # models and data
+    policy: str = ""  # causal LM to improve (a local dir or hub name), usually the SFT model
+    reward_model: str | None = None  # a scalar-output sequence classifier (rlhf-fast train rm)
+    reward_fn: str | None = None  # or "module:function" scoring (prompts, completions) -> list[float]
+    prompts: str = ""  # dataset with a "prompt" (or "messages") column
+    eval_prompts: str | None = None  # held-out prompts, scored before the first round and after the last
+    eval_fn: str | None = None  # "module:function" for evaluation (e.g. an oracle); None: the reward
+    out_dir: str = "runs/best_of_n"
+    ops: Literal["fused", "reference"] = "fused"
+    # sampling and selection
+    rounds: int = 1  # sample -> select -> fine-tune cycles
+    prompts_per_round: int = 0  # 0: every prompt each round; else the next slice of a seeded permutation
+    n: int = 8  # completions sampled per prompt, the best of which is kept
+    prompts_per_step: int = 32  # prompts per sampling batch (n sequences each) and per evaluation batch
+    max_prompt_length: int = 64
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    # fine-tuning on the kept completions (each round)
+    epochs: int = 1
+    batch_size: int = 32  # sequences per optimizer step
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # counted over all rounds: the optimizer and its schedule carry over
+    max_grad_norm: float = 1.0
+    # evaluation, checkpoints, runtime
+    eval_samples: int = 256
+    save_every: int = 0  # rounds between checkpoints (0: none)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "bf16"
+
+    def validate(self) -> None:
+        if not self.policy or not self.prompts:
+            raise ValueError("policy and prompts must be set (a causal LM and a dataset of prompts)")
+        if (self.reward_model is None) == (self.reward_fn is None):
+            raise ValueError("give exactly one of reward_model and reward_fn")
+        if self.n < 1 or self.rounds < 1 or self.prompts_per_step < 1:
+            raise ValueError(f"n ({self.n}), rounds ({self.rounds}) and prompts_per_step "
+                             f"({self.prompts_per_step}) must be >= 1")  # fmt: skip
+        if self.prompts_per_round and self.prompts_per_round < self.batch_size:
+            raise ValueError(f"prompts_per_round ({self.prompts_per_round}) must be at least batch_size "
+                             f"({self.batch_size}): one kept completion per prompt")  # fmt: skip
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size})")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def round_prompts(n_prompts: int, rnd: int, cfg: Config) -> list[int]:
+    """The prompts of round ``rnd``: all of them, or consecutive slices of a permutation seeded per pass."""
+    per_round = cfg.prompts_per_round or n_prompts
+    per_pass = max(1, n_prompts // per_round)
+    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed + rnd // per_pass))
+    return order[(rnd % per_pass) * per_round :][:per_round].tolist()
+
+
+@torch.no_grad()
+def sample_best(policy, tokenizer, prompts, picks: list[int], reward, cfg: Config):
+    """Sample ``n`` completions of each picked prompt, score them, keep the best of each:
+    ``(sft rows of the kept completions, scores [P, n], seconds spent sampling)``."""
+    device = next(policy.parameters()).device
+    kept, scores, seconds = [], [], 0.0
+    for start in range(0, len(picks), cfg.prompts_per_step):
+        rows = prompts.select(picks[start : start + cfg.prompts_per_step])
+        repeated = rows.select([i for i in range(len(rows)) for _ in range(cfg.n)])
+        ids, mask = collate_prompts(repeated["prompt_input_ids"], tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        with autocast_context(device, cfg.precision):
+            ro = generate(policy, tokenizer, ids.to(device), mask.to(device), repeated["prompt"],
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # fmt: skip
+        seconds += time.perf_counter() - t0
+        group = reward(ro).view(len(rows), cfg.n)
+        best = group.argmax(1)  # the first maximum of each row
+        P = ids.shape[1]
+        for i, prompt_ids in enumerate(rows["prompt_input_ids"]):
+            j = i * cfg.n + int(best[i])
+            completion = ro.input_ids[j, P:][ro.response_mask[j] > 0].tolist()
+            kept.append({"input_ids": list(prompt_ids) + completion,
+                         "labels": [IGNORE_INDEX] * len(prompt_ids) + completion})  # fmt: skip
+        scores.append(group.cpu())
+    return kept, torch.cat(scores), seconds
+
+
+def fine_tune(ops, policy, opt, sched, kept: list[dict], tokenizer, rnd: int, cfg: Config) -> dict:
+    """``epochs`` passes of the SFT loss over the kept completions (the mean NLL of their tokens per batch)."""
+    device = next(policy.parameters()).device
+    steps = total_steps(len(kept), cfg.batch_size, cfg.epochs, 0)
+    losses, norms = [], []
+    for step in range(rnd * steps, (rnd + 1) * steps):  # counted over rounds: a fresh order per (round, epoch)
+        chunks = micro_batches(step, len(kept), cfg)
+        count = max(1, sum(sum(t != IGNORE_INDEX for t in kept[j]["labels"][1:]) for c in chunks for j in c))
+        loss = 0.0
+        for chunk in chunks:
+            batch = {k: v.to(device) for k, v in collate_sft([kept[j] for j in chunk], tokenizer.pad_token_id).items()}
+            with autocast_context(device, cfg.precision):
+                nll, _ = ops.sft_nll(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            (nll / count).backward()
+            loss += float(nll.detach()) / count
+        norms.append(optimizer_step(policy, opt, sched, cfg.max_grad_norm))
+        losses.append(loss)
+    return {"sft_loss": sum(losses) / len(losses), "sft_loss_last": losses[-1],
+            "grad_norm": sum(norms) / len(norms), "sft_steps": len(losses)}  # fmt: skip
+
+
+def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
+    """Run best-of-n fine-tuning; ``reward_fn`` / ``eval_fn`` (callables ``(prompts, completions) ->
+    list[float]``) take the place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
+    if reward_fn is not None:
+        cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
+    cfg.validate()
+    device, out, ops = start_run(cfg)
+
+    tokenizer = load_tokenizer(cfg.policy, padding_side="left")
+    policy = load_causal_lm(cfg.policy, device=device)
+    reward_model = None
+    if cfg.reward_model is not None:
+        reward_model = build_reward_model(cfg.reward_model, device=device).eval().requires_grad_(False)
+    reward_function = None if reward_model is not None else (reward_fn or load_function(cfg.reward_fn))
+
+    def reward(ro) -> torch.Tensor:
+        with autocast_context(device, cfg.precision):
+            return score(ro, reward_model=reward_model, reward_fn=reward_function)
+
+    eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
+    scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
+
+    prompts = tokenize_prompts(load_records(cfg.prompts), tokenizer, cfg.max_prompt_length)
+    if len(prompts) < max(cfg.prompts_per_round, cfg.batch_size):
+        raise ValueError(f"{len(prompts)} prompts are fewer than prompts_per_round ({cfg.prompts_per_round}) "
+                         f"or batch_size ({cfg.batch_size})")  # fmt: skip
+    eval_prompts, ref = None, None
+    if cfg.eval_prompts:
+        eval_prompts = tokenize_prompts(load_records(cfg.eval_prompts), tokenizer, cfg.max_prompt_length)
+        eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
+        ref = load_causal_lm(cfg.policy, device=device).eval().requires_grad_(False)  # for the KL only
+
+    opt, sched = make_optimizer(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                warmup_steps=cfg.warmup_steps)  # fmt: skip
+    saved = {"modules": {"policy": policy}, "optimizers": {"policy": opt}, "schedulers": {"policy": sched}}
+    start, summary = 0, {"score_all": [], "score_kept": []}
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, **saved)
+        start, summary = state["step"], state["summary"]
+    elif eval_prompts is not None:
+        summary["before"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+
+    logger = MetricsLogger(out)
+    reset_peak_memory(device)
+    for rnd in progress(range(start, cfg.rounds), desc="best-of-n", total=cfg.rounds - start):
+        t0 = time.perf_counter()
+        # ---- sample n completions per prompt from the current policy, score, keep the best of each
+        kept, scores, sample_seconds = sample_best(policy, tokenizer, prompts, round_prompts(len(prompts), rnd, cfg),
+                                                   reward, cfg)  # fmt: skip
+        # ---- fine-tune on the kept completions
+        record = fine_tune(ops, policy, opt, sched, kept, tokenizer, rnd, cfg)
+        best = scores.max(1).values
+        record |= {"score_all": float(scores.mean()), "score_kept": float(best.mean()),
+                   "score_kept_minus_all": float(best.mean() - scores.mean()),
+                   "kept_length": sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in kept) / len(kept),
+                   "samples_per_s": scores.numel() / sample_seconds, "lr": sched.get_last_lr()[0],
+                   "seconds": time.perf_counter() - t0}  # fmt: skip
+        summary["score_all"].append(record["score_all"])
+        summary["score_kept"].append(record["score_kept"])
+        logger.log(rnd + 1, record)
+        if cfg.save_every and (rnd + 1) % cfg.save_every == 0 and rnd + 1 < cfg.rounds:
+            save_checkpoint(checkpoint_path(out, rnd + 1), **saved, state={"step": rnd + 1, "summary": summary})
+            prune_checkpoints(out, cfg.keep_checkpoints)
+    logger.close()
+
+    summary |= {"rounds": cfg.rounds, "n": cfg.n, "ops": cfg.ops, "peak_memory_mib": peak_memory_mib(device)}
+    if eval_prompts is not None:
+        summary["after"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+    finish_run(out, policy, tokenizer, summary, title=f"best-of-{cfg.n} ({cfg.ops} ops)")
+    return summary

@@ -1,0 +1,75 @@
+"""The best-of-n trainer: rounds of sample -> keep the best -> fine-tune raise the oracle score of a tiny
+policy on held-out prompts, and a run resumed between rounds ends bit-identical to one that never stopped."""
+
+import pytest
+import torch
+from train_utils import same_weights, tiny_causal_lm_dir
+
+from rlhf_fast import task
+from rlhf_fast.train import best_of_n, sft
+from rlhf_fast.train.common import read_metrics
+from rlhf_fast.train.models import build_reward_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
+    monkeypatch.setenv("RLHF_FAST_NO_PROGRESS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("best_of_n")
+    paths = task.write_datasets(root / "data", n_sft=2048, n_pref=1, n_prompts=1024, n_eval=256, n_pref_eval=1)
+    return {"policy": tiny_causal_lm_dir(root / "policy"), **{k: str(v) for k, v in paths.items()}}
+
+
+def _config(files, out_dir, **kw) -> best_of_n.Config:
+    base = {"policy": files["policy"], "prompts": files["prompts"], "out_dir": str(out_dir), "n": 8,
+            "prompts_per_step": 64, "max_new_tokens": task.MAX_LEN + 1, "batch_size": 32, "lr": 3e-3,
+            "device": "cpu", "precision": "fp32"}  # fmt: skip
+    return best_of_n.Config(**(base | kw))
+
+
+def test_best_of_n_raises_the_oracle_score(files, tmp_path):
+    # a short SFT on the sloppy demonstrations first: a random policy almost never gets a letter right, so
+    # its best of 8 has little to teach (measured: 0.23 after these steps, 0.03 without them)
+    sft.train(sft.Config(model=files["policy"], data=files["sft"], out_dir=str(tmp_path / "sft"), lr=3e-3,
+                         batch_size=64, max_steps=200, epochs=10, max_length=32, device="cpu", precision="fp32",
+                         log_every=1000))  # fmt: skip
+    cfg = _config(files, tmp_path / "bon", policy=str(tmp_path / "sft" / "model"), eval_prompts=files["eval_prompts"],
+                  rounds=3, prompts_per_round=256, epochs=2)  # fmt: skip
+    summary = best_of_n.train(cfg, reward_fn=task.reward_fn)
+    before, after = summary["before"], summary["after"]
+    assert before["n"] == after["n"] == 256
+    # one sample per held-out prompt, scored by the oracle: measured 0.23 -> 0.48, about 18 standard errors
+    gain, stderr = after["score"] - before["score"], (before["score_stderr"] ** 2 + after["score_stderr"] ** 2) ** 0.5
+    assert gain > 6 * stderr, (before, after)
+    assert before["kl_to_ref"] == pytest.approx(0.0, abs=1e-4) and after["kl_to_ref"] > 0
+    rounds = read_metrics(tmp_path / "bon" / "metrics.jsonl")
+    assert [r["step"] for r in rounds] == [1, 2, 3]
+    for r in rounds:  # the kept completion of each prompt is the best of its 8: above their mean
+        assert r["score_kept"] > r["score_all"] + 0.1
+    assert rounds[-1]["score_all"] > rounds[0]["score_all"] + 0.05  # each round samples from a better policy
+    assert summary["score_all"] == [r["score_all"] for r in rounds]
+
+
+def test_resume_between_rounds_is_bit_identical(files, tmp_path):
+    """A reward model instead of a function, the reference ops, three rounds: cut after round 2, resumed
+    from the checkpoint of round 1."""
+    rm = build_reward_model(files["policy"])
+    rm.save_pretrained(tmp_path / "rm")
+    common = {"reward_model": str(tmp_path / "rm"), "ops": "reference", "n": 4, "prompts_per_round": 32,
+              "prompts_per_step": 16, "batch_size": 16, "save_every": 1}  # fmt: skip
+    best_of_n.train(_config(files, tmp_path / "full", rounds=3, **common))
+    best_of_n.train(_config(files, tmp_path / "cut", rounds=2, **common))  # checkpoint after round 1
+    best_of_n.train(_config(files, tmp_path / "cut", rounds=3, resume=True, **common))
+    assert same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model")
+    full, cut = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    drop = ("seconds", "samples_per_s")  # wall-clock
+    assert [{k: v for k, v in r.items() if k not in drop} for r in cut[2:]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in full[1:]]  # fmt: skip
