@@ -7,11 +7,13 @@ The contract of each op (names, defaults, semantics) is fixed in the project's A
 from ._dispatch import IMPLS
 from .full_kl import full_kl
 from .gae import gae
+from .linear_dpo import linear_dpo_loss
 from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
 from .ppo import group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
 from .ppo_fused import ppo_loss_from_logits
 from .preference import dpo_loss, pairwise_sigmoid_loss
+from .sequence_logprobs import sequence_logprobs
 
 __version__ = "0.1.0"
 
@@ -22,12 +24,14 @@ __all__ = [
     "gae",
     "group_advantages",
     "kl_penalty",
+    "linear_dpo_loss",
     "linear_logprobs",
     "logprobs",
     "masked_whiten",
     "pairwise_sigmoid_loss",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
+    "sequence_logprobs",
     "value_loss",
     "__version__",
 ]

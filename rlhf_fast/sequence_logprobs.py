@@ -1,0 +1,48 @@
+"""``rf.sequence_logprobs``: the log-prob of each whole sequence, summed (or averaged) over its tokens.
+
+Built on ``rf.logprobs``: its kernel (or chunked PyTorch implementation) reads the logits once and
+returns per-token log-probs, 0 at ignored positions; the sum over ``T`` is a ``[..., T]`` reduction.
+Gradients flow to the logits through ``rf.logprobs``' backward.
+"""
+
+import torch
+
+from .logprobs import logprobs
+
+
+def sum_over_tokens(token_logp: torch.Tensor, valid: torch.Tensor, average: bool) -> torch.Tensor:
+    """Sum of ``token_logp [..., T]`` (already 0 where not ``valid``) over ``T``, or its mean over the valid
+    tokens. A row without a valid token gives 0 either way (its token count is clamped to 1), not NaN."""
+    total = token_logp.sum(-1)
+    if not average:
+        return total
+    return total / valid.sum(-1).clamp(min=1).to(total.dtype)
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    average: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence log-prob: ``sum_t log_softmax(logits / T)[t, labels[t]]`` over tokens not ignored.
+
+    Args:
+        logits: ``[..., T, V]`` float32, bfloat16 or float16, any strides (e.g. ``logits[:, :-1]``).
+        labels: ``[..., T]`` integer token ids in ``[0, V)``, or ``ignore_index`` (prompt and padding).
+        temperature, ignore_index, impl: as in :func:`rlhf_fast.logprobs`.
+        average: the mean over the valid tokens instead of the sum (DPO's ``average_log_prob``, IPO's
+            length normalisation).
+
+    Returns:
+        float32 ``[...]``, differentiable with respect to ``logits`` (the gradient in their dtype). A
+        sequence whose labels are all ``ignore_index`` has log-prob 0 (sum of nothing), also with
+        ``average=True`` (0 rather than 0 / 0), and gets no gradient.
+    """
+    if isinstance(logits, torch.Tensor) and logits.dim() < 2:
+        raise ValueError(f"logits must have shape [..., T, V], got {tuple(logits.shape)}")
+    token_logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, impl=impl)
+    return sum_over_tokens(token_logp, labels != ignore_index, bool(average))
