@@ -142,6 +142,33 @@ def test_metrics_logger_appends_and_disabled(tmp_path):
     assert not (tmp_path / "rank1").exists()
 
 
+def test_metrics_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    """With torch.utils.tensorboard importable, every scalar also goes to a SummaryWriter (a recording
+    stand-in here: tensorboard is not a dependency)."""
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, name, value, global_step):
+            written.append((name, value, global_step))
+
+        def close(self):
+            written.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    with MetricsLogger(tmp_path) as logger:
+        assert logger._writer.log_dir == str(tmp_path / "tensorboard")
+        logger.log(4, {"loss": torch.tensor(0.5), "kl": 0.25})
+    assert written == [("loss", 0.5, 4), ("kl", 0.25, 4), "closed"]
+    written.clear()
+    MetricsLogger(tmp_path, tensorboard=False).log(5, {"loss": 1.0})
+    assert written == []
+
+
 def test_device_autocast_and_progress(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
