@@ -2,23 +2,12 @@
 policy on held-out prompts, and a run resumed between rounds ends bit-identical to one that never stopped."""
 
 import pytest
-import torch
 from train_utils import same_weights, tiny_causal_lm_dir
 
 from rlhf_fast import task
 from rlhf_fast.train import best_of_n, sft
 from rlhf_fast.train.common import read_metrics
 from rlhf_fast.train.models import build_reward_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    monkeypatch.setenv("RLHF_FAST_NO_PROGRESS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,6 @@ from rlhf_fast.train.data import collate_preferences, load_records, tokenize_pre
 from rlhf_fast.train.models import load_causal_lm, load_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
-    monkeypatch.setenv("RLHF_FAST_NO_PROGRESS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")

@@ -120,6 +120,18 @@ def _values(critic, input_ids, attention_mask, R: int) -> torch.Tensor:
     return critic(input_ids, attention_mask)[:, -R - 1 : -1]
 
 
+def step_prompts(n: int, per_step: int, *, seed: int, step: int) -> list[int]:
+    """The prompt indices of a step: consecutive slices of a stream of permutations of the ``n`` prompts, one
+    per pass, seeded by ``(seed, pass)`` (a function of the step alone, so a resumed run picks the same)."""
+    picked, position = [], step * per_step
+    while len(picked) < per_step:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        take = order[offset : offset + per_step - len(picked)]
+        picked, position = picked + take, position + len(take)
+    return picked
+
+
 def kl_controller_update(kl_coef: float, observed_kl: float, cfg: Config, n_sequences: int) -> float:
     """Ziegler et al.'s adaptive KL: ``beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon``."""
     if cfg.target_kl is None:
@@ -223,12 +235,9 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     n_prompts = len(prompts)
     for step in progress(range(start_step, cfg.steps), desc="ppo", total=cfg.steps - start_step):
         t0 = time.perf_counter()
-        # ---- rollout: prompts of this step (a permutation per pass over the data, seeded by the pass)
-        per_pass = n_prompts // cfg.prompts_per_step
-        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(cfg.seed + step // per_pass))
-        pick = order[(step % per_pass) * cfg.prompts_per_step :][: cfg.prompts_per_step]
-        pick = pick.repeat_interleave(cfg.samples_per_prompt).tolist()
-        rows = prompts.select(pick)
+        # ---- rollout: this step's prompts, each repeated samples_per_prompt times
+        pick = step_prompts(n_prompts, cfg.prompts_per_step, seed=cfg.seed, step=step)
+        rows = prompts.select([i for i in pick for _ in range(cfg.samples_per_prompt)])
         prompt_ids, prompt_mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
         with autocast_context(device, cfg.precision):
             ro = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), rows["prompt"],

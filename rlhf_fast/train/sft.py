@@ -112,7 +112,7 @@ def train(cfg: Config) -> dict:
         for chunk in chunks:
             nll, _ = _nll(ops, ddp_model, chunk, tokenizer, device, cfg.precision)
             (nll * distributed.world_size() / global_count).backward()
-            loss_sum += float(nll)
+            loss_sum += float(nll.detach())
         grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
         tokens += int(distributed.global_sum(torch.tensor(float(sum(len(r["input_ids"]) for c in chunks for r in c)))))
         loss = float(distributed.global_sum(torch.tensor(loss_sum))) / global_count

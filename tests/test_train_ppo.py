@@ -1,0 +1,128 @@
+"""The PPO trainer (rlhf_fast.train.ppo) end to end on tiny models.
+
+The bandit: one prompt, one-token responses, a reward per token. The KL-regularised objective
+``E[r] - beta KL(pi || pi_ref)`` has the closed-form optimum ``pi*(y) = pi_ref(y) exp(r(y) / beta) / Z``; the
+trainer must reach it (not the reward's argmax, which ``pi*`` puts only part of its mass on) for each way of
+estimating advantages and of placing the KL.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from rlhf_fast.train import ppo
+from rlhf_fast.train.models import load_causal_lm, load_tokenizer
+
+from train_utils import same_weights, tiny_causal_lm_dir, write_jsonl
+
+PROMPT = "a b c d >"
+REWARDS = {"a": 1.0, "b": 0.6, "c": 0.2, "d": -0.4}  # every other token: 0
+BETA = 0.5
+
+
+def bandit_reward(prompts, completions):
+    return [REWARDS.get(c.split()[0], 0.0) if c.split() else 0.0 for c in completions]
+
+
+def next_token_probs(model_dir: str) -> torch.Tensor:
+    """float64 ``softmax`` of the model's logits after the prompt: the bandit policy over the vocabulary."""
+    tok = load_tokenizer(model_dir)
+    from rlhf_fast.train.data import _prompt_ids
+
+    ids, _ = _prompt_ids(tok, PROMPT)
+    with torch.no_grad():
+        logits = load_causal_lm(model_dir)(torch.tensor([ids])).logits[0, -1]
+    return torch.softmax(logits.double(), -1)
+
+
+def optimum(pi_ref: torch.Tensor, model_dir: str) -> torch.Tensor:
+    tok = load_tokenizer(model_dir)
+    r = torch.zeros_like(pi_ref)
+    for word, value in REWARDS.items():
+        r[tok.convert_tokens_to_ids(word)] = value
+    target = pi_ref * torch.exp(r / BETA)
+    return target / target.sum()
+
+
+def tv(p, q) -> float:
+    return float(0.5 * (p - q).abs().sum())
+
+
+def bandit_config(tmp_path, **overrides) -> ppo.Config:
+    init = tiny_causal_lm_dir(tmp_path / "init", seed=1)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": PROMPT}] * 8)
+    cfg = dict(policy=init, prompts=prompts, out_dir=str(tmp_path / "run"), max_new_tokens=1, ppo_epochs=1,
+               lr=1e-2, critic_lr=1e-2, kl_coef=BETA, whiten_advantages=False, max_grad_norm=10.0, log_every=10,
+               device="cpu", precision="fp32")  # fmt: skip
+    cfg.update(overrides)
+    return ppo.Config(**cfg)
+
+
+@pytest.mark.parametrize(
+    "advantage, kl_mode, steps, prompts_per_step, samples_per_prompt, lr, max_tv",
+    [
+        # k1 in the sequence reward, leave-one-out baseline: at the optimum every sample's advantage is 0
+        # (r - beta log(pi/pi_ref) = beta log Z for every token), so the updates vanish there.
+        ("rloo", "reward", 60, 8, 8, 1e-2, 0.03),
+        # The exact KL over the vocabulary in the loss: per-sample gradients cancel only on average at the
+        # optimum, and Adam's normalised steps keep it wandering by ~lr: a smaller lr, a larger batch.
+        ("rloo", "full_kl_loss", 150, 32, 8, 3e-3, 0.035),
+        # The textbook form: k1 per token in the reward, a critic, GAE.
+        ("gae", "reward", 80, 32, 1, 1e-2, 0.03),
+    ],
+)
+def test_bandit_reaches_closed_form_optimum(tmp_path, advantage, kl_mode, steps, prompts_per_step,
+                                            samples_per_prompt, lr, max_tv):  # fmt: skip
+    cfg = bandit_config(tmp_path, advantage=advantage, kl_mode=kl_mode, steps=steps, prompts_per_step=prompts_per_step,
+                        samples_per_prompt=samples_per_prompt, minibatch_size=prompts_per_step * samples_per_prompt,
+                        lr=lr)  # fmt: skip
+    pi_ref = next_token_probs(cfg.policy)
+    target = optimum(pi_ref, cfg.policy)
+    assert tv(pi_ref, target) > 0.15  # the optimum is far from the start...
+    argmax = torch.zeros_like(target)
+    argmax[target.argmax()] = 1.0
+    assert tv(argmax, target) > 0.3  # ...and from the reward's argmax
+    ppo.train(cfg, reward_fn=bandit_reward)
+    assert tv(next_token_probs(str(tmp_path / "run" / "model")), target) < max_tv
+
+
+def test_fused_and_reference_ops_run_the_same_loop(tmp_path):
+    """One PPO step (rollout, GAE, two minibatches) with both op sets: the same metrics within float tolerance."""
+    records = {}
+    for ops in ("fused", "reference"):
+        cfg = bandit_config(tmp_path / ops, ops=ops, advantage="gae", steps=1, prompts_per_step=8,
+                            minibatch_size=4, max_new_tokens=3, ppo_epochs=2)  # fmt: skip
+        ppo.train(cfg, reward_fn=bandit_reward)
+        from rlhf_fast.train.common import read_metrics
+
+        records[ops] = read_metrics(tmp_path / ops / "run" / "metrics.jsonl")[-1]
+    fused, ref = records["fused"], records["reference"]
+    for key in ("score", "kl", "policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "explained_variance"):
+        assert fused[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+
+
+def test_resume_gives_the_uninterrupted_run(tmp_path):
+    """Stop after a checkpoint, resume from it: the final policy is bit-identical to a run that never stopped."""
+    cfg = bandit_config(tmp_path, advantage="gae", steps=4, save_every=2, prompts_per_step=8, minibatch_size=4,
+                        max_new_tokens=3, log_every=1)  # fmt: skip
+    ppo.train(cfg, reward_fn=bandit_reward)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed)
+    shutil.rmtree(resumed / "model")
+    ppo.train(ppo.Config(**{**cfg.__dict__, "out_dir": str(resumed), "resume": True}), reward_fn=bandit_reward)
+    assert same_weights(tmp_path / "run" / "model", resumed / "model")
+    # and the resumed run did start from the checkpoint (its first logged step is 3, not 1)
+    from rlhf_fast.train.common import read_metrics
+
+    steps = [r["step"] for r in read_metrics(resumed / "metrics.jsonl")]
+    assert steps.count(3) == 2 and steps.count(1) == 1  # the copied log of steps 1-4, then 3-4 again
+
+
+def test_bad_config_names_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        bandit_config(tmp_path, advantage="grpo", samples_per_prompt=1, reward_fn="m:f").validate()
+    with pytest.raises(ValueError, match="minibatch_size"):
+        bandit_config(tmp_path / "b", prompts_per_step=8, minibatch_size=3, reward_fn="m:f").validate()
+    with pytest.raises(ValueError, match="reward_model and reward_fn"):
+        bandit_config(tmp_path / "c").validate()

@@ -1,0 +1,104 @@
+"""The SFT and reward-model trainers on tiny models and the demo task's data: they learn, both op sets run the
+same loop, resume is exact, and two data-parallel processes give the losses of one."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rlhf_fast import task
+from rlhf_fast.train import reward, sft
+from rlhf_fast.train.common import read_metrics
+
+from train_utils import same_weights, tiny_causal_lm_dir
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    paths = task.write_datasets(root / "data", n_sft=512, n_pref=1024, n_prompts=64, n_eval=256, n_pref_eval=256, seed=0)
+    return {"init": tiny_causal_lm_dir(root / "init", hidden_size=64, num_layers=2, num_heads=4), **paths}
+
+
+def sft_config(task_data, out, **overrides) -> sft.Config:
+    cfg = dict(model=task_data["init"], data=task_data["sft"], out_dir=str(out), batch_size=32, lr=3e-3, epochs=100,
+               device="cpu", precision="fp32", log_every=1)  # fmt: skip
+    return sft.Config(**{**cfg, **overrides})
+
+
+@pytest.fixture(scope="module")
+def sft_run(task_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    summary = sft.train(sft_config(task_data, out, eval_data=task_data["sft"], max_steps=60))
+    return out, summary
+
+
+def test_sft_learns_the_demonstrations(sft_run):
+    """From a random init (loss ~ log V = 3.6) to a loss only a model that reads the prompt can reach.
+
+    The completion's letters are, over random prompts, uniform over 26 letters: a model that ignores the
+    prompt cannot beat ~log(26) = 3.26 nats on them (nor know where the word ends). The demonstrator's own
+    per-letter entropy (right 0.4, off by one 0.45, random 0.15) is ~1.4 nats: 60 steps get well on the way."""
+    tmp_path, summary = sft_run
+    first = read_metrics(tmp_path / "metrics.jsonl")[0]["loss"]
+    assert first > 3.3
+    assert summary["eval_loss"] < 2.8
+    assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "curves.png").is_file()
+
+
+def test_sft_fused_and_reference_ops_agree(task_data, tmp_path):
+    losses = {}
+    for ops in ("fused", "reference"):
+        sft.train(sft_config(task_data, tmp_path / ops, ops=ops, max_steps=3))
+        losses[ops] = [r["loss"] for r in read_metrics(tmp_path / ops / "metrics.jsonl")]
+    assert losses["fused"] == pytest.approx(losses["reference"], rel=1e-4)
+
+
+def test_sft_resume_is_exact(task_data, tmp_path):
+    cfg = sft_config(task_data, tmp_path / "run", max_steps=6, save_every=3, grad_accum=2)
+    sft.train(cfg)
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "model")
+    sft.train(sft.Config(**{**cfg.__dict__, "out_dir": str(tmp_path / "resumed"), "resume": True}))
+    assert same_weights(tmp_path / "run" / "model", tmp_path / "resumed" / "model")
+
+
+def test_reward_model_learns_preferences(task_data, sft_run, tmp_path):
+    """From the SFT model: held-out pairwise accuracy well above chance, 0.5 (the labels agree with the
+    oracle ~86% of the time; 0.62 on 256 pairs is 4 standard errors above chance). A higher learning rate
+    (3e-3) collapsed to a constant score at log(2) loss on this task."""
+    cfg = reward.Config(model=str(sft_run[0] / "model"), data=task_data["preferences"], eval_data=task_data["eval_preferences"],
+                        out_dir=str(tmp_path), batch_size=32, lr=1e-3, epochs=100, max_steps=200, device="cpu",
+                        precision="fp32", log_every=10)  # fmt: skip
+    summary = reward.train(cfg)
+    assert summary["eval_accuracy"] > 0.62, summary
+
+
+_DISTRIBUTED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from rlhf_fast.train import sft
+    sft.train(sft.Config(**json.loads(sys.argv[1])))
+    """
+)
+
+
+def test_two_processes_match_one(task_data, tmp_path):
+    """torchrun with 2 gloo processes, each on half of every global batch: the losses of one process."""
+    script = tmp_path / "run_sft.py"
+    script.write_text(_DISTRIBUTED_SCRIPT)
+    env = {**os.environ, "RLHF_FAST_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    losses = {}
+    for nproc in (1, 2):
+        cfg = sft_config(task_data, tmp_path / f"np{nproc}", max_steps=3, batch_size=16)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(29500 + nproc + os.getpid() % 1000), str(script), json.dumps(cfg.__dict__, default=str)]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+        losses[nproc] = [r["loss"] for r in read_metrics(tmp_path / f"np{nproc}" / "metrics.jsonl")]
+    assert len(losses[1]) == 3
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)
