@@ -10,19 +10,17 @@ whose chosen completion scores higher), on the training batches and on held-out 
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 from . import distributed
-from .common import MetricsLogger, autocast_context, plot_metrics, progress, resolve_device, seed_everything
-from .config import save_config
+from .common import MetricsLogger, autocast_context, progress
 from .data import collate_preferences, load_records, tokenize_preferences
-from .loop import batch_indices, make_optimizer, maybe_resume, maybe_save, optimizer_step, total_steps
+from .loop import (finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches, optimizer_step, plan_steps,
+                   start_run)  # fmt: skip
 from .models import build_reward_model, load_tokenizer, reward_scores
-from .ops import get_ops
-from .runtime import peak_memory_mib, reset_peak_memory, write_json
+from .runtime import peak_memory_mib, reset_peak_memory
 
 
 @dataclass
@@ -75,24 +73,13 @@ def evaluate(model, data, tokenizer, device, precision, batch_size: int) -> dict
 def train(cfg: Config) -> dict:
     if not cfg.model or not cfg.data:
         raise ValueError("model and data must be set (a causal LM or reward model, and preference pairs)")
-    distributed.init()
-    seed_everything(cfg.seed)
-    device = distributed.device_for_rank(resolve_device(cfg.device))
-    out = Path(cfg.out_dir)
-    ops = get_ops(cfg.ops)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     model = build_reward_model(cfg.model, tokenizer=tokenizer, device=device)
     data = tokenize_preferences(load_records(cfg.data), tokenizer, cfg.max_length)
     eval_data = tokenize_preferences(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
-    if cfg.batch_size % (cfg.grad_accum * distributed.world_size()):
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum}) "
-                         f"times the number of processes ({distributed.world_size()})")  # fmt: skip
-    steps = total_steps(len(data), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    steps_per_epoch = len(data) // cfg.batch_size
+    steps = plan_steps(len(data), cfg)
 
     opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=cfg.warmup_steps)  # fmt: skip
@@ -104,14 +91,9 @@ def train(cfg: Config) -> dict:
     reset_peak_memory(device)
     t_start, pairs = time.perf_counter(), 0
     for step in progress(range(start, steps), desc="reward model", total=steps - start):
-        epoch, b = divmod(step, steps_per_epoch)
-        rows = distributed.shard(batch_indices(len(data), cfg.batch_size, seed=cfg.seed, epoch=epoch)[b],
-                                 cfg.batch_size)  # fmt: skip
-        micro = len(rows) // cfg.grad_accum
         loss_sum, correct = 0.0, 0
-        for i in range(0, len(rows), micro):
-            chosen, rejected = _pair_scores(ddp_model, [data[j] for j in rows[i : i + micro]], tokenizer, device,
-                                            cfg.precision)  # fmt: skip
+        for idx in micro_batches(step, len(data), cfg):
+            chosen, rejected = _pair_scores(ddp_model, [data[j] for j in idx], tokenizer, device, cfg.precision)
             loss = ops.pairwise_loss(chosen, rejected)  # mean over the micro-batch's pairs
             (loss / cfg.grad_accum).backward()
             loss_sum += float(loss) / cfg.grad_accum
@@ -136,10 +118,5 @@ def train(cfg: Config) -> dict:
     if eval_data is not None:
         ev = evaluate(model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
         summary |= {"eval_accuracy": ev["accuracy"], "eval_margin": ev["margin"], "eval_pairs": ev["n"]}
-    if distributed.is_main():
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"reward model ({cfg.ops} ops)")
-        write_json(out / "summary.json", summary)
-    distributed.barrier()
+    finish_run(out, model, tokenizer, summary, title=f"reward model ({cfg.ops} ops)")
     return summary

@@ -9,19 +9,17 @@ The loss is the mean negative log-likelihood over the completion tokens of the g
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 from . import distributed
-from .common import MetricsLogger, autocast_context, plot_metrics, progress, resolve_device, seed_everything
-from .config import save_config
+from .common import MetricsLogger, autocast_context, progress
 from .data import collate_sft, load_records, tokenize_sft
-from .loop import batch_indices, make_optimizer, maybe_resume, maybe_save, optimizer_step, total_steps
+from .loop import (finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches, optimizer_step, plan_steps,
+                   start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
-from .ops import get_ops
-from .runtime import peak_memory_mib, reset_peak_memory, write_json
+from .runtime import peak_memory_mib, reset_peak_memory
 
 
 @dataclass
@@ -70,24 +68,13 @@ def evaluate(ops, model, data, tokenizer, device, precision, batch_size: int) ->
 def train(cfg: Config) -> dict:
     if not cfg.model or not cfg.data:
         raise ValueError("model and data must be set (a causal LM and an SFT dataset)")
-    distributed.init()
-    seed_everything(cfg.seed)
-    device = distributed.device_for_rank(resolve_device(cfg.device))
-    out = Path(cfg.out_dir)
-    ops = get_ops(cfg.ops)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device=device)
     data = tokenize_sft(load_records(cfg.data), tokenizer, cfg.max_length)
     eval_data = tokenize_sft(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
-    if cfg.batch_size % (cfg.grad_accum * distributed.world_size()):
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum}) "
-                         f"times the number of processes ({distributed.world_size()})")  # fmt: skip
-    steps = total_steps(len(data), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    steps_per_epoch = len(data) // cfg.batch_size
+    steps = plan_steps(len(data), cfg)
 
     opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=cfg.warmup_steps)  # fmt: skip
@@ -99,11 +86,7 @@ def train(cfg: Config) -> dict:
     reset_peak_memory(device)
     t_start, tokens = time.perf_counter(), 0
     for step in progress(range(start, steps), desc="sft", total=steps - start):
-        epoch, b = divmod(step, steps_per_epoch)
-        rows = distributed.shard(batch_indices(len(data), cfg.batch_size, seed=cfg.seed, epoch=epoch)[b],
-                                 cfg.batch_size)  # fmt: skip
-        micro = len(rows) // cfg.grad_accum
-        chunks = [[data[j] for j in rows[i : i + micro]] for i in range(0, len(rows), micro)]
+        chunks = [[data[j] for j in idx] for idx in micro_batches(step, len(data), cfg)]
         # Normalise by the global number of completion tokens: the mean over the global batch, however the
         # rows are split across micro-batches and processes (DDP averages gradients: times world size).
         counts = [sum(sum(t != -100 for t in r["labels"][1:]) for r in chunk) for chunk in chunks]
@@ -130,10 +113,5 @@ def train(cfg: Config) -> dict:
                "ops": cfg.ops}  # fmt: skip
     if eval_data is not None:
         summary["eval_loss"] = evaluate(ops, model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
-    if distributed.is_main():
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"SFT ({cfg.ops} ops)")
-        write_json(out / "summary.json", summary)
-    distributed.barrier()
+    finish_run(out, model, tokenizer, summary, title=f"SFT ({cfg.ops} ops)")
     return summary
