@@ -96,7 +96,7 @@ def train(cfg: Config) -> dict:
             chosen, rejected = _pair_scores(ddp_model, [data[j] for j in idx], tokenizer, device, cfg.precision)
             loss = ops.pairwise_loss(chosen, rejected)  # mean over the micro-batch's pairs
             (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss) / cfg.grad_accum
+            loss_sum += float(loss.detach()) / cfg.grad_accum
             correct += int((chosen > rejected).sum())
         grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
         pairs += cfg.batch_size
