@@ -28,6 +28,7 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # the trainers' and the demo's curves.png
     ],
     entry_points={"console_scripts": ["rlhf-fast=rlhf_fast.cli:main"]},
     extras_require={

@@ -231,7 +231,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
                                 kl_mode=cfg.kl_mode, kl_coef=kl_coef)  # fmt: skip
     logger = MetricsLogger(out)
     reset_peak_memory(device)
-    tokens_total, seconds_total = 0, 0.0
+    tokens_total, seconds_total, update_seconds = 0, 0.0, 0.0
     n_prompts = len(prompts)
     for step in progress(range(start_step, cfg.steps), desc="ppo", total=cfg.steps - start_step):
         t0 = time.perf_counter()
@@ -271,6 +271,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
             advantages, returns = sequence_advantages(seq_reward, cfg), None
 
         # ---- minibatch epochs
+        t_update = time.perf_counter()
         data = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "response_mask": mask,
                 "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages}  # fmt: skip
         if critic is not None:
@@ -309,13 +310,15 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         seconds = time.perf_counter() - t0
         tokens = int(mask.sum())
         tokens_total, seconds_total = tokens_total + tokens, seconds_total + seconds
+        update_seconds += seconds - (t_update - t0)
         mean_kl = float(kl_per_seq.mean())
         kl_coef_used = loss_cfg.kl_coef
         loss_cfg = PolicyLossConfig(**{**loss_cfg.__dict__, "kl_coef": kl_controller_update(
             kl_coef_used, mean_kl, cfg, B)})  # fmt: skip
         record = {k: sum(v) / len(v) for k, v in stats.items()}
         record |= {"score": float(scores.mean()), "kl": mean_kl, "kl_coef": kl_coef_used,
-                   "response_length": float(mask.sum(1).mean()), "tokens_per_s": tokens / seconds}  # fmt: skip
+                   "response_length": float(mask.sum(1).mean()), "tokens_per_s": tokens / seconds,
+                   "rollout_s": t_update - t0, "update_s": seconds - (t_update - t0)}  # fmt: skip
         if critic is not None:
             on = mask > 0
             residual = (returns - values)[on]
@@ -330,6 +333,9 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
 
     # ---- final evaluation, model, summary, plots
     summary["tokens_per_s"] = tokens_total / seconds_total if seconds_total else None
+    # the training phase alone (old/ref log-probs, values, advantages and the minibatch epochs are not in it:
+    # they count in tokens_per_s with the sampling)
+    summary["update_tokens_per_s"] = tokens_total / update_seconds if update_seconds else None
     summary["peak_memory_mib"] = peak_memory_mib(device)
     summary["ops"] = cfg.ops
     summary["final_kl_coef"] = loss_cfg.kl_coef
