@@ -10,7 +10,7 @@ from .gae import gae
 from .linear_dpo import linear_dpo_loss
 from .linear_logprobs import linear_logprobs
 from .logprobs import logprobs
-from .ppo import group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
+from .ppo import aggregate, group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
 from .ppo_fused import ppo_loss_from_logits
 from .preference import dpo_loss, pairwise_sigmoid_loss
 from .sequence_logprobs import sequence_logprobs
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IMPLS",
+    "aggregate",
     "dpo_loss",
     "full_kl",
     "gae",

@@ -13,7 +13,8 @@ import math
 import torch
 
 from . import _checks
-from ._agg import aggregate, check_agg
+from ._agg import aggregate as _aggregate
+from ._agg import check_agg
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
@@ -204,7 +205,7 @@ def ppo_policy_loss(
         per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
     if is_weights is not None:
         per_token = per_token * torch.where(on, is_weights.to(torch.float32), 0.0)
-    loss = aggregate(per_token, on, agg)
+    loss = _aggregate(per_token, on, agg)
 
     with torch.no_grad():
         count = on.sum().clamp(min=1).to(torch.float32)
@@ -218,6 +219,20 @@ def ppo_policy_loss(
         if dual_clip is not None:
             metrics["dual_clipfrac"] = _masked_mean(dual_active.float(), on, count)
     return loss, metrics
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor | None = None, *, agg: str = "token-mean") -> torch.Tensor:
+    """Aggregate per-token values ``[B, T]`` over ``mask`` by ``agg``, as the PPO losses do (float32 scalar).
+
+    The four modes of the API document (``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``,
+    ``"seq-mean-token-sum-norm"``); a batch without any token gives 0. For adding a term of your own (an
+    entropy bonus, a KL in the loss) to ``rf.ppo_policy_loss`` with the same weighting. Differentiable.
+    """
+    _check_bt(values, "values")
+    if mask is not None:
+        _checks.check_mask(mask, values, "values")
+    check_agg(agg)
+    return _aggregate(values, _token_mask(mask, values), agg)
 
 
 def value_loss(
@@ -265,7 +280,7 @@ def value_loss(
         v_clipped = old + torch.clamp(v - old, -clip, clip)
         err_clipped = torch.where(on, v_clipped - target, 0.0)
         per_token = torch.maximum(per_token, err_clipped * err_clipped)
-    return aggregate(0.5 * per_token, on, agg)
+    return _aggregate(0.5 * per_token, on, agg)
 
 
 # ---------------------------------------------------------------------------------------- advantages

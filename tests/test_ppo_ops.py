@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import rlhf_fast as rf
+from rlhf_fast.reference import aggregate_reference
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -552,3 +553,20 @@ def test_masked_whiten_bad_inputs(x, mask, arg):
 def test_group_advantages_bad_inputs(scores, group_size, kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         rf.group_advantages(scores, group_size, **kwargs)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_aggregate_matches_the_written_out_modes(agg):
+    """``rf.aggregate`` (public, for terms users add to the PPO loss) against the float64 formulas."""
+    values = torch.randn(5, 9, dtype=torch.float64)
+    mask = torch.rand(5, 9) > 0.4
+    mask[2] = False  # an empty row
+    got = rf.aggregate(values.float(), mask, agg=agg)
+    assert float(got) == pytest.approx(float(aggregate_reference(values, mask, agg)), rel=1e-5, abs=1e-6)
+
+
+def test_aggregate_rejects_bad_input():
+    with pytest.raises(ValueError, match="agg"):
+        rf.aggregate(torch.zeros(2, 3), agg="mean")
+    with pytest.raises(ValueError, match="mask"):
+        rf.aggregate(torch.zeros(2, 3), torch.ones(3, 2))

@@ -117,7 +117,7 @@ class FusedOps:
                 clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg,
             )  # fmt: skip
             kl = rf.full_kl(logits, ref_logits, temperature=cfg.temperature)
-            loss = loss + cfg.kl_coef * rf._agg.aggregate(kl, mask, cfg.agg)
+            loss = loss + cfg.kl_coef * rf.aggregate(kl, mask, agg=cfg.agg)
             metrics["kl"] = _masked_mean(kl, mask)
             return loss, metrics
         logp, entropy = self.response_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
@@ -126,10 +126,10 @@ class FusedOps:
                                            clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                            dual_clip=cfg.dual_clip, agg=cfg.agg)  # fmt: skip
         if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * rf._agg.aggregate(entropy, mask, cfg.agg)
+            loss = loss - cfg.entropy_coef * rf.aggregate(entropy, mask, agg=cfg.agg)
         if cfg.kl_mode == "k3_loss":
             kl = rf.kl_penalty(logp, batch["ref_logp"], estimator="k3")
-            loss = loss + cfg.kl_coef * rf._agg.aggregate(kl, mask, cfg.agg)
+            loss = loss + cfg.kl_coef * rf.aggregate(kl, mask, agg=cfg.agg)
             metrics["kl"] = _masked_mean(kl, mask)
         metrics["entropy"] = _masked_mean(entropy, mask)
         return loss, metrics
