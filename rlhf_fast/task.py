@@ -97,15 +97,26 @@ BT_ACCURACY_CEILING = 0.804  # a perfect reward model's expected accuracy on the
 class DemoDefaults:
     """Sizes and hyperparameters of ``rlhf-fast demo``, measured with plain PyTorch loops on a 2-core CPU.
 
-    Prototype (seed 0 / seed 1; CPU seconds of one thread, ``torch.set_num_threads(1)``: an SFT step took
-    30 ms with one thread and 40 ms with two, and two threads spin 3-10x slower when other jobs share
-    the cores):
-    SFT 600 steps 18 s / 21 s, sampled oracle score 0.409 +- 0.010 / 0.388 +- 0.009 (greedy 0.32 / 0.17);
-    reward model 1000 steps 55 s, held-out accuracy 0.71 / 0.72 on the noisy labels (ceiling 0.80),
-    0.85 on the oracle's strict ordering; PPO 200 steps (256 samples each) 65 s (RLOO baseline over
-    the 4 samples of a prompt) or 115 s (GAE with a critic initialised from the reward model), oracle
-    score 0.847 +- 0.007 / 0.880 +- 0.007 (RLOO), 0.845 +- 0.007 (GAE, seed 0): 35+ standard errors
-    above SFT, at a KL to the reference of 3.3 to 3.7 nats per completion. The score is 0.8 by step 50.
+    Prototype runs (plain PyTorch loops, fp32, ``torch.set_num_threads(1)``: an SFT step took 30 ms of CPU
+    with one thread and 40 ms with two, and two threads spin 3-10x slower when other jobs share the
+    cores). Seeds 0 / 1 / 2 (seed 2 on this module as committed, the others with the same task patched
+    in), CPU seconds:
+
+    ========================  =======================  =======================  =======================
+    stage                     seed 0                   seed 1                   seed 2
+    ========================  =======================  =======================  =======================
+    SFT, 600 steps            18 s, 0.409 +- 0.010     21 s, 0.388 +- 0.009     19 s, 0.400 +- 0.010
+    (greedy decoding)         0.317                    0.175                    0.165
+    RM, 1000 steps            61 s, acc 0.71 (0.85)    57 s, acc 0.72 (0.85)    55 s, acc 0.75 (0.88)
+    PPO (RLOO), 200 steps     67 s, 0.847 +- 0.007     74 s, 0.880 +- 0.007     72 s, 0.931 +- 0.009
+    KL to the SFT policy      3.3 nats                 3.5 nats                 4.3 nats
+    ========================  =======================  =======================  =======================
+
+    Scores are the oracle's on one completion sampled at T = 1 per held-out prompt (512), +- one
+    standard error; RM accuracy is on 512 held-out pairs' noisy labels (ceiling 0.80), in brackets on the
+    oracle's strict ordering. PPO passes 0.8 by step 50. GAE with a critic initialised from the reward
+    model (256 prompts x 1 sample, seed 0) reached 0.845 +- 0.007 in 115 s. PPO throughput ~2,200-2,450
+    response tokens/s of wall time (rollout + update) at 256 samples per step.
     """
 
     # data; SFT and RM see each example once (steps * batch_size), a small model memorises repeats:
