@@ -61,6 +61,7 @@ class Config:
     lr: float = 1e-6  # TRL's default: the implicit reward moves fast on a pretrained model
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
     max_grad_norm: float = 1.0
     max_length: int = 512
     eval_every: int = 0
@@ -141,7 +142,8 @@ def train(cfg: Config) -> dict:
     del ref
 
     opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                warmup_steps=cfg.warmup_steps)  # fmt: skip
+                                warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
+                                total_steps=steps)  # fmt: skip
     saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
     start = maybe_resume(out, cfg.resume, **saved)
     ddp_model = distributed.wrap(model, device)

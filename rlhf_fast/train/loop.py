@@ -74,11 +74,26 @@ def micro_batches(step: int, n: int, cfg) -> list[list[int]]:
     return [rows[i : i + micro] for i in range(0, len(rows), micro)]
 
 
-def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int):
-    """AdamW and a linear warmup to ``lr`` over ``warmup_steps``, constant after."""
+LR_SCHEDULES = ("constant", "linear")
+
+
+def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant",
+                   total_steps: int | None = None):  # fmt: skip
+    """AdamW and a linear warmup to ``lr`` over ``warmup_steps``; then constant, or with
+    ``schedule="linear"`` a linear decay to 0 at ``total_steps``."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "linear" and not total_steps:
+        raise ValueError("a linear lr_schedule needs the total number of steps")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-    return opt, sched
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
+        if schedule == "constant" or step < warmup_steps:
+            return warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def optimizer_step(model, opt, sched, max_grad_norm: float) -> float:

@@ -269,6 +269,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         else:
             seq_reward = scores - loss_cfg.kl_coef * kl_per_seq if cfg.kl_mode == "reward" else scores
             advantages, returns = sequence_advantages(seq_reward, cfg), None
+            if cfg.whiten_advantages:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
         # ---- minibatch epochs
         t_update = time.perf_counter()

@@ -36,6 +36,7 @@ class Config:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
     max_grad_norm: float = 1.0
     max_length: int = 512
     eval_every: int = 0
@@ -77,7 +78,8 @@ def train(cfg: Config) -> dict:
     steps = plan_steps(len(data), cfg)
 
     opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                warmup_steps=cfg.warmup_steps)  # fmt: skip
+                                warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
+                                total_steps=steps)  # fmt: skip
     saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
     start = maybe_resume(out, cfg.resume, **saved)
     ddp_model = distributed.wrap(model, device)
