@@ -79,6 +79,7 @@ class Config:
     kl_coef: float = 0.05
     target_kl: float | None = None  # adaptive KL coefficient (Ziegler et al.) towards this KL per sequence
     kl_horizon: int = 10000
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses cut at max_new_tokens
     # evaluation, checkpoints, runtime
     eval_samples: int = 256  # held-out prompts scored at the start and the end
     save_every: int = 0  # steps between checkpoints (0: only at the end)
@@ -243,6 +244,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
             ro = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), rows["prompt"],
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # fmt: skip
         scores = reward(ro)
+        if cfg.missing_eos_penalty:
+            scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
         mask = ro.response_mask
         B, R = mask.shape
 
@@ -319,7 +322,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
             kl_coef_used, mean_kl, cfg, B)})  # fmt: skip
         record = {k: sum(v) / len(v) for k, v in stats.items()}
         record |= {"score": float(scores.mean()), "kl": mean_kl, "kl_coef": kl_coef_used,
-                   "response_length": float(mask.sum(1).mean()), "tokens_per_s": tokens / seconds,
+                   "response_length": float(mask.sum(1).mean()), "finished": float(ro.finished.float().mean()), "tokens_per_s": tokens / seconds,
                    "rollout_s": t_update - t0, "update_s": seconds - (t_update - t0)}  # fmt: skip
         if critic is not None:
             on = mask > 0

@@ -22,10 +22,17 @@ class Rollout:
     response_mask: torch.Tensor  # [B, R] float32, 1 on response tokens up to and including EOS
     prompts: list[str]  # the prompt text of each row
     completions: list[str]  # the decoded response of each row (special tokens removed)
+    eos_token_id: int | None = None
+
+    @property
+    def finished(self) -> torch.Tensor:
+        """``[B]`` bool: the response ended with EOS (not cut at ``max_new_tokens``)."""
+        R = self.response_mask.shape[1]
+        return ((self.input_ids[:, -R:] == self.eos_token_id) & (self.response_mask > 0)).any(1)
 
     def to(self, device) -> "Rollout":
         return Rollout(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
-                       self.prompts, self.completions)  # fmt: skip
+                       self.prompts, self.completions, self.eos_token_id)  # fmt: skip
 
 
 def load_function(spec: str):
@@ -69,7 +76,7 @@ def generate(policy, tokenizer, prompt_ids, prompt_mask, prompts, *, max_new_tok
     attention_mask = torch.cat([prompt_mask.to(torch.long), response_mask.long()], dim=1)
     completions = tokenizer.batch_decode(response.masked_fill(after_eos, tokenizer.pad_token_id),
                                          skip_special_tokens=True)  # fmt: skip
-    return Rollout(out, attention_mask, response_mask, list(prompts), completions)
+    return Rollout(out, attention_mask, response_mask, list(prompts), completions, tokenizer.eos_token_id)
 
 
 @torch.no_grad()
@@ -80,7 +87,15 @@ def score(rollout: Rollout, *, reward_model=None, reward_fn=None) -> torch.Tenso
         if len(values) != len(rollout.prompts):
             raise ValueError(f"reward_fn returned {len(values)} scores for {len(rollout.prompts)} completions")
         return torch.tensor([float(v) for v in values], dtype=torch.float32, device=rollout.input_ids.device)
-    return reward_scores(reward_model, rollout.input_ids, rollout.attention_mask).float()
+    # A reward model scores finished answers (it was trained on completions that end with EOS): a response
+    # cut at max_new_tokens is scored with EOS appended, not at a position the model never learned to
+    # score (a policy learns to exploit that). Penalise truncation with ppo's missing_eos_penalty.
+    B = rollout.input_ids.shape[0]
+    cut = ~rollout.finished
+    extra = torch.full((B, 1), rollout.eos_token_id, dtype=rollout.input_ids.dtype, device=rollout.input_ids.device)
+    ids = torch.cat([rollout.input_ids, extra], dim=1)
+    mask = torch.cat([rollout.attention_mask, cut[:, None].to(rollout.attention_mask.dtype)], dim=1)
+    return reward_scores(reward_model, ids, mask).float()
 
 
 def mean_and_stderr(values) -> tuple[float, float]:
