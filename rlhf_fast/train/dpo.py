@@ -33,8 +33,8 @@ import torch
 from . import distributed
 from .common import MetricsLogger, autocast_context, progress
 from .data import collate_preferences, load_records, tokenize_preferences
-from .loop import (finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches, optimizer_step, plan_steps,
-                   start_run)  # fmt: skip
+from .loop import (SupervisedConfig, finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches,
+                   optimizer_step, plan_steps, start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
 from .runtime import peak_memory_mib, reset_peak_memory
 
@@ -43,35 +43,17 @@ METRICS = ("chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_marg
 
 
 @dataclass
-class Config:
+class Config(SupervisedConfig):
     model: str = ""  # causal LM to train (usually the SFT model): a local directory or a hub name
     ref_model: str | None = None  # frozen reference; None: the initial policy (``model``)
     data: str = ""  # prompt/chosen/rejected records (or chosen/rejected message lists)
     eval_data: str | None = None
     out_dir: str = "runs/dpo"
-    ops: Literal["fused", "reference"] = "fused"
     beta: float = 0.1  # strength of the pull towards the reference (the KL coefficient of the objective)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = 0.0  # sigmoid loss: assumed probability that a label is flipped (cDPO)
     average_log_prob: bool = False  # mean instead of sum of the token log-probs of each answer
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimizer steps
-    batch_size: int = 32  # pairs per optimizer step, over all processes
-    grad_accum: int = 1
     lr: float = 1e-6  # TRL's default: the implicit reward moves fast on a pretrained model
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"
-    log_every: int = 10
 
     def validate(self) -> None:
         if not self.model or not self.data:

@@ -3,7 +3,9 @@ the start and the end of a run, the order of the data, the optimizer with its wa
 clipping, checkpoints."""
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -75,6 +77,33 @@ def micro_batches(step: int, n: int, cfg) -> list[list[int]]:
 
 
 LR_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SupervisedConfig:
+    """The options the supervised trainers (sft, rm, dpo) share; each trainer's ``Config`` adds its own
+    (model, data, out_dir and the loss's options) and may override a default (``lr``)."""
+
+    ops: Literal["fused", "reference"] = "fused"
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; float32 on CPU
+    log_every: int = 10
+
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant",

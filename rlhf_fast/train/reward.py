@@ -10,44 +10,25 @@ whose chosen completion scores higher), on the training batches and on held-out 
 
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from . import distributed
 from .common import MetricsLogger, autocast_context, progress
 from .data import collate_preferences, load_records, tokenize_preferences
-from .loop import (finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches, optimizer_step, plan_steps,
-                   start_run)  # fmt: skip
+from .loop import (SupervisedConfig, finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches,
+                   optimizer_step, plan_steps, start_run)  # fmt: skip
 from .models import build_reward_model, load_tokenizer, reward_scores
 from .runtime import peak_memory_mib, reset_peak_memory
 
 
 @dataclass
-class Config:
+class Config(SupervisedConfig):
     model: str = ""  # a causal LM (usually the SFT model) or a saved reward model
     data: str = ""  # prompt/chosen/rejected records (or chosen/rejected message lists)
     eval_data: str | None = None
     out_dir: str = "runs/rm"
-    ops: Literal["fused", "reference"] = "fused"
-    epochs: int = 1
-    max_steps: int = 0
-    batch_size: int = 32  # pairs per optimizer step, over all processes
-    grad_accum: int = 1
     lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"
-    log_every: int = 10
 
 
 def _pair_scores(model, rows, tokenizer, device, precision):

@@ -9,44 +9,25 @@ The loss is the mean negative log-likelihood over the completion tokens of the g
 
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from . import distributed
 from .common import MetricsLogger, autocast_context, progress
 from .data import collate_sft, load_records, tokenize_sft
-from .loop import (finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches, optimizer_step, plan_steps,
-                   start_run)  # fmt: skip
+from .loop import (SupervisedConfig, finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches,
+                   optimizer_step, plan_steps, start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
 from .runtime import peak_memory_mib, reset_peak_memory
 
 
 @dataclass
-class Config:
+class Config(SupervisedConfig):
     model: str = ""  # causal LM to fine-tune: a local directory or a hub name
     data: str = ""  # prompt/completion, messages or text records (JSONL, Parquet, a hub dataset)
     eval_data: str | None = None
     out_dir: str = "runs/sft"
-    ops: Literal["fused", "reference"] = "fused"
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimizer steps
-    batch_size: int = 32  # sequences per optimizer step, over all processes
-    grad_accum: int = 1
     lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"
-    log_every: int = 10
 
 
 def _nll(ops, model, rows, tokenizer, device, precision):
