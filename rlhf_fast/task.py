@@ -30,12 +30,14 @@ The demonstrator (the imperfect SFT data)
 The preferences
     For each preference prompt, two candidates come from the same noisy labeler with a quality drawn per
     candidate: each letter is right with probability ``q ~ U(0, 1)``, otherwise a near miss or a random
-    letter in the demonstrator's 3 : 1 ratio. The oracle scores both, and the first is preferred with
-    the Bradley-Terry probability ``sigmoid((score_a - score_b) / TAU)``, ``TAU = 0.2``: one letter of
-    difference in a 5-letter word (0.2 of score) is labeled the right way round 73% of the time, equal
-    scores are a coin flip. Measured over 10^5 pairs, 17% of pairs tie and the labels of the others agree
-    with the oracle's ordering 86.7% of the time (``BT_AGREEMENT``); so a perfect reward model would
-    score 0.80 on noisy held-out labels (``BT_ACCURACY_CEILING``), and 0.5 is chance.
+    letter in the demonstrator's 3 : 1 ratio; and with probability ``P_LENGTH_ERROR = 0.2`` a candidate
+    is 1 or 2 letters too short or too long, so that the reward model learns that length matters too.
+    The oracle scores both, and the first is preferred with the Bradley-Terry probability
+    ``sigmoid((score_a - score_b) / TAU)``, ``TAU = 0.2``: one letter of difference in a 5-letter word
+    (0.2 of score) is labeled the right way round 73% of the time, equal scores are a coin flip. Measured
+    over 10^5 pairs, 15% of pairs tie and the labels of the others agree with the oracle's ordering 85.4%
+    of the time (``BT_AGREEMENT``); so a perfect reward model would score 0.80 on noisy held-out labels
+    (``BT_ACCURACY_CEILING``), and 0.5 is chance.
 
 Evaluation
     The oracle score of a policy is the mean over held-out prompts of one completion sampled at
@@ -88,9 +90,13 @@ P_CORRECT = 0.4  # the demonstrator's letter is right ...
 P_NEAR_MISS = 0.45  # ... or the next letter of the alphabet (its habit, more often than right) ...
 P_RANDOM = 1.0 - P_CORRECT - P_NEAR_MISS  # ... or uniform over the 26 letters (0.15)
 DEMONSTRATOR_MEAN = P_CORRECT + P_RANDOM / len(LETTERS)  # expected score: 0.4058
+# a preference candidate is 1-2 letters too short or too long with this probability, so the reward model
+# sees that length matters: without such pairs every candidate had the right length, and a policy that
+# stopped late was not penalised (a demo run's PPO drifted to max_new_tokens, oracle score 0.38 -> 0.23)
+P_LENGTH_ERROR = 0.2
 TAU = 0.2  # Bradley-Terry temperature of the labeler, in units of oracle score
-BT_AGREEMENT = 0.867  # P(label agrees with the oracle | scores differ), measured over 10^5 pairs
-BT_ACCURACY_CEILING = 0.804  # a perfect reward model's expected accuracy on the noisy labels (ties: 0.5)
+BT_AGREEMENT = 0.854  # P(label agrees with the oracle | scores differ), measured over 10^5 pairs
+BT_ACCURACY_CEILING = 0.802  # a perfect reward model's expected accuracy on the noisy labels (ties: 0.5)
 
 
 @dataclass(frozen=True)
@@ -246,8 +252,10 @@ def sample_prompts(n: int, seed: int) -> list[str]:
     return list(seen)
 
 
-def _noisy_completion(prompt: str, rng: np.random.Generator, p_correct: float) -> str:
-    """Each letter right with ``p_correct``, else a near miss or random letter in the 3 : 1 ratio."""
+def _noisy_completion(prompt: str, rng: np.random.Generator, p_correct: float, p_length_error: float = 0.0) -> str:
+    """Each letter right with ``p_correct``, else a near miss or random letter in the 3 : 1 ratio; with
+    probability ``p_length_error`` the completion then loses its last 1 or 2 letters (keeping at least
+    one) or gains 1 or 2 random ones, either way equally likely."""
     p_near = (1.0 - p_correct) * P_NEAR_MISS / (P_NEAR_MISS + P_RANDOM)
     out = []
     for letter in target_letters(prompt):
@@ -255,10 +263,24 @@ def _noisy_completion(prompt: str, rng: np.random.Generator, p_correct: float) -
         if u < p_correct:
             out.append(letter)
         elif u < p_correct + p_near:
-            out.append(LETTERS[(LETTERS.index(letter) + 1) % len(LETTERS)])
+            out.append(_next_letter(letter))
         else:
-            out.append(LETTERS[int(rng.integers(len(LETTERS)))])
+            out.append(_random_letter(rng))
+    if rng.random() < p_length_error:
+        k = int(rng.integers(1, 3))
+        if rng.random() < 0.5:
+            out = out[: max(1, len(out) - k)]
+        else:
+            out += [_random_letter(rng) for _ in range(k)]
     return " ".join(out)
+
+
+def _next_letter(letter: str) -> str:
+    return LETTERS[(LETTERS.index(letter) + 1) % len(LETTERS)]
+
+
+def _random_letter(rng: np.random.Generator) -> str:
+    return LETTERS[int(rng.integers(len(LETTERS)))]
 
 
 def demonstration(prompt: str, rng: np.random.Generator) -> str:
@@ -271,8 +293,8 @@ def preference_pair(prompt: str, rng: np.random.Generator) -> dict:
 
     Returns ``prompt``, ``chosen``, ``rejected`` and the oracle's ``chosen_score`` / ``rejected_score``.
     """
-    a = _noisy_completion(prompt, rng, float(rng.random()))
-    b = _noisy_completion(prompt, rng, float(rng.random()))
+    a = _noisy_completion(prompt, rng, float(rng.random()), P_LENGTH_ERROR)
+    b = _noisy_completion(prompt, rng, float(rng.random()), P_LENGTH_ERROR)
     sa, sb = oracle_score(prompt, a), oracle_score(prompt, b)
     a_wins = rng.random() < _sigmoid((sa - sb) / TAU)
     chosen, rejected = (a, b) if a_wins else (b, a)

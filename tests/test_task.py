@@ -111,6 +111,22 @@ def test_bradley_terry_labels_agree_with_oracle_at_the_expected_rate():
         assert r["rejected_score"] == task.oracle_score(r["prompt"], r["rejected"])
 
 
+def test_some_preference_candidates_have_the_wrong_length():
+    """P_LENGTH_ERROR of the candidates are 1-2 letters short or long (the reward model must see length
+    errors to penalise a policy that stops late); the shorter and longer ones lose."""
+    rng = np.random.default_rng(0)
+    pairs = [task.preference_pair(p, rng) for p in task.sample_prompts(3000, seed=9)]
+    diffs = [len(r[k].split()) - len(task.target_letters(r["prompt"])) for r in pairs for k in ("chosen", "rejected")]
+    wrong = np.mean([d != 0 for d in diffs])
+    se = math.sqrt(task.P_LENGTH_ERROR * (1 - task.P_LENGTH_ERROR) / len(diffs))
+    assert abs(wrong - task.P_LENGTH_ERROR) < 4 * se
+    assert set(diffs) == {-2, -1, 0, 1, 2}
+    # a wrong length costs: such candidates are chosen less often than 1 in 5 (measured 0.169 over 10^5 pairs;
+    # the bound is 3 standard errors of a 3000-pair fraction above that)
+    chosen_wrong = np.mean([len(r["chosen"].split()) != len(task.target_letters(r["prompt"])) for r in pairs])
+    assert chosen_wrong < task.P_LENGTH_ERROR - 0.01
+
+
 # ----------------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------------
