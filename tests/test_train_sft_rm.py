@@ -20,7 +20,7 @@ from train_utils import same_weights, tiny_causal_lm_dir
 @pytest.fixture(scope="module")
 def task_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("task")
-    paths = task.write_datasets(root / "data", n_sft=512, n_pref=1024, n_prompts=64, n_eval=256, n_pref_eval=256, seed=0)
+    paths = task.write_datasets(root / "data", n_sft=512, n_pref=9600, n_prompts=64, n_eval=256, n_pref_eval=256, seed=0)
     return {"init": tiny_causal_lm_dir(root / "init", hidden_size=64, num_layers=2, num_heads=4), **paths}
 
 
@@ -68,12 +68,13 @@ def test_sft_resume_is_exact(task_data, tmp_path):
 
 
 def test_reward_model_learns_preferences(task_data, sft_run, tmp_path):
-    """From the SFT model: held-out pairwise accuracy well above chance, 0.5 (the labels agree with the
-    oracle ~86% of the time; 0.62 on 256 pairs is 4 standard errors above chance). A higher learning rate
-    (3e-3) collapsed to a constant score at log(2) loss on this task."""
-    cfg = reward.Config(model=str(sft_run[0] / "model"), data=task_data["preferences"], eval_data=task_data["eval_preferences"],
-                        out_dir=str(tmp_path), batch_size=32, lr=1e-3, epochs=100, max_steps=200, device="cpu",
-                        precision="fp32", log_every=10)  # fmt: skip
+    """From the SFT model: held-out pairwise accuracy well above chance, 0.5 (a perfect model scores ~0.80
+    on the noisy labels; 0.62 on 256 pairs is 4 standard errors above chance). Each pair is seen once: on
+    a few pairs repeated for epochs the model memorised them (train loss 0.46, held-out accuracy 0.57)."""
+    cfg = reward.Config(model=str(sft_run[0] / "model"), data=task_data["preferences"],
+                        eval_data=task_data["eval_preferences"], out_dir=str(tmp_path), batch_size=32, lr=3e-3,
+                        warmup_steps=20, lr_schedule="linear", max_steps=300, device="cpu", precision="fp32",
+                        log_every=10)  # fmt: skip
     summary = reward.train(cfg)
     assert summary["eval_accuracy"] > 0.62, summary
 
