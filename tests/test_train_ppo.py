@@ -126,3 +126,21 @@ def test_bad_config_names_the_argument(tmp_path):
         bandit_config(tmp_path / "b", prompts_per_step=8, minibatch_size=3, reward_fn="m:f").validate()
     with pytest.raises(ValueError, match="reward_model and reward_fn"):
         bandit_config(tmp_path / "c").validate()
+
+
+def test_adaptive_kl_controller():
+    """Ziegler et al.: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon; a fixed coefficient without a target."""
+    cfg = ppo.Config(target_kl=4.0, kl_horizon=1000)
+    assert ppo.kl_controller_update(0.1, 4.4, cfg, 100) == pytest.approx(0.1 * (1 + 0.1 * 0.1))  # KL above: up
+    assert ppo.kl_controller_update(0.1, 8.0, cfg, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # error clipped
+    assert ppo.kl_controller_update(0.1, 1.0, cfg, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.1))  # KL below: down
+    assert ppo.kl_controller_update(0.1, 9.0, ppo.Config(), 100) == 0.1
+
+
+def test_step_prompts_cover_the_data_and_repeat_exactly():
+    """Each pass over the prompts is a permutation; a step's prompts depend on the step alone (exact resume)."""
+    n, per_step = 10, 4
+    stream = [i for step in range(5) for i in ppo.step_prompts(n, per_step, seed=3, step=step)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert ppo.step_prompts(n, per_step, seed=3, step=2) == stream[8:12]
+    assert len(ppo.step_prompts(3, 8, seed=0, step=0)) == 8  # more prompts per step than the data has
