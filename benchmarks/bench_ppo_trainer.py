@@ -87,6 +87,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ops", default="fused,reference")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per run (default 1: two OpenMP threads collapse when another process shares a "
+                         "2-core machine, and the two runs would not see the same machine)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--_child", nargs=3, metavar=("WORKDIR", "OPS", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -97,6 +100,8 @@ def main(argv=None) -> list[dict]:
         p["steps"] = args.steps
     if args._child:
         workdir, ops, device = args._child
+        if device == "cpu" and args.threads > 0:
+            torch.set_num_threads(args.threads)
         print("RESULT " + json.dumps(run_one(Path(workdir), p, ops, device)))
         return []
     device = "cuda" if cuda else "cpu"
@@ -105,7 +110,7 @@ def main(argv=None) -> list[dict]:
         build(Path(tmp), p, device)
         for ops in args.ops.split(","):
             cmd = [sys.executable, "-m", "benchmarks.bench_ppo_trainer", "--preset", preset, "--steps", str(p["steps"]),
-                   "--_child", tmp, ops, device]  # fmt: skip
+                   "--threads", str(args.threads), "--_child", tmp, ops, device]  # fmt: skip
             env = {**os.environ, "RLHF_FAST_NO_PROGRESS": "1"}
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -118,11 +123,11 @@ def main(argv=None) -> list[dict]:
             print(f"{ops:10s} {r['tokens_per_s']:9.1f} tok/s (whole steps)  {r['update_tokens_per_s']:9.1f} tok/s "
                   f"(update)  peak extra {r['peak_memory']['peak_extra_mib']:8.1f} MiB", flush=True)  # fmt: skip
     if not args.no_save:
-        save(results, preset, p, device)
+        save(results, preset, p, device, args.threads)
     return results
 
 
-def save(results: list[dict], preset: str, p: dict, device: str) -> None:
+def save(results: list[dict], preset: str, p: dict, device: str, threads: int) -> None:
     import subprocess as sp
 
     import transformers
@@ -134,12 +139,14 @@ def save(results: list[dict], preset: str, p: dict, device: str) -> None:
     commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"preset": preset, "shape": p, "device": device, "machine": platform.processor() or platform.machine(),
             "commit": commit, "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "load_average": os.getloadavg()}  # fmt: skip
+            "transformers": transformers.__version__, "load_average": os.getloadavg(),
+            "cpu_threads": threads if device == "cpu" else None}  # fmt: skip
     (out / "ppo_trainer.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     lines = [f"# PPO trainer, fused vs reference ops ({preset}: V={p['vocab']}, H={p['hidden']}, {p['layers']} "
              f"layers, {p['prompts_per_step']} prompts x {p['new_tokens']} new tokens, {p['steps']} steps)", "",
              f"commit {commit}, torch {torch.__version__}, triton {triton.__version__}, {meta['machine']}, "
-             f"load average {meta['load_average'][0]:.1f}", "",
+             f"load average {meta['load_average'][0]:.1f}"
+             + (f", {threads} CPU thread(s) per run" if device == "cpu" else ""), "",
              "| ops | tokens/s (whole PPO steps) | tokens/s (update phase) | peak extra memory (MiB) |",
              "| --- | --- | --- | --- |"]  # fmt: skip
     for r in results:
