@@ -31,12 +31,12 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .common import MetricsLogger, autocast_context, progress
+from .common import autocast_context, progress
 from .data import collate_preferences, load_records, tokenize_preferences
-from .loop import (SupervisedConfig, finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches,
-                   optimizer_step, plan_steps, start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
+                   plan_steps, start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
-from .runtime import peak_memory_mib, reset_peak_memory
+from .runtime import peak_memory_mib
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRICS = ("chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_margin")  # of ops.dpo_loss
@@ -123,15 +123,7 @@ def train(cfg: Config) -> dict:
     (ref_chosen, ref_rejected), ref_eval = ref_logp["train"], ref_logp.get("eval")
     del ref
 
-    opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
-                                total_steps=steps)  # fmt: skip
-    saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
-    start = maybe_resume(out, cfg.resume, **saved)
-    ddp_model = distributed.wrap(model, device)
-
-    logger = MetricsLogger(out, enabled=distributed.is_main())
-    reset_peak_memory(device)
+    ddp_model, opt, sched, saved, start, logger = begin_training(model, cfg, out, device, steps)
     t_start, tokens = time.perf_counter(), 0
     for step in progress(range(start, steps), desc="dpo", total=steps - start):
         sums = dict.fromkeys(("loss", *METRICS), 0.0)

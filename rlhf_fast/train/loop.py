@@ -11,10 +11,10 @@ import torch
 
 from . import distributed
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import plot_metrics, resolve_device, seed_everything
+from .common import MetricsLogger, plot_metrics, resolve_device, seed_everything
 from .config import save_config
 from .ops import get_ops
-from .runtime import write_json
+from .runtime import reset_peak_memory, write_json
 
 
 def start_run(cfg):
@@ -40,6 +40,21 @@ def finish_run(out_dir, model, tokenizer, summary: dict, *, title: str) -> None:
         plot_metrics(out / "metrics.jsonl", out / "curves.png", title=title)
         write_json(out / "summary.json", summary)
     distributed.barrier()
+
+
+def begin_training(model, cfg, out_dir, device, steps: int):
+    """The lines between building a supervised trainer's model and its loop: AdamW with ``cfg``'s schedule,
+    resume from the latest checkpoint (``cfg.resume``), DDP when distributed, the metrics logger (rank 0) and
+    the peak-memory window. Returns ``(ddp_model, opt, sched, saved, start, logger)``; ``saved`` is what
+    ``maybe_save`` writes."""
+    opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, total_steps=steps)
+    saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
+    start = maybe_resume(out_dir, cfg.resume, **saved)
+    ddp_model = distributed.wrap(model, device)
+    logger = MetricsLogger(out_dir, enabled=distributed.is_main())
+    reset_peak_memory(device)
+    return ddp_model, opt, sched, saved, start, logger
 
 
 def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:

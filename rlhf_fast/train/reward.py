@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .common import MetricsLogger, autocast_context, progress
+from .common import autocast_context, progress
 from .data import collate_preferences, load_records, tokenize_preferences
-from .loop import (SupervisedConfig, finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches,
-                   optimizer_step, plan_steps, start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
+                   plan_steps, start_run)  # fmt: skip
 from .models import build_reward_model, load_tokenizer, reward_scores
-from .runtime import peak_memory_mib, reset_peak_memory
+from .runtime import peak_memory_mib
 
 
 @dataclass
@@ -63,15 +63,7 @@ def train(cfg: Config) -> dict:
     eval_data = tokenize_preferences(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
     steps = plan_steps(len(data), cfg)
 
-    opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
-                                total_steps=steps)  # fmt: skip
-    saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
-    start = maybe_resume(out, cfg.resume, **saved)
-    ddp_model = distributed.wrap(model, device)
-
-    logger = MetricsLogger(out, enabled=distributed.is_main())
-    reset_peak_memory(device)
+    ddp_model, opt, sched, saved, start, logger = begin_training(model, cfg, out, device, steps)
     t_start, pairs = time.perf_counter(), 0
     for step in progress(range(start, steps), desc="reward model", total=steps - start):
         loss_sum, correct = 0.0, 0

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .common import MetricsLogger, autocast_context, progress
+from .common import autocast_context, progress
 from .data import collate_sft, load_records, tokenize_sft
-from .loop import (SupervisedConfig, finish_run, make_optimizer, maybe_resume, maybe_save, micro_batches,
-                   optimizer_step, plan_steps, start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
+                   plan_steps, start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
-from .runtime import peak_memory_mib, reset_peak_memory
+from .runtime import peak_memory_mib
 
 
 @dataclass
@@ -58,15 +58,7 @@ def train(cfg: Config) -> dict:
     eval_data = tokenize_sft(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
     steps = plan_steps(len(data), cfg)
 
-    opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule,
-                                total_steps=steps)  # fmt: skip
-    saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
-    start = maybe_resume(out, cfg.resume, **saved)
-    ddp_model = distributed.wrap(model, device)
-
-    logger = MetricsLogger(out, enabled=distributed.is_main())
-    reset_peak_memory(device)
+    ddp_model, opt, sched, saved, start, logger = begin_training(model, cfg, out, device, steps)
     t_start, tokens = time.perf_counter(), 0
     for step in progress(range(start, steps), desc="sft", total=steps - start):
         chunks = [[data[j] for j in idx] for idx in micro_batches(step, len(data), cfg)]
