@@ -1,12 +1,7 @@
 """The SFT and reward-model trainers on tiny models and the demo task's data: they learn, both op sets run the
 same loop, resume is exact, and two data-parallel processes give the losses of one."""
 
-import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -14,7 +9,7 @@ from rlhf_fast import task
 from rlhf_fast.train import reward, sft
 from rlhf_fast.train.common import read_metrics
 
-from train_utils import same_weights, tiny_causal_lm_dir
+from train_utils import same_weights, tiny_causal_lm_dir, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -79,27 +74,19 @@ def test_reward_model_learns_preferences(task_data, sft_run, tmp_path):
     assert summary["eval_accuracy"] > 0.62, summary
 
 
-_DISTRIBUTED_SCRIPT = textwrap.dedent(
-    """
+_DISTRIBUTED_SCRIPT = """
     import json, sys
     from rlhf_fast.train import sft
     sft.train(sft.Config(**json.loads(sys.argv[1])))
-    """
-)
+"""
 
 
 def test_two_processes_match_one(task_data, tmp_path):
     """torchrun with 2 gloo processes, each on half of every global batch: the losses of one process."""
-    script = tmp_path / "run_sft.py"
-    script.write_text(_DISTRIBUTED_SCRIPT)
-    env = {**os.environ, "RLHF_FAST_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("TRITON_INTERPRET", None)
     losses = {}
     for nproc in (1, 2):
         cfg = sft_config(task_data, tmp_path / f"np{nproc}", max_steps=3, batch_size=16)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-               str(29500 + nproc + os.getpid() % 1000), str(script), json.dumps(cfg.__dict__, default=str)]  # fmt: skip
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+        torchrun(_DISTRIBUTED_SCRIPT, cfg, nproc, tmp_path)
         losses[nproc] = [r["loss"] for r in read_metrics(tmp_path / f"np{nproc}" / "metrics.jsonl")]
     assert len(losses[1]) == 3
     assert losses[2] == pytest.approx(losses[1], rel=1e-5)

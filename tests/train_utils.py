@@ -34,3 +34,27 @@ def same_weights(dir_a, dir_b) -> bool:
 
     a, b = load_file(str(Path(dir_a) / "model.safetensors")), load_file(str(Path(dir_b) / "model.safetensors"))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def torchrun(script: str, cfg, nproc: int, tmp_path: Path) -> None:
+    """Run the Python ``script`` (it reads ``cfg``'s fields as JSON from ``sys.argv[1]``) under torchrun with
+    ``nproc`` gloo processes of one thread each, without the Triton interpreter or progress bars; a failure
+    raises with the processes' output."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / f"torchrun_{nproc}.py"
+    path.write_text(textwrap.dedent(script))
+    env = {**os.environ, "RLHF_FAST_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
+           str(path), json.dumps(cfg.__dict__, default=str)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise AssertionError(f"torchrun with {nproc} processes failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")

@@ -18,7 +18,8 @@ Best-of-n sampling is itself a policy, whose KL to the sampler is at most ``log 
 fine-tuning on its samples distills it. ``eval_prompts`` are scored (one sample each, ``eval_fn`` or the
 reward) before the first round and after the last, with the exact KL to the initial policy
 (``rlhf_fast.train.ppo.evaluate``). Checkpoints are taken between rounds (``save_every`` rounds) and a
-resumed run continues from the last one exactly. One process (like the PPO trainer).
+resumed run continues from the last one exactly. Under torchrun each process samples a share of the
+prompts and fine-tunes on a share of every batch (DDP); a run gives the same result on any number of processes.
 """
 
 import time
@@ -27,13 +28,14 @@ from typing import Literal
 
 import torch
 
+from . import distributed
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import MetricsLogger, autocast_context, progress
 from .data import IGNORE_INDEX, collate_prompts, collate_sft, load_records, tokenize_prompts
 from .loop import finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
 from .models import build_reward_model, load_causal_lm, load_tokenizer
 from .ppo import evaluate
-from .rollout import generate, load_function, score
+from .rollout import generate, load_function, row_seeds, score
 from .runtime import peak_memory_mib, reset_peak_memory
 
 
@@ -84,8 +86,9 @@ class Config:
         if self.prompts_per_round and self.prompts_per_round < self.batch_size:
             raise ValueError(f"prompts_per_round ({self.prompts_per_round}) must be at least batch_size "
                              f"({self.batch_size}): one kept completion per prompt")  # fmt: skip
-        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size})")
+        if self.grad_accum < 1 or self.batch_size % (self.grad_accum * distributed.world_size()):
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum}) "
+                             f"times the number of processes ({distributed.world_size()})")  # fmt: skip
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -99,19 +102,24 @@ def round_prompts(n_prompts: int, rnd: int, cfg: Config) -> list[int]:
 
 
 @torch.no_grad()
-def sample_best(policy, tokenizer, prompts, picks: list[int], reward, cfg: Config):
+def sample_best(policy, tokenizer, prompts, picks: list[int], reward, cfg: Config, rnd: int):
     """Sample ``n`` completions of each picked prompt, score them, keep the best of each:
-    ``(sft rows of the kept completions, scores [P, n], seconds spent sampling)``."""
+    ``(sft rows of the kept completions, scores [P, n], seconds spent sampling)``. Under torchrun each process
+    samples a share of the prompts and every process gets all the kept rows; the draws of the ``j``-th sample
+    of the ``i``-th prompt of round ``rnd`` are keyed by ``(seed, rnd, i * n + j)`` whatever the layout."""
     device = next(policy.parameters()).device
     kept, scores, seconds = [], [], 0.0
-    for start in range(0, len(picks), cfg.prompts_per_step):
-        rows = prompts.select(picks[start : start + cfg.prompts_per_step])
+    mine = distributed.local_rows(len(picks))
+    for start in range(mine.start, mine.stop, cfg.prompts_per_step):
+        index = list(range(start, min(start + cfg.prompts_per_step, mine.stop)))
+        rows = prompts.select([picks[i] for i in index])
         repeated = rows.select([i for i in range(len(rows)) for _ in range(cfg.n)])
         ids, mask = collate_prompts(repeated["prompt_input_ids"], tokenizer.pad_token_id)
+        seeds = row_seeds(cfg.seed, rnd, [i * cfg.n + j for i in index for j in range(cfg.n)])
         t0 = time.perf_counter()
         with autocast_context(device, cfg.precision):
             ro = generate(policy, tokenizer, ids.to(device), mask.to(device), repeated["prompt"],
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # fmt: skip
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds)  # fmt: skip
         seconds += time.perf_counter() - t0
         group = reward(ro).view(len(rows), cfg.n)
         best = group.argmax(1)  # the first maximum of each row
@@ -121,27 +129,29 @@ def sample_best(policy, tokenizer, prompts, picks: list[int], reward, cfg: Confi
             completion = ro.input_ids[j, P:][ro.response_mask[j] > 0].tolist()
             kept.append({"input_ids": list(prompt_ids) + completion,
                          "labels": [IGNORE_INDEX] * len(prompt_ids) + completion})  # fmt: skip
-        scores.append(group.cpu())
-    return kept, torch.cat(scores), seconds
+        scores += group.cpu().tolist()
+    return distributed.gather_objects(kept), torch.tensor(distributed.gather_objects(scores)), seconds
 
 
-def fine_tune(ops, policy, opt, sched, kept: list[dict], tokenizer, rnd: int, cfg: Config) -> dict:
-    """``epochs`` passes of the SFT loss over the kept completions (the mean NLL of their tokens per batch)."""
+def fine_tune(ops, policy, train_policy, opt, sched, kept: list[dict], tokenizer, rnd: int, cfg: Config) -> dict:
+    """``epochs`` passes of the SFT loss over the kept completions (the mean NLL of their tokens per global
+    batch; each process takes its share of a batch, ``train_policy`` is ``policy`` or its DDP wrapper)."""
     device = next(policy.parameters()).device
     steps = total_steps(len(kept), cfg.batch_size, cfg.epochs, 0)
     losses, norms = [], []
     for step in range(rnd * steps, (rnd + 1) * steps):  # counted over rounds: a fresh order per (round, epoch)
         chunks = micro_batches(step, len(kept), cfg)
-        count = max(1, sum(sum(t != IGNORE_INDEX for t in kept[j]["labels"][1:]) for c in chunks for j in c))
+        local = sum(sum(t != IGNORE_INDEX for t in kept[j]["labels"][1:]) for c in chunks for j in c)
+        count = max(1.0, float(distributed.global_sum(torch.tensor(float(local)))))
         loss = 0.0
         for chunk in chunks:
             batch = {k: v.to(device) for k, v in collate_sft([kept[j] for j in chunk], tokenizer.pad_token_id).items()}
             with autocast_context(device, cfg.precision):
-                nll, _ = ops.sft_nll(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            (nll / count).backward()
+                nll, _ = ops.sft_nll(train_policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            (nll * distributed.world_size() / count).backward()  # DDP averages over the processes
             loss += float(nll.detach()) / count
         norms.append(optimizer_step(policy, opt, sched, cfg.max_grad_norm))
-        losses.append(loss)
+        losses.append(float(distributed.global_sum(torch.tensor(loss))))
     return {"sft_loss": sum(losses) / len(losses), "sft_loss_last": losses[-1],
             "grad_norm": sum(norms) / len(norms), "sft_steps": len(losses)}  # fmt: skip
 
@@ -151,6 +161,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     list[float]``) take the place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
     if reward_fn is not None:
         cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
+    distributed.init()
     cfg.validate()
     device, out, ops = start_run(cfg)
 
@@ -189,15 +200,16 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     elif eval_prompts is not None:
         summary["before"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
 
-    logger = MetricsLogger(out)
+    train_policy = distributed.wrap(policy, device)
+    logger = MetricsLogger(out, enabled=distributed.is_main())
     reset_peak_memory(device)
     for rnd in progress(range(start, cfg.rounds), desc="best-of-n", total=cfg.rounds - start):
         t0 = time.perf_counter()
         # ---- sample n completions per prompt from the current policy, score, keep the best of each
         kept, scores, sample_seconds = sample_best(policy, tokenizer, prompts, round_prompts(len(prompts), rnd, cfg),
-                                                   reward, cfg)  # fmt: skip
+                                                   reward, cfg, rnd)  # fmt: skip
         # ---- fine-tune on the kept completions
-        record = fine_tune(ops, policy, opt, sched, kept, tokenizer, rnd, cfg)
+        record = fine_tune(ops, policy, train_policy, opt, sched, kept, tokenizer, rnd, cfg)
         best = scores.max(1).values
         record |= {"score_all": float(scores.mean()), "score_kept": float(best.mean()),
                    "score_kept_minus_all": float(best.mean() - scores.mean()),
@@ -208,8 +220,10 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         summary["score_kept"].append(record["score_kept"])
         logger.log(rnd + 1, record)
         if cfg.save_every and (rnd + 1) % cfg.save_every == 0 and rnd + 1 < cfg.rounds:
-            save_checkpoint(checkpoint_path(out, rnd + 1), **saved, state={"step": rnd + 1, "summary": summary})
-            prune_checkpoints(out, cfg.keep_checkpoints)
+            if distributed.is_main():
+                save_checkpoint(checkpoint_path(out, rnd + 1), **saved, state={"step": rnd + 1, "summary": summary})
+                prune_checkpoints(out, cfg.keep_checkpoints)
+            distributed.barrier()
     logger.close()
 
     summary |= {"rounds": cfg.rounds, "n": cfg.n, "ops": cfg.ops, "peak_memory_mib": peak_memory_mib(device)}

@@ -59,6 +59,15 @@ def shard(items: list, batch_size: int) -> list:
     return items[rank() * per : (rank() + 1) * per]
 
 
+def local_rows(n: int) -> range:
+    """This rank's contiguous share of ``n`` rows that need not split evenly (the first ``n % world`` ranks
+    take one more); ``gather_objects`` puts the shares back in order."""
+    per, extra = divmod(n, world_size())
+    r = rank()
+    start = r * per + min(r, extra)
+    return range(start, start + per + (r < extra))
+
+
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP around ``model`` when running distributed; ``model`` itself otherwise."""
     if world_size() == 1:
@@ -71,12 +80,54 @@ def global_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of ``x`` over ranks (a copy; no gradient)."""
     x = x.detach().clone()
     if world_size() > 1:
-        dist.all_reduce(x)
+        y = x.to(_collective_device())
+        dist.all_reduce(y)
+        x = y.to(x.device)
     return x
 
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:
     return global_sum(x) / world_size()
+
+
+def global_max(n: int) -> int:
+    """The largest of every rank's ``n``."""
+    if world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def gather_rows(x: torch.Tensor, *, length: int | None = None, value=0) -> torch.Tensor:
+    """Every rank's ``x [b, T, ...]`` (the same ``b`` on every rank), right-padded with ``value`` along
+    dim 1 to ``length`` (rank-1 tensors are gathered as they are), stacked along dim 0 in rank order: the
+    global batch whose contiguous ``1/world`` slices the ranks hold. ``x`` itself when not distributed
+    (padded to ``length``)."""
+    if length is not None and x.dim() > 1 and x.shape[1] < length:
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, length - x.shape[1]), value=value)
+    if world_size() == 1:
+        return x
+    dev = _collective_device()
+    parts = [torch.empty_like(x, device=dev) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous().to(dev))
+    return torch.cat(parts).to(x.device)
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's list of picklable ``items``, concatenated in rank order (any lengths)."""
+    if world_size() == 1:
+        return list(items)
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
+def _collective_device() -> torch.device:
+    """Where the process group's tensors live: this rank's GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:

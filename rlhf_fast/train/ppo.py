@@ -14,6 +14,13 @@ per prompt: ``"grpo"`` (score minus the group mean, over the group std) and ``"r
 of the *other* samples of the prompt). Critic-free modes with ``kl_mode="reward"`` subtract
 ``kl_coef * sum_t k1_t`` from each sequence's score.
 
+Distributed (``torchrun --nproc-per-node N``, DDP): each process samples and scores a contiguous ``1/N`` of the
+step's prompts (all samples of a prompt on one process), the rollouts are gathered so every process holds the
+step's whole batch, advantages are computed on it, and each process takes a ``1/N`` share of every minibatch,
+whose loss is weighted so that the gradient is the one process's (``token-mean`` over the whole minibatch).
+Responses are drawn with counter-based noise keyed by ``(seed, step, row)`` (``rollout.generate``), and the
+minibatch order by ``(seed, step, epoch)``: the run is the same on any number of processes.
+
 ``ops="fused"`` computes log-probs and entropy with ``rf.linear_logprobs`` from the hidden states (the
 ``[B, T, V]`` logits are never built) and the losses with ``rf.ppo_policy_loss`` / ``rf.value_loss`` /
 ``rf.gae``; ``ops="reference"`` runs the same loop on plain PyTorch (``rlhf_fast.train.ops``).
@@ -21,20 +28,21 @@ of the *other* samples of the prompt). Critic-free modes with ``kl_mode="reward"
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 import rlhf_fast as rf
 
+from . import distributed
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import MetricsLogger, autocast_context, plot_metrics, progress, resolve_device, seed_everything
-from .config import save_config
+from .common import MetricsLogger, autocast_context, plot_metrics, progress
 from .data import collate_prompts, load_records, tokenize_prompts
+from .loop import make_optimizer, start_run
 from .models import CriticModel, build_reward_model, load_causal_lm, load_tokenizer
-from .ops import KL_MODES, PolicyLossConfig, get_ops
-from .rollout import Rollout, generate, load_function, mean_and_stderr, score
+from .ops import KL_MODES, PolicyLossConfig
+from .rollout import Rollout, generate, load_function, mean_and_stderr, row_seeds, score
 from .runtime import peak_memory_mib, reset_peak_memory, write_json
 
 
@@ -64,6 +72,8 @@ class Config:
     grad_accum: int = 1
     lr: float = 1e-5
     critic_lr: float = 1e-4
+    warmup_steps: int = 0  # optimizer steps of linear warmup (both optimizers)
+    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0 at the end
     max_grad_norm: float = 1.0
     # the loss
     clip_low: float = 0.2
@@ -106,8 +116,13 @@ class Config:
         if self.minibatch_size < 1 or rollout % self.minibatch_size:
             raise ValueError(f"minibatch_size ({self.minibatch_size}) must divide prompts_per_step * "
                              f"samples_per_prompt ({rollout})")  # fmt: skip
-        if self.grad_accum < 1 or self.minibatch_size % self.grad_accum:
-            raise ValueError(f"grad_accum ({self.grad_accum}) must divide minibatch_size ({self.minibatch_size})")
+        shares = self.grad_accum * distributed.world_size()
+        if self.grad_accum < 1 or self.minibatch_size % shares:
+            raise ValueError(f"minibatch_size ({self.minibatch_size}) must be divisible by grad_accum "
+                             f"({self.grad_accum}) times the number of processes ({distributed.world_size()})")
+        if self.prompts_per_step % distributed.world_size():
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by the number of "
+                             f"processes ({distributed.world_size()})")  # fmt: skip
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -150,17 +165,36 @@ def sequence_advantages(scores: torch.Tensor, cfg: Config) -> torch.Tensor:
     return rf.group_advantages(scores, G, normalize_std=False) * (G / (G - 1))
 
 
+EVAL_STREAM = -1  # the sampling stream of evaluations (steps are 0, 1, ...): before and after share draws
+
+
+def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: str) -> float:
+    """The weight of a micro-batch's ``agg`` loss in its minibatch's: ``sum_micro weight * loss_micro`` is
+    the minibatch's ``agg`` loss however the minibatch is cut (over micro-batches and processes)."""
+    if agg == "token-mean":
+        return float(micro_mask.sum() / minibatch_mask.sum().clamp(min=1))
+    if agg == "seq-mean-token-sum-norm":  # sum / (B * T): every micro-batch has the minibatch's T
+        return micro_mask.shape[0] / minibatch_mask.shape[0]
+    rows = lambda m: (m.sum(1) > 0).sum().clamp(min=1)  # noqa: E731 -- rows with a token, as rf.aggregate
+    return float(rows(micro_mask) / rows(minibatch_mask))
+
+
 @torch.no_grad()
 def evaluate(policy, ref, tokenizer, prompt_data, *, scorer, cfg: Config, ops) -> dict:
     """Mean score (± standard error) of one sample per held-out prompt, and the exact KL to the reference
-    per response (``rf.full_kl`` summed over the response's tokens)."""
+    per response (``rf.full_kl`` summed over the response's tokens). Under torchrun each process takes a
+    share of the prompts; every row's draws are keyed by ``(cfg.seed, EVAL_STREAM, row)``, so the result
+    does not depend on the number of processes, and the evaluations before and after training share them."""
     scores, kls = [], []
     device = next(policy.parameters()).device
-    for start in range(0, len(prompt_data), cfg.prompts_per_step):
-        rows = prompt_data[start : start + cfg.prompts_per_step]
+    mine = distributed.local_rows(len(prompt_data))
+    for start in range(mine.start, mine.stop, cfg.prompts_per_step):
+        index = list(range(start, min(start + cfg.prompts_per_step, mine.stop)))
+        rows = prompt_data.select(index)
         ids, mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
         ro = generate(policy, tokenizer, ids.to(device), mask.to(device), rows["prompt"],
-                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # fmt: skip
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      seeds=row_seeds(cfg.seed, EVAL_STREAM, index))  # fmt: skip
         scores += scorer(ro).tolist()
         R = ro.response_mask.shape[1]
         with autocast_context(device, cfg.precision):
@@ -168,6 +202,7 @@ def evaluate(policy, ref, tokenizer, prompt_data, *, scorer, cfg: Config, ops) -
             ref_logits = ops.response_logits(ref, ro.input_ids, ro.attention_mask, R)
         kl = rf.full_kl(logits.float(), ref_logits.float(), temperature=cfg.temperature)
         kls += (kl * ro.response_mask).sum(1).tolist()
+    scores, kls = distributed.gather_objects(scores), distributed.gather_objects(kls)
     mean, se = mean_and_stderr(scores)
     return {"score": mean, "score_stderr": se, "kl_to_ref": float(torch.tensor(kls).mean()), "n": len(scores)}
 
@@ -180,13 +215,10 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
     if reward_fn is not None:
         cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
+    distributed.init()
     cfg.validate()
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    ops = get_ops(cfg.ops)
+    device, out, ops = start_run(cfg)
+    world = distributed.world_size()
 
     # Models: the policy, a frozen reference, a critic (gae only), a frozen reward model or function.
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
@@ -214,48 +246,70 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         eval_prompts = tokenize_prompts(load_records(cfg.eval_prompts), tokenizer, cfg.max_prompt_length)
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
 
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0) if critic else None
-    modules = {"policy": policy} | ({"critic": critic} if critic else {})
-    optimizers = {"policy": policy_opt} | ({"critic": critic_opt} if critic else {})
+    updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)
+    schedule = {"weight_decay": 0.0, "warmup_steps": cfg.warmup_steps, "schedule": cfg.lr_schedule, "total_steps": updates}
+    modules, optimizers, schedulers = {"policy": policy}, {}, {}
+    optimizers["policy"], schedulers["policy"] = make_optimizer(policy.parameters(), lr=cfg.lr, **schedule)
+    if critic is not None:
+        modules["critic"] = critic
+        optimizers["critic"], schedulers["critic"] = make_optimizer(critic.parameters(), lr=cfg.critic_lr, **schedule)
 
     start_step, kl_coef, summary = 0, cfg.kl_coef, {}
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)
+        state = load_checkpoint(ckpt, modules=modules, optimizers=optimizers, schedulers=schedulers)
         start_step, kl_coef, summary = state["step"], state["kl_coef"], state["summary"]
     elif eval_prompts is not None:
         summary["before"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+    # the modules the update runs through: DDP averages their gradients over the processes
+    train_policy = distributed.wrap(policy, device)
+    train_critic = distributed.wrap(critic, device) if critic else None
 
     loss_cfg = PolicyLossConfig(temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 dual_clip=cfg.dual_clip, agg=cfg.agg, entropy_coef=cfg.entropy_coef,
                                 kl_mode=cfg.kl_mode, kl_coef=kl_coef)  # fmt: skip
-    logger = MetricsLogger(out)
+    logger = MetricsLogger(out, enabled=distributed.is_main())
     reset_peak_memory(device)
     tokens_total, seconds_total, update_seconds = 0, 0.0, 0.0
-    n_prompts = len(prompts)
+    n_prompts, G = len(prompts), cfg.samples_per_prompt
     for step in progress(range(start_step, cfg.steps), desc="ppo", total=cfg.steps - start_step):
         t0 = time.perf_counter()
-        # ---- rollout: this step's prompts, each repeated samples_per_prompt times
+        # ---- rollout: this process's share of the step's prompts, each repeated samples_per_prompt times
         pick = step_prompts(n_prompts, cfg.prompts_per_step, seed=cfg.seed, step=step)
-        rows = prompts.select([i for i in pick for _ in range(cfg.samples_per_prompt)])
+        slots = distributed.shard(list(range(cfg.prompts_per_step)), cfg.prompts_per_step)
+        rows = prompts.select([pick[s] for s in slots for _ in range(G)])
         prompt_ids, prompt_mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
+        P = distributed.global_max(prompt_ids.shape[1])  # one prompt width on every process
+        prompt_ids = F.pad(prompt_ids, (P - prompt_ids.shape[1], 0), value=tokenizer.pad_token_id)
+        prompt_mask = F.pad(prompt_mask, (P - prompt_mask.shape[1], 0), value=0)
+        seeds = row_seeds(cfg.seed, step, [s * G + j for s in slots for j in range(G)])
         with autocast_context(device, cfg.precision):
             ro = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), rows["prompt"],
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)  # fmt: skip
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds)  # fmt: skip
         scores = reward(ro)
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
-        mask = ro.response_mask
-        B, R = mask.shape
 
         # ---- log-probs of the sampling policy and of the reference, values: constants for the update
+        local_mask = ro.response_mask
         with torch.no_grad(), autocast_context(device, cfg.precision):
-            old_logp, _ = ops.response_logprobs(policy, ro.input_ids, ro.attention_mask, mask,
+            old_logp, _ = ops.response_logprobs(policy, ro.input_ids, ro.attention_mask, local_mask,
                                                 temperature=cfg.temperature)  # fmt: skip
-            ref_logp, _ = ops.response_logprobs(ref, ro.input_ids, ro.attention_mask, mask,
+            ref_logp, _ = ops.response_logprobs(ref, ro.input_ids, ro.attention_mask, local_mask,
                                                 temperature=cfg.temperature)  # fmt: skip
-            values = _values(critic, ro.input_ids, ro.attention_mask, R) if critic else None
+            values = _values(critic, ro.input_ids, ro.attention_mask, local_mask.shape[1]) if critic else None
+
+        # ---- the step's whole batch on every process: responses right-padded to the longest of all
+        R = distributed.global_max(local_mask.shape[1])
+        input_ids = distributed.gather_rows(ro.input_ids, length=P + R, value=tokenizer.pad_token_id)
+        attention_mask = distributed.gather_rows(ro.attention_mask, length=P + R)
+        mask = distributed.gather_rows(local_mask, length=R)
+        old_logp = distributed.gather_rows(old_logp * local_mask, length=R)
+        ref_logp = distributed.gather_rows(ref_logp * local_mask, length=R)
+        values = distributed.gather_rows(values * local_mask, length=R) if critic else None
+        scores = distributed.gather_rows(scores)
+        finished = distributed.gather_rows(ro.finished.float())
+        B = mask.shape[0]
         k1 = (old_logp - ref_logp) * mask  # per-token KL(pi || pi_ref) sample, for rewards and logging
         kl_per_seq = k1.sum(1)
 
@@ -275,41 +329,55 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
             if cfg.whiten_advantages:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-        # ---- minibatch epochs
+        # ---- minibatch epochs: each process a 1/world share of every minibatch, in grad_accum micro-batches
         t_update = time.perf_counter()
-        data = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "response_mask": mask,
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": mask,
                 "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages}  # fmt: skip
         if critic is not None:
             data |= {"old_values": values, "returns": returns}
         stats: dict[str, list[float]] = {}
-        micro = cfg.minibatch_size // cfg.grad_accum
-        for _epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(B).tolist()
+        share = cfg.minibatch_size // world
+        micro = share // cfg.grad_accum
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.Generator().manual_seed(cfg.seed * 100003 + step * 1009 + epoch)
+            perm = torch.randperm(B, generator=order).tolist()
             for mb_start in range(0, B, cfg.minibatch_size):
+                minibatch = perm[mb_start : mb_start + cfg.minibatch_size]
+                mb_mask = mask[minibatch]
+                mine = minibatch[distributed.rank() * share : (distributed.rank() + 1) * share]
+                sums: dict[str, float] = {}
                 for opt in optimizers.values():
                     opt.zero_grad(set_to_none=True)
-                for mu_start in range(mb_start, mb_start + cfg.minibatch_size, micro):
-                    idx = torch.tensor(perm[mu_start : mu_start + micro], device=device)
+                for mu_start in range(0, share, micro):
+                    idx = torch.tensor(mine[mu_start : mu_start + micro], device=device)
                     mb = {k: v[idx] for k, v in data.items()}
+                    weight = micro_weight(mb["response_mask"], mb_mask, cfg.agg)  # of the loss
+                    token_share = float(mb["response_mask"].sum() / mb_mask.sum().clamp(min=1))  # of the metrics
                     with autocast_context(device, cfg.precision):
-                        pg_loss, metrics = ops.policy_loss(policy, mb, loss_cfg, ref_model=ref)
+                        pg_loss, metrics = ops.policy_loss(train_policy, mb, loss_cfg, ref_model=ref)
                         loss = pg_loss
                         if critic is not None:
-                            v = critic(mb["input_ids"], mb["attention_mask"])[:, -R - 1 : -1]
+                            v = train_critic(mb["input_ids"], mb["attention_mask"])[:, -R - 1 : -1]
                             v_loss = ops.value_loss(v, mb["old_values"], mb["returns"], mb["response_mask"],
                                                     clip=cfg.value_clip, agg=cfg.agg)  # fmt: skip
                             loss = loss + v_loss
-                            metrics["value_loss"] = v_loss.detach()
-                    (loss / cfg.grad_accum).backward()
-                    metrics["policy_loss"] = pg_loss.detach()
+                    # DDP averages over the processes: times world, the sum of the weighted losses
+                    (loss * (weight * world)).backward()
+                    sums["policy_loss"] = sums.get("policy_loss", 0.0) + weight * float(pg_loss.detach())
+                    if critic is not None:
+                        sums["value_loss"] = sums.get("value_loss", 0.0) + weight * float(v_loss.detach())
                     for k, val in metrics.items():
-                        stats.setdefault(k, []).append(float(val))
+                        sums[k] = sums.get(k, 0.0) + token_share * float(val)
+                totals = distributed.global_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
+                for k, val in zip(sorted(sums), totals.tolist()):
+                    stats.setdefault(k, []).append(val)
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
                 stats.setdefault("grad_norm", []).append(float(grad_norm))
                 if critic is not None:
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                for opt in optimizers.values():
+                for opt, sched in zip(optimizers.values(), schedulers.values()):
                     opt.step()
+                    sched.step()
 
         # ---- KL coefficient, bookkeeping, logging
         seconds = time.perf_counter() - t0
@@ -321,9 +389,10 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         loss_cfg = PolicyLossConfig(**{**loss_cfg.__dict__, "kl_coef": kl_controller_update(
             kl_coef_used, mean_kl, cfg, B)})  # fmt: skip
         record = {k: sum(v) / len(v) for k, v in stats.items()}
-        record |= {"score": float(scores.mean()), "kl": mean_kl, "kl_coef": kl_coef_used,
-                   "response_length": float(mask.sum(1).mean()), "finished": float(ro.finished.float().mean()), "tokens_per_s": tokens / seconds,
-                   "rollout_s": t_update - t0, "update_s": seconds - (t_update - t0)}  # fmt: skip
+        record |= {"score": float(scores.mean()), "kl": mean_kl, "kl_coef": kl_coef_used, "lr": schedulers["policy"].get_last_lr()[0],
+                   "response_length": float(mask.sum(1).mean()), "finished": float(finished.mean()),
+                   "tokens_per_s": tokens / seconds, "rollout_s": t_update - t0,
+                   "update_s": seconds - (t_update - t0)}  # fmt: skip
         if critic is not None:
             on = mask > 0
             residual = (returns - values)[on]
@@ -331,9 +400,11 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logger.log(step + 1, record)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(checkpoint_path(out, step + 1), modules=modules, optimizers=optimizers,
-                            state={"step": step + 1, "kl_coef": loss_cfg.kl_coef, "summary": summary})  # fmt: skip
-            prune_checkpoints(out, cfg.keep_checkpoints)
+            if distributed.is_main():
+                save_checkpoint(checkpoint_path(out, step + 1), modules=modules, optimizers=optimizers, schedulers=schedulers,
+                                state={"step": step + 1, "kl_coef": loss_cfg.kl_coef, "summary": summary})  # fmt: skip
+                prune_checkpoints(out, cfg.keep_checkpoints)
+            distributed.barrier()
     logger.close()
 
     # ---- final evaluation, model, summary, plots
@@ -343,14 +414,17 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     summary["update_tokens_per_s"] = tokens_total / update_seconds if update_seconds else None
     summary["peak_memory_mib"] = peak_memory_mib(device)
     summary["ops"] = cfg.ops
+    summary["world_size"] = world
     summary["final_kl_coef"] = loss_cfg.kl_coef
     if eval_prompts is not None:
         summary["after"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
-    policy.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    if critic is not None:
-        critic.save_pretrained(out / "critic")
-    plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"PPO ({cfg.ops} ops)")
     summary["extra"] = cfg.extra
-    write_json(out / "summary.json", summary)
+    if distributed.is_main():
+        policy.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        if critic is not None:
+            critic.save_pretrained(out / "critic")
+        plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"PPO ({cfg.ops} ops)")
+        write_json(out / "summary.json", summary)
+    distributed.barrier()
     return summary

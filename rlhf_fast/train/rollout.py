@@ -2,8 +2,15 @@
 
 A rollout is a ``[B, P + R]`` batch: ``P`` left-padded prompt tokens, then ``R`` sampled response tokens,
 right-padded after each response's end-of-sequence token. Sampling is plain ancestral sampling from
-``softmax(logits / temperature)`` — no top-k / top-p — so the log-probs the PPO loss computes at the same
-temperature are those of the distribution the tokens were drawn from.
+``softmax(logits / temperature)`` — no top-k / top-p, no repetition penalty or other processor from the
+checkpoint's ``generation_config`` — so the log-probs the PPO loss computes at the same temperature are those
+of the distribution the tokens were drawn from.
+
+The draws are Gumbel-max: token ``argmax_v(logits_v / T + g_v)`` with ``g_v`` standard Gumbel noise, which is
+an exact sample of ``softmax(logits / T)``. The noise is a counter-based hash of ``(row seed, position, v)``,
+not a draw from a stateful RNG, so a row's response depends only on its seed and its prompt: not on the other
+rows of the batch, the batch size or the number of processes. A PPO run on 2 processes samples the same
+responses as on one, and a resumed run the same as an uninterrupted one.
 """
 
 import importlib
@@ -49,24 +56,93 @@ def load_function(spec: str):
     return fn
 
 
+# splitmix64 (Steele et al. 2014) in int64 arithmetic: multiplications wrap modulo 2**64 and ``>>`` is
+# arithmetic, so each logical shift masks off the copied sign bits.
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _int64(x: int) -> int:
+    """A Python int wrapped into int64's range (two's complement), as the tensor arithmetic wraps."""
+    return (x + 2**63) % 2**64 - 2**63
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ ((z >> 30) & (2**34 - 1))) * _MIX1
+    z = (z ^ ((z >> 27) & (2**37 - 1))) * _MIX2
+    return z ^ ((z >> 31) & (2**33 - 1))
+
+
+def row_seeds(seed: int, stream: int, rows: torch.Tensor | list[int]) -> torch.Tensor:
+    """``[B]`` int64 sampling seeds of rows ``rows`` (global indices) of stream ``stream`` (a PPO step, a
+    best-of-n round, an evaluation) of a run seeded with ``seed``."""
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    base = _mix64(torch.tensor([_int64(seed * 1_000_003 + stream)], dtype=torch.int64))
+    return _mix64(base + (rows + 1) * _GOLDEN)
+
+
+def gumbel_noise(seeds: torch.Tensor, position: int, vocab_size: int, *, chunk: int = 1 << 22) -> torch.Tensor:
+    """``[B, V]`` float32 standard Gumbel noise, a pure function of ``(seeds[b], position, v)``."""
+    rows = _mix64(seeds.to(torch.int64) + _int64((position + 1) * _MIX1))
+    out = torch.empty(rows.shape[0], vocab_size, dtype=torch.float32, device=seeds.device)
+    step = max(1, chunk // max(vocab_size, 1))  # bounds the int64 temporaries to ~chunk elements
+    vocab = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN
+    for start in range(0, rows.shape[0], step):
+        z = _mix64(rows[start : start + step, None] + vocab)
+        # the top 24 bits, centred in their interval: a float32-exact uniform in (0, 1)
+        u = (((z >> 40) & (2**24 - 1)).to(torch.float32) + 0.5) * 2.0**-24
+        out[start : start + step] = -torch.log(-torch.log(u))
+    return out
+
+
+class GumbelSampler:
+    """A ``transformers`` logits processor that turns greedy decoding into sampling from
+    ``softmax(logits / temperature)`` with the counter-based noise of ``gumbel_noise``, keyed by the
+    response position (the prompt's width, left padding included, is ``prompt_width``)."""
+
+    def __init__(self, seeds: torch.Tensor, temperature: float, prompt_width: int):
+        self.seeds, self.temperature, self.prompt_width = seeds, temperature, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        position = input_ids.shape[1] - self.prompt_width
+        noise = gumbel_noise(self.seeds.to(scores.device), position, scores.shape[-1])
+        return scores.float() / self.temperature + noise
+
+
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_ids, prompt_mask, prompts, *, max_new_tokens: int,
-             temperature: float = 1.0) -> Rollout:  # fmt: skip
-    """Sample one response per row of the left-padded ``prompt_ids [B, P]`` with the global torch RNG."""
-    was_training = policy.training
+             temperature: float = 1.0, seeds: torch.Tensor | None = None,
+             synced: bool = False) -> Rollout:  # fmt: skip
+    """Sample one response per row of the left-padded ``prompt_ids [B, P]``.
+
+    ``seeds [B]`` (int64, from ``row_seeds``) fix each row's draws; None draws them from the global torch
+    RNG. ``synced=True`` keeps every process stepping until all are done (``generate(synced_gpus=True)``),
+    which a model whose forward is collective (FSDP) needs."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if seeds is None:
+        seeds = torch.randint(-(2**62), 2**62, (prompt_ids.shape[0],), dtype=torch.int64)
+    if seeds.shape != prompt_ids.shape[:1]:
+        raise ValueError(f"seeds must hold one seed per row ({prompt_ids.shape[0]}), got shape {tuple(seeds.shape)}")
+    # A fresh config: nothing from the checkpoint's generation_config (its temperature, top-k/top-p,
+    # repetition penalty...) changes the distribution the trainer computes log-probs of.
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    # generate() fills the unset fields of a config it is passed from the model's own (transformers >= 4.5x):
+    # swap the model's out for the call.
+    was_training, model_config = policy.training, policy.generation_config
     policy.eval()
-    out = policy.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,  # no truncation: the trainer's log-probs are those of softmax(logits / T)
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    policy.train(was_training)
+    policy.generation_config = config
+    try:
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                              logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature, prompt_ids.shape[1])]),
+                              synced_gpus=synced)  # fmt: skip
+    finally:
+        policy.generation_config = model_config
+        policy.train(was_training)
     P = prompt_ids.shape[1]
     response = out[:, P:]
     # Response tokens: up to and including the first EOS (generate pads the rest).

@@ -1,0 +1,88 @@
+"""Sampling (rlhf_fast.train.rollout): Gumbel-max draws from counter-based noise are exact samples of
+``softmax(logits / T)``, and a row's response depends on its seed and prompt alone."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_fast.train.data import collate_prompts
+from rlhf_fast.train.models import build_causal_lm, build_char_tokenizer
+from rlhf_fast.train.rollout import generate, gumbel_noise, row_seeds
+
+
+@pytest.fixture
+def tokenizer():
+    return build_char_tokenizer("abcdefghijklmnopqrstuvwxyz ")
+
+
+def test_gumbel_noise_has_the_gumbel_law():
+    g = gumbel_noise(row_seeds(0, 0, range(50_000)), 3, 8).double()
+    assert g.mean().item() == pytest.approx(0.5772156649, abs=0.01)  # Euler-Mascheroni
+    assert g.std().item() == pytest.approx(math.pi / math.sqrt(6), abs=0.01)
+    for q in (0.1, 0.5, 0.9):  # the CDF exp(-exp(-x)) at its quantiles
+        x = -math.log(-math.log(q))
+        assert (g < x).double().mean().item() == pytest.approx(q, abs=0.005)
+    # the columns (vocabulary entries) and positions are uncorrelated
+    corr = torch.corrcoef(torch.stack([g[:, 0], g[:, 1], gumbel_noise(row_seeds(0, 0, range(50_000)), 4, 8)[:, 0].double()]))
+    assert corr.sub(torch.eye(3, dtype=torch.float64)).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_gumbel_max_samples_the_softmax(temperature):
+    """Chi-square goodness of fit of 40,000 draws against softmax(logits / T), computed in float64."""
+    logits = torch.tensor([0.3, -1.0, 2.0, 0.0, -3.0, 1.2])
+    n = 40_000
+    draws = (logits / temperature + gumbel_noise(row_seeds(7, 2, range(n)), 0, 6)).argmax(-1)
+    observed = torch.bincount(draws, minlength=6).double()
+    expected = torch.softmax(logits.double() / temperature, -1) * n
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5  # the 0.999 quantile of chi-square with 5 degrees of freedom
+
+
+def test_noise_is_a_function_of_seed_position_and_token():
+    seeds = row_seeds(3, 5, [0, 1, 2, 3])
+    full = gumbel_noise(seeds, 2, 11)
+    assert torch.equal(gumbel_noise(seeds[2:3], 2, 11), full[2:3])  # not of the other rows
+    assert torch.equal(gumbel_noise(seeds, 2, 11, chunk=5), full)  # nor of the chunking
+    assert not torch.equal(gumbel_noise(seeds, 3, 11), full)  # another position: other noise
+    assert len(set(row_seeds(0, 0, range(1000)).tolist()) | set(row_seeds(0, 1, range(1000)).tolist())) == 2000
+    assert not torch.equal(row_seeds(0, 0, [1]), row_seeds(1, 0, [1]))
+
+
+def test_a_rows_response_ignores_the_rest_of_the_batch(tokenizer):
+    """The same seed and prompt give the same response alone, in a batch, and under more left padding."""
+    tokenizer.padding_side = "left"
+    model = build_causal_lm(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, seed=1)  # fmt: skip
+    texts = ["ab", "a much longer prompt", "cab", "b"]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    seeds = row_seeds(0, 0, range(4))
+    batch_ids, batch_mask = collate_prompts(ids, tokenizer.pad_token_id)
+    together = generate(model, tokenizer, batch_ids, batch_mask, texts, max_new_tokens=6, temperature=1.3, seeds=seeds)
+    for i in (0, 2, 3):
+        alone_ids, alone_mask = collate_prompts([ids[i]], tokenizer.pad_token_id)
+        alone = generate(model, tokenizer, alone_ids, alone_mask, [texts[i]], max_new_tokens=6, temperature=1.3,
+                         seeds=seeds[i : i + 1])  # fmt: skip
+        assert alone.completions[0] == together.completions[i]
+    other = generate(model, tokenizer, batch_ids, batch_mask, texts, max_new_tokens=6, temperature=1.3,
+                     seeds=row_seeds(0, 1, range(4)))  # fmt: skip
+    assert other.completions != together.completions  # and the seeds do matter
+    with pytest.raises(ValueError, match="seeds"):
+        generate(model, tokenizer, batch_ids, batch_mask, texts, max_new_tokens=2, seeds=seeds[:2])
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tokenizer, batch_ids, batch_mask, texts, max_new_tokens=2, temperature=0.0)
+
+
+def test_checkpoint_generation_config_does_not_change_the_distribution(tokenizer):
+    """A repetition penalty in the model's generation_config (Qwen's chat models ship one) must not reshape the
+    sampled distribution: the trainer's log-probs are those of softmax(logits / T)."""
+    tokenizer.padding_side = "left"
+    model = build_causal_lm(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, seed=2)  # fmt: skip
+    ids, mask = collate_prompts([tokenizer("abc")["input_ids"]] * 3, tokenizer.pad_token_id)
+    seeds = row_seeds(1, 0, range(3))
+    plain = generate(model, tokenizer, ids, mask, ["abc"] * 3, max_new_tokens=8, seeds=seeds)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.top_k = 1
+    assert generate(model, tokenizer, ids, mask, ["abc"] * 3, max_new_tokens=8, seeds=seeds).completions == plain.completions
