@@ -36,8 +36,16 @@ def same_weights(dir_a, dir_b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def torchrun(script: str, cfg, nproc: int, tmp_path: Path) -> None:
-    """Run the Python ``script`` (it reads ``cfg``'s fields as JSON from ``sys.argv[1]``) under torchrun with
+def close_weights(dir_a, dir_b, *, atol: float) -> bool:
+    """Whether two saved models hold the same tensor names, each pair within ``atol``."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(Path(dir_a) / "model.safetensors")), load_file(str(Path(dir_b) / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0.0, atol=atol) for k in a)
+
+
+def torchrun(script: str, cfg, nproc: int, tmp_path: Path, *args: str) -> None:
+    """Run the Python ``script`` (it reads ``cfg``'s fields as JSON from ``sys.argv[1]``, then ``args``) under torchrun with
     ``nproc`` gloo processes of one thread each, without the Triton interpreter or progress bars; a failure
     raises with the processes' output."""
     import os
@@ -54,7 +62,7 @@ def torchrun(script: str, cfg, nproc: int, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
-           str(path), json.dumps(cfg.__dict__, default=str)]  # fmt: skip
+           str(path), json.dumps(cfg.__dict__, default=str), *args]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode:
         raise AssertionError(f"torchrun with {nproc} processes failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")

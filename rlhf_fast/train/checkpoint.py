@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+
+from . import distributed
 
 __all__ = [
     "checkpoint_path",
@@ -63,12 +65,24 @@ def save_checkpoint(
     schedulers: Mapping[str, Any] | None = None,
     state: Mapping[str, Any] | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
+    write: bool = True,
 ) -> Path:
     """Write ``modules`` (safetensors), ``optimizers``/``schedulers`` state dicts, the ``state`` dict
     (step, epoch, kl_coef...: plain Python values and tensors), the states of ``generators`` and of the
-    global RNGs (Python, NumPy, torch CPU and CUDA) to ``ckpt_dir``, replacing it atomically."""
+    global RNGs (Python, NumPy, torch CPU and CUDA) to ``ckpt_dir``, replacing it atomically.
+
+    FSDP2 modules (and the optimizer of the same name as one) are gathered into whole state dicts first,
+    which is a collective: with any, every rank must call this, and only the one with ``write=True``
+    (rank 0) writes. The files are the same as an unsharded run's (optimizer state keyed by parameter name)."""
     ckpt_dir = Path(ckpt_dir)
     _check_names(modules, "modules")
+    optimizers = dict(optimizers or {})
+    gathered = {name: distributed.full_state_dict(m) for name, m in modules.items() if distributed.is_sharded(m)}
+    full_optim = {}
+    for name in [n for n in optimizers if n in gathered]:
+        full_optim[name] = distributed.full_optimizer_state_dict(modules[name], optimizers[name])
+    if not write:
+        return ckpt_dir
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(ckpt_dir)
     _remove_stale_tmp(ckpt_dir)
@@ -76,10 +90,14 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         for name, module in modules.items():
-            save_model(_unwrap(module), str(tmp / f"{name}.safetensors"), force_contiguous=True)
+            if name in gathered:
+                save_file(_untie(gathered[name]), str(tmp / f"{name}.safetensors"))
+            else:
+                save_model(_unwrap(module), str(tmp / f"{name}.safetensors"), force_contiguous=True)
         trainer_state = {
             "format_version": FORMAT_VERSION,
-            "optimizers": {k: opt.state_dict() for k, opt in (optimizers or {}).items()},
+            "optimizers": {k: full_optim.get(k) or opt.state_dict() for k, opt in optimizers.items()},
+            "optimizer_formats": {k: "by_name" if k in full_optim else "torch" for k in optimizers},
             "schedulers": {k: sch.state_dict() for k, sch in (schedulers or {}).items()},
             "generators": {k: g.get_state() for k, g in (generators or {}).items()},
             "state": _plain(dict(state or {})),
@@ -120,15 +138,27 @@ def load_checkpoint(
         if not path.is_file():
             present = sorted(p.stem for p in ckpt_dir.glob("*.safetensors"))
             raise ValueError(f"checkpoint {str(ckpt_dir)!r} has no module {name!r}; it has {present}")
+        if distributed.is_sharded(module):
+            distributed.load_full_state_dict(module, load_file(str(path)), strict=strict)
+            continue
         module = _unwrap(module)
         device = next(iter(module.state_dict().values()), torch.empty(0)).device
         load_model(module, str(path), strict=strict, device=str(device))
+    formats = trainer_state.get("optimizer_formats", {})
     for kind, objects in (("optimizers", optimizers), ("schedulers", schedulers)):
         for name, obj in (objects or {}).items():
             if name not in trainer_state[kind]:
                 raise ValueError(f"checkpoint {str(ckpt_dir)!r} has no {kind[:-1]} {name!r}; "
                                  f"it has {sorted(trainer_state[kind])}")
-            obj.load_state_dict(trainer_state[kind][name])
+            saved = trainer_state[kind][name]
+            by_name = kind == "optimizers" and formats.get(name) == "by_name"
+            if kind == "optimizers" and (by_name or distributed.is_sharded(modules.get(name))):
+                if not by_name or name not in modules:
+                    raise ValueError(f"optimizer {name!r} of {str(ckpt_dir)!r} was saved without FSDP: resume it "
+                                     "with parallel='ddp'")  # fmt: skip
+                distributed.load_full_optimizer_state_dict(modules[name], obj, saved)
+            else:
+                obj.load_state_dict(saved)
     for name, gen in (generators or {}).items():
         if name not in trainer_state["generators"]:
             raise ValueError(f"checkpoint {str(ckpt_dir)!r} has no generator {name!r}; "
@@ -181,6 +211,16 @@ def _check_names(named: Mapping[str, Any], what: str) -> None:
     for name in named:
         if not name or "/" in name or name.startswith(".") or name == Path(STATE_FILE).stem:
             raise ValueError(f"{what} name {name!r} cannot be used as a file name in a checkpoint")
+
+
+def _untie(state: dict) -> dict:
+    """A state dict safetensors can write: tensors that share memory (tied weights) become copies."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        out[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return out
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

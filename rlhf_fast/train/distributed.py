@@ -1,14 +1,20 @@
 """Data parallelism through ``torch.distributed``: launch any trainer with ``torchrun --nproc-per-node N``.
 
-Every rank holds the whole model (DDP: gradients averaged in the backward pass) and takes a contiguous
+``parallel="ddp"`` (the default): every rank holds the whole model (DDP: gradients averaged in the
+backward pass). ``parallel="fsdp"``: FSDP2 (``fully_shard`` on every transformer block, then on the whole
+model) shards parameters, gradients and optimizer state over the ranks, for models whose training state
+does not fit on one device; checkpoints and saved models are gathered into full state dicts (rank 0 writes
+them), so they load anywhere. Either way, every rank takes a contiguous
 ``1/world`` slice of each global batch, so a run on ``N`` processes sees the same global batches, in the same
 order, as a run on one: losses agree within float tolerance (tests/test_train_distributed.py checks it with
 2 gloo processes on CPU). Losses that are means over a variable number of tokens are normalised by the
 *global* count (``global_sum``), so the average over ranks that DDP applies gives the single-process mean.
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) everything here is a no-op.
 
-Not here yet: FSDP2 sharding for models too large for one device (the trainers' hidden-state path calls the
-base model directly, which bypasses the root module's unshard hook; it needs its own care).
+The trainers' hidden-state path (``models.lm_hidden_states``) runs a sharded model's own forward, not its
+base model's: the root module's pre-forward hook is what gathers the embeddings, final norm and lm_head,
+which stay gathered after the forward (FSDP2 does not reshard the root), so the lm_head weight handed to
+``rf.linear_logprobs`` is the full one and its gradient is reduce-scattered at the end of the backward.
 """
 
 import os
@@ -68,12 +74,77 @@ def local_rows(n: int) -> range:
     return range(start, start + per + (r < extra))
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP around ``model`` when running distributed; ``model`` itself otherwise."""
+PARALLEL = ("ddp", "fsdp")
+
+
+def _fsdp():
+    """``(FSDPModule, fully_shard)``: public from torch 2.6, under ``_composable`` in 2.4 and 2.5."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+    return FSDPModule, fully_shard
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module (``fully_shard`` applied to it)."""
+    return dist.is_available() and isinstance(model, _fsdp()[0])
+
+
+def wrap(model: nn.Module, device: torch.device, parallel: str = "ddp") -> nn.Module:
+    """When running distributed: DDP around ``model`` (``parallel="ddp"``), or ``model`` itself sharded in
+    place with FSDP2 (``"fsdp"``: build its optimizer *after* this, on the sharded parameters). ``model``
+    itself otherwise."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if world_size() == 1:
         return model
+    if parallel == "fsdp":
+        return model if is_sharded(model) else shard_model(model)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2 in place: ``fully_shard`` on each transformer block (the classes ``transformers`` lists in
+    ``_no_split_modules``), then on ``model`` (the embeddings, final norm and heads: one group)."""
+    _, fully_shard = _fsdp()
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    for module in model.modules():
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole state dict of an FSDP2 ``model`` on the CPU of rank 0 (``{}`` on the other ranks); a
+    collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer) -> dict:
+    """The whole state of ``optimizer`` (over FSDP2 ``model``'s parameters) on rank 0's CPU, keyed by
+    parameter names; a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, state: dict, *, strict: bool = True) -> None:
+    """Load a whole (unsharded) state dict, present on every rank, into FSDP2 ``model``'s shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer, state: dict) -> None:
+    """Load what ``full_optimizer_state_dict`` returned into ``optimizer`` over ``model``'s parameters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def global_sum(x: torch.Tensor) -> torch.Tensor:

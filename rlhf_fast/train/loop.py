@@ -31,27 +31,37 @@ def start_run(cfg):
 
 
 def finish_run(out_dir, model, tokenizer, summary: dict, *, title: str) -> None:
-    """The last lines of a trainer: rank 0 saves the model and tokenizer to ``<out_dir>/model``, plots the
-    metrics to ``curves.png`` and writes ``summary.json``; every rank waits for it."""
+    """The last lines of a trainer: rank 0 saves the model (gathered first when FSDP shards it: every rank
+    takes part) and tokenizer to ``<out_dir>/model``, plots the metrics to ``curves.png`` and writes
+    ``summary.json``; every rank waits for it."""
     out = Path(out_dir)
+    save_pretrained(model, out / "model")
     if distributed.is_main():
-        model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         plot_metrics(out / "metrics.jsonl", out / "curves.png", title=title)
         write_json(out / "summary.json", summary)
     distributed.barrier()
 
 
+def save_pretrained(model, path) -> None:
+    """``model.save_pretrained(path)`` by rank 0, with the whole state dict of an FSDP2-sharded model
+    (gathered by every rank)."""
+    state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    if distributed.is_main():
+        model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
+
+
 def begin_training(model, cfg, out_dir, device, steps: int):
-    """The lines between building a supervised trainer's model and its loop: AdamW with ``cfg``'s schedule,
-    resume from the latest checkpoint (``cfg.resume``), DDP when distributed, the metrics logger (rank 0) and
-    the peak-memory window. Returns ``(ddp_model, opt, sched, saved, start, logger)``; ``saved`` is what
-    ``maybe_save`` writes."""
+    """The lines between building a supervised trainer's model and its loop: DDP or FSDP2 when distributed
+    (``cfg.parallel``), AdamW with ``cfg``'s schedule, resume from the latest checkpoint (``cfg.resume``), the
+    metrics logger (rank 0) and the peak-memory window. Returns ``(ddp_model, opt, sched, saved, start,
+    logger)``: ``ddp_model`` is what the forward passes that train go through (the DDP wrapper, or ``model``
+    itself), ``saved`` what ``maybe_save`` writes."""
+    ddp_model = distributed.wrap(model, device, cfg.parallel)  # before the optimizer: FSDP swaps the parameters
     opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, total_steps=steps)
     saved = {"modules": {"model": model}, "optimizers": {"model": opt}, "schedulers": {"model": sched}}
     start = maybe_resume(out_dir, cfg.resume, **saved)
-    ddp_model = distributed.wrap(model, device)
     logger = MetricsLogger(out_dir, enabled=distributed.is_main())
     reset_peak_memory(device)
     return ddp_model, opt, sched, saved, start, logger
@@ -100,6 +110,7 @@ class SupervisedConfig:
     (model, data, out_dir and the loss's options) and may override a default (``lr``)."""
 
     ops: Literal["fused", "reference"] = "fused"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
     epochs: int = 1
     max_steps: int = 0  # > 0: stop after this many optimizer steps
     batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
@@ -143,6 +154,8 @@ def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int,
 def optimizer_step(model, opt, sched, max_grad_norm: float) -> float:
     """Clip, step, zero: returns the gradient norm before clipping."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+        norm = norm.full_tensor()
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -158,11 +171,11 @@ def maybe_resume(out_dir, resume: bool, *, modules, optimizers, schedulers) -> i
 
 
 def maybe_save(out_dir, step: int, every: int, keep: int, *, modules, optimizers, schedulers) -> None:
-    """A checkpoint every ``every`` steps (rank 0 writes; every rank waits for it)."""
+    """A checkpoint every ``every`` steps (every rank gathers what FSDP shards, rank 0 writes, all wait)."""
     if not every or step % every:
         return
+    save_checkpoint(checkpoint_path(Path(out_dir), step), modules=modules, optimizers=optimizers,
+                    schedulers=schedulers, state={"step": step}, write=distributed.is_main())  # fmt: skip
     if distributed.is_main():
-        save_checkpoint(checkpoint_path(Path(out_dir), step), modules=modules, optimizers=optimizers,
-                        schedulers=schedulers, state={"step": step})  # fmt: skip
         prune_checkpoints(out_dir, keep)
     distributed.barrier()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import distributed
 from .common import pick_attn_implementation
 
 __all__ = [
@@ -244,19 +246,17 @@ def lm_hidden_states(
     ``rf.linear_logprobs(hidden[:, :-1], weight, labels[:, 1:], bias=bias)``.
 
     A plain model runs only its base model (``model.get_decoder()`` / ``model.model``). A model wrapped in
-    ``DistributedDataParallel`` (or another wrapper with ``.module``) must run its own forward for the
-    gradients to be synchronised: it is called with ``logits_to_keep=1`` (one position's logits) and
-    ``output_hidden_states=True``, whose last entry is the same final hidden state. Tied lm_heads are
-    fine: ``weight`` is the shared parameter and its gradient reaches the embedding."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):
-        inner = inner.module
+    ``DistributedDataParallel`` (or another wrapper with ``.module``), or sharded by FSDP2, must run its own
+    forward, for the gradients to be synchronised (DDP) and the root parameters gathered (FSDP): it is called
+    with ``logits_to_keep=1`` (one position's logits) and ``output_hidden_states=True``, whose last entry is
+    the same final hidden state, and the lm_head's parameters are read after it. Tied lm_heads are fine:
+    ``weight`` is the shared parameter and its gradient reaches the embedding."""
+    inner = _unwrapped(model)
     _check_plain_lm_head(inner.config)
     head = inner.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(inner).__name__} has no lm_head (get_output_embeddings() is None)")
-    bias = getattr(head, "bias", None)
-    if inner is model:
+    if inner is model and not distributed.is_sharded(model):
         base = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.base_model
         hidden = _base_forward(base, input_ids, attention_mask, position_ids)
     else:
@@ -264,10 +264,19 @@ def lm_hidden_states(
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        with warnings.catch_warnings():  # FSDP2 warns that the one-position logits are a view: unused here
+            warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False, logits_to_keep=1, output_hidden_states=True)
         hidden = out.hidden_states[-1]
-    return hidden, head.weight, bias
+    return hidden, head.weight, getattr(head, "bias", None)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP (or any wrapper with ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
 
 
 def build_reward_model(
@@ -308,20 +317,24 @@ def build_reward_model(
 def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` float32 scores of a sequence-classification model with one label: its ``score`` head on
     the hidden state of the last attended position of each row (left or right padding, pad == eos is
-    fine). Differentiable. Models without a ``score`` head fall back on their own pooling of the logits."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):
-        inner = inner.module
-    head = getattr(inner, "score", None)
-    if head is None or inner is not model:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    fine). Differentiable. A DDP-wrapped or FSDP2-sharded model runs its own forward (the final hidden
+    state is the last of ``output_hidden_states``) and the same pooling follows. Models without a ``score``
+    head fall back on their own pooling of the logits."""
+    inner = _unwrapped(model)
+    position_ids = position_ids_from_mask(attention_mask)
+    if getattr(inner, "score", None) is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits  # fmt: skip
         return logits.squeeze(-1).float()
-    hidden = _base_forward(inner.base_model, input_ids, attention_mask, None)
+    if inner is model and not distributed.is_sharded(model):
+        hidden = _base_forward(inner.base_model, input_ids, attention_mask, position_ids)
+    else:
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, output_hidden_states=True).hidden_states[-1]  # fmt: skip
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     last = (positions * attention_mask.to(positions.dtype)).argmax(-1)  # the rightmost attended position
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return head(pooled).squeeze(-1).float()
+    return inner.score(pooled).squeeze(-1).float()  # the head read after the forward (FSDP gathers it there)
 
 
 class CriticModel(nn.Module):
