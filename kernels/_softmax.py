@@ -1,8 +1,9 @@
 """Online softmax statistics and the log-prob/entropy gradient, shared by every row-softmax kernel.
 
-Both helpers broadcast: ``rf.logprobs``' kernel calls them on one row (``z`` of shape ``[BLOCK_V]``,
+The helpers broadcast: ``rf.logprobs``' kernel calls them on one row (``z`` of shape ``[BLOCK_V]``,
 scalar statistics, ``AXIS=0``), the fused linear kernels on a tile (``z`` of shape ``[BLOCK_N, BLOCK_V]``,
-per-row statistics, ``AXIS=1``).
+per-row statistics, ``AXIS=1``). ``online_logsumexp_update`` and ``logp_dlogits`` are the log-probs-only
+versions (no entropy statistic, no entropy gradient terms) for a kernel specialised to skip the entropy.
 """
 
 import triton
@@ -46,6 +47,17 @@ def online_softmax_update(m, s, u, z, AXIS: tl.constexpr):
 
 
 @triton.jit
+def online_logsumexp_update(m, s, z, AXIS: tl.constexpr):
+    """``online_softmax_update`` without ``u`` (for log-probs only): the same ``(m, s)``, op for op."""
+    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # all -inf so far: shift by 0, not -inf
+    e = tl.exp(z - tl.expand_dims(m_ref, AXIS))
+    alpha = tl.exp(m - m_ref)  # 0 while m is -inf, and then s == 0 too
+    s = alpha * s + tl.sum(e, axis=AXIS)
+    return m_new, s
+
+
+@triton.jit
 def softmax_dlogits(z, is_label, row_max, log_norm, entropy, g_logp, g_entropy, inv_t_hi):
     """``dL/dx`` for ``z = x / T``, ``L = g_logp * logp_label + g_entropy * H``.
 
@@ -65,6 +77,19 @@ def softmax_dlogits(z, is_label, row_max, log_norm, entropy, g_logp, g_entropy, 
     g = tl.where(z == -float("inf"), 0.0, g)
     g = tl.where(is_label, g + g_logp, g)
     return g * inv_t_hi  # the gradient scales by 1/T: a relative 6e-8 here is no bias worth a second term
+
+
+@triton.jit
+def logp_dlogits(z, is_label, row_max, log_norm, g_logp, inv_t_hi):
+    """``softmax_dlogits`` with ``g_H = 0``: ``dL/dx_v = g_logp ([v == y] - p_v) / T``.
+
+    A masked entry (``z_v = -inf``) has ``p_v = e^-inf = 0`` and gets 0 with no ``tl.where``: no entropy
+    term multiplies ``log p_v = -inf`` here.
+    """
+    p = tl.exp((z - row_max) - log_norm)
+    g = -p * g_logp
+    g = tl.where(is_label, g + g_logp, g)
+    return g * inv_t_hi
 
 
 @triton.jit

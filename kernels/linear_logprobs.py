@@ -14,6 +14,11 @@ Backward: per chunk of rows, a kernel recomputes the logit tiles and writes ``dl
 the bounded buffer over a fully fused backward because ``d_hidden`` needs a reduction over the whole
 vocabulary and ``d_weight`` one over all rows: fusing both needs ``[BLOCK_N, H]`` accumulators (too big
 at H = 4096) or atomics; two cuBLAS GEMMs run at the card's matmul rate with chunk-sized extra memory.
+
+Both kernels have a log-probs-only specialisation (``WITH_ENTROPY = False``, chosen by passing ``None`` for
+the entropy pointers, as ``rf.linear_logprobs`` does without ``return_entropy``): the forward forms no ``u``
+(no ``e (z - m)`` products, their row sum or its rescale; one ``[BLOCK_N]`` accumulator fewer), the backward
+reads no entropy statistics and writes ``g_logp ([v == y] - p_v) / T`` without the ``g_H p_v (log p_v + H)`` term.
 """
 
 import itertools
@@ -24,7 +29,7 @@ import triton.language as tl
 
 from . import INTERPRET
 from ._common import interpreter_safe_output, inverse_parts
-from ._softmax import online_softmax_update, scale_by_inverse, softmax_dlogits
+from ._softmax import logp_dlogits, online_logsumexp_update, online_softmax_update, scale_by_inverse, softmax_dlogits
 from ._tuning import matmul_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -60,7 +65,10 @@ def _logit_tile(
     return tl.where(col_ok[None, :], z, -float("inf"))
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "WITH_ENTROPY": lambda args: args["part_ent_ptr"] is not None,
+})  # fmt: skip
 @triton.jit
 def _linear_logprobs_fwd_kernel(
     # pointers
@@ -92,6 +100,7 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -103,7 +112,7 @@ def _linear_logprobs_fwd_kernel(
 
     m = tl.full((BLOCK_N,), -float("inf"), dtype=tl.float32)  # running max from -inf, never 0
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m)
-    u = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) * (z - m)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) * (z - m); stays 0 without WITH_ENTROPY
     z_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -111,17 +120,24 @@ def _linear_logprobs_fwd_kernel(
         z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok,
                         stride_h_n, stride_h_k, stride_w_v, stride_w_k, H, inv_t_hi, inv_t_lo,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)  # fmt: skip
-        m, s, u = online_softmax_update(m, s, u, z, AXIS=1)
+        if WITH_ENTROPY:
+            m, s, u = online_softmax_update(m, s, u, z, AXIS=1)
+        else:
+            m, s = online_logsumexp_update(m, s, z, AXIS=1)
         z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
 
     out = split.to(tl.int64) * N + rows
     tl.store(part_max_ptr + out, m, mask=row_ok)
     tl.store(part_sum_ptr + out, s, mask=row_ok)
-    tl.store(part_ent_ptr + out, u, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(part_ent_ptr + out, u, mask=row_ok)
     tl.store(part_label_ptr + out, z_label, mask=row_ok)
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None})
+@triton.heuristics({
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "WITH_ENTROPY": lambda args: args["entropy_ptr"] is not None,
+})  # fmt: skip
 @triton.jit
 def _linear_logprobs_bwd_kernel(
     # pointers
@@ -156,6 +172,7 @@ def _linear_logprobs_bwd_kernel(
     BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
 ):
     # dL/dx from the saved row statistics (kernels/_softmax.py). grad_logp is 0 on ignored rows (the
     # launcher's caller sees to it).
@@ -169,13 +186,17 @@ def _linear_logprobs_bwd_kernel(
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PRECISION)  # fmt: skip
     row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
     log_norm = tl.load(log_norm_ptr + rows, mask=row_ok, other=0.0)
-    entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
     g_logp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0)
-    g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    is_label = cols[None, :] == labels[:, None]
 
-    g = softmax_dlogits(z, cols[None, :] == labels[:, None], row_max[:, None], log_norm[:, None],
-                        entropy[:, None], g_logp[:, None], g_entropy[:, None], inv_t_hi)  # fmt: skip
+    if WITH_ENTROPY:
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+        g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
+        g = softmax_dlogits(z, is_label, row_max[:, None], log_norm[:, None], entropy[:, None], g_logp[:, None],
+                            g_entropy[:, None], inv_t_hi)  # fmt: skip
+    else:
+        g = logp_dlogits(z, is_label, row_max[:, None], log_norm[:, None], g_logp[:, None], inv_t_hi)
     tl.store(grad_logits_ptr + local[:, None] * stride_g_n + cols[None, :],
              g.to(grad_logits_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 
@@ -196,23 +217,29 @@ def _num_splits(N: int, V: int, block_n: int, block_v: int, device: torch.device
 
 
 def merge_partials(part_max, part_sum, part_ent, part_label):
-    """Exact merge of per-split statistics ``[SPLITS, N]`` into ``(logp, entropy, row_max, log_norm)``."""
+    """Exact merge of per-split statistics ``[SPLITS, N]`` into ``(logp, entropy, row_max, log_norm)``.
+
+    ``part_ent`` ``None`` (a log-probs-only forward): ``entropy`` is ``None``.
+    """
     M = part_max.amax(0)
     M_ref = torch.where(M == -float("inf"), 0.0, M)
     alpha = torch.exp(part_max - M_ref)  # 0 for a split whose entries were all -inf (then s = u = 0)
-    shift = torch.where(part_max == -float("inf"), 0.0, part_max - M_ref)
     S = (alpha * part_sum).sum(0)
-    U = (alpha * (part_ent + shift * part_sum)).sum(0)
     log_norm = torch.log(S)
-    entropy = log_norm - U / S
     logp = (part_label.sum(0) - M_ref) - log_norm
+    if part_ent is None:
+        return logp, None, M_ref, log_norm
+    shift = torch.where(part_max == -float("inf"), 0.0, part_max - M_ref)
+    U = (alpha * (part_ent + shift * part_sum)).sum(0)
+    entropy = log_norm - U / S
     return logp, entropy, M_ref, log_norm
 
 
-def linear_logprobs_forward(hidden, weight, bias, labels, temperature: float):
+def linear_logprobs_forward(hidden, weight, bias, labels, temperature: float, with_entropy: bool = True):
     """``(logp, entropy, row_max, log_norm)`` for ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]``.
 
-    ``labels`` must be in ``[0, V)`` (the caller maps ignored rows to 0 and zeroes their ``logp``).
+    ``labels`` must be in ``[0, V)`` (the caller maps ignored rows to 0 and zeroes their ``logp``). Without
+    ``with_entropy`` the kernel's log-probs-only specialisation runs and ``entropy`` is ``None``.
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -220,17 +247,19 @@ def linear_logprobs_forward(hidden, weight, bias, labels, temperature: float):
     splits = _num_splits(N, V, cfg.BLOCK_N, cfg.BLOCK_V, hidden.device)
     v_per_split = triton.cdiv(triton.cdiv(V, cfg.BLOCK_V), splits) * cfg.BLOCK_V
     splits = triton.cdiv(V, v_per_split)
-    parts = torch.empty((4, splits, N), dtype=torch.float32, device=hidden.device)
+    parts = torch.empty((4 if with_entropy else 3, splits, N), dtype=torch.float32, device=hidden.device)
+    part_max, part_sum, part_label = parts[0], parts[1], parts[2]
+    part_ent = parts[3] if with_entropy else None  # None: WITH_ENTROPY = False
     if N:
         _linear_logprobs_fwd_kernel[(triton.cdiv(N, cfg.BLOCK_N), splits)](
-            hidden, weight, bias, labels, parts[0], parts[1], parts[2], parts[3],
+            hidden, weight, bias, labels, part_max, part_sum, part_ent, part_label,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             N, V, H, v_per_split,
             *inverse_parts(temperature),
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, UPCAST=INTERPRET,
             DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    return merge_partials(*parts)
+    return merge_partials(part_max, part_sum, part_ent, part_label)
 
 
 # dlogits buffer of the backward: at most this many bytes (1 GiB: 3532 rows of a 151936-entry bf16 vocab).
@@ -240,6 +269,9 @@ _BWD_CHUNK_BYTES = 1 << 30
 def linear_logprobs_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
                              temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool):  # fmt: skip
     """``(d_hidden, d_weight, d_bias)`` (``None`` where not needed) through a bounded dlogits buffer.
+
+    ``entropy`` and ``grad_entropy`` ``None``: the gradient of the log-probs alone, by the kernel's
+    ``WITH_ENTROPY = False`` specialisation.
 
     ``d_weight`` accumulates chunk by chunk in the weight's dtype (cuBLAS accumulates each product in
     float32); one chunk covers ``_BWD_CHUNK_BYTES`` of dlogits, so bf16 rounds once per ~3.5k rows.
@@ -279,34 +311,45 @@ def linear_logprobs_backward(hidden, weight, bias, labels, row_max, log_norm, en
 
 
 def build_specs():
-    """Forward and backward for each operand dtype, with and without bias (see kernels/_aot.py)."""
+    """Forward and backward for each operand dtype, with and without bias, with and without entropy (see
+    kernels/_aot.py)."""
     from ._aot import KernelBuild
     from .logprobs import _TL_DTYPE
 
-    meta = {k: "constexpr" for k in ("HAS_BIAS", "BLOCK_N", "BLOCK_V", "BLOCK_H", "UPCAST", "DOT_PRECISION")}
+    meta = {k: "constexpr" for k in ("HAS_BIAS", "BLOCK_N", "BLOCK_V", "BLOCK_H", "UPCAST", "DOT_PRECISION",
+                                     "WITH_ENTROPY")}  # fmt: skip
     specs = []
-    for (dtype, t), backward, has_bias in itertools.product(_TL_DTYPE.items(), (False, True), (True, False)):
+    for (dtype, t), backward, has_bias, with_entropy in itertools.product(
+        _TL_DTYPE.items(), (False, True), (True, False), (True, False)
+    ):
         cfg = matmul_config(dtype, backward)
         ptrs = {"hidden_ptr": f"*{t}", "weight_ptr": f"*{t}", "bias_ptr": f"*{t}" if has_bias else "constexpr",
                 "labels_ptr": "*i64"}  # fmt: skip
+        # The log-probs-only specialisation gets None for its entropy pointers, as the launchers pass.
+        ent = "*fp32" if with_entropy else "constexpr"
         if backward:
             kernel = _linear_logprobs_bwd_kernel
-            sig = {**ptrs, "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32", "entropy_ptr": "*fp32",
-                   "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_logits_ptr": f"*{t}",
+            sig = {**ptrs, "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32", "entropy_ptr": ent,
+                   "grad_logp_ptr": "*fp32", "grad_entropy_ptr": ent, "grad_logits_ptr": f"*{t}",
                    "stride_h_n": "i32", "stride_h_k": "constexpr", "stride_w_v": "i32", "stride_w_k": "constexpr",
                    "stride_g_n": "i32", "N": "i32", "V": "i32", "H": "i32", "row_start": "i32",
                    "inv_t_hi": "fp32", "inv_t_lo": "fp32", **meta}  # fmt: skip
+            entropy_ptrs = ("entropy_ptr", "grad_entropy_ptr")
         else:
             kernel = _linear_logprobs_fwd_kernel
-            sig = {**ptrs, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_ent_ptr": "*fp32",
+            sig = {**ptrs, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_ent_ptr": ent,
                    "part_label_ptr": "*fp32", "stride_h_n": "i32", "stride_h_k": "constexpr",
                    "stride_w_v": "i32", "stride_w_k": "constexpr", "N": "i32", "V": "i32", "H": "i32",
                    "v_per_split": "i32", "inv_t_hi": "fp32", "inv_t_lo": "fp32", **meta}  # fmt: skip
+            entropy_ptrs = ("part_ent_ptr",)
         # Contiguous hidden and weight: Triton's launcher specializes their unit inner strides to 1.
         constexprs = {"BLOCK_N": cfg.BLOCK_N, "BLOCK_V": cfg.BLOCK_V, "BLOCK_H": cfg.BLOCK_H, "HAS_BIAS": has_bias,
-                      "UPCAST": False, "DOT_PRECISION": _dot_precision(dtype), "stride_h_k": 1, "stride_w_k": 1}
+                      "UPCAST": False, "DOT_PRECISION": _dot_precision(dtype), "WITH_ENTROPY": with_entropy,
+                      "stride_h_k": 1, "stride_w_k": 1}  # fmt: skip
         if not has_bias:
             constexprs["bias_ptr"] = None
+        if not with_entropy:
+            constexprs.update(dict.fromkeys(entropy_ptrs))
         divisible = ("stride_h_n", "stride_w_v", "stride_g_n", "V", "H", "v_per_split")
         specs.append(
             KernelBuild(
@@ -317,7 +360,8 @@ def build_specs():
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
                 tensor_cores=dtype != torch.float32,
-                label=f"{t} {'bias' if has_bias else 'no bias'} {cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_H}",
+                label=f"{t} {'bias' if has_bias else 'no bias'} {'entropy' if with_entropy else 'logp only'} "
+                f"{cfg.BLOCK_N}x{cfg.BLOCK_V}x{cfg.BLOCK_H}",
             )
         )
     return specs

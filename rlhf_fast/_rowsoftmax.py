@@ -3,8 +3,8 @@
 Layout helpers (``as_btv``, ``row_chunks``, ``scaled_float_copy``, ``grad_or_zeros``) shared by every op
 that streams ``[..., V]`` rows, and the statistics/gradient of ``softmax(z)`` on a float32 chunk, used by
 ``rf.logprobs`` (chunks of the logits), ``rf.linear_logprobs`` (chunks of ``hidden @ weight.T``) and the
-ops built on them. ``softmax_stats_`` and ``softmax_grad_`` overwrite the chunk they are given, so a caller
-passes a scratch copy.
+ops built on them. ``softmax_stats_``, ``softmax_grad_`` and ``logp_grad_`` overwrite the chunk they are given,
+so a caller passes a scratch copy.
 """
 
 import math
@@ -54,18 +54,23 @@ def scaled_float_copy(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
     return z if temperature == 1.0 else z.div_(temperature)
 
 
-def softmax_stats_(z: torch.Tensor, labels: torch.Tensor):
+def softmax_stats_(z: torch.Tensor, labels: torch.Tensor, with_entropy: bool = True):
     """``(logp, entropy, row_max, log_norm)`` of the rows of ``z`` (overwritten as scratch).
 
     ``labels`` are in ``[0, V)`` (ignored rows already mapped to 0). The same statistics as the Triton
     kernel: ``log p = (z - m) - log s`` with ``s = sum e^(z - m)``, the max ``m`` and the log-normalizer
     kept apart (their rounded sum would lose up to half an ulp of ``m``: 5e-4 at logits near 1e4), and
     ``H = log s - u / s`` with ``u = sum e^(z - m) (z - m)``: two passes fewer than ``-sum p log p``.
+    Without ``with_entropy`` the entropy is ``None`` and ``u`` is never formed (the same ``s``, so the
+    same ``logp``, in three passes over the chunk fewer: clamp, ``e * d``, its sum).
     """
     m = z.amax(dim=-1, keepdim=True)
     m.masked_fill_(m == -float("inf"), 0.0)  # an all -inf row: shift by 0, not by -inf
     d = z.sub_(m)
     d_label = d.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        log_s = d.exp_().sum(-1).log_()  # e^-inf = 0: a masked vocabulary needs no clamp here
+        return d_label - log_s, None, m.squeeze(-1), log_s
     # Masked vocabulary: -inf -> the lowest float, so that e^d * d is 0 * finite = 0 rather than NaN
     # (clamp keeps NaN, so NaN input still comes out NaN).
     d.clamp_(min=torch.finfo(torch.float32).min)
@@ -92,3 +97,19 @@ def softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temp
     g.masked_fill_(p == 0, 0.0)  # masked vocabulary: p = 0 and log p = -inf
     g.scatter_add_(-1, labels.unsqueeze(-1), g_logp.unsqueeze(-1))
     return g if temperature == 1.0 else g.div_(temperature)
+
+
+def logp_grad_(z, row_max, log_norm, g_logp, labels, temperature: float):
+    """``dL/dx`` for ``z = x / temperature`` and ``L = sum(g_logp * logp)``: ``softmax_grad_`` without the
+    entropy terms (what it computes with ``g_entropy = 0``, up to rounding)::
+
+        dL/dz_v = g_logp * ([v == y] - p_v),    dL/dx = dL/dz / T
+
+    with ``1 / T`` folded into ``g_logp`` (a ``[rows]`` vector) rather than a pass over the chunk. A masked
+    vocabulary entry gets ``p_v = e^-inf = 0`` and so 0 without a mask. ``g_logp`` must already be 0 on
+    ignored rows. ``z`` is overwritten and returned as the result.
+    """
+    g_row = g_logp if temperature == 1.0 else g_logp / temperature
+    p = z.sub_(row_max.unsqueeze(-1)).sub_(log_norm.unsqueeze(-1)).exp_()
+    g = p.mul_(g_row.neg().unsqueeze(-1))
+    return g.scatter_add_(-1, labels.unsqueeze(-1), g_row.unsqueeze(-1))

@@ -6,6 +6,8 @@ building the ``[N, V]`` logits.
   turns them into ``dlogits`` with the same formula as ``rf.logprobs`` and multiplies them into
   ``d_hidden``, ``d_weight`` and ``d_bias``. Extra memory: ``O(N + chunk * V)`` (plus a float32 copy of
   the weight and its gradient accumulator when the weight is bf16/fp16).
+  Without ``return_entropy`` (log-probs only, as ``rf.linear_dpo_loss`` and SFT ask) neither implementation
+  forms the entropy: the forward skips its softmax-weighted sum, the backward its gradient terms.
 - ``triton``: the forward kernel tiles ``hidden x weight^T`` with ``tl.dot`` and merges the online
   statistics of each vocabulary tile; backward recomputes logit tiles into a bounded ``[chunk, V]``
   ``dlogits`` buffer and hands the two products to cuBLAS (see kernels/linear_logprobs.py).
@@ -17,7 +19,7 @@ import torch
 
 from . import _checks
 from ._dispatch import dispatch, register
-from ._rowsoftmax import grad_or_zeros, softmax_grad_, softmax_stats_
+from ._rowsoftmax import grad_or_zeros, logp_grad_, softmax_grad_, softmax_stats_
 
 # Rows per chunk of the PyTorch implementation: ~4M logits (16 MiB float32 per temporary). Larger than
 # rf.logprobs' chunks because each chunk is also one matmul, which wants enough rows to run at full rate.
@@ -28,6 +30,7 @@ _TORCH_CHUNK_ELEMENTS = 1 << 22
 class LinearLogprobsOptions:
     temperature: float = 1.0
     ignore_index: int = -100
+    with_entropy: bool = True  # False: log-probs only (entropy None, no entropy work forward or backward)
 
 
 def _chunk_rows(V: int) -> int:
@@ -40,18 +43,24 @@ def _chunk_logits(h32, w32, b32, temperature: float) -> torch.Tensor:
     return z if temperature == 1.0 else z.div_(temperature)
 
 
-def _torch_forward(hidden, weight, bias, labels, temperature: float):
-    """``(logp, entropy, row_max, log_norm)``, chunk by chunk; the twin of ``linear_logprobs_forward``."""
+def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entropy: bool = True):
+    """``(logp, entropy, row_max, log_norm)``, chunk by chunk; the twin of ``linear_logprobs_forward``.
+
+    ``entropy`` is ``None`` without ``with_entropy``.
+    """
     N, V = hidden.shape[0], weight.shape[0]
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
-    entropy, row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
+    row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
     step = _chunk_rows(V)
     for r in range(0, N, step):
         rows = slice(r, r + step)
         z = _chunk_logits(hidden[rows].float(), w32, b32, temperature)
-        logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, labels[rows])
+        logp[rows], ent, row_max[rows], log_norm[rows] = softmax_stats_(z, labels[rows], with_entropy)
+        if with_entropy:
+            entropy[rows] = ent
     return logp, entropy, row_max, log_norm
 
 
@@ -59,7 +68,8 @@ def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_
                     temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool):  # fmt: skip
     """``(d_hidden, d_weight, d_bias)`` with recomputed chunk logits; the twin of ``linear_logprobs_backward``.
 
-    The weight gradient accumulates in float32 and is cast once at the end.
+    ``entropy`` and ``g_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms). The weight
+    gradient accumulates in float32 and is cast once at the end.
     """
     N, V = hidden.shape[0], weight.shape[0]
     w32 = weight.float()
@@ -72,8 +82,11 @@ def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_
         rows = slice(r, r + step)
         h32 = hidden[rows].float()
         z = _chunk_logits(h32, w32, b32, temperature)
-        g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], g_entropy[rows],
-                          labels[rows], temperature)  # fmt: skip
+        if entropy is None:
+            g = logp_grad_(z, row_max[rows], log_norm[rows], g_logp[rows], labels[rows], temperature)
+        else:
+            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], g_entropy[rows],
+                              labels[rows], temperature)  # fmt: skip
         if need_hidden:
             d_hidden[rows] = g @ w32
         if need_weight:
@@ -100,19 +113,24 @@ class _LinearLogprobs(torch.autograd.Function):
         ignored = labels == opts.ignore_index
         safe_labels = labels.masked_fill(ignored, 0).contiguous()
         forward, _ = _backend(impl)
-        logp, entropy, row_max, log_norm = forward(hidden, weight, bias, safe_labels, opts.temperature)
+        logp, entropy, row_max, log_norm = forward(hidden, weight, bias, safe_labels, opts.temperature,
+                                                   opts.with_entropy)  # fmt: skip
         logp.masked_fill_(ignored, 0.0)
         ctx.save_for_backward(hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy)
         ctx.opts, ctx.impl = opts, impl
         ctx.set_materialize_grads(False)
-        return logp, entropy
+        return logp, entropy  # entropy None without opts.with_entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
         N = hidden.shape[0]
         g_logp = grad_or_zeros(grad_logp, N, hidden.device).masked_fill(ignored, 0.0)
-        g_entropy = grad_or_zeros(grad_entropy, N, hidden.device)
+        # No gradient reaches the entropy (not requested, or unused by the loss): the log-prob gradient alone.
+        if grad_entropy is None:
+            entropy, g_entropy = None, None
+        else:
+            g_entropy = grad_or_zeros(grad_entropy, N, hidden.device)
         _, backward = _backend(ctx.impl)
         d_hidden, d_weight, d_bias = backward(
             hidden, weight, bias, safe_labels, row_max, log_norm, entropy, g_logp, g_entropy,
@@ -153,7 +171,8 @@ def linear_logprobs(
 
     Returns:
         float32 ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``; differentiable
-        with respect to ``hidden``, ``weight`` and ``bias`` (gradients in their dtypes).
+        with respect to ``hidden``, ``weight`` and ``bias`` (gradients in their dtypes). Without
+        ``return_entropy`` no entropy work is done, forward or backward (the same ``logp`` and gradients).
     """
     _checks.check_float_tensor(hidden, "hidden", min_dim=1)
     _checks.check_float_tensor(weight, "weight", min_dim=2)
@@ -177,9 +196,11 @@ def linear_logprobs(
     opts = LinearLogprobsOptions(
         temperature=_checks.check_positive("temperature", temperature),
         ignore_index=_checks.check_int("ignore_index", ignore_index),
+        with_entropy=bool(return_entropy),
     )
     fn = dispatch("linear_logprobs", impl, hidden.device)
     _checks.check_labels_in_range(labels, V, opts.ignore_index)
     logp, entropy = fn(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts)
-    logp, entropy = logp.view(labels.shape), entropy.view(labels.shape)
-    return (logp, entropy) if return_entropy else logp
+    if not opts.with_entropy:
+        return logp.view(labels.shape)
+    return logp.view(labels.shape), entropy.view(labels.shape)

@@ -1,5 +1,7 @@
 """rf.linear_logprobs against float64: outputs and the gradients of hidden, weight and bias."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import DEVICE, IMPLS
@@ -132,6 +134,105 @@ def test_random_cases(impl, n, H, V, dtype, bias, temperature, seed):
     torch.manual_seed(seed)
     hidden, weight, b, labels = _case((n,), H, V, dtype, DEVICE, bias=bias)
     check_linear(hidden, weight, b, labels, impl, temperature=temperature)
+
+
+# ----------------------------------------------------------------------- log-probs only (no entropy work)
+
+
+def _leaves(hidden, weight, bias):
+    return [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.9])
+def test_logp_only_matches_float64_and_with_entropy(impl, dtype, bias, temperature, device):
+    """return_entropy=False: the same logp and gradients as float64, and as return_entropy=True with a zero
+    entropy gradient (the path that computes the entropy terms); ignored rows get logp 0 and no gradient."""
+    hidden, weight, b, labels = _case((3, 29), 24, 517, dtype, device, bias=bias, ignore_frac=0.3)
+    labels[0, :4] = -100  # ignored rows for certain, whatever the seed
+    kw = dict(temperature=temperature, ignore_index=-100, impl=impl)
+
+    lite = _leaves(hidden, weight, b)
+    logp = rf.linear_logprobs(lite[0], lite[1], labels, bias=lite[2] if bias else None, **kw)
+    assert isinstance(logp, torch.Tensor) and logp.dtype == torch.float32 and logp.shape == labels.shape
+    g_logp = torch.randn_like(logp)
+    lite_grads = torch.autograd.grad((logp * g_logp).sum(), lite)
+
+    full = _leaves(hidden, weight, b)
+    logp_full, ent = rf.linear_logprobs(full[0], full[1], labels, bias=full[2] if bias else None,
+                                        return_entropy=True, **kw)  # fmt: skip
+    full_grads = torch.autograd.grad((logp_full, ent), full, (g_logp, torch.zeros_like(ent)))
+
+    ignored = labels == -100
+    assert (logp[ignored] == 0).all()
+    assert (lite_grads[0][ignored] == 0).all()  # no entropy term: nothing flows into an ignored row
+
+    ref_kw = dict(temperature=temperature, ignore_index=-100)
+    ref_logp, _, ref_grads = _unfused(hidden, weight, b, labels, f64=True, **ref_kw)
+    plain_logp, _, plain_grads = _unfused(hidden, weight, b, labels, f64=False, **ref_kw)
+    zeros = torch.zeros_like(g_logp)
+    names = ["logp", "d_hidden", "d_weight", "d_bias"]
+    for name, o, f, p, r in zip(names, [logp, *lite_grads], [logp_full, *full_grads],
+                                [plain_logp, *plain_grads(g_logp, zeros)], [ref_logp, *ref_grads(g_logp, zeros)]):
+        assert o.dtype == f.dtype and o.shape == f.shape, name
+        scale = assert_no_worse(name, o, p, r, rel_margin=5e-6)
+        if dtype == torch.float32:
+            torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=2e-5 * scale, msg=name)
+        # Against the entropy path: float rounding apart (the 1/T folded elsewhere), one ulp of the dtype.
+        tol = 1e-6 if o.dtype == torch.float32 else torch.finfo(o.dtype).eps
+        torch.testing.assert_close(o.float(), f.float(), rtol=tol, atol=tol * scale, msg=name)
+
+
+def _spy(monkeypatch, impl):
+    """Record what the implementation's forward returns as entropy and what its backward gets as entropy."""
+    # import_module: the attribute rlhf_fast.linear_logprobs is the public function, not its module. Both
+    # pairs are looked up at each call (_backend), so replacing the module attribute reaches them.
+    if impl == "triton":
+        mod = importlib.import_module("rlhf_fast.kernels.linear_logprobs")
+        names = ("linear_logprobs_forward", "linear_logprobs_backward")
+    else:
+        mod = importlib.import_module("rlhf_fast.linear_logprobs")
+        names = ("_torch_forward", "_torch_backward")
+    seen = {}
+    forward, backward = (getattr(mod, n) for n in names)
+
+    def spy_forward(*args):
+        out = forward(*args)
+        seen["forward_entropy"] = out[1]
+        return out
+
+    def spy_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_logp, g_entropy, *rest):
+        seen["backward_entropy"], seen["backward_g_entropy"] = entropy, g_entropy
+        return backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_logp, g_entropy, *rest)
+
+    monkeypatch.setattr(mod, names[0], spy_forward)
+    monkeypatch.setattr(mod, names[1], spy_backward)
+    return seen
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logp_only_skips_the_entropy(impl, monkeypatch, device):
+    """No entropy asked for: the forward computes none and the backward gets none (the log-probs-only
+    specialisation); asked for, it is computed, and its gradient terms run only when a gradient reaches it."""
+    hidden, weight, b, labels = _case((2, 13), 16, 300, torch.float32, device)
+    seen = _spy(monkeypatch, impl)
+    h = hidden.requires_grad_(True)
+
+    logp = rf.linear_logprobs(h, weight, labels, bias=b, temperature=0.8, impl=impl)
+    logp.sum().backward()
+    assert seen["forward_entropy"] is None
+    assert seen["backward_entropy"] is None and seen["backward_g_entropy"] is None
+
+    logp, ent = rf.linear_logprobs(h, weight, labels, bias=b, temperature=0.8, impl=impl, return_entropy=True)
+    assert seen["forward_entropy"] is not None
+    (logp.sum() + ent.sum()).backward()
+    assert seen["backward_entropy"] is not None and seen["backward_g_entropy"] is not None
+
+    logp, ent = rf.linear_logprobs(h, weight, labels, bias=b, temperature=0.8, impl=impl, return_entropy=True)
+    logp.sum().backward()  # the entropy is returned but unused: no gradient reaches it
+    assert seen["backward_entropy"] is None
 
 
 @pytest.mark.parametrize(
