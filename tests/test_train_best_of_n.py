@@ -4,8 +4,7 @@ policy on held-out prompts, and a run resumed between rounds ends bit-identical 
 import json
 
 import pytest
-import torch
-from train_utils import same_weights, tiny_causal_lm_dir, torchrun
+from train_utils import close_weights, same_weights, tiny_causal_lm_dir, torchrun
 
 from rlhf_fast import task
 from rlhf_fast.train import best_of_n, sft
@@ -70,34 +69,32 @@ def test_resume_between_rounds_is_bit_identical(files, tmp_path):
 
 _DISTRIBUTED_SCRIPT = """
     import json, sys
-    from rlhf_fast import task
     from rlhf_fast.train import best_of_n
-    best_of_n.train(best_of_n.Config(**json.loads(sys.argv[1])), reward_fn=task.reward_fn)
+    best_of_n.train(best_of_n.Config(**json.loads(sys.argv[1])))
 """
 
 
 def test_two_processes_match_one(files, tmp_path):
     """torchrun with 2 gloo processes, each sampling a share of every round's prompts (an uneven one: 21 =
-    11 + 10) and fine-tuning on half of every batch: the same samples, losses and weights as one process."""
-    rounds = {}
-    for nproc in (1, 2):
-        cfg = _config(files, tmp_path / f"np{nproc}", rounds=2, n=4, prompts_per_round=21, prompts_per_step=8,
-                      batch_size=8, grad_accum=2, eval_prompts=files["eval_prompts"], eval_samples=9)  # fmt: skip
+    11 + 10, padded with a repeat) and fine-tuning on half of every batch, replicated (DDP) or sharded (FSDP2,
+    the reward model and the reference too): the same samples, losses and weights as one process."""
+    rm = build_reward_model(files["policy"])
+    rm.save_pretrained(tmp_path / "rm")
+    runs = {}
+    for nproc, parallel in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+        cfg = _config(files, tmp_path / f"{parallel}{nproc}", rounds=2, n=4, prompts_per_round=21, prompts_per_step=8,
+                      batch_size=8, grad_accum=2, eval_prompts=files["eval_prompts"], eval_samples=9,
+                      reward_model=str(tmp_path / "rm"), parallel=parallel)  # fmt: skip
         torchrun(_DISTRIBUTED_SCRIPT, cfg, nproc, tmp_path)
-        rounds[nproc] = read_metrics(tmp_path / f"np{nproc}" / "metrics.jsonl")
-    for one, two in zip(rounds[1], rounds[2], strict=True):
-        assert (two["score_all"], two["score_kept"], two["kept_length"]) == (one["score_all"], one["score_kept"], one["kept_length"])
-        for key in ("sft_loss", "sft_loss_last", "grad_norm"):
-            assert two[key] == pytest.approx(one[key], rel=1e-5), key
-    summaries = {n: json.loads((tmp_path / f"np{n}" / "summary.json").read_text()) for n in (1, 2)}
-    for when in ("before", "after"):
-        assert summaries[2][when]["n"] == 9 and summaries[2][when]["score"] == summaries[1][when]["score"]
-    one, two = (_weights(tmp_path / f"np{n}" / "model") for n in (1, 2))
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one, two, strict=True))
-
-
-def _weights(model_dir):
-    from safetensors.torch import load_file
-
-    state = load_file(str(model_dir / "model.safetensors"))
-    return [state[k] for k in sorted(state)]
+        runs[nproc, parallel] = read_metrics(tmp_path / f"{parallel}{nproc}" / "metrics.jsonl")
+    summary1 = json.loads((tmp_path / "ddp1" / "summary.json").read_text())
+    for parallel in ("ddp", "fsdp"):
+        for one, two in zip(runs[1, "ddp"], runs[2, parallel], strict=True):
+            assert two["kept_length"] == one["kept_length"]  # the same completions kept
+            for key in ("score_all", "score_kept", "sft_loss", "sft_loss_last", "grad_norm"):
+                assert two[key] == pytest.approx(one[key], rel=1e-5), (parallel, key)
+        summary2 = json.loads((tmp_path / f"{parallel}2" / "summary.json").read_text())
+        for when in ("before", "after"):
+            assert summary2[when]["n"] == 9
+            assert summary2[when]["score"] == pytest.approx(summary1[when]["score"], rel=1e-5)
+        assert close_weights(tmp_path / f"{parallel}2" / "model", tmp_path / "ddp1" / "model", atol=1e-5)

@@ -15,7 +15,8 @@ import torch
 from rlhf_fast.train import ppo
 from rlhf_fast.train.models import load_causal_lm, load_tokenizer
 
-from train_utils import same_weights, tiny_causal_lm_dir, torchrun, write_jsonl
+from safetensors.torch import load_file
+from train_utils import close_weights, same_weights, tiny_causal_lm_dir, torchrun, write_jsonl
 
 PROMPT = "a b c d >"
 REWARDS = {"a": 1.0, "b": 0.6, "c": 0.2, "d": -0.4}  # every other token: 0
@@ -165,37 +166,45 @@ _DISTRIBUTED_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("advantage, samples_per_prompt", [("gae", 1), ("rloo", 2)])
-def test_two_processes_match_one(tmp_path, advantage, samples_per_prompt):
+@pytest.mark.parametrize("advantage, samples_per_prompt, layouts", [
+    ("gae", 1, ("ddp", "fsdp")),  # a critic trained beside the policy; FSDP2 also shards the reference
+    ("rloo", 2, ("ddp",)),  # the samples of a prompt stay on one process
+])  # fmt: skip
+def test_two_processes_match_one(tmp_path, advantage, samples_per_prompt, layouts):
     """torchrun with 2 gloo processes, each sampling half of every step's prompts and taking half of every
-    minibatch: the same responses, losses and final weights as one process."""
+    minibatch, replicated (DDP) or sharded (FSDP2): the same responses, losses and final weights as one process."""
     from rlhf_fast.train.common import read_metrics
 
     prompt_texts = ["a b c d >", "a >", "b c >", "d a b >", "c >", "a b >", "d d c b a >", "b >"]
     prompts = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": p} for p in prompt_texts])
-    records = {}
-    for nproc in (1, 2):
-        cfg = bandit_config(tmp_path, out_dir=str(tmp_path / f"np{nproc}"), prompts=prompts, advantage=advantage,
+    runs = {}
+    for nproc, parallel in ((1, "ddp"),) + tuple((2, p) for p in layouts):
+        out = tmp_path / f"{parallel}{nproc}"
+        cfg = bandit_config(tmp_path, out_dir=str(out), prompts=prompts, advantage=advantage, parallel=parallel,
                             samples_per_prompt=samples_per_prompt, steps=2, prompts_per_step=4, max_new_tokens=4,
                             minibatch_size=4 * samples_per_prompt, grad_accum=2, ppo_epochs=2, whiten_advantages=True,
-                            lr=1e-3, log_every=1, eval_prompts=prompts, eval_samples=5)  # fmt: skip
+                            lr=1e-3, log_every=1, eval_prompts=prompts, eval_samples=5, save_every=1)  # fmt: skip
         torchrun(_DISTRIBUTED_SCRIPT, cfg, nproc, tmp_path)
-        records[nproc] = read_metrics(tmp_path / f"np{nproc}" / "metrics.jsonl")
-    assert len(records[1]) == len(records[2]) == 2
-    for one, two in zip(records[1], records[2]):
-        assert two["score"] == one["score"] and two["response_length"] == one["response_length"]  # same samples
-        for key in ("kl", "policy_loss", "approx_kl", "clipfrac", "entropy", "grad_norm") + (
-            ("value_loss", "explained_variance") if advantage == "gae" else ()
-        ):
-            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
-    summaries = {n: json.loads((tmp_path / f"np{n}" / "summary.json").read_text()) for n in (1, 2)}
-    assert summaries[2]["world_size"] == 2 and summaries[2]["after"]["n"] == 5
-    for when in ("before", "after"):  # the held-out prompts are split 3 + 2, padded to different widths
-        assert summaries[2][when]["score"] == summaries[1][when]["score"]
-        assert summaries[2][when]["kl_to_ref"] == pytest.approx(summaries[1][when]["kl_to_ref"], rel=1e-4, abs=1e-6)
-    from safetensors.torch import load_file
-
-    w1, w2 = (load_file(str(tmp_path / f"np{n}" / "model" / "model.safetensors")) for n in (1, 2))
-    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+        runs[nproc, parallel] = read_metrics(out / "metrics.jsonl"), json.loads((out / "summary.json").read_text())
+    (records1, summary1), keys = runs[1, "ddp"], ("value_loss", "explained_variance") if advantage == "gae" else ()
+    assert len(records1) == 2
+    for parallel in layouts:
+        records2, summary2 = runs[2, parallel]
+        for one, two in zip(records1, records2, strict=True):
+            assert two["score"] == one["score"] and two["response_length"] == one["response_length"]  # same samples
+            for key in ("kl", "policy_loss", "approx_kl", "clipfrac", "entropy", "grad_norm") + keys:
+                assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (parallel, key)
+        assert summary2["world_size"] == 2 and summary2["after"]["n"] == 5
+        for when in ("before", "after"):  # the held-out prompts are split 3 + 2 (+ 1 repeat), padded differently
+            assert summary2[when]["score"] == summary1[when]["score"]
+            assert summary2[when]["kl_to_ref"] == pytest.approx(summary1[when]["kl_to_ref"], rel=1e-4, abs=1e-6)
+        # the final policy (gathered from the shards with FSDP2) and the mid-run checkpoint
+        assert close_weights(tmp_path / f"{parallel}2" / "model", tmp_path / "ddp1" / "model", atol=1e-5)
+        one, two = (load_file(str(tmp_path / f"{p}" / "checkpoint-00000001" / "policy.safetensors"))
+                    for p in ("ddp1", f"{parallel}2"))  # fmt: skip
+        assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+        if advantage == "gae":
+            assert close_weights(tmp_path / f"{parallel}2" / "critic", tmp_path / "ddp1" / "critic", atol=1e-5)
     init = load_file(str(tmp_path / "init" / "model.safetensors"))
-    assert any(not torch.allclose(init[k], w1[k], atol=1e-4) for k in w1)  # and training did move the weights
+    final = load_file(str(tmp_path / "ddp1" / "model" / "model.safetensors"))
+    assert any(not torch.allclose(init[k], final[k], atol=1e-4) for k in final)  # and training did move the weights

@@ -19,7 +19,8 @@ fine-tuning on its samples distills it. ``eval_prompts`` are scored (one sample 
 reward) before the first round and after the last, with the exact KL to the initial policy
 (``rlhf_fast.train.ppo.evaluate``). Checkpoints are taken between rounds (``save_every`` rounds) and a
 resumed run continues from the last one exactly. Under torchrun each process samples a share of the
-prompts and fine-tunes on a share of every batch (DDP); a run gives the same result on any number of processes.
+prompts and fine-tunes on a share of every batch (DDP, or FSDP2 with ``parallel="fsdp"``); a run gives the same
+result on any number of processes.
 """
 
 import time
@@ -50,6 +51,7 @@ class Config:
     eval_fn: str | None = None  # "module:function" for evaluation (e.g. an oracle); None: the reward
     out_dir: str = "runs/best_of_n"
     ops: Literal["fused", "reference"] = "fused"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
     # sampling and selection
     rounds: int = 1  # sample -> select -> fine-tune cycles
     prompts_per_round: int = 0  # 0: every prompt each round; else the next slice of a seeded permutation
@@ -112,14 +114,15 @@ def sample_best(policy, tokenizer, prompts, picks: list[int], reward, cfg: Confi
     mine = distributed.local_rows(len(picks))
     for start in range(mine.start, mine.stop, cfg.prompts_per_step):
         index = list(range(start, min(start + cfg.prompts_per_step, mine.stop)))
-        rows = prompts.select([picks[i] for i in index])
+        rows = prompts.select([picks[i % len(picks)] for i in index])
         repeated = rows.select([i for i in range(len(rows)) for _ in range(cfg.n)])
         ids, mask = collate_prompts(repeated["prompt_input_ids"], tokenizer.pad_token_id)
         seeds = row_seeds(cfg.seed, rnd, [i * cfg.n + j for i in index for j in range(cfg.n)])
         t0 = time.perf_counter()
         with autocast_context(device, cfg.precision):
             ro = generate(policy, tokenizer, ids.to(device), mask.to(device), repeated["prompt"],
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds)  # fmt: skip
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds,
+                          synced=distributed.is_sharded(policy))  # fmt: skip
         seconds += time.perf_counter() - t0
         group = reward(ro).view(len(rows), cfg.n)
         best = group.argmax(1)  # the first maximum of each row
@@ -130,7 +133,8 @@ def sample_best(policy, tokenizer, prompts, picks: list[int], reward, cfg: Confi
             kept.append({"input_ids": list(prompt_ids) + completion,
                          "labels": [IGNORE_INDEX] * len(prompt_ids) + completion})  # fmt: skip
         scores += group.cpu().tolist()
-    return distributed.gather_objects(kept), torch.tensor(distributed.gather_objects(scores)), seconds
+    n = len(picks)
+    return distributed.gather_objects(kept, n), torch.tensor(distributed.gather_objects(scores, n)), seconds
 
 
 def fine_tune(ops, policy, train_policy, opt, sched, kept: list[dict], tokenizer, rnd: int, cfg: Config) -> dict:
@@ -167,9 +171,11 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
 
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
     policy = load_causal_lm(cfg.policy, device=device)
+    train_policy = distributed.wrap(policy, device, cfg.parallel)  # before the optimizer: FSDP swaps the parameters
     reward_model = None
     if cfg.reward_model is not None:
         reward_model = build_reward_model(cfg.reward_model, device=device).eval().requires_grad_(False)
+        reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
     reward_function = None if reward_model is not None else (reward_fn or load_function(cfg.reward_fn))
 
     def reward(ro) -> torch.Tensor:
@@ -188,6 +194,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         eval_prompts = tokenize_prompts(load_records(cfg.eval_prompts), tokenizer, cfg.max_prompt_length)
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
         ref = load_causal_lm(cfg.policy, device=device).eval().requires_grad_(False)  # for the KL only
+        ref = distributed.shard_frozen(ref, cfg.parallel)
 
     opt, sched = make_optimizer(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=cfg.warmup_steps)  # fmt: skip
@@ -200,7 +207,6 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     elif eval_prompts is not None:
         summary["before"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
 
-    train_policy = distributed.wrap(policy, device)
     logger = MetricsLogger(out, enabled=distributed.is_main())
     reset_peak_memory(device)
     for rnd in progress(range(start, cfg.rounds), desc="best-of-n", total=cfg.rounds - start):
@@ -220,8 +226,9 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         summary["score_kept"].append(record["score_kept"])
         logger.log(rnd + 1, record)
         if cfg.save_every and (rnd + 1) % cfg.save_every == 0 and rnd + 1 < cfg.rounds:
+            save_checkpoint(checkpoint_path(out, rnd + 1), **saved, state={"step": rnd + 1, "summary": summary},
+                            write=distributed.is_main())  # fmt: skip
             if distributed.is_main():
-                save_checkpoint(checkpoint_path(out, rnd + 1), **saved, state={"step": rnd + 1, "summary": summary})
                 prune_checkpoints(out, cfg.keep_checkpoints)
             distributed.barrier()
     logger.close()

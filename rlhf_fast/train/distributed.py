@@ -66,12 +66,12 @@ def shard(items: list, batch_size: int) -> list:
 
 
 def local_rows(n: int) -> range:
-    """This rank's contiguous share of ``n`` rows that need not split evenly (the first ``n % world`` ranks
-    take one more); ``gather_objects`` puts the shares back in order."""
-    per, extra = divmod(n, world_size())
-    r = rank()
-    start = r * per + min(r, extra)
-    return range(start, start + per + (r < extra))
+    """This rank's contiguous share of ``n`` rows that need not split evenly: of ``range(m)``, ``m`` the
+    multiple of the world size from ``n`` up, so that every rank has as many rows (and runs as many forward
+    passes, which FSDP's collectives need). Rows ``i >= n`` repeat row ``i % n``: ``gather_objects`` of the
+    results, cut to the first ``n``, is what one process computes."""
+    per = -(-n // world_size())
+    return range(rank() * per, (rank() + 1) * per)
 
 
 PARALLEL = ("ddp", "fsdp")
@@ -89,6 +89,21 @@ def _fsdp():
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` is an FSDP2 module (``fully_shard`` applied to it)."""
     return dist.is_available() and isinstance(model, _fsdp()[0])
+
+
+def shard_frozen(model: nn.Module, parallel: str) -> nn.Module:
+    """A frozen model (reference policy, reward model) sharded with FSDP2 under ``parallel="fsdp"`` (its
+    forward then takes every rank); as it is otherwise (DDP has nothing to synchronise in it)."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    return shard_model(model) if parallel == "fsdp" and world_size() > 1 else model
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` (``max_norm <= 0``: no clipping), the norm before clipping as a
+    float (FSDP2's is a DTensor over the shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def wrap(model: nn.Module, device: torch.device, parallel: str = "ddp") -> nn.Module:
@@ -185,13 +200,14 @@ def gather_rows(x: torch.Tensor, *, length: int | None = None, value=0) -> torch
     return torch.cat(parts).to(x.device)
 
 
-def gather_objects(items: list) -> list:
-    """Every rank's list of picklable ``items``, concatenated in rank order (any lengths)."""
+def gather_objects(items: list, n: int | None = None) -> list:
+    """Every rank's list of picklable ``items``, concatenated in rank order (any lengths), cut to the first
+    ``n`` (the rows of ``local_rows(n)`` that are not repeats)."""
     if world_size() == 1:
-        return list(items)
+        return list(items)[:n]
     parts = [None] * world_size()
     dist.all_gather_object(parts, list(items))
-    return [item for part in parts for item in part]
+    return [item for part in parts for item in part][:n]
 
 
 def _collective_device() -> torch.device:

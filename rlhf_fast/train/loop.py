@@ -2,7 +2,6 @@
 the start and the end of a run, the order of the data, the optimizer with its warmup, a step with gradient
 clipping, checkpoints."""
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -153,13 +152,11 @@ def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int,
 
 def optimizer_step(model, opt, sched, max_grad_norm: float) -> float:
     """Clip, step, zero: returns the gradient norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor over the shards
-        norm = norm.full_tensor()
+    norm = distributed.clip_grad_norm(model.parameters(), max_grad_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 def maybe_resume(out_dir, resume: bool, *, modules, optimizers, schedulers) -> int:

@@ -404,13 +404,21 @@ class CriticModel(nn.Module):
             critic.value_head.load_state_dict(load_file(str(head_file)))
         return critic.to(device) if device is not None else critic
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> Path:
+        """The backbone as a ``transformers`` model directory and the value head beside it; ``state_dict``
+        (the whole critic's, e.g. gathered from FSDP shards) instead of the module's own tensors."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(str(path))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
+        if state_dict is None:
+            self.backbone.save_pretrained(str(path))
+            state = self.value_head.state_dict()
+        else:
+            part = lambda prefix: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
+            self.backbone.save_pretrained(str(path), state_dict=part("backbone."))
+            state = part("value_head.")
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(path / self.VALUE_HEAD_FILE))
         (path / "critic.json").write_text(json.dumps({"value_head": self.VALUE_HEAD_FILE, "hidden_size":
                                                       self.value_head.in_features}, indent=2) + "\n")

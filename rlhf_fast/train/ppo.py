@@ -39,7 +39,7 @@ from . import distributed
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import MetricsLogger, autocast_context, plot_metrics, progress
 from .data import collate_prompts, load_records, tokenize_prompts
-from .loop import make_optimizer, start_run
+from .loop import make_optimizer, save_pretrained, start_run
 from .models import CriticModel, build_reward_model, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
 from .rollout import Rollout, generate, load_function, mean_and_stderr, row_seeds, score
@@ -60,6 +60,7 @@ class Config:
     out_dir: str = "runs/ppo"
     # the loop
     ops: Literal["fused", "reference"] = "fused"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
     advantage: Literal["gae", "grpo", "rloo"] = "gae"
     steps: int = 50  # PPO iterations (rollout + update)
     prompts_per_step: int = 32
@@ -187,14 +188,15 @@ def evaluate(policy, ref, tokenizer, prompt_data, *, scorer, cfg: Config, ops) -
     does not depend on the number of processes, and the evaluations before and after training share them."""
     scores, kls = [], []
     device = next(policy.parameters()).device
-    mine = distributed.local_rows(len(prompt_data))
+    n = len(prompt_data)
+    mine = distributed.local_rows(n)
     for start in range(mine.start, mine.stop, cfg.prompts_per_step):
         index = list(range(start, min(start + cfg.prompts_per_step, mine.stop)))
-        rows = prompt_data.select(index)
+        rows = prompt_data.select([i % n for i in index])
         ids, mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
         ro = generate(policy, tokenizer, ids.to(device), mask.to(device), rows["prompt"],
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      seeds=row_seeds(cfg.seed, EVAL_STREAM, index))  # fmt: skip
+                      seeds=row_seeds(cfg.seed, EVAL_STREAM, index), synced=distributed.is_sharded(policy))  # fmt: skip
         scores += scorer(ro).tolist()
         R = ro.response_mask.shape[1]
         with autocast_context(device, cfg.precision):
@@ -202,7 +204,7 @@ def evaluate(policy, ref, tokenizer, prompt_data, *, scorer, cfg: Config, ops) -
             ref_logits = ops.response_logits(ref, ro.input_ids, ro.attention_mask, R)
         kl = rf.full_kl(logits.float(), ref_logits.float(), temperature=cfg.temperature)
         kls += (kl * ro.response_mask).sum(1).tolist()
-    scores, kls = distributed.gather_objects(scores), distributed.gather_objects(kls)
+    scores, kls = distributed.gather_objects(scores, n), distributed.gather_objects(kls, n)
     mean, se = mean_and_stderr(scores)
     return {"score": mean, "score_stderr": se, "kl_to_ref": float(torch.tensor(kls).mean()), "n": len(scores)}
 
@@ -220,13 +222,20 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     device, out, ops = start_run(cfg)
     world = distributed.world_size()
 
-    # Models: the policy, a frozen reference, a critic (gae only), a frozen reward model or function.
+    # Models: the policy, a frozen reference, a critic (gae only), a frozen reward model or function. Under
+    # torchrun the trained ones go through DDP (train_*: the wrappers) or are sharded in place by FSDP2, with
+    # the frozen ones, before the optimizers are built on their parameters.
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
     policy = load_causal_lm(cfg.policy, device=device)
+    train_policy = distributed.wrap(policy, device, cfg.parallel)
     ref = load_causal_lm(cfg.ref_policy or cfg.policy, device=device).eval().requires_grad_(False)
+    ref = distributed.shard_frozen(ref, cfg.parallel)
     critic = CriticModel.from_pretrained(cfg.critic or cfg.policy).to(device) if cfg.advantage == "gae" else None
+    train_critic = distributed.wrap(critic, device, cfg.parallel) if critic else None
+    synced = distributed.is_sharded(policy)  # generate() steps until every process is done: FSDP's forward is collective
     if cfg.reward_model is not None:
         reward_model = build_reward_model(cfg.reward_model, device=device).eval().requires_grad_(False)
+        reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
 
         def reward(ro: Rollout) -> torch.Tensor:
             with autocast_context(device, cfg.precision):
@@ -261,9 +270,6 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         start_step, kl_coef, summary = state["step"], state["kl_coef"], state["summary"]
     elif eval_prompts is not None:
         summary["before"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
-    # the modules the update runs through: DDP averages their gradients over the processes
-    train_policy = distributed.wrap(policy, device)
-    train_critic = distributed.wrap(critic, device) if critic else None
 
     loss_cfg = PolicyLossConfig(temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 dual_clip=cfg.dual_clip, agg=cfg.agg, entropy_coef=cfg.entropy_coef,
@@ -285,7 +291,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         seeds = row_seeds(cfg.seed, step, [s * G + j for s in slots for j in range(G)])
         with autocast_context(device, cfg.precision):
             ro = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), rows["prompt"],
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds)  # fmt: skip
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds,
+                          synced=synced)  # fmt: skip
         scores = reward(ro)
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
@@ -371,10 +378,9 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
                 totals = distributed.global_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
                 for k, val in zip(sorted(sums), totals.tolist()):
                     stats.setdefault(k, []).append(val)
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                stats.setdefault("grad_norm", []).append(float(grad_norm))
+                stats.setdefault("grad_norm", []).append(distributed.clip_grad_norm(policy.parameters(), cfg.max_grad_norm))
                 if critic is not None:
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+                    distributed.clip_grad_norm(critic.parameters(), cfg.max_grad_norm)
                 for opt, sched in zip(optimizers.values(), schedulers.values()):
                     opt.step()
                     sched.step()
@@ -400,9 +406,10 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logger.log(step + 1, record)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(checkpoint_path(out, step + 1), modules=modules, optimizers=optimizers, schedulers=schedulers,
+                            state={"step": step + 1, "kl_coef": loss_cfg.kl_coef, "summary": summary},
+                            write=distributed.is_main())  # fmt: skip
             if distributed.is_main():
-                save_checkpoint(checkpoint_path(out, step + 1), modules=modules, optimizers=optimizers, schedulers=schedulers,
-                                state={"step": step + 1, "kl_coef": loss_cfg.kl_coef, "summary": summary})  # fmt: skip
                 prune_checkpoints(out, cfg.keep_checkpoints)
             distributed.barrier()
     logger.close()
@@ -419,11 +426,11 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     if eval_prompts is not None:
         summary["after"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
     summary["extra"] = cfg.extra
+    save_pretrained(policy, out / "model")
+    if critic is not None:
+        save_pretrained(critic, out / "critic")
     if distributed.is_main():
-        policy.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
-        if critic is not None:
-            critic.save_pretrained(out / "critic")
         plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"PPO ({cfg.ops} ops)")
         write_json(out / "summary.json", summary)
     distributed.barrier()
