@@ -135,3 +135,16 @@ def test_fsdp_preference_trainers_match_one_process(task_data, tmp_path, trainer
     # Adam moves a weight whose gradient is ~0 by up to lr whatever its size: float noise in such gradients
     # shows up as differences of a fraction of lr (seen: 1e-4 on 3 of ~100k weights for the rm; lr = 1e-3)
     assert close_weights(tmp_path / "np2" / "model", tmp_path / "np1" / "model", atol=common["lr"] / 4)
+
+
+def test_last_evaluation_is_not_repeated(task_data, tmp_path, monkeypatch):
+    """eval_every dividing the step count: the summary takes the last step's evaluation instead of rerunning it
+    on the unchanged model; otherwise the summary's evaluation is a fresh one."""
+    calls = []
+    real = sft.evaluate
+    monkeypatch.setattr(sft, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    summary = sft.train(sft_config(task_data, tmp_path / "a", eval_data=task_data["sft"], max_steps=4, eval_every=2))
+    assert len(calls) == 2 and summary["eval_loss"] == read_metrics(tmp_path / "a" / "metrics.jsonl")[-1]["eval_loss"]
+    calls.clear()
+    sft.train(sft_config(task_data, tmp_path / "b", eval_data=task_data["sft"], max_steps=3, eval_every=2))
+    assert len(calls) == 2  # at step 2, and for the summary after step 3

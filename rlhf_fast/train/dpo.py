@@ -124,7 +124,7 @@ def train(cfg: Config) -> dict:
     del ref
 
     ddp_model, opt, sched, saved, start, logger = begin_training(model, cfg, out, device, steps)
-    t_start, tokens = time.perf_counter(), 0
+    t_start, tokens, ev = time.perf_counter(), 0, None
     for step in progress(range(start, steps), desc="dpo", total=steps - start):
         sums = dict.fromkeys(("loss", *METRICS), 0.0)
         for idx in micro_batches(step, len(data), cfg):
@@ -141,6 +141,7 @@ def train(cfg: Config) -> dict:
         grad_norm = optimizer_step(model, opt, sched, cfg.max_grad_norm)
         record = {k: float(distributed.global_mean(torch.tensor(v))) for k, v in sums.items()}
         record |= {"grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
+        ev = None
         if eval_data is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             ev = evaluate(ops, model, eval_data, ref_eval, tokenizer, device, cfg)
             record |= {f"eval_{k}": v for k, v in ev.items() if k != "ref_logp_margin"}
@@ -155,8 +156,8 @@ def train(cfg: Config) -> dict:
                "pairs_per_s": (steps - start) * cfg.batch_size / seconds if seconds > 0 else None,
                "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
                "ops": cfg.ops}  # fmt: skip
-    if eval_data is not None:
-        ev = evaluate(ops, model, eval_data, ref_eval, tokenizer, device, cfg)
+    if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
+        ev = ev if ev is not None else evaluate(ops, model, eval_data, ref_eval, tokenizer, device, cfg)
         summary |= {f"eval_{k}": v for k, v in ev.items()} | {"eval_pairs": len(eval_data)}
     finish_run(out, model, tokenizer, summary, title=f"DPO ({cfg.ops} ops, {cfg.loss_type} loss)")
     return summary

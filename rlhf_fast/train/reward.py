@@ -64,7 +64,7 @@ def train(cfg: Config) -> dict:
     steps = plan_steps(len(data), cfg)
 
     ddp_model, opt, sched, saved, start, logger = begin_training(model, cfg, out, device, steps)
-    t_start, pairs = time.perf_counter(), 0
+    t_start, pairs, ev = time.perf_counter(), 0, None
     for step in progress(range(start, steps), desc="reward model", total=steps - start):
         loss_sum, correct = 0.0, 0
         for idx in micro_batches(step, len(data), cfg):
@@ -78,9 +78,10 @@ def train(cfg: Config) -> dict:
         record = {"loss": float(distributed.global_mean(torch.tensor(loss_sum))),
                   "accuracy": float(distributed.global_sum(torch.tensor(float(correct)))) / cfg.batch_size,
                   "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}  # fmt: skip
+        ev = None
         if eval_data is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            record |= {f"eval_{k}": v for k, v in evaluate(model, eval_data, tokenizer, device, cfg.precision,
-                                                           cfg.batch_size).items() if k != "n"}  # fmt: skip
+            ev = evaluate(model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
+            record |= {f"eval_{k}": v for k, v in ev.items() if k != "n"}
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             logger.log(step + 1, record)
         maybe_save(out, step + 1, cfg.save_every if step + 1 < steps else 0, cfg.keep_checkpoints, **saved)
@@ -90,8 +91,9 @@ def train(cfg: Config) -> dict:
     summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
                "pairs_per_s": pairs / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
                "ops": cfg.ops}  # fmt: skip
-    if eval_data is not None:
-        ev = evaluate(model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
+    if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
+        ev = ev if ev is not None else evaluate(model, eval_data, tokenizer, device, cfg.precision,
+                                                cfg.batch_size)  # fmt: skip
         summary |= {"eval_accuracy": ev["accuracy"], "eval_margin": ev["margin"], "eval_pairs": ev["n"]}
     finish_run(out, model, tokenizer, summary, title=f"reward model ({cfg.ops} ops)")
     return summary

@@ -86,7 +86,9 @@ def train(cfg: Config) -> dict:
     summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
                "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
                "ops": cfg.ops}  # fmt: skip
-    if eval_data is not None:
-        summary["eval_loss"] = evaluate(ops, model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
+    if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
+        done = steps > start and "eval_loss" in record
+        summary["eval_loss"] = record["eval_loss"] if done else evaluate(ops, model, eval_data, tokenizer, device,
+                                                                          cfg.precision, cfg.batch_size)  # fmt: skip
     finish_run(out, model, tokenizer, summary, title=f"SFT ({cfg.ops} ops)")
     return summary
