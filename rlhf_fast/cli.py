@@ -104,7 +104,7 @@ def _run_config_command(module_name: str, entry: str, what: str, args: argparse.
         except ValueError as e:
             raise CLIError(str(e)) from None
     result = getattr(module, entry)(cfg)
-    if result is not None:
+    if result is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not per process
         print(json.dumps(result, indent=2, default=str))
     return 0
 
