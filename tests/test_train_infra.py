@@ -751,3 +751,22 @@ def test_console_script_is_installed():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "rlhf-fast"]
     assert script.load() is cli.main
+
+
+def test_gradient_checkpointing_recomputes_blocks(tokenizer):
+    """With it on, each decoder block's MLP runs twice per training step (forward, then again in the backward);
+    the critic's backbone too."""
+    from rlhf_fast.train.models import enable_gradient_checkpointing
+
+    for make in (lambda: _lm(tokenizer, num_layers=2), lambda: CriticModel.from_causal_lm(_lm(tokenizer, num_layers=2))):
+        counts = {}
+        for flag in (False, True):
+            model = enable_gradient_checkpointing(make(), flag).train()
+            layer = (model.backbone if isinstance(model, CriticModel) else model.model).layers[0]
+            calls = []
+            layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))  # inside the checkpointed region
+            ids, mask = _batch(tokenizer, ["abc", "de"])
+            out = model(ids, mask) if isinstance(model, CriticModel) else model(input_ids=ids, attention_mask=mask).logits
+            out.float().sum().backward()
+            counts[flag] = len(calls)
+        assert counts == {False: 1, True: 2}

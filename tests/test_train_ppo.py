@@ -208,3 +208,18 @@ def test_two_processes_match_one(tmp_path, advantage, samples_per_prompt, layout
     init = load_file(str(tmp_path / "init" / "model.safetensors"))
     final = load_file(str(tmp_path / "ddp1" / "model" / "model.safetensors"))
     assert any(not torch.allclose(init[k], final[k], atol=1e-4) for k in final)  # and training did move the weights
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
+    """Policy and critic with recomputed blocks (sampling runs in eval mode, without): the same PPO step."""
+    records = {}
+    for flag in (False, True):
+        cfg = bandit_config(tmp_path / str(flag), advantage="gae", steps=2, prompts_per_step=8, minibatch_size=4,
+                            max_new_tokens=3, log_every=1, gradient_checkpointing=flag)  # fmt: skip
+        ppo.train(cfg, reward_fn=bandit_reward)
+        from rlhf_fast.train.common import read_metrics
+
+        records[flag] = read_metrics(tmp_path / str(flag) / "run" / "metrics.jsonl")
+    for plain, ckpt in zip(records[False], records[True], strict=True):
+        for key in ("score", "policy_loss", "value_loss", "grad_norm", "entropy"):
+            assert ckpt[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key

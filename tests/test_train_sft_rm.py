@@ -148,3 +148,12 @@ def test_last_evaluation_is_not_repeated(task_data, tmp_path, monkeypatch):
     calls.clear()
     sft.train(sft_config(task_data, tmp_path / "b", eval_data=task_data["sft"], max_steps=3, eval_every=2))
     assert len(calls) == 2  # at step 2, and for the summary after step 3
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(task_data, tmp_path):
+    """Blocks recomputed in the backward: the same losses and weights as storing their activations."""
+    for flag in (False, True):
+        sft.train(sft_config(task_data, tmp_path / str(flag), max_steps=3, batch_size=16, gradient_checkpointing=flag))
+    losses = [[r["loss"] for r in read_metrics(tmp_path / str(flag) / "metrics.jsonl")] for flag in (False, True)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert close_weights(tmp_path / "True" / "model", tmp_path / "False" / "model", atol=1e-6)

@@ -12,6 +12,7 @@ from . import distributed
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import MetricsLogger, plot_metrics, resolve_device, seed_everything
 from .config import save_config
+from .models import enable_gradient_checkpointing
 from .ops import get_ops
 from .runtime import reset_peak_memory, write_json
 
@@ -51,11 +52,13 @@ def save_pretrained(model, path) -> None:
 
 
 def begin_training(model, cfg, out_dir, device, steps: int):
-    """The lines between building a supervised trainer's model and its loop: DDP or FSDP2 when distributed
+    """The lines between building a supervised trainer's model and its loop: activation checkpointing
+    (``cfg.gradient_checkpointing``), DDP or FSDP2 when distributed
     (``cfg.parallel``), AdamW with ``cfg``'s schedule, resume from the latest checkpoint (``cfg.resume``), the
     metrics logger (rank 0) and the peak-memory window. Returns ``(ddp_model, opt, sched, saved, start,
     logger)``: ``ddp_model`` is what the forward passes that train go through (the DDP wrapper, or ``model``
     itself), ``saved`` what ``maybe_save`` writes."""
+    enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
     ddp_model = distributed.wrap(model, device, cfg.parallel)  # before the optimizer: FSDP swaps the parameters
     opt, sched = make_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, total_steps=steps)
@@ -127,6 +130,7 @@ class SupervisedConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; float32 on CPU
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, ~1/3 more compute
     log_every: int = 10
 
 

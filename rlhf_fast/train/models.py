@@ -28,6 +28,7 @@ __all__ = [
     "build_causal_lm",
     "build_char_tokenizer",
     "build_reward_model",
+    "enable_gradient_checkpointing",
     "load_causal_lm",
     "load_tokenizer",
     "lm_hidden_states",
@@ -276,6 +277,19 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside DDP (or any wrapper with ``.module``)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Activation checkpointing of every transformer block (``transformers``' non-reentrant one, which DDP
+    and FSDP2 take), active in training mode only (not while sampling); ``model`` itself."""
+    if not enabled:
+        return model
+    target = model.backbone if isinstance(model, CriticModel) else model
+    if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name is deprecated
+        target.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

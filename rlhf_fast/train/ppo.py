@@ -40,7 +40,7 @@ from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, pru
 from .common import MetricsLogger, autocast_context, plot_metrics, progress
 from .data import collate_prompts, load_records, tokenize_prompts
 from .loop import make_optimizer, save_pretrained, start_run
-from .models import CriticModel, build_reward_model, load_causal_lm, load_tokenizer
+from .models import CriticModel, build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
 from .rollout import Rollout, generate, load_function, mean_and_stderr, row_seeds, score
 from .runtime import peak_memory_mib, reset_peak_memory, write_json
@@ -99,6 +99,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; float32 on CPU
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, ~1/3 more compute
     log_every: int = 1
     extra: dict = field(default_factory=dict)  # free-form notes copied to the summary
 
@@ -226,11 +227,13 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     # torchrun the trained ones go through DDP (train_*: the wrappers) or are sharded in place by FSDP2, with
     # the frozen ones, before the optimizers are built on their parameters.
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
-    policy = load_causal_lm(cfg.policy, device=device)
+    policy = enable_gradient_checkpointing(load_causal_lm(cfg.policy, device=device), cfg.gradient_checkpointing)
     train_policy = distributed.wrap(policy, device, cfg.parallel)
     ref = load_causal_lm(cfg.ref_policy or cfg.policy, device=device).eval().requires_grad_(False)
     ref = distributed.shard_frozen(ref, cfg.parallel)
     critic = CriticModel.from_pretrained(cfg.critic or cfg.policy).to(device) if cfg.advantage == "gae" else None
+    if critic is not None:
+        enable_gradient_checkpointing(critic, cfg.gradient_checkpointing)
     train_critic = distributed.wrap(critic, device, cfg.parallel) if critic else None
     synced = distributed.is_sharded(policy)  # generate() steps until every process is done: FSDP's forward is collective
     if cfg.reward_model is not None:
