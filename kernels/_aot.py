@@ -50,7 +50,7 @@ class KernelBuild:
 
 def all_builds() -> list:
     """Every kernel build of the package. Later ops append their module's ``build_specs()`` here."""
-    from . import gae, kl, linear_logprobs, logprobs, ppo, preference
+    from . import gae, kl, linear_logprobs, logprobs, ppo, preference, sampling
 
     return (
         logprobs.build_specs()
@@ -59,6 +59,7 @@ def all_builds() -> list:
         + ppo.build_specs()
         + gae.build_specs()
         + preference.build_specs()
+        + sampling.build_specs()
     )
 
 

@@ -8,7 +8,9 @@ import torch
 
 from rlhf_fast.train.data import collate_prompts
 from rlhf_fast.train.models import build_causal_lm, build_char_tokenizer
-from rlhf_fast.train.rollout import generate, gumbel_noise, row_seeds
+from rlhf_fast.train.rollout import generate, gumbel_noise, row_seeds, sample_tokens
+
+from conftest import DEVICE, IMPLS
 
 
 @pytest.fixture
@@ -50,7 +52,8 @@ def test_noise_is_a_function_of_seed_position_and_token():
     assert not torch.equal(row_seeds(0, 0, [1]), row_seeds(1, 0, [1]))
 
 
-def test_a_rows_response_ignores_the_rest_of_the_batch(tokenizer):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_rows_response_ignores_the_rest_of_the_batch(tokenizer, impl):
     """The same seed and prompt give the same response alone, in a batch, and under more left padding."""
     tokenizer.padding_side = "left"
     model = build_causal_lm(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2, pad_token_id=tokenizer.pad_token_id,
@@ -59,14 +62,15 @@ def test_a_rows_response_ignores_the_rest_of_the_batch(tokenizer):
     ids = [tokenizer(t)["input_ids"] for t in texts]
     seeds = row_seeds(0, 0, range(4))
     batch_ids, batch_mask = collate_prompts(ids, tokenizer.pad_token_id)
-    together = generate(model, tokenizer, batch_ids, batch_mask, texts, max_new_tokens=6, temperature=1.3, seeds=seeds)
+    together = generate(model, tokenizer, batch_ids, batch_mask, texts, max_new_tokens=6, temperature=1.3, seeds=seeds,
+                        impl=impl)  # fmt: skip
     for i in (0, 2, 3):
         alone_ids, alone_mask = collate_prompts([ids[i]], tokenizer.pad_token_id)
         alone = generate(model, tokenizer, alone_ids, alone_mask, [texts[i]], max_new_tokens=6, temperature=1.3,
-                         seeds=seeds[i : i + 1])  # fmt: skip
+                         seeds=seeds[i : i + 1], impl=impl)  # fmt: skip
         assert alone.completions[0] == together.completions[i]
     other = generate(model, tokenizer, batch_ids, batch_mask, texts, max_new_tokens=6, temperature=1.3,
-                     seeds=row_seeds(0, 1, range(4)))  # fmt: skip
+                     seeds=row_seeds(0, 1, range(4)), impl=impl)  # fmt: skip
     assert other.completions != together.completions  # and the seeds do matter
     with pytest.raises(ValueError, match="seeds"):
         generate(model, tokenizer, batch_ids, batch_mask, texts, max_new_tokens=2, seeds=seeds[:2])
@@ -86,3 +90,36 @@ def test_checkpoint_generation_config_does_not_change_the_distribution(tokenizer
     model.generation_config.repetition_penalty = 50.0
     model.generation_config.top_k = 1
     assert generate(model, tokenizer, ids, mask, ["abc"] * 3, max_new_tokens=8, seeds=seeds).completions == plain.completions
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_tokens_matches_the_noise_and_the_softmax(impl, dtype):
+    """Both implementations take the argmax of logits / T + gumbel_noise (the same hashed integers; the
+    float32 logs may differ in the last bit, so a near-exact tie may go either way), over a vocabulary that is
+    not a multiple of the kernel's block, and their draws follow softmax(logits / T)."""
+    B, V, T = 64, 1000, 0.7
+    logits = (torch.randn(B, V, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    seeds = row_seeds(5, 9, range(B))
+    tokens = sample_tokens(logits.to(DEVICE), seeds, 3, T, impl=impl).cpu()
+    perturbed = logits.float() / T + gumbel_noise(seeds, 3, V)
+    top2 = perturbed.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert clear.sum() > B - 3
+    assert torch.equal(tokens[clear], perturbed.argmax(-1)[clear])
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < V
+    # one row, many keys: the empirical law of the draws against softmax(logits / T) (chi-square, 3 df)
+    row = torch.tensor([[1.0, 0.0, -1.0, 0.5]], dtype=dtype).expand(4000, 4)
+    draws = sample_tokens(row.to(DEVICE), row_seeds(1, 2, range(4000)), 0, T, impl=impl).cpu()
+    expected = torch.softmax(row[0].double() / T, -1) * 4000
+    observed = torch.bincount(draws, minlength=4).double()
+    assert float(((observed - expected) ** 2 / expected).sum()) < 16.3  # the 0.999 quantile
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sample_tokens_masked_vocabulary(impl):
+    """-inf logits (masked tokens) are never drawn; a row with one finite logit always draws it."""
+    logits = torch.full((16, 37), float("-inf"))
+    logits[:, 5], logits[:8, 30] = 0.0, 2.0
+    tokens = sample_tokens(logits.to(DEVICE), row_seeds(0, 0, range(16)), 1, 1.0, impl=impl).cpu()
+    assert set(tokens[8:].tolist()) == {5} and set(tokens[:8].tolist()) <= {5, 30}

@@ -76,7 +76,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "bf16"
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
     def validate(self) -> None:
         if not self.policy or not self.prompts:

@@ -130,7 +130,7 @@ class SupervisedConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; float32 on CPU
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     log_every: int = 10
 
 

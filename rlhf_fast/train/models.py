@@ -429,9 +429,9 @@ class CriticModel(nn.Module):
             self.backbone.save_pretrained(str(path))
             state = self.value_head.state_dict()
         else:
-            part = lambda prefix: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
-            self.backbone.save_pretrained(str(path), state_dict=part("backbone."))
-            state = part("value_head.")
+            backbone = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+            self.backbone.save_pretrained(str(path), state_dict=backbone)
+            state = {k[len("value_head.") :]: v for k, v in state_dict.items() if k.startswith("value_head.")}
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(path / self.VALUE_HEAD_FILE))
         (path / "critic.json").write_text(json.dumps({"value_head": self.VALUE_HEAD_FILE, "hidden_size":

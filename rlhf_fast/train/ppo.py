@@ -99,7 +99,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; float32 on CPU
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     log_every: int = 1
     extra: dict = field(default_factory=dict)  # free-form notes copied to the summary
 
@@ -235,7 +235,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     if critic is not None:
         enable_gradient_checkpointing(critic, cfg.gradient_checkpointing)
     train_critic = distributed.wrap(critic, device, cfg.parallel) if critic else None
-    synced = distributed.is_sharded(policy)  # generate() steps until every process is done: FSDP's forward is collective
+    synced = distributed.is_sharded(policy)  # generate() steps until all processes are done: FSDP forwards are collective
     if cfg.reward_model is not None:
         reward_model = build_reward_model(cfg.reward_model, device=device).eval().requires_grad_(False)
         reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
@@ -259,7 +259,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
 
     updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)
-    schedule = {"weight_decay": 0.0, "warmup_steps": cfg.warmup_steps, "schedule": cfg.lr_schedule, "total_steps": updates}
+    schedule = {"weight_decay": 0.0, "warmup_steps": cfg.warmup_steps, "schedule": cfg.lr_schedule,
+                "total_steps": updates}  # fmt: skip
     modules, optimizers, schedulers = {"policy": policy}, {}, {}
     optimizers["policy"], schedulers["policy"] = make_optimizer(policy.parameters(), lr=cfg.lr, **schedule)
     if critic is not None:
@@ -381,7 +382,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
                 totals = distributed.global_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
                 for k, val in zip(sorted(sums), totals.tolist()):
                     stats.setdefault(k, []).append(val)
-                stats.setdefault("grad_norm", []).append(distributed.clip_grad_norm(policy.parameters(), cfg.max_grad_norm))
+                grad_norm = distributed.clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
+                stats.setdefault("grad_norm", []).append(grad_norm)
                 if critic is not None:
                     distributed.clip_grad_norm(critic.parameters(), cfg.max_grad_norm)
                 for opt, sched in zip(optimizers.values(), schedulers.values()):
@@ -398,7 +400,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         loss_cfg = PolicyLossConfig(**{**loss_cfg.__dict__, "kl_coef": kl_controller_update(
             kl_coef_used, mean_kl, cfg, B)})  # fmt: skip
         record = {k: sum(v) / len(v) for k, v in stats.items()}
-        record |= {"score": float(scores.mean()), "kl": mean_kl, "kl_coef": kl_coef_used, "lr": schedulers["policy"].get_last_lr()[0],
+        record |= {"score": float(scores.mean()), "kl": mean_kl, "kl_coef": kl_coef_used,
+                   "lr": schedulers["policy"].get_last_lr()[0],
                    "response_length": float(mask.sum(1).mean()), "finished": float(finished.mean()),
                    "tokens_per_s": tokens / seconds, "rollout_s": t_update - t0,
                    "update_s": seconds - (t_update - t0)}  # fmt: skip
@@ -409,7 +412,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logger.log(step + 1, record)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(checkpoint_path(out, step + 1), modules=modules, optimizers=optimizers, schedulers=schedulers,
+            save_checkpoint(checkpoint_path(out, step + 1), modules=modules, optimizers=optimizers,
+                            schedulers=schedulers,
                             state={"step": step + 1, "kl_coef": loss_cfg.kl_coef, "summary": summary},
                             write=distributed.is_main())  # fmt: skip
             if distributed.is_main():

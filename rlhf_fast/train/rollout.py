@@ -10,7 +10,8 @@ The draws are Gumbel-max: token ``argmax_v(logits_v / T + g_v)`` with ``g_v`` st
 an exact sample of ``softmax(logits / T)``. The noise is a counter-based hash of ``(row seed, position, v)``,
 not a draw from a stateful RNG, so a row's response depends only on its seed and its prompt: not on the other
 rows of the batch, the batch size or the number of processes. A PPO run on 2 processes samples the same
-responses as on one, and a resumed run the same as an uninterrupted one.
+responses as on one, and a resumed run the same as an uninterrupted one. On CUDA one Triton kernel
+(``rlhf_fast.kernels.sampling``) hashes, perturbs and takes the argmax in a single read of the logits.
 """
 
 import importlib
@@ -82,9 +83,14 @@ def row_seeds(seed: int, stream: int, rows: torch.Tensor | list[int]) -> torch.T
     return _mix64(base + (rows + 1) * _GOLDEN)
 
 
+def position_keys(seeds: torch.Tensor, position: int) -> torch.Tensor:
+    """``[B]`` int64 keys of response position ``position`` of rows seeded with ``seeds``."""
+    return _mix64(seeds.to(torch.int64) + _int64((position + 1) * _MIX1))
+
+
 def gumbel_noise(seeds: torch.Tensor, position: int, vocab_size: int, *, chunk: int = 1 << 22) -> torch.Tensor:
     """``[B, V]`` float32 standard Gumbel noise, a pure function of ``(seeds[b], position, v)``."""
-    rows = _mix64(seeds.to(torch.int64) + _int64((position + 1) * _MIX1))
+    rows = position_keys(seeds, position)
     out = torch.empty(rows.shape[0], vocab_size, dtype=torch.float32, device=seeds.device)
     step = max(1, chunk // max(vocab_size, 1))  # bounds the int64 temporaries to ~chunk elements
     vocab = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN
@@ -96,29 +102,46 @@ def gumbel_noise(seeds: torch.Tensor, position: int, vocab_size: int, *, chunk: 
     return out
 
 
+def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, position: int, temperature: float = 1.0, *,
+                  impl: str = "auto") -> torch.Tensor:  # fmt: skip
+    """``[B]`` tokens drawn from ``softmax(logits / temperature)`` (``logits [B, V]``) by Gumbel-max with the
+    noise of ``gumbel_noise``: ``impl="triton"`` (``auto`` on CUDA) in one pass over the logits
+    (``rlhf_fast.kernels.sampling``), ``"torch"`` with ``gumbel_noise``. Both hash the same integers; their
+    ``log``s may differ in the last bit, which decides only between near-exact ties."""
+    from .._dispatch import resolve
+
+    if resolve(impl, logits.device) == "triton":
+        from ..kernels.sampling import gumbel_argmax
+
+        return gumbel_argmax(logits, position_keys(seeds.to(logits.device), position), temperature)
+    noise = gumbel_noise(seeds.to(logits.device), position, logits.shape[-1])
+    return (logits.float() / temperature + noise).argmax(-1)
+
+
 class GumbelSampler:
     """A ``transformers`` logits processor that turns greedy decoding into sampling from
-    ``softmax(logits / temperature)`` with the counter-based noise of ``gumbel_noise``, keyed by the
-    response position (the prompt's width, left padding included, is ``prompt_width``)."""
+    ``softmax(logits / temperature)`` (``sample_tokens``): it returns scores that are 0 at the drawn token
+    and ``-inf`` elsewhere. Keyed by the response position (the prompt's width, left padding included, is
+    ``prompt_width``)."""
 
-    def __init__(self, seeds: torch.Tensor, temperature: float, prompt_width: int):
-        self.seeds, self.temperature, self.prompt_width = seeds, temperature, prompt_width
+    def __init__(self, seeds: torch.Tensor, temperature: float, prompt_width: int, impl: str = "auto"):
+        self.seeds, self.temperature, self.prompt_width, self.impl = seeds, temperature, prompt_width, impl
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        position = input_ids.shape[1] - self.prompt_width
-        noise = gumbel_noise(self.seeds.to(scores.device), position, scores.shape[-1])
-        return scores.float() / self.temperature + noise
+        tokens = sample_tokens(scores, self.seeds, input_ids.shape[1] - self.prompt_width, self.temperature,
+                               impl=self.impl)  # fmt: skip
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
 
 
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_ids, prompt_mask, prompts, *, max_new_tokens: int,
-             temperature: float = 1.0, seeds: torch.Tensor | None = None,
-             synced: bool = False) -> Rollout:  # fmt: skip
+             temperature: float = 1.0, seeds: torch.Tensor | None = None, synced: bool = False,
+             impl: str = "auto") -> Rollout:  # fmt: skip
     """Sample one response per row of the left-padded ``prompt_ids [B, P]``.
 
     ``seeds [B]`` (int64, from ``row_seeds``) fix each row's draws; None draws them from the global torch
     RNG. ``synced=True`` keeps every process stepping until all are done (``generate(synced_gpus=True)``),
-    which a model whose forward is collective (FSDP) needs."""
+    which a model whose forward is collective (FSDP) needs. ``impl``: ``sample_tokens``' (Triton on CUDA)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     if temperature <= 0:
@@ -133,17 +156,17 @@ def generate(policy, tokenizer, prompt_ids, prompt_mask, prompts, *, max_new_tok
                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)  # fmt: skip
     # generate() fills the unset fields of a config it is passed from the model's own (transformers >= 4.5x):
     # swap the model's out for the call.
+    P = prompt_ids.shape[1]
     was_training, model_config = policy.training, policy.generation_config
     policy.eval()
     policy.generation_config = config
     try:
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                              logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature, prompt_ids.shape[1])]),
+                              logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature, P, impl)]),
                               synced_gpus=synced)  # fmt: skip
     finally:
         policy.generation_config = model_config
         policy.train(was_training)
-    P = prompt_ids.shape[1]
     response = out[:, P:]
     # Response tokens: up to and including the first EOS (generate pads the rest).
     is_eos = response == tokenizer.eos_token_id
