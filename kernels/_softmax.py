@@ -3,7 +3,8 @@
 The helpers broadcast: ``rf.logprobs``' kernel calls them on one row (``z`` of shape ``[BLOCK_V]``,
 scalar statistics, ``AXIS=0``), the fused linear kernels on a tile (``z`` of shape ``[BLOCK_N, BLOCK_V]``,
 per-row statistics, ``AXIS=1``). ``online_logsumexp_update`` and ``logp_dlogits`` are the log-probs-only
-versions (no entropy statistic, no entropy gradient terms) for a kernel specialised to skip the entropy.
+versions (no entropy statistic, no entropy gradient terms) for a kernel specialised to skip the entropy;
+``row_softmax_stats(..., WITH_ENTROPY=False)`` streams a row with the former.
 """
 
 import triton
@@ -93,20 +94,25 @@ def logp_dlogits(z, is_label, row_max, log_norm, g_logp, inv_t_hi):
 
 
 @triton.jit
-def row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V: tl.constexpr):
+def row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr = True):
     """Stream one contiguous row of ``V`` logits once: ``(row_max, log_norm, entropy)`` of ``softmax(x / T)``.
 
     ``log p_v = (z_v - row_max) - log_norm``, kept as two numbers: their rounded sum (the log-sum-exp)
     would lose up to half an ulp of the max, 5e-4 at logits near 1e4, which log_softmax does not lose.
     ``row_max`` is 0, not -inf, for a row with no finite entry (then ``log_norm = -inf``, entropy NaN).
+    ``WITH_ENTROPY = False`` (log-probs only) streams ``online_logsumexp_update`` instead: the same
+    ``row_max`` and ``log_norm`` with no ``u``; the third value is then no entropy and must not be used.
     """
     cols = tl.arange(0, BLOCK_V)
     m = -float("inf")
     s = 0.0
-    u = 0.0
+    u = 0.0  # stays 0 without WITH_ENTROPY
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         z = scale_by_inverse(tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
-        m, s, u = online_softmax_update(m, s, u, z, AXIS=0)
+        if WITH_ENTROPY:
+            m, s, u = online_softmax_update(m, s, u, z, AXIS=0)
+        else:
+            m, s = online_logsumexp_update(m, s, z, AXIS=0)
     log_s = tl.log(s)
     return tl.where(m == -float("inf"), 0.0, m), log_s, log_s - u / s

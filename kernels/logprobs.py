@@ -16,19 +16,27 @@ Keeping ``u`` relative to the running max (instead of ``sum p_v z_v``) avoids th
 nothing to ``s`` or ``u``; the ``0 * -inf`` products they would create are replaced by 0 explicitly, so
 NaN can only come from NaN in the input. Backward needs only ``m``, ``log(s)`` and ``H`` per row
 (12 bytes), never the softmax.
+
+Both kernels have a log-probs-only specialisation (``WITH_ENTROPY = False``, chosen by passing ``None`` for
+the entropy pointers, as ``rf.logprobs`` does without ``return_entropy``): the forward forms no ``u`` (no
+``e (z - m)`` products or their sum), the backward reads no entropy statistics and writes
+``g_logp ([v == y] - p_v) / T`` without the ``g_H p_v (log p_v + H)`` term.
 """
+
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import interpreter_safe_output, inverse_parts
-from ._softmax import row_softmax_stats, scale_by_inverse, softmax_dlogits
+from ._softmax import logp_dlogits, row_softmax_stats, scale_by_inverse, softmax_dlogits
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
 
 
+@triton.heuristics({"WITH_ENTROPY": lambda args: args["entropy_ptr"] is not None})
 @triton.jit
 def _logprobs_fwd_kernel(
     # pointers
@@ -50,12 +58,13 @@ def _logprobs_fwd_kernel(
     ignore_index,
     # meta-parameters
     BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
     row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    m_ref, log_s, entropy = row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V)
+    m_ref, log_s, entropy = row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V, WITH_ENTROPY)
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
@@ -64,11 +73,13 @@ def _logprobs_fwd_kernel(
     logp = tl.where(ignored, 0.0, (z_label - m_ref) - log_s)
 
     tl.store(logp_ptr + row, logp)
-    tl.store(entropy_ptr + row, entropy)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
     tl.store(row_max_ptr + row, m_ref)
     tl.store(log_norm_ptr + row, log_s)
 
 
+@triton.heuristics({"WITH_ENTROPY": lambda args: args["entropy_ptr"] is not None})
 @triton.jit
 def _logprobs_bwd_kernel(
     # pointers
@@ -94,6 +105,7 @@ def _logprobs_bwd_kernel(
     ignore_index,
     # meta-parameters
     BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
 ):
     # dL/dx from the saved row statistics: formula and derivation in kernels/_softmax.py.
     # The gradient may alias the logits (in-place backward): each element is read before it is written.
@@ -106,35 +118,41 @@ def _logprobs_bwd_kernel(
 
     row_max = tl.load(row_max_ptr + row)
     log_norm = tl.load(log_norm_ptr + row)
-    entropy = tl.load(entropy_ptr + row)
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
     g_logp = tl.where(ignored, 0.0, tl.load(grad_logp_ptr + row).to(tl.float32))
-    g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
+    if WITH_ENTROPY:
+        entropy = tl.load(entropy_ptr + row)
+        g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
 
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_row = offs < V
         z = scale_by_inverse(tl.load(row_ptr + offs, mask=in_row, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
-        g = softmax_dlogits(z, offs == label, row_max, log_norm, entropy, g_logp, g_entropy, inv_t_hi)
+        if WITH_ENTROPY:
+            g = softmax_dlogits(z, offs == label, row_max, log_norm, entropy, g_logp, g_entropy, inv_t_hi)
+        else:
+            g = logp_dlogits(z, offs == label, row_max, log_norm, g_logp, inv_t_hi)
         tl.store(grad_row_ptr + offs, g.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                     with_entropy: bool = True):  # fmt: skip
     """Log-probs, entropy and log-sum-exp of ``logits / temperature``.
 
     ``logits``: ``[B, T, V]`` with ``stride(-1) == 1``; ``labels``: ``[B*T]`` contiguous integers.
     Returns four contiguous float32 ``[B*T]`` tensors ``(logp, entropy, row_max, log_norm)``: the
     log-sum-exp of ``logits / temperature`` is ``row_max + log_norm``, kept as two numbers so that
     :func:`logprobs_backward` can form ``log p = (z - row_max) - log_norm`` without rounding the sum.
+    Without ``with_entropy`` the kernel's log-probs-only specialisation runs and ``entropy`` is ``None``.
     """
     B, T, V = logits.shape
     N = B * T
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None  # None: WITH_ENTROPY = False
     row_max = torch.empty_like(logp)
     log_norm = torch.empty_like(logp)
     if N == 0:
@@ -155,18 +173,20 @@ def logprobs_backward(
     labels: torch.Tensor,
     row_max: torch.Tensor,
     log_norm: torch.Tensor,
-    entropy: torch.Tensor,
+    entropy: torch.Tensor | None,
     grad_logp: torch.Tensor,
-    grad_entropy: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
     grad_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient with respect to ``logits`` (``[B, T, V]``) of ``sum(grad_logp * logp + grad_entropy * H)``.
 
-    ``grad_logp``/``grad_entropy``: contiguous float32 ``[B*T]``. The gradient is written into
-    ``grad_logits`` when given (any ``[B, T, V]`` tensor with ``stride(-1) == 1``; it may be ``logits``
-    itself for an in-place backward), else into a new contiguous tensor of the logits' dtype.
+    ``grad_logp``/``grad_entropy``: contiguous float32 ``[B*T]``. ``entropy`` and ``grad_entropy`` both
+    ``None``: the gradient of the log-probs alone, by the kernel's ``WITH_ENTROPY = False`` specialisation.
+    The gradient is written into ``grad_logits`` when given (any ``[B, T, V]`` tensor with
+    ``stride(-1) == 1``; it may be ``logits`` itself for an in-place backward), else into a new contiguous
+    tensor of the logits' dtype.
     """
     B, T, V = logits.shape
     if grad_logits is None:
@@ -193,7 +213,8 @@ _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 
 
 def build_specs():
-    """What the launchers compile, for the Hopper build check: one entry per kernel, dtype and config.
+    """What the launchers compile, for the Hopper build check: one entry per kernel, dtype, config and
+    entropy specialisation (with the entropy, and log-probs only).
 
     Sizes are typical (V a multiple of 16, 16-byte aligned rows), which is how Triton's launcher
     specializes them at real shapes: pointers and 16-divisible integers get ``tt.divisibility=16``.
@@ -201,38 +222,45 @@ def build_specs():
     from ._aot import KernelBuild
 
     specs = []
-    for dtype, tl_dtype in _TL_DTYPE.items():
+    for (dtype, tl_dtype), with_entropy in itertools.product(_TL_DTYPE.items(), (True, False)):
         configs = {row_config(V, dtype.itemsize) for V in (151936, 1024, 128)}
+        # The log-probs-only specialisation gets None for its entropy pointers, as the launchers pass.
+        ent = "*fp32" if with_entropy else "constexpr"
         for cfg in sorted(configs, key=lambda c: c.BLOCK_V):
-            constexprs = {"BLOCK_V": cfg.BLOCK_V}
             fwd = {
                 "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64",
-                "logp_ptr": "*fp32", "entropy_ptr": "*fp32", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
+                "logp_ptr": "*fp32", "entropy_ptr": ent, "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
                 "stride_logits_b": "i32", "stride_logits_t": "i32", "T": "i32", "V": "i32",
-                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32",
+                "BLOCK_V": "constexpr", "WITH_ENTROPY": "constexpr",
             }  # fmt: skip
             bwd = {
                 "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
-                "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
+                "entropy_ptr": ent, "grad_logp_ptr": "*fp32", "grad_entropy_ptr": ent,
                 "grad_logits_ptr": f"*{tl_dtype}",
                 "stride_logits_b": "i32", "stride_logits_t": "i32",
                 "stride_grad_b": "i32", "stride_grad_t": "i32", "T": "i32", "V": "i32",
-                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr",
+                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32",
+                "BLOCK_V": "constexpr", "WITH_ENTROPY": "constexpr",
             }  # fmt: skip
             # The forward's one narrow load is the label logit; the backward streams dlogits out.
             for kernel, sig, narrow, streams_out in ((_logprobs_fwd_kernel, fwd, 1, False),
                                                      (_logprobs_bwd_kernel, bwd, 0, True)):
+                constexprs = {"BLOCK_V": cfg.BLOCK_V, "WITH_ENTROPY": with_entropy}
+                if not with_entropy:
+                    constexprs.update(dict.fromkeys(n for n in ("entropy_ptr", "grad_entropy_ptr") if n in sig))
+                divisible = [n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "V"]
                 specs.append(
                     KernelBuild(
                         kernel=kernel,
                         signature=sig,
                         constexprs=constexprs,
-                        divisible=[n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "V"],
+                        divisible=[n for n in divisible if n not in constexprs],  # not the None pointers
                         num_warps=cfg.num_warps,
                         streams_rows=cfg.BLOCK_V >= 1024,
                         narrow_loads=narrow,
                         streams_out=streams_out and cfg.BLOCK_V >= 1024,
-                        label=f"{tl_dtype} BLOCK_V={cfg.BLOCK_V}",
+                        label=f"{tl_dtype} {'entropy' if with_entropy else 'logp only'} BLOCK_V={cfg.BLOCK_V}",
                     )
                 )
     return specs

@@ -8,7 +8,10 @@ Two implementations behind one autograd contract (gradients through both outputs
   ``O(chunk * V)`` instead of the several ``[N, V]`` float32 tensors of the eager composition.
 
 Both can write the gradient over the logits buffer (``inplace_backward=True``), saving one ``[N, V]``
-buffer when the caller no longer needs the logits.
+buffer when the caller no longer needs the logits. Without ``return_entropy`` (log-probs only, as
+``rf.sequence_logprobs`` asks) neither implementation forms the entropy: the forward skips its
+softmax-weighted sum, the backward its gradient terms; likewise the backward of a returned entropy that
+receives no gradient.
 """
 
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ import torch
 
 from . import _checks
 from ._dispatch import dispatch, register
-from ._rowsoftmax import as_btv, grad_or_zeros, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
+from ._rowsoftmax import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
 
 # Rows per chunk of the PyTorch implementation: about 2M elements, so each float32 temporary is 8 MiB
 # (three live at a time), small next to any [N, V] tensor worth chunking and big enough that per-chunk
@@ -30,6 +33,7 @@ class LogprobsOptions:
     temperature: float = 1.0
     ignore_index: int = -100
     inplace_backward: bool = False
+    with_entropy: bool = True  # False: log-probs only (entropy None, no entropy work forward or backward)
 
 
 # ----------------------------------------------------------------------------------------------- torch
@@ -39,19 +43,24 @@ def _chunk_rows(V: int) -> int:
     return max(1, _TORCH_CHUNK_ELEMENTS // V)
 
 
-def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int):
+def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+                   with_entropy: bool = True):  # fmt: skip
     """``(logp, entropy, row_max, log_norm)`` of ``[B, T, V]`` logits, chunk by chunk.
 
-    The PyTorch twin of ``kernels.logprobs.logprobs_forward`` (same arguments, same outputs).
+    The PyTorch twin of ``kernels.logprobs.logprobs_forward`` (same arguments, same outputs): ``entropy`` is
+    ``None`` without ``with_entropy``.
     """
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0)
     logp = torch.empty(labels.numel(), dtype=torch.float32, device=x.device)
-    entropy, row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
+    row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else None
     for r, (chunk,) in row_chunks([x], _chunk_rows(x.shape[-1])):
         rows = slice(r, r + chunk.shape[0])
         z = scaled_float_copy(chunk, temperature)
-        logp[rows], entropy[rows], row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows])
+        logp[rows], ent, row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows], with_entropy)
+        if with_entropy:
+            entropy[rows] = ent
     return logp.masked_fill_(ignored, 0.0), entropy, row_max, log_norm
 
 
@@ -60,6 +69,7 @@ def _torch_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entro
     """Gradient with respect to ``[B, T, V]`` logits, chunk by chunk, into ``grad_logits`` when given.
 
     The PyTorch twin of ``kernels.logprobs.logprobs_backward``; ``grad_logits`` may be ``x`` (in place).
+    ``entropy`` and ``grad_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms).
     """
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0)
@@ -68,8 +78,12 @@ def _torch_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entro
     for r, (chunk, out_chunk) in row_chunks([x, out], _chunk_rows(x.shape[-1])):
         rows = slice(r, r + chunk.shape[0])
         z = scaled_float_copy(chunk, temperature)
-        out_chunk.copy_(softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows],
-                                      grad_entropy[rows], safe_labels[rows], temperature))  # fmt: skip
+        if entropy is None:
+            g = logp_grad_(z, row_max[rows], log_norm[rows], g_logp[rows], safe_labels[rows], temperature)
+        else:
+            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], grad_entropy[rows],
+                              safe_labels[rows], temperature)  # fmt: skip
+        out_chunk.copy_(g)
     return out
 
 
@@ -91,18 +105,24 @@ class _Logprobs(torch.autograd.Function):
         x = as_btv(logits)
         flat_labels = labels.reshape(-1).contiguous()
         forward, _ = _backend(impl)
-        logp, entropy, row_max, log_norm = forward(x, flat_labels, opts.temperature, opts.ignore_index)
+        logp, entropy, row_max, log_norm = forward(x, flat_labels, opts.temperature, opts.ignore_index,
+                                                   opts.with_entropy)  # fmt: skip
         ctx.save_for_backward(x, flat_labels, row_max, log_norm, entropy)
         ctx.opts, ctx.impl = opts, impl
         ctx.logits_shape = logits.shape
         ctx.set_materialize_grads(False)
-        return logp.view(labels.shape), entropy.view(labels.shape)
+        return logp.view(labels.shape), None if entropy is None else entropy.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         x, labels, row_max, log_norm, entropy = ctx.saved_tensors
         opts = ctx.opts
         n = labels.numel()
+        # No gradient reaches the entropy (not requested, or unused by the loss): the log-prob gradient alone.
+        if grad_entropy is None:
+            entropy, g_entropy = None, None
+        else:
+            g_entropy = grad_or_zeros(grad_entropy, n, x.device)
         _, backward = _backend(ctx.impl)
         grad = backward(
             x,
@@ -111,7 +131,7 @@ class _Logprobs(torch.autograd.Function):
             log_norm,
             entropy,
             grad_or_zeros(grad_logp, n, x.device),
-            grad_or_zeros(grad_entropy, n, x.device),
+            g_entropy,
             opts.temperature,
             opts.ignore_index,
             grad_logits=x if opts.inplace_backward else None,
@@ -157,7 +177,8 @@ def logprobs(
 
     Returns:
         float32 ``logp`` of shape ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``.
-        Both are differentiable with respect to ``logits``; the gradient has the logits' dtype.
+        Both are differentiable with respect to ``logits``; the gradient has the logits' dtype. Without
+        ``return_entropy`` no entropy work is done, forward or backward (the same ``logp`` and gradient).
 
     Vocabulary entries equal to ``-inf`` have probability 0 and add nothing to the entropy. A row whose
     entries are all ``-inf`` is no distribution: its outputs are NaN (or ``-inf``), as in PyTorch.
@@ -173,8 +194,9 @@ def logprobs(
         temperature=_checks.check_positive("temperature", temperature),
         ignore_index=_checks.check_int("ignore_index", ignore_index),
         inplace_backward=bool(inplace_backward),
+        with_entropy=bool(return_entropy),
     )
     fn = dispatch("logprobs", impl, logits.device)
     _checks.check_labels_in_range(labels, V, opts.ignore_index)
     logp, entropy = fn(logits, labels, opts)
-    return (logp, entropy) if return_entropy else logp
+    return (logp, entropy) if opts.with_entropy else logp

@@ -45,8 +45,9 @@ def test_every_kernel_is_built_for_both_archs(report):
         assert {r["arch"] for r in report if r["kernel"] == kernel} == {80, 90}
     for dtype in ("fp32", "bf16", "fp16"):
         assert any(r["config"].startswith(dtype) for r in report)
-    # rf.linear_logprobs' kernels in both specialisations: with the entropy, and log-probs only.
-    for kernel in ("_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel"):
+    # rf.logprobs' and rf.linear_logprobs' kernels in both specialisations: with the entropy, and log-probs only.
+    for kernel in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_linear_logprobs_fwd_kernel",
+                   "_linear_logprobs_bwd_kernel"):  # fmt: skip
         configs = {r["config"] for r in report if r["kernel"] == kernel}
         for dtype in ("fp32", "bf16", "fp16"):
             assert any(c.startswith(dtype) and " entropy " in c for c in configs), (kernel, dtype)

@@ -1,5 +1,7 @@
 """rf.logprobs against float64, through both impls (Triton runs under the interpreter on CPU)."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import DEVICE, IMPLS
@@ -237,6 +239,136 @@ def test_impls_agree(device):
     outs = [rf.logprobs(logits, labels, return_entropy=True, impl=i, temperature=1.3) for i in IMPLS]
     for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------- log-probs only (no entropy work)
+
+
+def _logp_and_grad(logits, labels, g_logp, return_entropy, **kw):
+    """``logp`` and the gradient of ``sum(g_logp * logp)`` (with a zero entropy gradient where returned)."""
+    x = logits.detach().clone().requires_grad_(True)
+    if not return_entropy:
+        logp = rf.logprobs(x, labels, **kw)
+        return logp, torch.autograd.grad(logp, x, g_logp)[0]
+    logp, ent = rf.logprobs(x, labels, return_entropy=True, **kw)
+    return logp, torch.autograd.grad((logp, ent), x, (g_logp, torch.zeros_like(ent)))[0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.9])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logp_only_matches_float64_and_with_entropy(impl, dtype, temperature, inplace, device):
+    """return_entropy=False: the float64 logp and logits gradient, and those of return_entropy=True with a
+    zero entropy gradient (the path that computes the entropy terms); ignored rows get logp 0 and no gradient."""
+    logits = (torch.randn(3, 29, 517, device=device) * 3).to(dtype)
+    labels = _labels((3, 29), 517, device, ignore_frac=0.3)
+    labels[0, :4] = -100  # ignored rows for certain, whatever the seed
+    g_logp = torch.randn(labels.shape, device=device)
+    kw = dict(temperature=temperature, impl=impl, inplace_backward=inplace)
+
+    logp, grad = _logp_and_grad(logits, labels, g_logp, False, **kw)
+    assert isinstance(logp, torch.Tensor) and logp.dtype == torch.float32 and logp.shape == labels.shape
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    logp_full, grad_full = _logp_and_grad(logits, labels, g_logp, True, **kw)
+
+    ignored = labels == -100
+    assert (logp[ignored] == 0).all()
+    assert (grad[ignored] == 0).all()  # no entropy term: nothing flows into an ignored row
+
+    ref_logp, _, ref_grad = logprobs_f64(logits, labels, temperature=temperature)
+    plain_logp, _, plain_grad = logprobs_plain_same_dtype(logits, labels, temperature=temperature)
+    z_max = logits.float().abs().max().item() / temperature
+    z_rounding = 0.0 if temperature == 1.0 else 2 * torch.finfo(torch.float32).eps * z_max  # as check_logprobs
+    cases = (("logp", logp, logp_full, plain_logp, ref_logp),
+             ("grad", grad, grad_full, plain_grad(g_logp, None), ref_grad(g_logp, None)))
+    for name, ours, full, plain, ref in cases:
+        scale = assert_no_worse(name, ours, plain, ref, input_rounding=z_rounding)
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5 * scale, msg=name)
+        # Against the entropy path: float rounding apart (the 1/T folded elsewhere), one ulp of the dtype.
+        tol = 1e-6 if ours.dtype == torch.float32 else torch.finfo(ours.dtype).eps
+        torch.testing.assert_close(ours.float(), full.float(), rtol=tol, atol=tol * scale, msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logp_only_masked_vocab(impl, device):
+    """-inf entries without the entropy path's masking: probability 0, gradient exactly 0, no NaN."""
+    logits = torch.randn(6, 1300, device=device) * 3
+    masked = torch.rand(6, 1300, device=device) < 0.6
+    masked[1, 1024:] = True  # a whole trailing block masked
+    logits[masked] = -float("inf")
+    labels = torch.stack([torch.multinomial((~masked[i]).float(), 1)[0] for i in range(6)])
+    g_logp = torch.randn(6, device=device)
+    logp, grad = _logp_and_grad(logits, labels, g_logp, False, temperature=0.8, impl=impl)
+    ref_logp, _, ref_grad = logprobs_f64(logits, labels, temperature=0.8)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
+    assert not torch.isnan(grad).any() and (grad[masked] == 0).all()
+    torch.testing.assert_close(grad.double(), ref_grad(g_logp, None), rtol=1e-5, atol=1e-6)
+
+
+def _spy_entropy_work(monkeypatch, impl):
+    """Record, call by call, whether the forward and the backward do the entropy work: for torch, what the
+    chunk helpers of rlhf_fast/_rowsoftmax.py are asked for; for triton, which ``WITH_ENTROPY``
+    specialisation the kernels' heuristic picks at each launch."""
+    seen = {"forward": [], "backward": []}
+    if impl == "torch":
+        # import_module: the attribute rlhf_fast.logprobs is the public function, not its module.
+        mod = importlib.import_module("rlhf_fast.logprobs")
+        stats, grad, logp_grad = mod.softmax_stats_, mod.softmax_grad_, mod.logp_grad_
+
+        def spy_stats(z, labels, with_entropy=True):
+            seen["forward"].append(with_entropy)
+            return stats(z, labels, with_entropy)
+
+        def spy_grad(*args):
+            seen["backward"].append(True)
+            return grad(*args)
+
+        def spy_logp_grad(*args):
+            seen["backward"].append(False)
+            return logp_grad(*args)
+
+        monkeypatch.setattr(mod, "softmax_stats_", spy_stats)
+        monkeypatch.setattr(mod, "softmax_grad_", spy_grad)
+        monkeypatch.setattr(mod, "logp_grad_", spy_logp_grad)
+        return seen
+    mod = importlib.import_module("rlhf_fast.kernels.logprobs")
+    for key, kernel in (("forward", mod._logprobs_fwd_kernel), ("backward", mod._logprobs_bwd_kernel)):
+
+        def spy_run(*args, _kernel=kernel, _run=kernel.run, _seen=seen[key], **kwargs):
+            named = {**dict(zip(_kernel.arg_names, args)), **kwargs}
+            _seen.append(_kernel.values["WITH_ENTROPY"](named))
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy_run)  # triton.heuristics' launch goes through run
+    return seen
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logp_only_skips_the_entropy(impl, monkeypatch, device):
+    """No entropy asked for: neither the forward nor the backward does entropy work (rf.sequence_logprobs
+    included); asked for, the forward does, and the backward only when a gradient reaches the entropy."""
+    logits = torch.randn(2, 13, 300, device=device, requires_grad=True)
+    labels = _labels((2, 13), 300, device, ignore_frac=0.2)
+    seen = _spy_entropy_work(monkeypatch, impl)
+
+    def run(fn):
+        for calls in seen.values():
+            calls.clear()
+        fn()
+        return {k: set(v) for k, v in seen.items()}
+
+    def backward(*outputs):
+        sum(o.sum() for o in outputs).backward()
+
+    off, on = {"forward": {False}, "backward": {False}}, {"forward": {True}, "backward": {True}}
+    assert run(lambda: backward(rf.logprobs(logits, labels, temperature=0.8, impl=impl))) == off
+    assert run(lambda: backward(rf.sequence_logprobs(logits, labels, impl=impl))) == off
+    assert run(lambda: backward(*rf.logprobs(logits, labels, return_entropy=True, impl=impl))) == on
+    # The entropy returned but unused by the loss: no gradient reaches it, so no entropy terms backward.
+    unused = run(lambda: backward(rf.logprobs(logits, labels, return_entropy=True, impl=impl)[0]))
+    assert unused == {"forward": {True}, "backward": {False}}
 
 
 # ----------------------------------------------------------------------------------- unseen cases
