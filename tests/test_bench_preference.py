@@ -59,7 +59,12 @@ assert 0.05 < losses["rlhf_fast"] < 5, losses  # a loss neither saturated nor 0
 for name in names:
     if name in ("rlhf_fast", "liger_dpo_noref"):
         continue
-    torch.testing.assert_close(losses[name], losses["rlhf_fast"], rtol=1e-5, atol=1e-6)
+    # Once (of 25+ runs) rlhf_fast gave 0.7096686 here where every other run gives 0.7096363: on a mismatch, say
+    # every method's loss and a recomputation of ours, to tell a nondeterministic op from a wrong method.
+    again = BENCHMARK.method("rlhf_fast").make()(**x)[0].item()
+    report = {{k: round(v.item(), 7) for k, v in losses.items()}}
+    torch.testing.assert_close(losses[name], losses["rlhf_fast"], rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"{{m}} | {{name}}: {{report}}, rlhf_fast again {{again:.7f}}")
     for a, b in zip(grads[name], grads["rlhf_fast"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 if "liger_dpo_noref" in names:  # Liger without a reference model: ours with zero reference log-probs
