@@ -30,10 +30,10 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint
 from .common import MetricsLogger, autocast_context, progress
 from .data import IGNORE_INDEX, collate_prompts, collate_sft, load_records, tokenize_prompts
-from .loop import finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
+from .loop import finish_run, make_optimizer, maybe_save, micro_batches, optimizer_step, start_run, total_steps
 from .models import build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ppo import evaluate
 from .rollout import generate, load_function, row_seeds, score
@@ -226,12 +226,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         summary["score_all"].append(record["score_all"])
         summary["score_kept"].append(record["score_kept"])
         logger.log(rnd + 1, record)
-        if cfg.save_every and (rnd + 1) % cfg.save_every == 0 and rnd + 1 < cfg.rounds:
-            save_checkpoint(checkpoint_path(out, rnd + 1), **saved, state={"step": rnd + 1, "summary": summary},
-                            write=distributed.is_main())  # fmt: skip
-            if distributed.is_main():
-                prune_checkpoints(out, cfg.keep_checkpoints)
-            distributed.barrier()
+        maybe_save(out, rnd + 1, cfg.save_every if rnd + 1 < cfg.rounds else 0, cfg.keep_checkpoints, **saved,
+                   state={"summary": summary})  # fmt: skip
     logger.close()
 
     summary |= {"rounds": cfg.rounds, "n": cfg.n, "ops": cfg.ops, "peak_memory_mib": peak_memory_mib(device)}

@@ -77,6 +77,11 @@ def local_rows(n: int) -> range:
 PARALLEL = ("ddp", "fsdp")
 
 
+def _check_parallel(parallel: str) -> None:
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+
+
 def _fsdp():
     """``(FSDPModule, fully_shard)``: public from torch 2.6, under ``_composable`` in 2.4 and 2.5."""
     try:
@@ -94,8 +99,7 @@ def is_sharded(model: nn.Module) -> bool:
 def shard_frozen(model: nn.Module, parallel: str) -> nn.Module:
     """A frozen model (reference policy, reward model) sharded with FSDP2 under ``parallel="fsdp"`` (its
     forward then takes every rank); as it is otherwise (DDP has nothing to synchronise in it)."""
-    if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    _check_parallel(parallel)
     return shard_model(model) if parallel == "fsdp" and world_size() > 1 else model
 
 
@@ -110,8 +114,7 @@ def wrap(model: nn.Module, device: torch.device, parallel: str = "ddp") -> nn.Mo
     """When running distributed: DDP around ``model`` (``parallel="ddp"``), or ``model`` itself sharded in
     place with FSDP2 (``"fsdp"``: build its optimizer *after* this, on the sharded parameters). ``model``
     itself otherwise."""
-    if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    _check_parallel(parallel)
     if world_size() == 1:
         return model
     if parallel == "fsdp":

@@ -171,12 +171,15 @@ def maybe_resume(out_dir, resume: bool, *, modules, optimizers, schedulers) -> i
     return int(load_checkpoint(ckpt, modules=modules, optimizers=optimizers, schedulers=schedulers)["step"])
 
 
-def maybe_save(out_dir, step: int, every: int, keep: int, *, modules, optimizers, schedulers) -> None:
-    """A checkpoint every ``every`` steps (every rank gathers what FSDP shards, rank 0 writes, all wait)."""
+def maybe_save(out_dir, step: int, every: int, keep: int, *, modules, optimizers, schedulers,
+               state: dict | None = None) -> None:  # fmt: skip
+    """A checkpoint every ``every`` steps (every rank gathers what FSDP shards, rank 0 writes, all wait), its
+    state ``{"step": step}`` plus the loop's own ``state`` (PPO's KL coefficient, a running summary...)."""
     if not every or step % every:
         return
     save_checkpoint(checkpoint_path(Path(out_dir), step), modules=modules, optimizers=optimizers,
-                    schedulers=schedulers, state={"step": step}, write=distributed.is_main())  # fmt: skip
+                    schedulers=schedulers, state={"step": step, **(state or {})},
+                    write=distributed.is_main())  # fmt: skip
     if distributed.is_main():
         prune_checkpoints(out_dir, keep)
     distributed.barrier()

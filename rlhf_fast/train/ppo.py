@@ -36,14 +36,14 @@ import torch.nn.functional as F
 import rlhf_fast as rf
 
 from . import distributed
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import MetricsLogger, autocast_context, plot_metrics, progress
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .common import MetricsLogger, autocast_context, progress
 from .data import collate_prompts, load_records, tokenize_prompts
-from .loop import make_optimizer, save_pretrained, start_run
+from .loop import finish_run, make_optimizer, maybe_save, save_pretrained, start_run
 from .models import CriticModel, build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
 from .rollout import Rollout, generate, load_function, mean_and_stderr, row_seeds, score
-from .runtime import peak_memory_mib, reset_peak_memory, write_json
+from .runtime import peak_memory_mib, reset_peak_memory
 
 
 @dataclass
@@ -411,14 +411,9 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
             record["explained_variance"] = float(1 - residual.var() / returns[on].var().clamp(min=1e-8))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logger.log(step + 1, record)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(checkpoint_path(out, step + 1), modules=modules, optimizers=optimizers,
-                            schedulers=schedulers,
-                            state={"step": step + 1, "kl_coef": loss_cfg.kl_coef, "summary": summary},
-                            write=distributed.is_main())  # fmt: skip
-            if distributed.is_main():
-                prune_checkpoints(out, cfg.keep_checkpoints)
-            distributed.barrier()
+        maybe_save(out, step + 1, cfg.save_every if step + 1 < cfg.steps else 0, cfg.keep_checkpoints,
+                   modules=modules, optimizers=optimizers, schedulers=schedulers,
+                   state={"kl_coef": loss_cfg.kl_coef, "summary": summary})  # fmt: skip
     logger.close()
 
     # ---- final evaluation, model, summary, plots
@@ -433,12 +428,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     if eval_prompts is not None:
         summary["after"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
     summary["extra"] = cfg.extra
-    save_pretrained(policy, out / "model")
     if critic is not None:
         save_pretrained(critic, out / "critic")
-    if distributed.is_main():
-        tokenizer.save_pretrained(out / "model")
-        plot_metrics(out / "metrics.jsonl", out / "curves.png", title=f"PPO ({cfg.ops} ops)")
-        write_json(out / "summary.json", summary)
-    distributed.barrier()
+    finish_run(out, policy, tokenizer, summary, title=f"PPO ({cfg.ops} ops)")
     return summary
