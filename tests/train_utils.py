@@ -28,20 +28,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def same_weights(dir_a, dir_b) -> bool:
+def same_weights(dir_a, dir_b, *, file: str = "model.safetensors") -> bool:
     """Whether two saved models hold bit-identical tensors."""
+    return close_weights(dir_a, dir_b, atol=0.0, file=file)
+
+
+def close_weights(dir_a, dir_b, *, atol: float, file: str = "model.safetensors") -> bool:
+    """Whether two saved models (or two checkpoints' ``file``) hold the same tensor names, each pair within
+    ``atol`` (``0``: bit-identical)."""
     from safetensors.torch import load_file
 
-    a, b = load_file(str(Path(dir_a) / "model.safetensors")), load_file(str(Path(dir_b) / "model.safetensors"))
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def close_weights(dir_a, dir_b, *, atol: float) -> bool:
-    """Whether two saved models hold the same tensor names, each pair within ``atol``."""
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(Path(dir_a) / "model.safetensors")), load_file(str(Path(dir_b) / "model.safetensors"))
-    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0.0, atol=atol) for k in a)
+    a, b = load_file(str(Path(dir_a) / file)), load_file(str(Path(dir_b) / file))
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.allclose(a[k], b[k], rtol=0.0, atol=atol) for k in a
+    )
 
 
 def torchrun(script: str, cfg, nproc: int, tmp_path: Path, *args: str) -> None:
