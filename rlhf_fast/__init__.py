@@ -5,6 +5,7 @@ The contract of each op (names, defaults, semantics) is fixed in the project's A
 """
 
 from ._dispatch import IMPLS
+from ._fused_chunk import chunk_budget
 from .full_kl import full_kl
 from .gae import gae
 from .linear_dpo import linear_dpo_loss
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IMPLS",
     "aggregate",
+    "chunk_budget",
     "dpo_loss",
     "full_kl",
     "gae",

@@ -19,11 +19,12 @@ import torch
 
 from . import _checks
 from ._dispatch import dispatch, register
-from ._rowsoftmax import grad_or_zeros, logp_grad_, softmax_grad_, softmax_stats_
+from ._fused_chunk import chunk_grad, chunk_rows, chunk_stats
+from ._rowsoftmax import grad_or_zeros
 
-# Rows per chunk of the PyTorch implementation: ~4M logits (16 MiB float32 per temporary). Larger than
-# rf.logprobs' chunks because each chunk is also one matmul, which wants enough rows to run at full rate.
-_TORCH_CHUNK_ELEMENTS = 1 << 22
+# float32 [rows, V] temporaries a chunk of the PyTorch implementation holds at once: the logits and, in
+# backward, dlogits (the compiled bodies make no others; the eager ones work in place).
+_CHUNK_TEMPORARIES = 2
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,10 @@ class LinearLogprobsOptions:
     with_entropy: bool = True  # False: log-probs only (entropy None, no entropy work forward or backward)
 
 
-def _chunk_rows(V: int) -> int:
-    return max(1, _TORCH_CHUNK_ELEMENTS // V)
-
-
-def _chunk_logits(h32, w32, b32, temperature: float) -> torch.Tensor:
-    """``(h @ w.T + b) / T`` for one chunk of rows, as a new float32 tensor."""
-    z = torch.addmm(b32, h32, w32.t()) if b32 is not None else h32 @ w32.t()
-    return z if temperature == 1.0 else z.div_(temperature)
+def _chunk_logits(h32, w32, b32) -> torch.Tensor:
+    """``h @ w.T + b`` for one chunk of rows, as a new float32 tensor (the temperature is applied by the
+    chunk bodies, fused with their other elementwise work)."""
+    return torch.addmm(b32, h32, w32.t()) if b32 is not None else h32 @ w32.t()
 
 
 def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entropy: bool = True):
@@ -54,11 +51,11 @@ def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entrop
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
-    step = _chunk_rows(V)
+    step = chunk_rows(V, _CHUNK_TEMPORARIES)
     for r in range(0, N, step):
         rows = slice(r, r + step)
-        z = _chunk_logits(hidden[rows].float(), w32, b32, temperature)
-        logp[rows], ent, row_max[rows], log_norm[rows] = softmax_stats_(z, labels[rows], with_entropy)
+        z = _chunk_logits(hidden[rows].float(), w32, b32)
+        logp[rows], ent, row_max[rows], log_norm[rows] = chunk_stats(z, labels[rows], temperature, with_entropy)
         if with_entropy:
             entropy[rows] = ent
     return logp, entropy, row_max, log_norm
@@ -77,16 +74,13 @@ def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_
     d_hidden = torch.empty_like(hidden) if need_hidden else None
     d_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
     d_b32 = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_bias else None
-    step = _chunk_rows(V)
+    step = chunk_rows(V, _CHUNK_TEMPORARIES)
     for r in range(0, N, step):
         rows = slice(r, r + step)
         h32 = hidden[rows].float()
-        z = _chunk_logits(h32, w32, b32, temperature)
-        if entropy is None:
-            g = logp_grad_(z, row_max[rows], log_norm[rows], g_logp[rows], labels[rows], temperature)
-        else:
-            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], g_entropy[rows],
-                              labels[rows], temperature)  # fmt: skip
+        z = _chunk_logits(h32, w32, b32)
+        g = chunk_grad(z, row_max[rows], log_norm[rows], None if entropy is None else entropy[rows], g_logp[rows],
+                       None if g_entropy is None else g_entropy[rows], labels[rows], temperature)  # fmt: skip
         if need_hidden:
             d_hidden[rows] = g @ w32
         if need_weight:

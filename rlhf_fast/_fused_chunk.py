@@ -1,0 +1,173 @@
+"""The per-chunk softmax work of the PyTorch linear ops, fused by ``torch.compile``, and their chunk size.
+
+``rf.linear_logprobs``' PyTorch implementation streams ``hidden @ weight.T`` in chunks of rows. Per chunk it
+does one matmul (``2·rows·H·V`` FLOPs) and then elementwise work over the ``[rows, V]`` logits: the row
+statistics in forward, the ``dlogits`` in backward. At lm_head sizes ``H`` is small next to ``V`` (256-4096
+against 32k-256k), so each logit costs only ``2H`` FLOPs of matmul and eager PyTorch's elementwise passes
+(max, subtract, exp, sum, ... each a read and a write of the chunk) cost as much as the matmul itself
+(measured on a 2-core AMD EPYC at 1024 x 50000: statistics 120 ms and dlogits 256 ms eager, 11 ms and 55 ms
+compiled, against ~180 ms for the chunk's matmul). Compiled, each body is one loop over the chunk: the
+statistics read it (twice, the second time from cache) and write ``[rows]`` vectors; the gradient reads it
+once and writes ``dlogits``.
+
+- Compilation costs seconds (Inductor writes and builds C++), so small chunks run the eager twins in
+  ``_rowsoftmax.py`` and the compiled bodies are built on the first chunk of at least
+  :data:`COMPILE_MIN_ELEMENTS` logits: a test or a toy model never compiles. ``dynamic=True``: one build
+  serves every row count and vocabulary size. Where compilation fails (no C++ compiler, an unsupported
+  platform) the eager twins run, after one warning. ``RLHF_FAST_COMPILE=0`` turns it off.
+- The chunk size comes from a memory budget (:func:`chunk_budget_mib`, default :data:`DEFAULT_CHUNK_MIB`):
+  the float32 ``[rows, V]`` temporaries a chunk holds at once fit in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+from ._rowsoftmax import logp_grad_, softmax_grad_, softmax_stats_
+
+# Budget for a chunk's float32 [rows, V] temporaries. 128 MiB is 671 rows at V = 50000 with two temporaries
+# (backward: the logits and dlogits): enough rows for the matmuls to run at the machine's full rate (on the
+# 2-core AMD EPYC the fp32 rate at 512-2048 rows is within 5% of 4096 rows), while the op's peak stays a
+# fraction of the naive composition's (N x V float32 logits plus their log-softmax: 1.6 GiB at 4096 x 50000).
+DEFAULT_CHUNK_MIB = 128
+_budget_mib: float | None = None  # set by chunk_budget(); None: RLHF_FAST_CHUNK_MIB or the default
+
+# Smallest chunk (in logits) worth compiling for: 1M float32 logits take ~0.3 ms per eager pass, so a call
+# this size loses nothing to eager, and the tests' shapes (at most ~10^5 logits) never compile.
+COMPILE_MIN_ELEMENTS = 1 << 20
+
+
+def chunk_budget_mib() -> float:
+    """The memory budget (MiB) of a chunk's ``[rows, V]`` float32 temporaries in the PyTorch linear ops:
+    the innermost :func:`chunk_budget` context, else ``RLHF_FAST_CHUNK_MIB``, else :data:`DEFAULT_CHUNK_MIB`."""
+    if _budget_mib is not None:
+        return _budget_mib
+    env = os.environ.get("RLHF_FAST_CHUNK_MIB")
+    if env is None:
+        return DEFAULT_CHUNK_MIB
+    try:
+        value = float(env)
+    except ValueError:
+        raise ValueError(f"RLHF_FAST_CHUNK_MIB must be a number of MiB, got {env!r}") from None
+    if not value > 0:
+        raise ValueError(f"RLHF_FAST_CHUNK_MIB must be positive, got {env!r}")
+    return value
+
+
+@contextlib.contextmanager
+def chunk_budget(mib: float):
+    """Run the PyTorch linear ops with chunk temporaries of at most ``mib`` MiB (at least one row a chunk)::
+
+        with rf.chunk_budget(512):  # bigger chunks: more memory, matmuls nearer the machine's peak
+            logp = rf.linear_logprobs(hidden, weight, labels)
+    """
+    global _budget_mib
+    if isinstance(mib, bool) or not isinstance(mib, (int, float)) or not mib > 0:
+        raise ValueError(f"mib must be a positive number of MiB, got {mib!r}")
+    previous, _budget_mib = _budget_mib, float(mib)
+    try:
+        yield
+    finally:
+        _budget_mib = previous
+
+
+def chunk_rows(V: int, temporaries: int) -> int:
+    """Rows per chunk so that ``temporaries`` float32 ``[rows, V]`` tensors fit in the budget."""
+    return max(1, int(chunk_budget_mib() * (1 << 20)) // (4 * V * temporaries))
+
+
+# ----------------------------------------------------------------------------------- compiled bodies
+# Each body is the twin of an eager function in _rowsoftmax.py (same formulas, derived there and in
+# kernels/logprobs.py), written out of place so that Inductor fuses it into one loop.
+
+
+def _stats(x: torch.Tensor, labels: torch.Tensor, inv_t: torch.Tensor, with_entropy: bool):
+    """``(logp, entropy | None, row_max, log_norm)`` of ``softmax(x * inv_t)``; the twin of ``softmax_stats_``."""
+    z = x * inv_t
+    m = z.amax(dim=-1, keepdim=True)
+    m = torch.where(m == -float("inf"), torch.zeros_like(m), m)  # an all -inf row: shift by 0
+    d = z - m
+    e = torch.exp(d)
+    s = e.sum(-1)
+    log_s = torch.log(s)
+    d_label = d.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return d_label - log_s, None, m.squeeze(-1), log_s
+    # H = log s - u / s with u = sum e^d d; a masked entry (d = -inf, e = 0) adds 0, NaN stays NaN
+    u = torch.where(e == 0, torch.zeros_like(e), e * d).sum(-1)
+    return d_label - log_s, log_s - u / s, m.squeeze(-1), log_s
+
+
+def _grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor):
+    """``dL/dx`` for ``z = x * inv_t``; the twin of ``softmax_grad_`` (``entropy`` None: of ``logp_grad_``)."""
+    logp_all = x * inv_t - row_max.unsqueeze(-1) - log_norm.unsqueeze(-1)
+    p = torch.exp(logp_all)
+    if entropy is None:
+        g = -p * g_logp.unsqueeze(-1)
+    else:
+        g = -p * (g_logp.unsqueeze(-1) + g_entropy.unsqueeze(-1) * (logp_all + entropy.unsqueeze(-1)))
+        g = torch.where(p == 0, torch.zeros_like(g), g)  # masked vocabulary: p = 0, log p = -inf
+    one_hot = torch.arange(x.shape[-1], device=x.device).unsqueeze(0) == labels.unsqueeze(-1)
+    g = torch.where(one_hot, g + g_logp.unsqueeze(-1), g)
+    return g * inv_t
+
+
+_compiled: dict[str, object] = {}
+_compile_failed = False
+
+
+def _compile_enabled() -> bool:
+    return not _compile_failed and os.environ.get("RLHF_FAST_COMPILE", "1") != "0"
+
+
+def _run_compiled(name: str, fn, *args):
+    """``torch.compile(fn)(*args)``, or ``None`` after a failure to compile (warned once)."""
+    global _compile_failed
+    if name not in _compiled:
+        _compiled[name] = torch.compile(fn, dynamic=True)
+    try:
+        return _compiled[name](*args)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, never fail the op
+        _compile_failed = True
+        warnings.warn(f"rlhf_fast: torch.compile of the chunk bodies failed ({type(exc).__name__}: {exc}); "
+                      "the PyTorch ops run eager from now on (set RLHF_FAST_COMPILE=0 to skip the attempt)",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+        return None
+
+
+def _use_compiled(x: torch.Tensor) -> bool:
+    return x.numel() >= COMPILE_MIN_ELEMENTS and x.device.type == "cpu" and _compile_enabled()
+
+
+def chunk_stats(x: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool):
+    """``(logp, entropy | None, row_max, log_norm)`` of ``softmax(x / temperature)`` for a float32 chunk
+    ``x [rows, V]`` (left unchanged) and labels in ``[0, V)``."""
+    if _use_compiled(x):
+        out = _run_compiled(f"stats{int(with_entropy)}", _stats, x, labels, _inv(temperature), with_entropy)
+        if out is not None:
+            return out
+    z = x.clone() if temperature == 1.0 else x / temperature
+    return softmax_stats_(z, labels, with_entropy)
+
+
+def chunk_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature: float) -> torch.Tensor:
+    """``dL/dx`` for the float32 chunk ``x [rows, V]`` (overwritten) of ``softmax(x / temperature)``, with
+    ``L = sum(g_logp * logp + g_entropy * entropy)``; ``entropy`` None: the log-prob terms alone."""
+    if _use_compiled(x):
+        out = _run_compiled(f"grad{int(entropy is not None)}", _grad, x, row_max, log_norm, entropy, g_logp,
+                            g_entropy, labels, _inv(temperature))  # fmt: skip
+        if out is not None:
+            return out
+    z = x if temperature == 1.0 else x.div_(temperature)
+    if entropy is None:
+        return logp_grad_(z, row_max, log_norm, g_logp, labels, temperature)
+    return softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature)
+
+
+def _inv(temperature: float) -> torch.Tensor:
+    # a tensor, not a Python float: a new temperature must not recompile the bodies
+    return torch.tensor(1.0 / temperature, dtype=torch.float32)
