@@ -37,7 +37,7 @@ import math
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from ._dispatch import dispatch, register
 
 # ----------------------------------------------------------------------------------------------- torch
@@ -161,6 +161,7 @@ def _check_discount(name: str, value) -> float:
     return float(value)
 
 
+@_amp.float32_op
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from ._dispatch import dispatch, register
 from ._rowsoftmax import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
 
@@ -101,6 +101,7 @@ def _backend(impl: str):
 
 class _Logprobs(torch.autograd.Function):
     @staticmethod
+    @_amp.float32_op
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: LogprobsOptions, impl: str):
         x = as_btv(logits)
         flat_labels = labels.reshape(-1).contiguous()
@@ -114,6 +115,7 @@ class _Logprobs(torch.autograd.Function):
         return logp.view(labels.shape), None if entropy is None else entropy.view(labels.shape)
 
     @staticmethod
+    @_amp.float32_op
     def backward(ctx, grad_logp, grad_entropy):
         x, labels, row_max, log_norm, entropy = ctx.saved_tensors
         opts = ctx.opts
@@ -152,6 +154,7 @@ def _logprobs_torch(logits, labels, opts):
 # ---------------------------------------------------------------------------------------------- public
 
 
+@_amp.float32_op
 def logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,

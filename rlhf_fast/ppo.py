@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from ._agg import aggregate as _aggregate
 from ._agg import check_agg
 
@@ -37,6 +37,7 @@ def _k3(lr: torch.Tensor) -> torch.Tensor:
     return torch.where(lr.abs() < _K3_SERIES_BOUND, series, torch.expm1(-lr) + lr)
 
 
+@_amp.float32_op
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL estimate from the sampled tokens' log-probs, float32, same shape as ``logp``.
 
@@ -119,6 +120,7 @@ def _masked_mean(x: torch.Tensor, on: torch.Tensor, count: torch.Tensor) -> torc
 # ------------------------------------------------------------------------------------------------- PPO
 
 
+@_amp.float32_op
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -221,6 +223,7 @@ def ppo_policy_loss(
     return loss, metrics
 
 
+@_amp.float32_op
 def aggregate(values: torch.Tensor, mask: torch.Tensor | None = None, *, agg: str = "token-mean") -> torch.Tensor:
     """Aggregate per-token values ``[B, T]`` over ``mask`` by ``agg``, as the PPO losses do (float32 scalar).
 
@@ -235,6 +238,7 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor | None = None, *, agg: st
     return _aggregate(values, _token_mask(mask, values), agg)
 
 
+@_amp.float32_op
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -286,6 +290,7 @@ def value_loss(
 # ---------------------------------------------------------------------------------------- advantages
 
 
+@_amp.float32_op
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
     """``(x - mean) / sqrt(var + 1e-8)`` over the entries where ``mask != 0``; 0 elsewhere. float32.
 
@@ -316,6 +321,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     return torch.where(on, out, 0.0)
 
 
+@_amp.float32_op
 def group_advantages(
     scores: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:

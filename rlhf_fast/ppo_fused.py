@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _agg, _checks
+from . import _agg, _amp, _checks
 from ._dispatch import dispatch, register
 from ._rowsoftmax import as_btv
 from .logprobs import LogprobsOptions, _Logprobs
@@ -50,6 +50,7 @@ def _token_losses(logp, entropy, old_logp, advantages, ref_logp, opts: PPOOption
 
 class _PPOTriton(torch.autograd.Function):
     @staticmethod
+    @_amp.float32_op
     def forward(ctx, logits, labels, old_logp, advantages, weights, ref_logp, opts: PPOOptions):
         from .kernels.ppo import ppo_forward
 
@@ -68,6 +69,7 @@ class _PPOTriton(torch.autograd.Function):
         return loss, logp.view(old_logp.shape), entropy.view(old_logp.shape)
 
     @staticmethod
+    @_amp.float32_op
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         from .kernels.logprobs import logprobs_backward
 
@@ -97,6 +99,7 @@ def _ppo_torch(logits, labels, old_logp, advantages, weights, ref_logp, opts):
 # ---------------------------------------------------------------------------------------------- public
 
 
+@_amp.float32_op
 def ppo_loss_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -7,6 +7,7 @@ Gradients flow to the logits through ``rf.logprobs``' backward.
 
 import torch
 
+from . import _amp
 from .logprobs import logprobs
 
 
@@ -19,6 +20,7 @@ def sum_over_tokens(token_logp: torch.Tensor, valid: torch.Tensor, average: bool
     return total / valid.sum(-1).clamp(min=1).to(total.dtype)
 
 
+@_amp.float32_op
 def sequence_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
