@@ -24,7 +24,6 @@ def _check_batch(hidden, labels, ref_chosen_logp, ref_rejected_logp) -> int:
             "hidden must have shape [2B, T, H] with B >= 1 (B chosen rows, then B rejected rows), "
             f"got {tuple(hidden.shape)}"
         )
-    _checks.check_int_tensor(labels, "labels")
     _checks.check_shape("labels", labels, hidden.shape[:2], "[2B, T], the leading dimensions of hidden")
     B = hidden.shape[0] // 2
     for name, ref in (("ref_chosen_logp", ref_chosen_logp), ("ref_rejected_logp", ref_rejected_logp)):
@@ -74,6 +73,7 @@ def linear_dpo_loss(
         dtypes) and ``dpo_loss``' metrics plus ``policy_chosen_logp`` and ``policy_rejected_logp``, the
         mean sequence log-probs of the policy (detached).
     """
+    labels = _checks.as_labels(labels)
     B = _check_batch(hidden, labels, ref_chosen_logp, ref_rejected_logp)
     check_dpo_options(beta, loss_type, label_smoothing, reduction)  # before the expensive part
     # weight, bias, ignore_index and impl are checked by linear_logprobs

@@ -217,7 +217,7 @@ def linear_logprobs(
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
         _checks.check_same_device("bias", bias, "hidden", hidden)
-    _checks.check_int_tensor(labels, "labels")
+    labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
     _checks.check_same_device("weight", weight, "hidden", hidden)
     _checks.check_same_device("labels", labels, "hidden", hidden)

@@ -117,8 +117,14 @@ class _Logprobs(torch.autograd.Function):
     @staticmethod
     @_amp.float32_op
     def backward(ctx, grad_logp, grad_entropy):
-        x, labels, row_max, log_norm, entropy = ctx.saved_tensors
         opts = ctx.opts
+        if opts.inplace_backward and getattr(ctx, "logits_overwritten", False):
+            raise RuntimeError(
+                "rf.logprobs(..., inplace_backward=True): the first backward wrote the gradient over the "
+                "logits, so a second backward through this graph (retain_graph=True) cannot recompute it; "
+                "use inplace_backward=False to backpropagate more than once"
+            )
+        x, labels, row_max, log_norm, entropy = ctx.saved_tensors
         n = labels.numel()
         # No gradient reaches the entropy (not requested, or unused by the loss): the log-prob gradient alone.
         if grad_entropy is None:
@@ -138,6 +144,12 @@ class _Logprobs(torch.autograd.Function):
             opts.ignore_index,
             grad_logits=x if opts.inplace_backward else None,
         )
+        if opts.inplace_backward:
+            # The logits now hold the gradient: a second backward must raise, not read it as logits; and
+            # any other graph node that saved these logits must see them modified (a kernel's writes do not
+            # bump the version counter as an in-place PyTorch op does).
+            ctx.logits_overwritten = True
+            torch.autograd.graph.increment_version(x)
         return grad.reshape(ctx.logits_shape), None, None, None
 
 
@@ -176,7 +188,8 @@ def logprobs(
             for every position (ignored ones too: it does not depend on the label).
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
         inplace_backward: write the gradient over the ``logits`` buffer (saves one ``[N, V]`` tensor).
-            Only when nothing else reads these logits after the forward: they are overwritten.
+            Only when nothing else reads these logits after the forward: they are overwritten. A second
+            backward through the same graph (``retain_graph=True``) raises ``RuntimeError``.
 
     Returns:
         float32 ``logp`` of shape ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``.
@@ -187,7 +200,7 @@ def logprobs(
     entries are all ``-inf`` is no distribution: its outputs are NaN (or ``-inf``), as in PyTorch.
     """
     _checks.check_float_tensor(logits, "logits", min_dim=1)
-    _checks.check_int_tensor(labels, "labels")
+    labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, logits.shape[:-1], "the leading dimensions of logits")
     _checks.check_same_device("labels", labels, "logits", logits)
     V = logits.shape[-1]

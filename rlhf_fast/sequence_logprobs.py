@@ -7,7 +7,7 @@ Gradients flow to the logits through ``rf.logprobs``' backward.
 
 import torch
 
-from . import _amp
+from . import _amp, _checks
 from .logprobs import logprobs
 
 
@@ -47,4 +47,4 @@ def sequence_logprobs(
     if isinstance(logits, torch.Tensor) and logits.dim() < 2:
         raise ValueError(f"logits must have shape [..., T, V], got {tuple(logits.shape)}")
     token_logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, impl=impl)
-    return sum_over_tokens(token_logp, labels != ignore_index, bool(average))
+    return sum_over_tokens(token_logp, _checks.as_labels(labels) != ignore_index, bool(average))
