@@ -121,7 +121,7 @@ def full_kl(
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
 
     Entries where ``logits`` is ``-inf`` (masked vocabulary) add nothing; an entry where only
-    ``ref_logits`` is ``-inf`` makes the KL ``+inf``.
+    ``ref_logits`` is ``-inf`` makes the KL ``+inf``. Computed in float32 whatever autocast says.
     """
     _checks.check_float_tensor(logits, "logits", min_dim=1)
     _checks.check_float_tensor(ref_logits, "ref_logits", min_dim=1)

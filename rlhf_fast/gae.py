@@ -30,6 +30,7 @@ Two implementations:
   against the Python loops in benchmarks/results/cpu/gae.md.
 
 GAE has no gradient: the outputs are constants for the loss (they come back with ``requires_grad=False``).
+Computed in float32 whatever autocast says (the torch impl's triangular matmuls would otherwise be bf16).
 """
 
 import functools

@@ -198,6 +198,9 @@ def logprobs(
 
     Vocabulary entries equal to ``-inf`` have probability 0 and add nothing to the entropy. A row whose
     entries are all ``-inf`` is no distribution: its outputs are NaN (or ``-inf``), as in PyTorch.
+
+    Under ``torch.autocast`` the op computes in float32 all the same (rlhf_fast/_amp.py), forward and
+    backward. ``labels`` may have any integer dtype.
     """
     _checks.check_float_tensor(logits, "logits", min_dim=1)
     labels = _checks.as_labels(labels)

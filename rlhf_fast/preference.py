@@ -10,7 +10,8 @@ Backward scales the saved float32 derivative by ``grad_output`` (a handful of ``
 
 ``dpo_loss`` is ``[B]`` work with no kernel of its own. Both use the overflow-free log-sigmoid
 ``min(x, 0) - log1p(e^(-|x|))`` (``torch.nn.functional.logsigmoid`` computes exactly that in PyTorch),
-so pairs hundreds of logits apart give finite losses and gradients.
+so pairs hundreds of logits apart give finite losses and gradients. Both compute in float32 whatever
+autocast says (rlhf_fast/_amp.py).
 """
 
 import math
