@@ -96,7 +96,7 @@ def _ppo_torch(logits, labels, old_logp, advantages, weights, ref_logp, opts):
     logprobs_opts = LogprobsOptions(temperature=opts.temperature, ignore_index=opts.ignore_index)
     logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, "torch")
     # Masked-out tokens contribute exactly nothing, gradients included, whatever they hold (NaN or inf
-    # advantages, -inf old log-probs, garbage logits): every input is 0 there before any arithmetic, so
+    # advantages, -inf old or reference log-probs): every input is 0 there before any arithmetic, so
     # their token loss is a finite constant and where()'s backward gives their log-prob and entropy 0.
     on = weights.view(logp.shape) != 0
     inputs = [None if t is None else torch.where(on, t, 0.0) for t in (logp, entropy, old_logp, advantages, ref_logp)]

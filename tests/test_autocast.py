@@ -211,3 +211,35 @@ def test_bf16_inputs_under_autocast(name, impl):
     for g, r in zip(grads, ref_grads):
         assert g.dtype == BF16
         torch.testing.assert_close(g.float(), r, rtol=1e-2, atol=1e-2 * r.abs().max().item())
+
+
+def test_torch_impl_cuda_logits_are_float32_products_of_bf16_operands():
+    """The torch impl's CUDA forward multiplies bf16 operands into float32 logits (``mm(out_dtype=fp32)``,
+    no fp32 fallback and no bf16 rounding). Checked here for shape and dtype on the meta device, where that
+    overload exists; the numbers are checked on CUDA by the test below."""
+    from rlhf_fast.linear_logprobs import _chunk_logits
+
+    h = torch.empty(5, 8, dtype=BF16, device="meta")
+    w = torch.empty(11, 8, dtype=BF16, device="meta")
+    for b32 in (None, torch.empty(11, device="meta")):
+        z = _chunk_logits(h, w, b32, 0.7)
+        assert z.dtype == torch.float32 and z.shape == (5, 11)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("entropy", [False, True])
+def test_linear_logprobs_follows_cuda_autocast(impl, entropy):
+    h, w, b, y = (None if t is None else t.cuda() for t in _linear_case(True, N=512, H=64, V=1000))
+    hl, wl = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=BF16):
+        out = rf.linear_logprobs(hl, wl, y, bias=b, return_entropy=entropy, impl=impl)
+        outs = out if entropy else (out,)
+        sum(o.sum() for o in outs).backward()
+    assert hl.grad.dtype == wl.grad.dtype == torch.float32
+    target = logprobs_reference(F.linear(_round(h), _round(w), _round(b)), y)
+    with torch.autocast("cuda", dtype=BF16):
+        plain = logprobs_reference(F.linear(h, w, b).float(), y)
+    for o, t, p in zip(outs, target, plain):
+        assert o.dtype == torch.float32
+        assert (o.double() - t).abs().max() * 20 < (p.double() - t).abs().max()
