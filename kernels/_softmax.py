@@ -31,15 +31,17 @@ def online_softmax_update(m, s, u, z, AXIS: tl.constexpr):
 
     ``m``: running max (starts at -inf, never 0: all-negative rows must come out right);
     ``s = sum exp(z - m)``; ``u = sum exp(z - m) * (z - m)``, both rescaled to the new max:
-    ``sum e^(z-m')(z-m') = e^(m-m') (u + (m - m') s)``. Entries equal to ``-inf`` add exactly 0 (their
-    ``0 * -inf`` is replaced), so NaN can only come from NaN in the input.
+    ``sum e^(z-m')(z-m') = e^(m-m') (u + (m - m') s)``. Entries whose ``e^(z - m)`` is 0 add exactly 0
+    to ``u`` (the limit of ``p log p``): ``-inf`` entries, and finite ones whose ``z - m`` overflows to
+    ``-inf`` (``z = -3e38`` beside ``m = 3e38``), where ``0 * -inf`` would be NaN. So NaN can only come
+    from NaN in the input.
     """
     m_new = tl.maximum(m, tl.max(z, axis=AXIS))
     # While every entry so far is -inf, shift by 0 instead of -inf (which would give -inf - -inf = NaN).
     m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
     d = z - tl.expand_dims(m_ref, AXIS)
     e = tl.exp(d)
-    ed = tl.where(z == -float("inf"), 0.0, e * d)
+    ed = tl.where(e == 0.0, 0.0, e * d)
     alpha = tl.exp(m - m_ref)  # 0 while m is -inf, and then s == u == 0 too
     shift = tl.where(m == -float("inf"), 0.0, m - m_ref)
     u = alpha * (u + shift * s) + tl.sum(ed, axis=AXIS)
@@ -69,13 +71,13 @@ def softmax_dlogits(z, is_label, row_max, log_norm, entropy, g_logp, g_entropy, 
                          = -p_v (log p_v + 1) + p_v (1 - H)  =  -p_v (log p_v + H)
         dL/dx_v = ( g_logp ([v == y] - p_v) - g_H p_v (log p_v + H) ) / T
 
-    Masked entries (``z_v = -inf``) have ``p_v = 0`` and get exactly 0 (not ``0 * -inf``). ``g_logp``
-    must be 0 for rows whose label is ignored.
+    Entries with ``p_v = 0`` (masked ones, ``z_v = -inf``, or finite ones whose ``log p_v`` overflows to
+    ``-inf``) get exactly 0, not ``0 * -inf``. ``g_logp`` must be 0 for rows whose label is ignored.
     """
     logp_v = (z - row_max) - log_norm
     p = tl.exp(logp_v)
     g = -p * (g_logp + g_entropy * (logp_v + entropy))
-    g = tl.where(z == -float("inf"), 0.0, g)
+    g = tl.where(p == 0.0, 0.0, g)
     g = tl.where(is_label, g + g_logp, g)
     return g * inv_t_hi  # the gradient scales by 1/T: a relative 6e-8 here is no bias worth a second term
 

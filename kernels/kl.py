@@ -78,8 +78,9 @@ def _full_kl_fwd_kernel(
         e_p = tl.exp(zp - mp_ref)
         alpha_p = tl.exp(m_p - mp_ref)  # 0 while m_p is -inf, and then s_p == w == 0
         shift = tl.where(m_p == -float("inf"), 0.0, m_p - mp_ref) - tl.where(m_q == -float("inf"), 0.0, m_q - mq_ref)
-        # p_v = 0 (zp = -inf) adds exactly 0; zq = -inf where p_v > 0 adds +inf
-        term = tl.where(zp == -float("inf"), 0.0, e_p * ((zp - mp_ref) - (zq - mq_ref)))
+        # p_v = 0 adds exactly 0 (zp = -inf, or a finite zp whose zp - m_p overflows to -inf: 0 * -inf would
+        # be NaN); zq = -inf where p_v > 0 adds +inf
+        term = tl.where(e_p == 0.0, 0.0, e_p * ((zp - mp_ref) - (zq - mq_ref)))
         w = alpha_p * (w + shift * s_p) + tl.sum(term, axis=0)
         s_p = alpha_p * s_p + tl.sum(e_p, axis=0)
         s_q = tl.exp(m_q - mq_ref) * s_q + tl.sum(tl.exp(zq - mq_ref), axis=0)
@@ -145,8 +146,9 @@ def _full_kl_bwd_kernel(
         zq = scale_by_inverse(tl.load(r_row + offs, mask=in_row, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
         log_p = (zp - m_p) - log_sp
         log_q = (zq - m_q) - log_sq
-        g = tl.exp(log_p) * (((zp - m_p) - (zq - m_q)) - (log_sp - log_sq) - kl) * g_kl
-        g = tl.where(zp == -float("inf"), 0.0, g)
+        p = tl.exp(log_p)
+        g = p * (((zp - m_p) - (zq - m_q)) - (log_sp - log_sq) - kl) * g_kl
+        g = tl.where(p == 0.0, 0.0, g)  # p_v = 0: exactly 0, as in the forward
         tl.store(g_row + offs, g.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
 
 

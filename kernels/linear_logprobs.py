@@ -211,7 +211,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _num_splits(N: int, V: int, block_n: int, block_v: int, device: torch.device) -> int:
     """Vocabulary splits so that the grid has a few programs per SM (4 under the interpreter)."""
-    row_blocks = triton.cdiv(N, block_n)
+    row_blocks = max(1, triton.cdiv(N, block_n))  # N = 0 launches nothing, but must not divide by 0
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, min(triton.cdiv(V, block_v), triton.cdiv(target, row_blocks)))
 

@@ -1,5 +1,8 @@
 """Loss aggregation over per-token values ``L [B, T]`` and a response mask, shared by the RL ops.
 
+The mask holds non-negative token weights (0 = not a token; a 0/1 or bool mask selects tokens): every
+mode below is linear in ``mask * L``, and "tokens" of a row is ``sum_t(mask)``.
+
 ``agg`` modes (API document):
 
 - ``"token-mean"``: ``sum(mask * L) / sum(mask)``
@@ -47,5 +50,6 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor | None, agg: str) -> torc
         mask = torch.ones(values.shape, dtype=torch.float32, device=values.device)
     w = row_weights(mask, agg)
     # where(), not w * values alone: padding may hold inf/NaN (say, a ratio of garbage log-probs), and
-    # 0 * inf would leak NaN into the loss.
+    # 0 * inf would leak NaN into the loss. (The gradient of ``values`` there is 0 * 0 either way; callers
+    # keep garbage out of ``values``' own inputs so that nothing upstream multiplies it by inf.)
     return torch.where(w != 0, w * values.to(torch.float32), 0.0).sum()

@@ -73,7 +73,7 @@ def softmax_stats_(z: torch.Tensor, labels: torch.Tensor, with_entropy: bool = T
         return d_label - log_s, None, m.squeeze(-1), log_s
     # Masked vocabulary: -inf -> the lowest float, so that e^d * d is 0 * finite = 0 rather than NaN
     # (clamp keeps NaN, so NaN input still comes out NaN).
-    d.clamp_(min=torch.finfo(torch.float32).min)
+    d.clamp_(min=torch.finfo(d.dtype).min)  # d is float32 (ops run with autocast off: rlhf_fast/_amp.py)
     e = torch.exp(d)
     s = e.sum(-1)
     u = e.mul_(d).sum(-1)

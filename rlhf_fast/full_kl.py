@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from ._dispatch import dispatch, register
 from ._rowsoftmax import as_btv, grad_or_zeros, row_chunks, scaled_float_copy
 
@@ -75,6 +75,7 @@ def _backend(impl: str):
 
 class _FullKL(torch.autograd.Function):
     @staticmethod
+    @_amp.float32_op
     def forward(ctx, logits, ref_logits, opts: FullKLOptions, impl: str):
         x, ref = as_btv(logits), as_btv(ref_logits)
         forward, _ = _backend(impl)
@@ -84,6 +85,7 @@ class _FullKL(torch.autograd.Function):
         return kl.view(logits.shape[:-1])
 
     @staticmethod
+    @_amp.float32_op
     def backward(ctx, grad_kl):
         x, ref, kl, stats = ctx.saved_tensors
         _, backward = _backend(ctx.impl)
@@ -101,6 +103,7 @@ def _full_kl_torch(logits, ref_logits, opts):
     return _FullKL.apply(logits, ref_logits, opts, "torch")
 
 
+@_amp.float32_op
 def full_kl(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -118,7 +121,7 @@ def full_kl(
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
 
     Entries where ``logits`` is ``-inf`` (masked vocabulary) add nothing; an entry where only
-    ``ref_logits`` is ``-inf`` makes the KL ``+inf``.
+    ``ref_logits`` is ``-inf`` makes the KL ``+inf``. Computed in float32 whatever autocast says.
     """
     _checks.check_float_tensor(logits, "logits", min_dim=1)
     _checks.check_float_tensor(ref_logits, "ref_logits", min_dim=1)

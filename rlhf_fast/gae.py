@@ -30,6 +30,7 @@ Two implementations:
   against the Python loops in benchmarks/results/cpu/gae.md.
 
 GAE has no gradient: the outputs are constants for the loss (they come back with ``requires_grad=False``).
+Computed in float32 whatever autocast says (the torch impl's triangular matmuls would otherwise be bf16).
 """
 
 import functools
@@ -37,7 +38,7 @@ import math
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from ._dispatch import dispatch, register
 
 # ----------------------------------------------------------------------------------------------- torch
@@ -92,7 +93,8 @@ def _torch_gae(rewards, values, mask, gamma: float, lam: float):
     v = values.to(torch.float32)
     # .to(bool) is "nonzero" like mask != 0, and 8x faster on CPU for a float mask
     on = None if mask is None else mask.to(torch.bool)
-    packed = on is not None and not _one_span_per_row(on)
+    # (meta tensors have no values to inspect: take the general path, which handles every mask)
+    packed = on is not None and (on.device.type == "meta" or not _one_span_per_row(on))
     if packed:
         # Pack each row's response tokens to the front: token t goes to its rank (number of response
         # tokens before it); masked positions go to a scratch column T that is dropped.
@@ -161,6 +163,7 @@ def _check_discount(name: str, value) -> float:
     return float(value)
 
 
+@_amp.float32_op
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -177,7 +180,9 @@ def gae(
             score on the last response token plus a per-token KL penalty.
         values: ``[B, T]`` value estimates ``V_t``, same shape.
         mask: ``[B, T]`` response mask (bool, integer or float; nonzero = response token), or ``None``
-            (every position is a response token).
+            (every position is a response token). As in every op a mask entry is a non-negative token
+            weight (negative ones raise ``ValueError``); GAE averages nothing, so only which entries are
+            nonzero matters here.
         gamma: discount in ``[0, 1]``.
         lam: GAE lambda in ``[0, 1]``.
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.

@@ -10,7 +10,7 @@ The per-token log-probs come from ``rf.linear_logprobs`` (Triton tiles or chunke
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from .linear_logprobs import linear_logprobs
 from .preference import check_dpo_options, dpo_loss
 from .sequence_logprobs import sum_over_tokens
@@ -24,7 +24,6 @@ def _check_batch(hidden, labels, ref_chosen_logp, ref_rejected_logp) -> int:
             "hidden must have shape [2B, T, H] with B >= 1 (B chosen rows, then B rejected rows), "
             f"got {tuple(hidden.shape)}"
         )
-    _checks.check_int_tensor(labels, "labels")
     _checks.check_shape("labels", labels, hidden.shape[:2], "[2B, T], the leading dimensions of hidden")
     B = hidden.shape[0] // 2
     for name, ref in (("ref_chosen_logp", ref_chosen_logp), ("ref_rejected_logp", ref_rejected_logp)):
@@ -66,21 +65,27 @@ def linear_dpo_loss(
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the pairs, as in ``dpo_loss``.
 
+    Under ``torch.autocast`` the matmul follows ``rf.linear_logprobs``' policy (operands in the autocast
+    dtype, float32 logits); everything after the token log-probs is float32.
+
     Returns:
         ``(loss, metrics)``: the float32 loss (gradients to ``hidden``, ``weight`` and ``bias`` in their
         dtypes) and ``dpo_loss``' metrics plus ``policy_chosen_logp`` and ``policy_rejected_logp``, the
         mean sequence log-probs of the policy (detached).
     """
+    labels = _checks.as_labels(labels)
     B = _check_batch(hidden, labels, ref_chosen_logp, ref_rejected_logp)
     check_dpo_options(beta, loss_type, label_smoothing, reduction)  # before the expensive part
     # weight, bias, ignore_index and impl are checked by linear_logprobs
+    # linear_logprobs follows autocast for the matmul (rlhf_fast/_amp.py); the rest is float32 [2B, T] work.
     token_logp = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, impl=impl)
-    seq_logp = sum_over_tokens(token_logp, labels != ignore_index, bool(average_log_prob))
-    chosen, rejected = seq_logp[:B], seq_logp[B:]
-    loss, metrics = dpo_loss(
-        chosen, rejected, ref_chosen_logp, ref_rejected_logp,
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
-    )  # fmt: skip
-    metrics["policy_chosen_logp"] = chosen.detach().mean()
-    metrics["policy_rejected_logp"] = rejected.detach().mean()
+    with _amp.no_autocast():
+        seq_logp = sum_over_tokens(token_logp, labels != ignore_index, bool(average_log_prob))
+        chosen, rejected = seq_logp[:B], seq_logp[B:]
+        loss, metrics = dpo_loss(
+            chosen, rejected, ref_chosen_logp, ref_rejected_logp,
+            beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
+        )  # fmt: skip
+        metrics["policy_chosen_logp"] = chosen.detach().mean()
+        metrics["policy_rejected_logp"] = rejected.detach().mean()
     return loss, metrics

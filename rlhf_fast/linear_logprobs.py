@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from ._dispatch import dispatch, register
 from ._fused_chunk import chunk_grad, chunk_rows, chunk_stats
 from ._rowsoftmax import grad_or_zeros
@@ -34,10 +34,24 @@ class LinearLogprobsOptions:
     with_entropy: bool = True  # False: log-probs only (entropy None, no entropy work forward or backward)
 
 
-def _chunk_logits(h32, w32, b32) -> torch.Tensor:
+def _mm_out_float32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the forward multiplies bf16/fp16 operands as they are, into float32 logits (CUDA's
+    ``torch.mm(..., out_dtype=torch.float32)``: tensor cores, float32 accumulation and output). On CPU
+    PyTorch has no such product (``mm.dtype`` is CUDA-only), so the operands are upcast instead: the
+    products of bf16/fp16 numbers are exact in float32, so that computes the same float32 logits."""
+    return device.type == "cuda" and dtype != torch.float32
+
+
+def _chunk_logits(h, w, b32) -> torch.Tensor:
     """``h @ w.T + b`` for one chunk of rows, as a new float32 tensor (the temperature is applied by the
-    chunk bodies, fused with their other elementwise work)."""
-    return torch.addmm(b32, h32, w32.t()) if b32 is not None else h32 @ w32.t()
+    chunk bodies, fused with their other elementwise work).
+
+    ``h`` and ``w`` are both float32, or both bf16/fp16 on CUDA (then multiplied with a float32 output).
+    """
+    if h.dtype != torch.float32:
+        z = torch.mm(h, w.t(), out_dtype=torch.float32)
+        return z if b32 is None else z.add_(b32)
+    return torch.addmm(b32, h, w.t()) if b32 is not None else h @ w.t()
 
 
 def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entropy: bool = True):
@@ -46,7 +60,8 @@ def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entrop
     ``entropy`` is ``None`` without ``with_entropy``.
     """
     N, V = hidden.shape[0], weight.shape[0]
-    w32 = weight.float()
+    native = _mm_out_float32(hidden.device, hidden.dtype)
+    w_mm = weight if native else weight.float()
     b32 = None if bias is None else bias.float()
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp)
@@ -54,7 +69,8 @@ def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entrop
     step = chunk_rows(V, _CHUNK_TEMPORARIES)
     for r in range(0, N, step):
         rows = slice(r, r + step)
-        z = _chunk_logits(hidden[rows].float(), w32, b32)
+        h = hidden[rows] if native else hidden[rows].float()
+        z = _chunk_logits(h, w_mm, b32)
         logp[rows], ent, row_max[rows], log_norm[rows] = chunk_stats(z, labels[rows], temperature, with_entropy)
         if with_entropy:
             entropy[rows] = ent
@@ -103,6 +119,7 @@ def _backend(impl: str):
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
+    @_amp.float32_op
     def forward(ctx, hidden, weight, bias, labels, opts: LinearLogprobsOptions, impl: str):
         ignored = labels == opts.ignore_index
         safe_labels = labels.masked_fill(ignored, 0).contiguous()
@@ -116,6 +133,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return logp, entropy  # entropy None without opts.with_entropy
 
     @staticmethod
+    @_amp.float32_op
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
         N = hidden.shape[0]
@@ -158,7 +176,7 @@ def linear_logprobs(
 
     Args:
         hidden: ``[..., H]`` float32, bfloat16 or float16 (the last hidden states).
-        weight: ``[V, H]`` (the lm_head layout), same dtype as ``hidden``.
+        weight: ``[V, H]`` (the lm_head layout), same dtype as ``hidden`` (under autocast, any: see below).
         labels: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]``, same dtype as ``hidden``.
         temperature, ignore_index, return_entropy, impl: as in :func:`rlhf_fast.logprobs`.
@@ -167,23 +185,31 @@ def linear_logprobs(
         float32 ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``; differentiable
         with respect to ``hidden``, ``weight`` and ``bias`` (gradients in their dtypes). Without
         ``return_entropy`` no entropy work is done, forward or backward (the same ``logp`` and gradients).
+
+    Autocast: under ``torch.autocast`` on ``hidden``'s device, ``hidden``, ``weight`` and ``bias`` are cast
+    to the autocast dtype as ``F.linear`` casts them (so an fp32 lm_head runs the bf16 matmul, not an
+    fp32 one); the products accumulate in float32 and the logits and softmax statistics stay float32
+    (never rounded to bf16). Gradients come back in each input's own dtype, through the casts.
     """
     _checks.check_float_tensor(hidden, "hidden", min_dim=1)
     _checks.check_float_tensor(weight, "weight", min_dim=2)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None:
+        _checks.check_float_tensor(bias, "bias")
+    # Under autocast the matmul operands go to the autocast dtype, as F.linear's do (see rlhf_fast/_amp.py).
+    hidden, weight, bias = _amp.cast_matmul_operands(hidden.device, hidden, weight, bias)
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     V = weight.shape[0]
     if V == 0:
         raise ValueError("weight must have at least one row (a non-empty vocabulary)")
     if bias is not None:
-        _checks.check_float_tensor(bias, "bias")
         _checks.check_shape("bias", bias, (V,), "one entry per vocabulary row of weight")
         if bias.dtype != hidden.dtype:
             raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
         _checks.check_same_device("bias", bias, "hidden", hidden)
-    _checks.check_int_tensor(labels, "labels")
+    labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
     _checks.check_same_device("weight", weight, "hidden", hidden)
     _checks.check_same_device("labels", labels, "hidden", hidden)
@@ -194,7 +220,8 @@ def linear_logprobs(
     )
     fn = dispatch("linear_logprobs", impl, hidden.device)
     _checks.check_labels_in_range(labels, V, opts.ignore_index)
-    logp, entropy = fn(hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), opts)
+    with _amp.no_autocast():
+        logp, entropy = fn(hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias, labels.reshape(-1), opts)
     if not opts.with_entropy:
         return logp.view(labels.shape)
     return logp.view(labels.shape), entropy.view(labels.shape)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from ._dispatch import dispatch, register
 from ._rowsoftmax import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
 
@@ -101,6 +101,7 @@ def _backend(impl: str):
 
 class _Logprobs(torch.autograd.Function):
     @staticmethod
+    @_amp.float32_op
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: LogprobsOptions, impl: str):
         x = as_btv(logits)
         flat_labels = labels.reshape(-1).contiguous()
@@ -114,9 +115,16 @@ class _Logprobs(torch.autograd.Function):
         return logp.view(labels.shape), None if entropy is None else entropy.view(labels.shape)
 
     @staticmethod
+    @_amp.float32_op
     def backward(ctx, grad_logp, grad_entropy):
-        x, labels, row_max, log_norm, entropy = ctx.saved_tensors
         opts = ctx.opts
+        if opts.inplace_backward and getattr(ctx, "logits_overwritten", False):
+            raise RuntimeError(
+                "rf.logprobs(..., inplace_backward=True): the first backward wrote the gradient over the "
+                "logits, so a second backward through this graph (retain_graph=True) cannot recompute it; "
+                "use inplace_backward=False to backpropagate more than once"
+            )
+        x, labels, row_max, log_norm, entropy = ctx.saved_tensors
         n = labels.numel()
         # No gradient reaches the entropy (not requested, or unused by the loss): the log-prob gradient alone.
         if grad_entropy is None:
@@ -136,6 +144,12 @@ class _Logprobs(torch.autograd.Function):
             opts.ignore_index,
             grad_logits=x if opts.inplace_backward else None,
         )
+        if opts.inplace_backward:
+            # The logits now hold the gradient: a second backward must raise, not read it as logits; and
+            # any other graph node that saved these logits must see them modified (a kernel's writes do not
+            # bump the version counter as an in-place PyTorch op does).
+            ctx.logits_overwritten = True
+            torch.autograd.graph.increment_version(x)
         return grad.reshape(ctx.logits_shape), None, None, None
 
 
@@ -152,6 +166,7 @@ def _logprobs_torch(logits, labels, opts):
 # ---------------------------------------------------------------------------------------------- public
 
 
+@_amp.float32_op
 def logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -173,7 +188,8 @@ def logprobs(
             for every position (ignored ones too: it does not depend on the label).
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
         inplace_backward: write the gradient over the ``logits`` buffer (saves one ``[N, V]`` tensor).
-            Only when nothing else reads these logits after the forward: they are overwritten.
+            Only when nothing else reads these logits after the forward: they are overwritten. A second
+            backward through the same graph (``retain_graph=True``) raises ``RuntimeError``.
 
     Returns:
         float32 ``logp`` of shape ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``.
@@ -182,9 +198,12 @@ def logprobs(
 
     Vocabulary entries equal to ``-inf`` have probability 0 and add nothing to the entropy. A row whose
     entries are all ``-inf`` is no distribution: its outputs are NaN (or ``-inf``), as in PyTorch.
+
+    Under ``torch.autocast`` the op computes in float32 all the same (rlhf_fast/_amp.py), forward and
+    backward. ``labels`` may have any integer dtype.
     """
     _checks.check_float_tensor(logits, "logits", min_dim=1)
-    _checks.check_int_tensor(labels, "labels")
+    labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, logits.shape[:-1], "the leading dimensions of logits")
     _checks.check_same_device("labels", labels, "logits", logits)
     V = logits.shape[-1]

@@ -3,16 +3,22 @@
 
 These ops read ``[B, T]`` tensors a few times and are cheap next to the logits, so they have no kernels
 of their own (the fused ``ppo_loss_from_logits`` folds the same formulas into its pass over the logits).
-Arithmetic is float32 whatever the input dtype; gradients come back in the inputs' dtypes. Masked-out
-positions (padding) never reach a result: they are replaced by 0 before any arithmetic whose gradient
-could turn garbage there (``inf`` or NaN log-probs) into NaN.
+Arithmetic is float32 whatever the input dtype (and whatever autocast says); gradients come back in the
+inputs' dtypes. Masked-out positions (padding) never reach a result, gradients included: they are
+replaced by 0 before any arithmetic whose gradient could turn garbage there (``inf`` or NaN log-probs or
+advantages) into NaN.
+
+Masks (every op of the package): a ``mask`` entry is the token's non-negative weight; ``0`` means not a
+token, a bool or 0/1 mask selects tokens. Every masked mean is ``sum(m * L) / sum(m)`` (the ``agg``
+modes, the metrics, ``masked_whiten``'s mean and variance), as TRL's and verl's ``masked_mean`` compute
+with a float mask. Negative, NaN or infinite entries raise ``ValueError``.
 """
 
 import math
 
 import torch
 
-from . import _checks
+from . import _amp, _checks
 from ._agg import aggregate as _aggregate
 from ._agg import check_agg
 
@@ -37,6 +43,7 @@ def _k3(lr: torch.Tensor) -> torch.Tensor:
     return torch.where(lr.abs() < _K3_SERIES_BOUND, series, torch.expm1(-lr) + lr)
 
 
+@_amp.float32_op
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL estimate from the sampled tokens' log-probs, float32, same shape as ``logp``.
 
@@ -105,20 +112,23 @@ def _check_clip(name: str, value, *, allow_none: bool = True):
     return _checks.check_positive(name, value)
 
 
-def _token_mask(mask: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[B, T]``: the tokens that count (all of them for ``mask=None``)."""
+def _token_weights(mask: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+    """Float32 ``[B, T]`` token weights: the mask's values (all ones for ``mask=None``)."""
     if mask is None:
-        return torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
-    return mask != 0
+        return torch.ones(ref.shape, dtype=torch.float32, device=ref.device)
+    return mask.to(torch.float32)
 
 
-def _masked_mean(x: torch.Tensor, on: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return torch.where(on, x, 0.0).sum() / count
+def masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``sum(m * x) / sum(m)`` over float32 weights ``m`` (0 without any token); entries with weight 0 add
+    nothing, whatever ``x`` holds there (inf, NaN)."""
+    return torch.where(m != 0, m * x, 0.0).sum() / m.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
 # ------------------------------------------------------------------------------------------------- PPO
 
 
+@_amp.float32_op
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -147,7 +157,8 @@ def ppo_policy_loss(
         logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (differentiable).
         old_logp: ``[B, T]`` log-probs under the policy that sampled them.
         advantages: ``[B, T]``, or ``[B]`` (one per sequence, broadcast over T).
-        mask: ``[B, T]`` response mask (nonzero = token) or ``None`` (all tokens).
+        mask: ``[B, T]`` response mask: non-negative token weights (0 = not a token; bool or 0/1 to
+            select tokens), or ``None`` (all tokens).
         clip_low, clip_high: the trust region ``[1 - clip_low, 1 + clip_high]`` of the ratio, both
             positive; ``clip_high=None`` means ``clip_low`` (``clip_high > clip_low`` is DAPO's clip-higher).
         dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-A * c`` (dual-clip PPO).
@@ -156,8 +167,8 @@ def ppo_policy_loss(
             rollout/trainer mismatch corrections); used as given, so detach them if they are constants.
 
     Returns:
-        ``loss`` (float32 scalar) and ``metrics``, detached float32 scalars over the masked tokens
-        (0 when there is none):
+        ``loss`` (float32 scalar) and ``metrics``, detached float32 scalars: means over the masked tokens
+        weighted by the mask (0 when there is none):
 
         - ``clipfrac``: fraction of tokens where the clipped branch is the active one, i.e.
           ``-A * clip(r) > -A * r`` strictly: ``r`` is outside the trust region on the side where the
@@ -165,7 +176,10 @@ def ppo_policy_loss(
         - ``dual_clipfrac`` (only with ``dual_clip``): fraction of tokens where the dual clip is
           active (``A < 0`` and the loss was capped at ``-A * dual_clip``);
         - ``approx_kl``: mean of ``old_logp - logp`` (the k1 estimate of ``KL(pi_old || pi)``);
-        - ``ratio_mean``, ``ratio_max``: mean and max of ``r``.
+        - ``ratio_mean``, ``ratio_max``: mean and max of ``r`` (the max over tokens of nonzero weight).
+
+    Masked-out tokens (weight 0) contribute nothing, gradients included, whatever ``logp``, ``old_logp``,
+    ``advantages`` or ``is_weights`` hold there (NaN, ``±inf``).
     """
     _check_bt(logp, "logp")
     _check_per_token(old_logp, "old_logp", logp, "logp")
@@ -187,7 +201,8 @@ def ppo_policy_loss(
             raise ValueError(f"dual_clip must be > 1 (a cap at -A * dual_clip above the clipped loss), got {dual_clip}")
     check_agg(agg)
 
-    on = _token_mask(mask, logp)
+    m = _token_weights(mask, logp)
+    on = m != 0
     # Padding may hold anything (0, inf, NaN): log-ratio 0 there keeps exp() and its gradient finite.
     log_ratio = torch.where(on, logp.to(torch.float32) - old_logp.to(torch.float32), 0.0)
     ratio = torch.exp(log_ratio)
@@ -205,36 +220,39 @@ def ppo_policy_loss(
         per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
     if is_weights is not None:
         per_token = per_token * torch.where(on, is_weights.to(torch.float32), 0.0)
-    loss = _aggregate(per_token, on, agg)
+    loss = _aggregate(per_token, m, agg)
 
     with torch.no_grad():
-        count = on.sum().clamp(min=1).to(torch.float32)
         ratio_d = ratio.detach()
         metrics = {
-            "clipfrac": _masked_mean((loss_clipped > loss_unclipped).float(), on, count),
-            "approx_kl": _masked_mean(-log_ratio.detach(), on, count),
-            "ratio_mean": _masked_mean(ratio_d, on, count),
+            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), m),
+            "approx_kl": masked_mean(-log_ratio.detach(), m),
+            "ratio_mean": masked_mean(ratio_d, m),
             "ratio_max": torch.where(on, ratio_d, 0.0).max(),  # ratios are > 0: 0 only without tokens
         }
         if dual_clip is not None:
-            metrics["dual_clipfrac"] = _masked_mean(dual_active.float(), on, count)
+            metrics["dual_clipfrac"] = masked_mean(dual_active.float(), m)
     return loss, metrics
 
 
+@_amp.float32_op
 def aggregate(values: torch.Tensor, mask: torch.Tensor | None = None, *, agg: str = "token-mean") -> torch.Tensor:
     """Aggregate per-token values ``[B, T]`` over ``mask`` by ``agg``, as the PPO losses do (float32 scalar).
 
     The four modes of the API document (``"token-mean"``, ``"seq-mean-token-mean"``, ``"seq-mean-token-sum"``,
     ``"seq-mean-token-sum-norm"``); a batch without any token gives 0. For adding a term of your own (an
     entropy bonus, a KL in the loss) to ``rf.ppo_policy_loss`` with the same weighting. Differentiable.
+    ``mask`` holds non-negative token weights (``"token-mean"`` is ``sum(m * L) / sum(m)``); tokens of
+    weight 0 add nothing, gradients included, whatever ``values`` holds there.
     """
     _check_bt(values, "values")
     if mask is not None:
         _checks.check_mask(mask, values, "values")
     check_agg(agg)
-    return _aggregate(values, _token_mask(mask, values), agg)
+    return _aggregate(values, _token_weights(mask, values), agg)
 
 
+@_amp.float32_op
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -255,7 +273,7 @@ def value_loss(
         old_values: ``[B, T]`` predictions of the rollout-time critic (only read with ``clip``; may be
             ``None`` without it).
         returns: ``[B, T]`` targets (e.g. the returns of :func:`rlhf_fast.gae`).
-        mask: ``[B, T]`` response mask or ``None``.
+        mask: ``[B, T]`` non-negative token weights (0 = not a token) or ``None``.
         clip: positive clip range of ``v - old_v``, or ``None``.
         agg: aggregation mode (see :func:`ppo_policy_loss`).
     """
@@ -270,7 +288,8 @@ def value_loss(
         _checks.check_mask(mask, values, "values")
     check_agg(agg)
 
-    on = _token_mask(mask, values)
+    m = _token_weights(mask, values)
+    on = m != 0
     v = values.to(torch.float32)
     target = returns.to(torch.float32)
     err = torch.where(on, v - target, 0.0)  # padding stays out of the gradient (see the module docstring)
@@ -280,42 +299,53 @@ def value_loss(
         v_clipped = old + torch.clamp(v - old, -clip, clip)
         err_clipped = torch.where(on, v_clipped - target, 0.0)
         per_token = torch.maximum(per_token, err_clipped * err_clipped)
-    return _aggregate(0.5 * per_token, on, agg)
+    return _aggregate(0.5 * per_token, m, agg)
 
 
 # ---------------------------------------------------------------------------------------- advantages
 
 
+@_amp.float32_op
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
     """``(x - mean) / sqrt(var + 1e-8)`` over the entries where ``mask != 0``; 0 elsewhere. float32.
 
-    ``mean`` and ``var`` are taken over the selected entries only. The variance is the **unbiased**
-    one (``sum((x - mean)**2) / (n - 1)``, Bessel's correction), as in TRL's and verl's
+    ``mean`` and ``var`` are taken over the selected entries only, weighted by the mask (its entries are
+    token weights, as in every op: ``mean = sum(m x) / sum(m)``). The variance is the **unbiased**
+    one (``sum(m (x - mean)**2) / (sum(m) - 1)``, Bessel's correction; with a 0/1 mask
+    ``sum((x - mean)**2) / (n - 1)``), as in TRL's and verl's
     ``masked_whiten``: trainers built on those get the same numbers, and whitening advantages of a
     small batch is an estimate of a population's spread, which the unbiased form estimates better.
     (Over thousands of tokens the two differ by a factor ``n / (n - 1)`` of no consequence.) So at least
-    two entries must be selected; fewer raise ``ValueError`` (the mean or the variance is undefined).
+    two entries must be selected, with a total weight above 1; less raises ``ValueError`` (the mean or the
+    variance is undefined).
 
     ``shift_mean=False`` keeps the mean: ``(x - mean) / sqrt(var + 1e-8) + mean`` (TRL's convention,
     used to whiten rewards without moving their average). Differentiable in ``x``.
     """
     _checks.check_float_tensor(x, "x")
     _checks.check_mask(mask, x, "x")
-    on = mask != 0
-    n = int(on.sum())
-    if n < 2:
-        raise ValueError(f"mask selects {n} entr{'y' if n == 1 else 'ies'} of x: masked_whiten needs at least 2 "
-                         "(the unbiased variance of fewer is undefined)")  # fmt: skip
+    m = mask.to(torch.float32)
+    on = m != 0
+    total = m.sum()
+    if _checks.has_values(m):
+        n = int(on.sum())
+        if n < 2:
+            raise ValueError(f"mask selects {n} entr{'y' if n == 1 else 'ies'} of x: masked_whiten needs at least 2 "
+                             "(the unbiased variance of fewer is undefined)")  # fmt: skip
+        if not total.item() > 1.0:
+            raise ValueError(f"mask's weights sum to {total.item():g}: masked_whiten's unbiased variance divides by "
+                             "sum(mask) - 1, so the weights must sum to more than 1")  # fmt: skip
     xf = torch.where(on, x.to(torch.float32), 0.0)
-    mean = xf.sum() / n
+    mean = (m * xf).sum() / total
     centered = torch.where(on, xf - mean, 0.0)
-    var = (centered * centered).sum() / (n - 1)
+    var = (m * centered * centered).sum() / (total - 1.0)
     out = centered * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
     return torch.where(on, out, 0.0)
 
 
+@_amp.float32_op
 def group_advantages(
     scores: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:

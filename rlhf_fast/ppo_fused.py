@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _agg, _checks
+from . import _agg, _amp, _checks
 from ._dispatch import dispatch, register
 from ._rowsoftmax import as_btv
 from .logprobs import LogprobsOptions, _Logprobs
-from .ppo import KL_ESTIMATORS, kl_penalty, ppo_policy_loss
+from .ppo import KL_ESTIMATORS, kl_penalty, masked_mean, ppo_policy_loss
 
 @dataclass(frozen=True)
 class PPOOptions:
@@ -34,7 +34,11 @@ class PPOOptions:
 
 
 def _token_losses(logp, entropy, old_logp, advantages, ref_logp, opts: PPOOptions):
-    """Per-token ``L_clip + kl_coef * k - entropy_coef * H`` on ``[B, T]`` tensors (autograd-friendly)."""
+    """Per-token ``L_clip + kl_coef * k - entropy_coef * H`` on ``[B, T]`` tensors (autograd-friendly).
+
+    The caller zeroes every input at tokens of weight 0, so that nothing there is inf or NaN: a finite
+    loss from garbage and a zero upstream gradient would still give ``0 * inf = NaN`` gradients.
+    """
     ratio = torch.exp(logp - old_logp)
     clipped = -advantages * ratio.clamp(1.0 - opts.clip_low, 1.0 + opts.clip_high)
     loss = torch.maximum(-advantages * ratio, clipped)
@@ -50,6 +54,7 @@ def _token_losses(logp, entropy, old_logp, advantages, ref_logp, opts: PPOOption
 
 class _PPOTriton(torch.autograd.Function):
     @staticmethod
+    @_amp.float32_op
     def forward(ctx, logits, labels, old_logp, advantages, weights, ref_logp, opts: PPOOptions):
         from .kernels.ppo import ppo_forward
 
@@ -68,6 +73,7 @@ class _PPOTriton(torch.autograd.Function):
         return loss, logp.view(old_logp.shape), entropy.view(old_logp.shape)
 
     @staticmethod
+    @_amp.float32_op
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         from .kernels.logprobs import logprobs_backward
 
@@ -89,14 +95,20 @@ def _ppo_triton(logits, labels, old_logp, advantages, weights, ref_logp, opts):
 def _ppo_torch(logits, labels, old_logp, advantages, weights, ref_logp, opts):
     logprobs_opts = LogprobsOptions(temperature=opts.temperature, ignore_index=opts.ignore_index)
     logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, "torch")
-    token_loss = _token_losses(logp, entropy, old_logp.float(), advantages.float(), ref_logp, opts)
-    loss = torch.where(weights != 0, weights * token_loss, 0.0).sum()
+    # Masked-out tokens contribute exactly nothing, gradients included, whatever they hold (NaN or inf
+    # advantages, -inf old or reference log-probs): every input is 0 there before any arithmetic, so
+    # their token loss is a finite constant and where()'s backward gives their log-prob and entropy 0.
+    on = weights.view(logp.shape) != 0
+    inputs = [None if t is None else torch.where(on, t, 0.0) for t in (logp, entropy, old_logp, advantages, ref_logp)]
+    token_loss = _token_losses(*inputs, opts)
+    loss = (weights.view(logp.shape) * token_loss).sum()
     return loss, logp.detach(), entropy.detach()
 
 
 # ---------------------------------------------------------------------------------------------- public
 
 
+@_amp.float32_op
 def ppo_loss_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -123,6 +135,11 @@ def ppo_loss_from_logits(
     ``L_clip = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``, ``r = exp(logp - old_logp)`` and, with
     ``dual_clip=c``, ``L_clip = min(L_clip, -A c)`` where ``A < 0``. ``advantages`` is ``[B, T]`` or ``[B]``.
 
+    ``mask`` (``[B, T]`` tensor or ``None``) holds non-negative token weights, as in every op: ``0`` = not a
+    token, ``"token-mean"`` is ``sum(m * L) / sum(m)``; negative entries raise ``ValueError``. Tokens of
+    weight 0 contribute exactly nothing, gradients included, whatever their advantages, log-probs or
+    reference log-probs hold (NaN, ``±inf``). The loss is float32 and computed in float32 under autocast.
+
     Returns ``(loss, metrics)``: ``loss`` a float32 scalar differentiable in ``logits``; ``metrics`` a dict
     of detached float32 scalars: ``clipfrac``, ``approx_kl``, ``ratio_mean``, ``ratio_max`` (as
     ``rf.ppo_policy_loss``), ``entropy`` and ``kl`` (masked means; ``kl`` is 0 without ``ref_logp``).
@@ -133,7 +150,7 @@ def ppo_loss_from_logits(
     B, T, V = logits.shape
     if V == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
-    _checks.check_int_tensor(labels, "labels")
+    labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, (B, T), "[B, T] like logits")
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if t is not None or name == "old_logp":
@@ -143,7 +160,7 @@ def ppo_loss_from_logits(
     if tuple(advantages.shape) not in ((B, T), (B,)):
         raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
     if mask is not None:
-        _checks.check_shape("mask", mask, (B, T), "[B, T] like logits")
+        _checks.check_mask(mask, labels, "labels ([B, T] like logits)")
     for name, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
                     ("ref_logp", ref_logp)):  # fmt: skip
         if t is not None:
@@ -160,8 +177,9 @@ def ppo_loss_from_logits(
     if dual_clip is not None and not (_checks.check_positive("dual_clip", dual_clip) > 1.0):
         raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
     _agg.check_agg(agg)
-    if B * T == 0 and agg != "seq-mean-token-sum-norm":
-        raise ValueError(f"agg={agg!r} is a mean over tokens, but the batch is empty (B={B}, T={T})")
+    if B * T == 0:
+        raise ValueError(f"logits has no tokens (shape {tuple(logits.shape)}): the loss and its metrics are "
+                         "means over the batch's tokens")  # fmt: skip
     opts = PPOOptions(
         temperature=_checks.check_positive("temperature", temperature),
         ignore_index=_checks.check_int("ignore_index", ignore_index),
@@ -175,20 +193,18 @@ def ppo_loss_from_logits(
     fn = dispatch("ppo_loss_from_logits", impl, logits.device)
     _checks.check_labels_in_range(labels, V, opts.ignore_index)
     adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
-    weights = _agg.row_weights(torch.ones(B, T, device=logits.device) if mask is None else mask, agg)
+    m = torch.ones(B, T, device=logits.device) if mask is None else mask.to(torch.float32)
+    weights = _agg.row_weights(m, agg)
     ref = None if ref_logp is None or opts.kl_coef == 0 else ref_logp.detach().float()
     loss, logp, entropy = fn(logits, labels, old_logp.detach().float(), adv.detach(), weights, ref, opts)
 
     # The metrics of rf.ppo_policy_loss on the detached log-probs (cheap [B, T] work), plus two more.
-    _, metrics = ppo_policy_loss(logp, old_logp, adv, mask, clip_low=clip_low, clip_high=clip_high,
+    _, metrics = ppo_policy_loss(logp, old_logp, adv, m, clip_low=clip_low, clip_high=clip_high,
                                  dual_clip=opts.dual_clip)  # fmt: skip
     with torch.no_grad():
-        m = (torch.ones(B, T, device=logits.device) if mask is None else mask.float()) != 0
-        count = m.sum().clamp(min=1)
-        metrics["entropy"] = torch.where(m, entropy, 0.0).sum() / count
+        metrics["entropy"] = masked_mean(entropy, m)
         if ref_logp is not None:
-            kl = kl_penalty(logp, ref_logp, estimator=kl_estimator)
-            metrics["kl"] = torch.where(m, kl, 0.0).sum() / count
+            metrics["kl"] = masked_mean(kl_penalty(logp, ref_logp, estimator=kl_estimator), m)
         else:
             metrics["kl"] = torch.zeros((), device=logits.device)
     return loss, metrics

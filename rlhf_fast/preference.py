@@ -10,7 +10,8 @@ Backward scales the saved float32 derivative by ``grad_output`` (a handful of ``
 
 ``dpo_loss`` is ``[B]`` work with no kernel of its own. Both use the overflow-free log-sigmoid
 ``min(x, 0) - log1p(e^(-|x|))`` (``torch.nn.functional.logsigmoid`` computes exactly that in PyTorch),
-so pairs hundreds of logits apart give finite losses and gradients.
+so pairs hundreds of logits apart give finite losses and gradients. Both compute in float32 whatever
+autocast says (rlhf_fast/_amp.py).
 """
 
 import math
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _amp, _checks
 from ._dispatch import dispatch, register
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -89,6 +90,7 @@ def _backend(impl: str):
 
 class _PairwiseSigmoid(torch.autograd.Function):
     @staticmethod
+    @_amp.float32_op
     def forward(ctx, chosen, rejected, margin_t, opts: PairwiseOptions, impl: str):
         scale = 1.0 / chosen.shape[0] if opts.reduction == "mean" else 1.0
         loss, dloss_dx, total, metrics = _backend(impl)(chosen, rejected, margin_t, opts.beta, opts.margin, scale)
@@ -99,6 +101,7 @@ class _PairwiseSigmoid(torch.autograd.Function):
         return (loss if opts.reduction == "none" else total), metrics
 
     @staticmethod
+    @_amp.float32_op
     def backward(ctx, grad_loss, _grad_metrics):
         # x = beta * (chosen - rejected) - margin: d/dchosen = beta, d/drejected = -beta, d/dmargin = -1
         (dloss_dx,) = ctx.saved_tensors
@@ -145,6 +148,7 @@ def _check_margin(margin, chosen: torch.Tensor):
     return 0.0, margin.reshape(-1)
 
 
+@_amp.float32_op
 def pairwise_sigmoid_loss(
     chosen: torch.Tensor,
     rejected: torch.Tensor,
@@ -223,6 +227,7 @@ def check_dpo_options(beta, loss_type, label_smoothing, reduction) -> tuple[floa
     return beta, loss_type, eps, check_reduction(reduction)
 
 
+@_amp.float32_op
 def dpo_loss(
     policy_chosen_logp: torch.Tensor,
     policy_rejected_logp: torch.Tensor,

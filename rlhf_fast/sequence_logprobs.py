@@ -7,6 +7,7 @@ Gradients flow to the logits through ``rf.logprobs``' backward.
 
 import torch
 
+from . import _amp, _checks
 from .logprobs import logprobs
 
 
@@ -19,6 +20,7 @@ def sum_over_tokens(token_logp: torch.Tensor, valid: torch.Tensor, average: bool
     return total / valid.sum(-1).clamp(min=1).to(total.dtype)
 
 
+@_amp.float32_op
 def sequence_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -40,9 +42,10 @@ def sequence_logprobs(
     Returns:
         float32 ``[...]``, differentiable with respect to ``logits`` (the gradient in their dtype). A
         sequence whose labels are all ``ignore_index`` has log-prob 0 (sum of nothing), also with
-        ``average=True`` (0 rather than 0 / 0), and gets no gradient.
+        ``average=True`` (0 rather than 0 / 0), and gets no gradient. Computed in float32 whatever
+        autocast says.
     """
     if isinstance(logits, torch.Tensor) and logits.dim() < 2:
         raise ValueError(f"logits must have shape [..., T, V], got {tuple(logits.shape)}")
     token_logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, impl=impl)
-    return sum_over_tokens(token_logp, labels != ignore_index, bool(average))
+    return sum_over_tokens(token_logp, _checks.as_labels(labels) != ignore_index, bool(average))

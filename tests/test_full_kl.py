@@ -136,3 +136,17 @@ def test_big_vocab_cuda(impl):
     logits = (torch.randn(2, 129, 151936, device="cuda") * 3).to(torch.bfloat16)
     ref = (logits.float() + torch.randn_like(logits, dtype=torch.float32)).to(torch.bfloat16)
     check_full_kl(logits, ref, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logit_gap_that_overflows(impl, device):
+    """-3e38 beside 3e38: ``z - max`` overflows to -inf for a finite logit, p = 0 there and adds nothing.
+
+    The Triton kernels gave NaN (``0 * -inf``) for the KL and every gradient entry; the torch impl gives 0.
+    """
+    x = torch.tensor([[3e38, -3e38, 0.0, 1.0]], device=device, requires_grad=True)
+    ref = torch.tensor([[3e38, -3e38, 0.0, 2.0]], device=device)
+    kl = rf.full_kl(x, ref, impl=impl)
+    kl.sum().backward()
+    assert kl.item() == 0.0  # both are one-hot at entry 0
+    assert torch.equal(x.grad, torch.zeros_like(x))

@@ -266,3 +266,47 @@ def test_real_shape_cuda(impl):
     """H = 4096, V = 151936 in bf16, against float64 on a few hundred rows."""
     hidden, weight, b, labels = _case((300,), 4096, 151936, torch.bfloat16, "cuda", bias=False)
     check_linear(hidden, weight, b, labels, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_rows_and_empty_hidden_size(impl, device):
+    """N = 0 (Triton: ZeroDivisionError) gives empty outputs and zero weight gradients; H = 0 (a reshape
+    error) gives the logits of the bias alone (uniform without one), with empty gradients."""
+    w = torch.randn(9, 5, device=device, requires_grad=True)
+    h = torch.empty(0, 4, 5, device=device, requires_grad=True)
+    logp, ent = rf.linear_logprobs(h, w, torch.empty(0, 4, dtype=torch.long, device=device), return_entropy=True,
+                                   impl=impl)  # fmt: skip
+    assert logp.shape == ent.shape == (0, 4)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and h.grad.shape == h.shape
+
+    h0 = torch.empty(3, 0, device=device, requires_grad=True)
+    w0 = torch.empty(9, 0, device=device, requires_grad=True)
+    b = torch.randn(9, device=device, requires_grad=True)
+    labels = torch.tensor([0, 4, -100], device=device)
+    for bias in (None, b):
+        logp, ent = rf.linear_logprobs(h0, w0, labels, bias=bias, return_entropy=True, impl=impl)
+        ref_logp, ref_ent = logprobs_reference((torch.zeros(9, device=device) if bias is None else b.detach())
+                                               .expand(3, 9).double(), labels)  # fmt: skip
+        torch.testing.assert_close(logp.double(), ref_logp)
+        torch.testing.assert_close(ent.double(), ref_ent)
+        (logp.sum() + ent.sum()).backward()
+        assert h0.grad.shape == (3, 0) and w0.grad.shape == (9, 0)
+    assert torch.isfinite(b.grad).all() and b.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_small_integer_labels_and_meta(impl, device):
+    """int8/int16/uint8 labels give the int64 result; meta tensors give meta outputs (no ``.item()``)."""
+    h, w = torch.randn(3, 4, device=device), torch.randn(200, 4, device=device)
+    labels = torch.tensor([5, 156, 0], device=device)
+    ref = rf.linear_logprobs(h, w, labels, return_entropy=True, impl=impl)
+    for dtype in (torch.int16, torch.uint8, torch.int32):
+        for o, r in zip(rf.linear_logprobs(h, w, labels.to(dtype), return_entropy=True, impl=impl), ref):
+            assert torch.equal(o, r)
+    small = labels[[0, 2]].to(torch.int8)
+    assert torch.equal(rf.linear_logprobs(h[[0, 2]], w, small, impl=impl), ref[0][[0, 2]])
+    if impl == "torch":
+        meta = rf.linear_logprobs(torch.empty(2, 3, 4, device="meta"), torch.empty(200, 4, device="meta"),
+                                  torch.empty(2, 3, dtype=torch.long, device="meta"))  # fmt: skip
+        assert meta.device.type == "meta" and meta.shape == (2, 3)

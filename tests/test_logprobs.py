@@ -480,3 +480,66 @@ def test_all_minus_inf_row_is_nan_not_a_distribution(impl, device):
     assert torch.isnan(logp[1]) and torch.isnan(ent[1])
     assert torch.isnan(torch.log_softmax(logits[1], -1)).all()
     assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_of_logits_whose_difference_overflows(impl, device):
+    """``z - max`` overflows to -inf for -3e38 beside 3e38: p = 0 there, so entropy 0 and gradient finite.
+
+    The Triton kernel gave NaN (``e^-inf * -inf``) where the torch impl gave 0.
+    """
+    x = torch.tensor([[3e38, -3e38, 0.0, 1.0]], device=device, requires_grad=True)
+    logp, ent = rf.logprobs(x, torch.tensor([2], device=device), return_entropy=True, impl=impl)
+    assert ent.item() == 0.0 and logp.item() == torch.tensor(-3e38).item()  # 0 - 3e38 - log(1)
+    (logp.sum() + ent.sum()).backward()
+    # p = one-hot at entry 0: d logp_2 = [v == 2] - p_v; the entropy's gradient is -p_v (log p_v + H) = 0.
+    torch.testing.assert_close(x.grad, torch.tensor([[-1.0, 0.0, 1.0, 0.0]], device=device))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_twice_raises(impl, device):
+    """The first backward overwrites the logits with their gradient: a second one must raise, not read
+    the gradient as logits (the Triton impl returned a gradient off by 0.53)."""
+    x = torch.randn(3, 7, device=device, requires_grad=True)
+    logp = rf.logprobs(x * 1.0, torch.tensor([1, 2, 3], device=device), impl=impl, inplace_backward=True)
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        logp.sum().backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int32])
+def test_small_integer_labels(impl, dtype, device):
+    """Any integer label dtype gives the int64 result (the torch impl's gather() raised on int8/int16/uint8;
+    a uint8 label 156 must not be taken for ignore_index -100)."""
+    x = torch.randn(4, 200, device=device, requires_grad=True)
+    labels = torch.tensor([1, 156, 7, 0], device=device)
+    if dtype == torch.int8:
+        labels[1] = -100  # ignored
+    small = labels.to(dtype)
+    for fn in (lambda lab: rf.logprobs(x, lab, return_entropy=True, impl=impl),
+               lambda lab: (rf.sequence_logprobs(x[None], lab[None], impl=impl),)):  # fmt: skip
+        outs, ref = fn(small), fn(labels)
+        for o, r in zip(outs, ref):
+            assert torch.equal(o, r)
+        (g,) = torch.autograd.grad(outs[0].sum(), x)
+        (g_ref,) = torch.autograd.grad(ref[0].sum(), x)
+        assert torch.equal(g, g_ref)
+    if dtype == torch.uint8:
+        assert rf.logprobs(x, small, impl=impl)[1] != 0  # label 156 is a token, not ignore_index
+
+
+def test_meta_tensors():
+    """Meta tensors (shapes only) give meta results instead of failing on ``.item()`` in the label check."""
+    x = torch.empty(2, 3, 11, device="meta", requires_grad=True)
+    labels = torch.empty(2, 3, dtype=torch.long, device="meta")
+    logp, ent = rf.logprobs(x, labels, return_entropy=True)
+    assert logp.device.type == "meta" and logp.shape == (2, 3) and ent.shape == (2, 3)
+    assert rf.sequence_logprobs(x, labels).shape == (2,)
+    loss, _ = rf.ppo_loss_from_logits(x, labels, torch.empty(2, 3, device="meta"), torch.empty(2, 3, device="meta"),
+                                      torch.empty(2, 3, device="meta"))  # fmt: skip
+    assert loss.device.type == "meta" and loss.shape == ()
+    adv, ret = rf.gae(torch.empty(2, 3, device="meta"), torch.empty(2, 3, device="meta"),
+                      torch.empty(2, 3, device="meta"))  # fmt: skip
+    assert adv.shape == ret.shape == (2, 3)
+    assert rf.masked_whiten(torch.empty(2, 3, device="meta"), torch.empty(2, 3, device="meta")).shape == (2, 3)

@@ -183,10 +183,13 @@ def test_bad_inputs_raise_value_error(kwargs, arg):
         rf.ppo_loss_from_logits(*pos, **args)
 
 
-def test_empty_batch_with_a_mean_raises():
-    with pytest.raises(ValueError, match="agg"):
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_empty_batch_raises(agg):
+    """B = 0 is a ValueError naming the argument for every agg (with "seq-mean-token-sum-norm" it used to
+    end in "logp is empty", an argument of another op)."""
+    with pytest.raises(ValueError, match="^logits has no tokens"):
         rf.ppo_loss_from_logits(torch.randn(0, 3, 5), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3),
-                                torch.zeros(0, 3))  # fmt: skip
+                                torch.zeros(0, 3), agg=agg)  # fmt: skip
 
 
 @pytest.mark.cuda
