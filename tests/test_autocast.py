@@ -222,7 +222,7 @@ def test_torch_impl_cuda_logits_are_float32_products_of_bf16_operands():
     h = torch.empty(5, 8, dtype=BF16, device="meta")
     w = torch.empty(11, 8, dtype=BF16, device="meta")
     for b32 in (None, torch.empty(11, device="meta")):
-        z = _chunk_logits(h, w, b32, 0.7)
+        z = _chunk_logits(h, w, b32)
         assert z.dtype == torch.float32 and z.shape == (5, 11)
 
 
