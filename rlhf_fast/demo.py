@@ -79,7 +79,7 @@ def _ppo_config(cfg: Config, out: Path, paths: dict, ops: str) -> ppo.Config:
         minibatch_size=cfg.ppo_prompts_per_step * cfg.ppo_samples_per_prompt // cfg.ppo_minibatches,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
         critic_lr=_D.vf_lr, gamma=_D.gamma, lam=_D.lam, kl_coef=cfg.kl_coef, eval_samples=cfg.n_eval,
-        seed=cfg.seed, device=cfg.device, precision="bf16", log_every=5,
+        seed=cfg.seed, device=cfg.device, precision="auto", log_every=5,
     )  # fmt: skip
 
 

@@ -32,7 +32,7 @@ import torch
 
 from . import distributed
 from .common import autocast_context, progress
-from .data import collate_preferences, load_records, tokenize_preferences
+from .data import collate_preferences, tokenize_preferences
 from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
                    plan_steps, start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
@@ -110,8 +110,8 @@ def train(cfg: Config) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device=device)
-    data = tokenize_preferences(load_records(cfg.data), tokenizer, cfg.max_length)
-    eval_data = tokenize_preferences(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
+    data = tokenize_preferences(cfg.data, tokenizer, cfg.max_length)
+    eval_data = tokenize_preferences(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
     steps = plan_steps(len(data), cfg)
 
     # ---- reference log-probs, once per pair, before any update (and before a resumed run loads its

@@ -38,7 +38,7 @@ import rlhf_fast as rf
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .common import MetricsLogger, autocast_context, progress
-from .data import collate_prompts, load_records, tokenize_prompts
+from .data import collate_prompts, tokenize_prompts
 from .loop import finish_run, make_optimizer, maybe_save, save_pretrained, start_run
 from .models import CriticModel, build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
@@ -95,10 +95,11 @@ class Config:
     eval_samples: int = 256  # held-out prompts scored at the start and the end
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from the latest checkpoint in out_dir
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
+    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; float32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     log_every: int = 1
     extra: dict = field(default_factory=dict)  # free-form notes copied to the summary
@@ -252,10 +253,10 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
     scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
 
-    prompts = tokenize_prompts(load_records(cfg.prompts), tokenizer, cfg.max_prompt_length)
+    prompts = tokenize_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
     eval_prompts = None
     if cfg.eval_prompts:
-        eval_prompts = tokenize_prompts(load_records(cfg.eval_prompts), tokenizer, cfg.max_prompt_length)
+        eval_prompts = tokenize_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
 
     updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)
