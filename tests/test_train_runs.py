@@ -297,3 +297,17 @@ def test_cut_rows_are_reported_once_with_the_side(files, caplog):
     assert len(cuts) == 1 and "3 of 4 rows are longer than max_prompt_length=4" in cuts[0], cuts
     assert "lose the start of their prompt" in cuts[0]
     assert [len(ids) for ids in out["prompt_input_ids"]] == [4, 4, 4, 3] and "__rlhf_fast_cut" not in out.column_names
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+def test_trained_weights_stay_float32_from_a_bf16_checkpoint(files, tmp_path):
+    """Hub models are mostly saved in bf16, and transformers loads a checkpoint in its own dtype: a trainer
+    loads float32 weights (the optimizer's master copy; bf16 is autocast), and saves float32."""
+    bf16_dir = tmp_path / "bf16_model"
+    load_causal_lm(files["init"], dtype="bf16").save_pretrained(bf16_dir)
+    load_tokenizer(files["init"]).save_pretrained(bf16_dir)
+    sft.train(sft_config(files, tmp_path / "run", model=str(bf16_dir), precision="bf16", max_steps=1))
+    saved = load_causal_lm(tmp_path / "run" / "model")
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}

@@ -172,11 +172,12 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
-    policy = enable_gradient_checkpointing(load_causal_lm(cfg.policy, device=device), cfg.gradient_checkpointing)
+    policy = load_causal_lm(cfg.policy, dtype="fp32", device=device)  # float32 weights: bf16 is autocast
+    policy = enable_gradient_checkpointing(policy, cfg.gradient_checkpointing)
     train_policy = distributed.wrap(policy, device, cfg.parallel)  # before the optimizer: FSDP swaps the parameters
     reward_model = None
     if cfg.reward_model is not None:
-        reward_model = build_reward_model(cfg.reward_model, device=device).eval().requires_grad_(False)
+        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
         reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
     reward_function = None if reward_model is not None else (reward_fn or load_function(cfg.reward_fn))
 
@@ -195,7 +196,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     if cfg.eval_prompts:
         eval_prompts = tokenize_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
-        ref = load_causal_lm(cfg.policy, device=device).eval().requires_grad_(False)  # for the KL only
+        ref = load_causal_lm(cfg.policy, dtype="fp32", device=device).eval().requires_grad_(False)  # for the KL only
         ref = distributed.shard_frozen(ref, cfg.parallel)
 
     opt, sched = make_optimizer(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,

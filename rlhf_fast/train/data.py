@@ -138,7 +138,8 @@ def _diagnose(path: Path) -> str | None:
                 except json.JSONDecodeError as e:
                     return f"data file {str(path)!r}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
                 if not isinstance(row, dict):
-                    return f"data file {str(path)!r}, line {number}: a row must be a JSON object, got {line.strip()[:60]!r}"
+                    return (f"data file {str(path)!r}, line {number}: a row must be a JSON object, got "
+                            f"{line.strip()[:60]!r}")
     except UnicodeDecodeError as e:
         return f"data file {str(path)!r} is not UTF-8 text: {e}"
     except OSError as e:
@@ -376,7 +377,8 @@ def _prompt_row(tokenizer, row: Mapping, fmt: str, max_prompt_length: int) -> di
         cut = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
         prompt = messages[:cut]
     ids, text = _prompt_ids(tokenizer, prompt)
-    return {"prompt_input_ids": ids[-max_prompt_length:], "prompt": text, _CUT_COLUMN: int(len(ids) > max_prompt_length)}
+    cut = int(len(ids) > max_prompt_length)  # the prompt's start goes
+    return {"prompt_input_ids": ids[-max_prompt_length:], "prompt": text, _CUT_COLUMN: cut}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,7 +467,8 @@ def _per_row(fn, fmt: str, purpose: str, source: str | None):
         try:
             for column, allowed in kinds.items():
                 value = row[column]
-                ok = ("text" in allowed and isinstance(value, str)) or ("conversation" in allowed and _is_conversation(value))
+                ok = (("text" in allowed and isinstance(value, str))
+                      or ("conversation" in allowed and _is_conversation(value)))
                 if not ok:
                     want = " or ".join({"text": "a string", "conversation": "a list of {role, content} messages"}[k]
                                        for k in allowed)  # fmt: skip

@@ -228,17 +228,19 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     # torchrun the trained ones go through DDP (train_*: the wrappers) or are sharded in place by FSDP2, with
     # the frozen ones, before the optimizers are built on their parameters.
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
-    policy = enable_gradient_checkpointing(load_causal_lm(cfg.policy, device=device), cfg.gradient_checkpointing)
+    policy = load_causal_lm(cfg.policy, dtype="fp32", device=device)  # float32 weights: bf16 is autocast
+    policy = enable_gradient_checkpointing(policy, cfg.gradient_checkpointing)
     train_policy = distributed.wrap(policy, device, cfg.parallel)
-    ref = load_causal_lm(cfg.ref_policy or cfg.policy, device=device).eval().requires_grad_(False)
+    ref = load_causal_lm(cfg.ref_policy or cfg.policy, dtype="fp32", device=device).eval().requires_grad_(False)
     ref = distributed.shard_frozen(ref, cfg.parallel)
-    critic = CriticModel.from_pretrained(cfg.critic or cfg.policy).to(device) if cfg.advantage == "gae" else None
-    if critic is not None:
+    critic = None
+    if cfg.advantage == "gae":
+        critic = CriticModel.from_pretrained(cfg.critic or cfg.policy, dtype="fp32", device=device)
         enable_gradient_checkpointing(critic, cfg.gradient_checkpointing)
     train_critic = distributed.wrap(critic, device, cfg.parallel) if critic else None
     synced = distributed.is_sharded(policy)  # generate() steps until all processes are done: FSDP forwards are collective
     if cfg.reward_model is not None:
-        reward_model = build_reward_model(cfg.reward_model, device=device).eval().requires_grad_(False)
+        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
         reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
 
         def reward(ro: Rollout) -> torch.Tensor:

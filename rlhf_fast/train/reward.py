@@ -59,7 +59,7 @@ def train(cfg: Config) -> dict:
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
-    model = build_reward_model(cfg.model, tokenizer=tokenizer, device=device)
+    model = build_reward_model(cfg.model, tokenizer=tokenizer, dtype="fp32", device=device)
     data = tokenize_preferences(cfg.data, tokenizer, cfg.max_length)
     eval_data = tokenize_preferences(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
     steps = plan_steps(len(data), cfg)

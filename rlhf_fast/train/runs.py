@@ -10,7 +10,8 @@
   directory of other files.
 - ``resume=true`` continues the run in ``out_dir`` from its latest complete checkpoint. The config must be
   the run's own, except for the keys of ``RESUME_ALLOWED``, which say how far the run goes, how often it
-  logs, evaluates and saves, and where it runs; they cannot change the steps already taken, and each change
+  logs, evaluates and saves, and where it runs (``out_dir`` itself may differ: a run directory can be
+  moved or copied); they cannot change the steps already taken, and each change
   is reported (a warning). The number of steps (``LENGTH_KEYS``) may change only with a constant learning
   rate after the warmup: a linear schedule decays to 0 at the last step, so its length is part of every
   step's learning rate. Any other changed key (``lr``, ``batch_size``, ``seed``, ``model``...) is refused,
@@ -50,7 +51,8 @@ METRICS_FILE = "metrics.jsonl"
 # How long the run goes: allowed to change on resume when the learning rate does not depend on it.
 LENGTH_KEYS = frozenset({"max_steps", "epochs", "steps", "rounds"})
 # Keys a resumed run may change: none of them changes the steps already taken or the next ones.
-_HOW_STARTED = frozenset({"resume", "overwrite"})  # not compared at all
+# Not compared at all: how the run is started, and where it lives (a run directory may be moved or copied).
+_HOW_STARTED = frozenset({"resume", "overwrite", "out_dir"})
 RESUME_ALLOWED = LENGTH_KEYS | _HOW_STARTED | frozenset({
     "log_every", "eval_every", "save_every", "keep_checkpoints",  # cadence of logs, evaluations, checkpoints
     "device", "gradient_checkpointing",  # where it runs, and activation memory (the same numbers)

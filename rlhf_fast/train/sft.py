@@ -54,7 +54,7 @@ def train(cfg: Config) -> dict:
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, device=device)
+    model = load_causal_lm(cfg.model, dtype="fp32", device=device)
     data = tokenize_sft(cfg.data, tokenizer, cfg.max_length)
     eval_data = tokenize_sft(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
     steps = plan_steps(len(data), cfg)
