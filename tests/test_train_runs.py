@@ -182,6 +182,7 @@ def test_final_model_is_written_atomically(files, tmp_path, monkeypatch):
     """A kill while the final model is written leaves the previous model/ whole (here: after the weights
     file was half-written)."""
     model, tok = load_causal_lm(files["init"]), load_tokenizer(files["init"])
+    (tmp_path / ".model.tmp-999999999-dead0000").mkdir()  # an earlier write, killed: removed by the next one
     loop.save_pretrained(model, tmp_path / "model", tokenizer=tok)
     shutil.copytree(tmp_path / "model", tmp_path / "before")
     real = type(model).save_pretrained

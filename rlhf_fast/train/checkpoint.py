@@ -11,7 +11,9 @@ Atomicity: everything is written into a fresh hidden directory next to ``ckpt_di
 each file fsynced, then renamed into place. A new ``ckpt_dir`` appears in one ``rename``; replacing an
 existing one takes two (old aside, new in), and if the process dies between them the next
 ``save_checkpoint``, ``load_checkpoint`` or ``latest_checkpoint`` puts the old one back. A crash while
-writing leaves only a hidden temporary directory, which the next save next to it removes.
+writing leaves only a hidden temporary directory, which the next save next to it removes. Pruning renames a
+checkpoint to a hidden ``.<name>.del-*`` before deleting it, so that a crash while deleting never leaves a
+visible checkpoint without its ``trainer_state.pt``; the next save removes the rest.
 
 Exact resume needs the loop itself to be deterministic given this state: its data order must come from an
 RNG saved here (the global torch/NumPy/Python RNGs, or a ``torch.Generator`` passed as ``generators``),

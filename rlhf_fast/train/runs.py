@@ -27,6 +27,7 @@ directory, and the others wait for it.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -193,6 +194,9 @@ def write_dir_atomically(path: str | Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.recover(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # of an earlier, killed write
+        if checkpoint.is_stale_temporary(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = checkpoint.temporary_for(path)
     tmp.mkdir()
     try:
