@@ -183,7 +183,8 @@ def test_final_model_is_written_atomically(files, tmp_path, monkeypatch):
     file was half-written)."""
     model, tok = load_causal_lm(files["init"]), load_tokenizer(files["init"])
     (tmp_path / ".model.tmp-999999999-dead0000").mkdir()  # an earlier write, killed: removed by the next one
-    loop.save_pretrained(model, tmp_path / "model", tokenizer=tok)
+    loop.save_pretrained(model, tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
     shutil.copytree(tmp_path / "model", tmp_path / "before")
     real = type(model).save_pretrained
 
@@ -197,7 +198,7 @@ def test_final_model_is_written_atomically(files, tmp_path, monkeypatch):
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        loop.save_pretrained(model, tmp_path / "model", tokenizer=tok)
+        loop.save_pretrained(model, tmp_path / "model")
     assert same_weights(tmp_path / "before", tmp_path / "model")
     assert sorted(os.listdir(tmp_path)) == ["before", "model"]  # no temporary left behind either
 
