@@ -47,6 +47,12 @@ __all__ = ["LENGTH_KEYS", "RESUME_ALLOWED", "clean_out_dir", "prepare_out_dir", 
 
 logger = logging.getLogger("rlhf_fast.train")
 
+
+def _say(message: str, *args) -> None:
+    """A warning from rank 0 only (every process runs the checks)."""
+    if distributed.is_main():
+        logger.warning(message, *args)
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 # How long the run goes: allowed to change on resume when the learning rate does not depend on it.
@@ -83,7 +89,7 @@ def prepare_out_dir(cfg) -> Path:
                             f"{_listing(entries)}")  # fmt: skip
         ckpt = checkpoint.latest_checkpoint(out) if entries else None
         if ckpt is None:
-            logger.warning("resume=true: no checkpoint in out_dir %r; the run starts fresh from step 0", str(out))
+            _say("resume=true: no checkpoint in out_dir %r; the run starts fresh from step 0", str(out))
             ckpt_step = 0
         else:
             refused, allowed = resume_changes(_read_yaml(out / CONFIG_FILE), cfg)
@@ -92,9 +98,9 @@ def prepare_out_dir(cfg) -> Path:
                                 f"({CONFIG_FILE}) in what the run does: {'; '.join(refused)}. Resume with the run's "
                                 "values, or start a new run (another out_dir, or overwrite=true)")  # fmt: skip
             if allowed:
-                logger.warning("resume=true: continuing the run in %r with %s", str(out), "; ".join(allowed))
+                _say("resume=true: continuing the run in %r with %s", str(out), "; ".join(allowed))
             ckpt_step = checkpoint.checkpoint_step(ckpt)
-            logger.warning("resume=true: continuing from %s (step %d)", ckpt.name, ckpt_step)
+            _say("resume=true: continuing from %s (step %d)", ckpt.name, ckpt_step)
     elif entries:
         if not overwrite:
             raise UserError(f"out_dir {str(out)!r} is in use (it has {_listing(entries)}): continue its run with "
@@ -105,7 +111,7 @@ def prepare_out_dir(cfg) -> Path:
     distributed.barrier()  # every process has read the directory before rank 0 changes it
     if distributed.is_main():
         if overwrite and entries:
-            logger.warning("overwrite=true: deleting the run in out_dir %r", str(out))
+            _say("overwrite=true: deleting the run in out_dir %r", str(out))
             for name in entries:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
