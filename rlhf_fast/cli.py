@@ -6,7 +6,9 @@
 
 Each trainer is a module with a config dataclass ``Config`` and ``train(cfg) -> dict`` (the demo:
 ``run(cfg) -> dict``), imported only when asked for. A ``Config`` with a ``validate()`` method is checked
-before the run, and its ``ValueError`` is printed as a one-line error. ``--print-config`` prints the config that would run,
+before the run, and its ``ValueError`` is printed as a one-line error, as is a ``UserError``
+(``rlhf_fast.train.errors``) raised inside a run: a bad option, data file, model path or out_dir. Other
+exceptions keep their traceback (they are bugs). ``--print-config`` prints the config that would run,
 as YAML, and exits: ``rlhf-fast train ppo --print-config > ppo.yaml`` starts a config file.
 """
 
@@ -137,6 +139,8 @@ def _bench(name: str | None, extra: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .train.errors import UserError
+
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -144,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return _run_config_command(DEMO, "run", "the demo", args)
         return _bench(args.name, args.args)
-    except CLIError as e:
+    except (CLIError, UserError) as e:  # what the user gave is wrong: one line. Anything else is a bug: traceback
         print(f"rlhf-fast: error: {e}", file=sys.stderr)
         return 2
 

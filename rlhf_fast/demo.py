@@ -35,6 +35,7 @@ _D = task.DemoDefaults()
 @dataclass
 class Config:
     out_dir: str = "runs/demo"
+    overwrite: bool = False  # replace the stages' runs of an earlier demo in out_dir (refused otherwise)
     seed: int = _D.seed
     device: str = "cpu"
     # data
@@ -79,7 +80,7 @@ def _ppo_config(cfg: Config, out: Path, paths: dict, ops: str) -> ppo.Config:
         minibatch_size=cfg.ppo_prompts_per_step * cfg.ppo_samples_per_prompt // cfg.ppo_minibatches,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
         critic_lr=_D.vf_lr, gamma=_D.gamma, lam=_D.lam, kl_coef=cfg.kl_coef, eval_samples=cfg.n_eval,
-        seed=cfg.seed, device=cfg.device, precision="bf16", log_every=5,
+        seed=cfg.seed, device=cfg.device, precision="auto", log_every=5, overwrite=cfg.overwrite,
     )  # fmt: skip
 
 
@@ -108,7 +109,7 @@ def run(cfg: Config) -> dict:
     sft_summary = sft.train(sft.Config(
         model=str(out / "init"), data=paths["sft"], out_dir=str(out / "sft"), ops=cfg.ops, epochs=10**6,
         max_steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, warmup_steps=_D.sft_warmup_steps,
-        lr_schedule="linear", seed=cfg.seed, device=cfg.device, log_every=10,
+        lr_schedule="linear", seed=cfg.seed, device=cfg.device, log_every=10, overwrite=cfg.overwrite,
     ))  # fmt: skip
     times["sft_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -116,7 +117,7 @@ def run(cfg: Config) -> dict:
         model=str(out / "sft" / "model"), data=paths["preferences"], eval_data=paths["eval_preferences"],
         out_dir=str(out / "rm"), ops=cfg.ops, epochs=10**6, max_steps=cfg.rm_steps, batch_size=cfg.rm_batch_size,
         lr=cfg.rm_lr, warmup_steps=_D.rm_warmup_steps, lr_schedule="linear", seed=cfg.seed, device=cfg.device,
-        log_every=10,
+        log_every=10, overwrite=cfg.overwrite,
     ))  # fmt: skip
     times["rm_s"] = time.perf_counter() - t
     t = time.perf_counter()

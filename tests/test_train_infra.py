@@ -150,8 +150,9 @@ def test_metrics_to_tensorboard_when_installed(tmp_path, monkeypatch):
     written = []
 
     class Writer:
-        def __init__(self, log_dir):
+        def __init__(self, log_dir, purge_step=None):
             self.log_dir = log_dir
+            written.append(("purge_step", purge_step))
 
         def add_scalar(self, name, value, global_step):
             written.append((name, value, global_step))
@@ -163,10 +164,13 @@ def test_metrics_to_tensorboard_when_installed(tmp_path, monkeypatch):
     with MetricsLogger(tmp_path) as logger:
         assert logger._writer.log_dir == str(tmp_path / "tensorboard")
         logger.log(4, {"loss": torch.tensor(0.5), "kl": 0.25})
-    assert written == [("loss", 0.5, 4), ("kl", 0.25, 4), "closed"]
+    assert written == [("purge_step", None), ("loss", 0.5, 4), ("kl", 0.25, 4), "closed"]
     written.clear()
     MetricsLogger(tmp_path, tensorboard=False).log(5, {"loss": 1.0})
     assert written == []
+    # a resumed run (metrics.jsonl cut back to step 5): TensorBoard drops its events from step 6 on
+    MetricsLogger(tmp_path).close()
+    assert written == [("purge_step", 6), "closed"]
 
 
 def test_device_autocast_and_progress(monkeypatch):
@@ -174,8 +178,11 @@ def test_device_autocast_and_progress(monkeypatch):
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="device"):
         resolve_device("gpu0")
-    with autocast_context("cpu", "bf16"):  # CPU: a no-op, matmuls stay float32
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with autocast_context("cpu", "bf16"):  # bf16 is CPU autocast too: matmuls in bf16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    for precision in ("fp32", "auto"):  # auto: bf16 on CUDA only, so on the CPU float32
+        with autocast_context("cpu", precision):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):
         autocast_context("cpu", "fp8")
     monkeypatch.setenv("RLHF_FAST_NO_PROGRESS", "1")

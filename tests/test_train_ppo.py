@@ -16,7 +16,7 @@ from rlhf_fast.train import ppo
 from rlhf_fast.train.models import load_causal_lm, load_tokenizer
 
 from safetensors.torch import load_file
-from train_utils import close_weights, same_weights, tiny_causal_lm_dir, torchrun, write_jsonl
+from train_utils import assert_bf16_close, close_weights, same_weights, tiny_causal_lm_dir, torchrun, write_jsonl
 
 PROMPT = "a b c d >"
 REWARDS = {"a": 1.0, "b": 0.6, "c": 0.2, "d": -0.4}  # every other token: 0
@@ -105,6 +105,23 @@ def test_fused_and_reference_ops_run_the_same_loop(tmp_path):
         assert fused[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
 
 
+def test_bf16_on_cpu_is_autocast_and_matches_fp32(tmp_path):
+    """precision=bf16 on the CPU runs under CPU autocast (sampling, log-probs, the losses): two PPO steps with a
+    critic agree with float32 within bf16 tolerance, and ops="fused" with ops="reference" under it."""
+    from rlhf_fast.train.common import read_metrics
+
+    runs = {}
+    for precision, ops in (("fp32", "fused"), ("bf16", "fused"), ("bf16", "reference")):
+        cfg = bandit_config(tmp_path / f"{precision}-{ops}", ops=ops, precision=precision, advantage="gae", steps=2,
+                            prompts_per_step=8, minibatch_size=4, max_new_tokens=3, log_every=1)  # fmt: skip
+        ppo.train(cfg, reward_fn=bandit_reward)
+        runs[precision, ops] = read_metrics(tmp_path / f"{precision}-{ops}" / "run" / "metrics.jsonl")
+    keys = ("score", "policy_loss", "value_loss", "entropy", "grad_norm", "approx_kl", "response_length")
+    assert_bf16_close(runs["bf16", "fused"], runs["fp32", "fused"], keys)
+    assert_bf16_close(runs["bf16", "fused"], runs["bf16", "reference"], keys)
+    assert [r["entropy"] for r in runs["bf16", "fused"]] != [r["entropy"] for r in runs["fp32", "fused"]]
+
+
 def test_resume_gives_the_uninterrupted_run(tmp_path):
     """Stop after a checkpoint, resume from it: the final policy is bit-identical to a run that never stopped."""
     cfg = bandit_config(tmp_path, advantage="gae", steps=4, save_every=2, prompts_per_step=8, minibatch_size=4,
@@ -119,11 +136,14 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     from rlhf_fast.train.common import read_metrics
 
     records = read_metrics(resumed / "metrics.jsonl")
-    steps = [r["step"] for r in records]
-    assert steps.count(3) == 2 and steps.count(1) == 1  # the copied log of steps 1-4, then 3-4 again
+    # the copied log of steps 1-4 was cut back to the checkpoint (step 2), then steps 3-4 were logged again
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
     # 4 steps x 2 minibatches = 8 optimizer steps: warmup over 2, then linear to 0 (the scheduler resumed too)
-    assert [r["lr"] for r in records[4:]] == pytest.approx([r["lr"] for r in records[2:4]])
-    assert [r["lr"] for r in records[:4]] == pytest.approx([cfg.lr * f for f in (1.0, 4 / 6, 2 / 6, 0.0)])
+    assert [r["lr"] for r in records] == pytest.approx([cfg.lr * f for f in (1.0, 4 / 6, 2 / 6, 0.0)])
+    uninterrupted = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    timing = ("tokens_per_s", "rollout_s", "update_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in records] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in uninterrupted]  # fmt: skip
 
 
 def test_bad_config_names_the_argument(tmp_path):

@@ -32,7 +32,7 @@ import torch
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .common import MetricsLogger, autocast_context, progress
-from .data import IGNORE_INDEX, collate_prompts, collate_sft, load_records, tokenize_prompts
+from .data import IGNORE_INDEX, collate_prompts, collate_sft, tokenize_prompts
 from .loop import finish_run, make_optimizer, maybe_save, micro_batches, optimizer_step, start_run, total_steps
 from .models import build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ppo import evaluate
@@ -72,10 +72,11 @@ class Config:
     eval_samples: int = 256
     save_every: int = 0  # rounds between checkpoints (0: none)
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
+    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
     def validate(self) -> None:
@@ -171,11 +172,12 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
-    policy = enable_gradient_checkpointing(load_causal_lm(cfg.policy, device=device), cfg.gradient_checkpointing)
+    policy = load_causal_lm(cfg.policy, dtype="fp32", device=device)  # float32 weights: bf16 is autocast
+    policy = enable_gradient_checkpointing(policy, cfg.gradient_checkpointing)
     train_policy = distributed.wrap(policy, device, cfg.parallel)  # before the optimizer: FSDP swaps the parameters
     reward_model = None
     if cfg.reward_model is not None:
-        reward_model = build_reward_model(cfg.reward_model, device=device).eval().requires_grad_(False)
+        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
         reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
     reward_function = None if reward_model is not None else (reward_fn or load_function(cfg.reward_fn))
 
@@ -186,15 +188,15 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
     scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
 
-    prompts = tokenize_prompts(load_records(cfg.prompts), tokenizer, cfg.max_prompt_length)
+    prompts = tokenize_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
     if len(prompts) < max(cfg.prompts_per_round, cfg.batch_size):
         raise ValueError(f"{len(prompts)} prompts are fewer than prompts_per_round ({cfg.prompts_per_round}) "
                          f"or batch_size ({cfg.batch_size})")  # fmt: skip
     eval_prompts, ref = None, None
     if cfg.eval_prompts:
-        eval_prompts = tokenize_prompts(load_records(cfg.eval_prompts), tokenizer, cfg.max_prompt_length)
+        eval_prompts = tokenize_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
-        ref = load_causal_lm(cfg.policy, device=device).eval().requires_grad_(False)  # for the KL only
+        ref = load_causal_lm(cfg.policy, dtype="fp32", device=device).eval().requires_grad_(False)  # for the KL only
         ref = distributed.shard_frozen(ref, cfg.parallel)
 
     opt, sched = make_optimizer(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,

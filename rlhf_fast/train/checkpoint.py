@@ -11,7 +11,9 @@ Atomicity: everything is written into a fresh hidden directory next to ``ckpt_di
 each file fsynced, then renamed into place. A new ``ckpt_dir`` appears in one ``rename``; replacing an
 existing one takes two (old aside, new in), and if the process dies between them the next
 ``save_checkpoint``, ``load_checkpoint`` or ``latest_checkpoint`` puts the old one back. A crash while
-writing leaves only a hidden temporary directory, which the next save next to it removes.
+writing leaves only a hidden temporary directory, which the next save next to it removes. Pruning renames a
+checkpoint to a hidden ``.<name>.del-*`` before deleting it, so that a crash while deleting never leaves a
+visible checkpoint without its ``trainer_state.pt``; the next save removes the rest.
 
 Exact resume needs the loop itself to be deterministic given this state: its data order must come from an
 RNG saved here (the global torch/NumPy/Python RNGs, or a ``torch.Generator`` passed as ``generators``),
@@ -39,6 +41,7 @@ from . import distributed
 
 __all__ = [
     "checkpoint_path",
+    "checkpoint_step",
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
@@ -49,6 +52,7 @@ STATE_FILE = "trainer_state.pt"
 FORMAT_VERSION = 1
 _TMP_TAG = ".tmp-"  # hidden siblings: .<name>.tmp-<id> while writing, .<name>.old-<id> while swapping
 _OLD_TAG = ".old-"
+_DEL_TAG = ".del-"  # .<name>.del-<id>: a checkpoint being pruned, renamed first so that it stops counting
 _STEP_RE = re.compile(r"(\d+)$")
 
 
@@ -84,9 +88,11 @@ def save_checkpoint(
     if not write:
         return ckpt_dir
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-    _recover(ckpt_dir)
-    _remove_stale_tmp(ckpt_dir)
-    tmp = ckpt_dir.parent / f".{ckpt_dir.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    recover(ckpt_dir)
+    for stale in ckpt_dir.parent.glob(".*"):  # temporaries of dead processes, pruning cut short
+        if is_stale_temporary(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = temporary_for(ckpt_dir)
     tmp.mkdir()
     try:
         for name, module in modules.items():
@@ -105,9 +111,9 @@ def save_checkpoint(
         }
         torch.save(trainer_state, tmp / STATE_FILE)
         for path in tmp.iterdir():
-            _fsync(path)
-        _fsync(tmp)
-        _swap_in(tmp, ckpt_dir)
+            fsync(path)
+        fsync(tmp)
+        swap_in(tmp, ckpt_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -128,7 +134,7 @@ def load_checkpoint(
     and generators, restore the global RNG states (``restore_rng``), and return the ``state`` dict.
     Every name asked for must be in the checkpoint (``ValueError`` otherwise)."""
     ckpt_dir = Path(ckpt_dir)
-    _recover(ckpt_dir)
+    recover(ckpt_dir)
     state_file = ckpt_dir / STATE_FILE
     if not state_file.is_file():
         raise ValueError(f"{str(ckpt_dir)!r} is not a checkpoint (no {STATE_FILE})")
@@ -176,7 +182,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     if not out_dir.is_dir():
         return None
     for old in out_dir.glob(f".*{_OLD_TAG}*"):
-        _recover(out_dir / old.name[1:].split(_OLD_TAG)[0])
+        recover(out_dir / old.name[1:].split(_OLD_TAG)[0])
     found = [p for p in out_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / STATE_FILE).is_file()]
     if not found:
         return None
@@ -188,8 +194,13 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return max(found, key=order)
 
 
-def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` most recent ``checkpoint-<step>`` directories; returns those deleted."""
+def prune_checkpoints(out_dir: str | Path, keep: int, *, current: int | None = None) -> list[Path]:
+    """Delete all but the ``keep`` most recent ``checkpoint-<step>`` directories; returns those deleted.
+
+    With ``current`` (the step of the checkpoint just written) the ones of later steps go first whatever
+    ``keep`` says: they belong to a timeline the run has left, and must not outlive its new checkpoints.
+    Each is renamed to a hidden ``.<name>.del-*`` before it is deleted, so a process killed while deleting
+    leaves no half-deleted checkpoint that still counts, only a hidden folder the next save removes."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     out_dir = Path(out_dir)
@@ -198,10 +209,43 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
         for p in out_dir.glob("checkpoint-*")
         if p.is_dir() and (m := _STEP_RE.search(p.name)) and (p / STATE_FILE).is_file()
     )
-    doomed = [p for _, p in numbered[:-keep]]
+    later = [p for step, p in numbered if current is not None and step > current]
+    kept = [p for step, p in numbered if current is None or step <= current]
+    doomed = later + kept[:-keep]
     for p in doomed:
-        shutil.rmtree(p)
+        marked = p.parent / f".{p.name}{_DEL_TAG}{uuid.uuid4().hex[:8]}"
+        os.rename(p, marked)
+        shutil.rmtree(marked)
+    if doomed:
+        fsync(out_dir)
     return doomed
+
+
+def checkpoint_step(ckpt_dir: str | Path) -> int:
+    """The step in a checkpoint directory's name (``checkpoint-00000120``: 120)."""
+    m = _STEP_RE.search(Path(ckpt_dir).name)
+    if m is None:
+        raise ValueError(f"{str(ckpt_dir)!r} is not named checkpoint-<step>")
+    return int(m.group(1))
+
+
+def temporary_for(path: Path) -> Path:
+    """A fresh hidden sibling of ``path`` to write into before renaming: ``.<name>.tmp-<pid>-<id>``."""
+    return path.parent / f".{path.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def is_stale_temporary(path: Path) -> bool:
+    """Whether ``path`` is a hidden temporary (``.*.tmp-<pid>-*``) whose writer is dead, or a directory
+    marked for deletion (``.*.del-*``)."""
+    name = path.name
+    if not name.startswith("."):
+        return False
+    if _DEL_TAG in name:
+        return True
+    if _TMP_TAG not in name:
+        return False
+    pid = name.rsplit(_TMP_TAG, 1)[1].split("-")[0]
+    return not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,7 +311,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -277,9 +321,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _swap_in(tmp: Path, ckpt_dir: Path) -> None:
+def swap_in(tmp: Path, ckpt_dir: Path) -> None:
     """Move the finished ``tmp`` to ``ckpt_dir``: one rename for a new directory; for an existing one,
-    old aside, new in, old removed (``_recover`` undoes a crash between the first two steps)."""
+    old aside, new in, old removed (``recover`` undoes a crash between the first two steps)."""
     if not ckpt_dir.exists():
         os.rename(tmp, ckpt_dir)
     else:
@@ -291,11 +335,11 @@ def _swap_in(tmp: Path, ckpt_dir: Path) -> None:
             os.rename(old, ckpt_dir)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    _fsync(ckpt_dir.parent)
+    fsync(ckpt_dir.parent)
 
 
-def _recover(ckpt_dir: Path) -> None:
-    """After a crash between the two renames of ``_swap_in``: ``ckpt_dir`` is missing and its previous
+def recover(ckpt_dir: Path) -> None:
+    """After a crash between the two renames of ``swap_in``: ``ckpt_dir`` is missing and its previous
     version waits under ``.<name>.old-*``; put it back. Leftover ``.old-*`` beside a present
     ``ckpt_dir`` (a crash after the second rename) are removed."""
     olds = sorted(ckpt_dir.parent.glob(f".{glob.escape(ckpt_dir.name)}{_OLD_TAG}*"), key=lambda p: p.stat().st_mtime)
@@ -305,15 +349,6 @@ def _recover(ckpt_dir: Path) -> None:
         os.rename(olds.pop(), ckpt_dir)
     for old in olds:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_tmp(ckpt_dir: Path) -> None:
-    """Half-written temporaries of ``ckpt_dir`` left by a process that died while saving."""
-    for tmp in ckpt_dir.parent.glob(f".{glob.escape(ckpt_dir.name)}{_TMP_TAG}*"):
-        pid = tmp.name.rsplit(_TMP_TAG, 1)[1].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
-            continue  # another live process is writing it right now
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

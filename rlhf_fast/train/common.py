@@ -28,7 +28,7 @@ __all__ = [
     "seed_everything",
 ]
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def seed_everything(seed: int) -> None:
@@ -55,14 +55,20 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def autocast_context(device: str | torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
-    """``precision="bf16"`` on a CUDA device: ``torch.autocast("cuda", torch.bfloat16)``. On the CPU, or
-    with ``"fp32"``: a context that does nothing (CPU bf16 autocast is slower than float32 here, and the
-    ops accumulate in float32 either way)."""
+    """The mixed precision of a trainer's forward passes and losses:
+
+    - ``"bf16"``: ``torch.autocast(device.type, torch.bfloat16)`` on any device, the CPU included, so that a
+      CPU run (CI) takes the code path a GPU run takes. The weights, their gradients and the optimizer state
+      stay float32; matmuls and linear layers run in bf16 with float32 accumulation; rlhf_fast's ops keep
+      logits statistics (log-sum-exp, log-probs, entropy) and losses in float32.
+    - ``"fp32"``: a context that does nothing: everything in float32.
+    - ``"auto"``: ``"bf16"`` on CUDA, ``"fp32"`` elsewhere (CPU bf16 autocast is slower than float32 there).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -119,8 +125,14 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 SummaryWriter = None
-            if SummaryWriter is not None:
-                self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            if SummaryWriter is not None:  # a resumed run: drop the events after the last kept record
+                self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=self._next_step())
+
+    def _next_step(self) -> int | None:
+        """One past the step of the last record in the file (None without one)."""
+        records = read_metrics(self.path) if self.path.is_file() else []
+        steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+        return max(steps) + 1 if steps else None
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float | int]:
         """Write one record; returns it as plain numbers (handy for a progress bar's postfix)."""

@@ -27,12 +27,15 @@ the whole completion out.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import UserError
 
 __all__ = [
     "FORMATS",
@@ -76,27 +79,100 @@ def load_records(source: str | Path, split: str = "train"):
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"{str(source)!r}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}")
+            raise UserError(f"{str(source)!r}: unsupported file type {path.suffix!r}; use one of {sorted(_BUILDERS)}")
         try:
-            return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split)
+            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split=split)
         except ValueError as e:
-            raise ValueError(f"cannot read split {split!r} of {str(source)!r} (a single file is split 'train', "
-                             f"slices like 'train[:90%]' work): {e}") from e
+            if "split" not in str(e).lower():
+                found = _read_error(path, e)
+                if found is None:
+                    raise
+                raise found from e
+            raise UserError(f"cannot read split {split!r} of {str(source)!r} (a single file is split 'train', "
+                            f"slices like 'train[:90%]' work): {e}") from e
+        except Exception as e:  # datasets' own errors (DatasetGenerationError, StopIteration on an empty file...)
+            found = _read_error(path, e)
+            if found is None:
+                raise
+            raise found from e
+        return _not_empty(ds, source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _BUILDERS and p.is_file())
         if not files:
-            raise ValueError(f"directory {str(source)!r} holds no {'/'.join(sorted(_BUILDERS))} files")
+            raise UserError(f"directory {str(source)!r} holds no {'/'.join(sorted(_BUILDERS))} files")
         builders = {_BUILDERS[p.suffix.lower()] for p in files}
         if len(builders) > 1:
-            raise ValueError(f"directory {str(source)!r} mixes file types ({sorted(builders)}); keep one")
-        return datasets.load_dataset(builders.pop(), data_dir=str(path), split=split)
+            raise UserError(f"directory {str(source)!r} mixes file types ({sorted(builders)}); keep one")
+        try:
+            ds = datasets.load_dataset(builders.pop(), data_dir=str(path), split=split)
+        except Exception as e:
+            for file in files:
+                found = _diagnose(file)
+                if found:
+                    raise UserError(found) from e
+            raise
+        return _not_empty(ds, source)
     if _looks_like_path(str(source)):
-        raise ValueError(f"data source {str(source)!r} does not exist (no such file or directory)")
+        raise UserError(f"data source {str(source)!r} does not exist (no such file or directory)")
     try:
         return datasets.load_dataset(str(source), split=split)
     except Exception as e:  # offline, unknown name, gated...: one clear error
-        raise ValueError(f"data source {str(source)!r} is not a local file or directory, and loading it as a "
+        raise UserError(f"data source {str(source)!r} is not a local file or directory, and loading it as a "
                          f"hub dataset failed: {type(e).__name__}: {e}") from e
+
+
+def _diagnose(path: Path) -> str | None:
+    """What is wrong with a data file that ``datasets`` could not read, when it can be told: empty, or
+    (JSON Lines) the first line that is not a JSON object; None otherwise."""
+    try:
+        if path.stat().st_size == 0 or not path.read_bytes().strip():
+            return f"data file {str(path)!r} is empty"
+        if _BUILDERS.get(path.suffix.lower()) != "json" or path.suffix.lower() == ".json":
+            return None
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"data file {str(path)!r}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
+                if not isinstance(row, dict):
+                    return (f"data file {str(path)!r}, line {number}: a row must be a JSON object, got "
+                            f"{line.strip()[:60]!r}")
+    except UnicodeDecodeError as e:
+        return f"data file {str(path)!r} is not UTF-8 text: {e}"
+    except OSError as e:
+        return f"cannot read data file {str(path)!r}: {e}"
+    return None
+
+
+def _read_error(path: Path, error: Exception) -> UserError | None:
+    """A ``UserError`` naming the file (and line) that ``datasets`` failed to read: from ``_diagnose``, or
+    the innermost cause of an error that is about the file's content (a parse or schema error of
+    ``datasets`` or Arrow, ``StopIteration`` from an empty file). None for anything else: a bug keeps its
+    traceback."""
+    found = _diagnose(path)
+    if found:
+        return UserError(found)
+    import datasets
+    import pyarrow
+
+    chain, cause = [error], error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+        chain.append(cause)
+    content_errors = (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException, StopIteration)
+    if not any(isinstance(e, content_errors) for e in chain):
+        return None
+    detail = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+    return UserError(f"cannot read data file {str(path)!r}: {detail}")
+
+
+def _not_empty(ds, source) -> Any:
+    if len(ds) == 0:
+        raise UserError(f"data {str(source)!r} holds no rows")
+    return ds
 
 
 def _looks_like_path(source: str) -> bool:
@@ -144,7 +220,7 @@ def require_columns(ds, columns: Sequence[str], purpose: str) -> None:
     missing = [c for c in columns if c not in present]
     if missing:
         accepted = "; ".join(FORMATS.get(purpose, [])) or ", ".join(columns)
-        raise ValueError(f"data for {purpose} is missing column(s) {missing}; it has {present}. "
+        raise UserError(f"data for {purpose} is missing column(s) {missing}; it has {present}. "
                          f"Accepted formats: {accepted}")
 
 
@@ -154,7 +230,7 @@ def require_columns(ds, columns: Sequence[str], purpose: str) -> None:
 
 def _render(tokenizer, messages: list, *, add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("conversational data needs a tokenizer with a chat template "
+        raise UserError("conversational data needs a tokenizer with a chat template "
                          "(tokenizer.chat_template is None); set one, or use prompt/completion strings")
     return tokenizer.apply_chat_template(_plain_messages(messages), tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
@@ -199,7 +275,7 @@ def _completion_ids(tokenizer, prompt: Any, completion: Any) -> list[int]:
     before = _render(tokenizer, convo, add_generation_prompt=True)
     full = _render(tokenizer, convo + list(turn), add_generation_prompt=False)
     if not full.startswith(before):
-        raise ValueError("the chat template does not render the prompt as a prefix of the whole "
+        raise UserError("the chat template does not render the prompt as a prefix of the whole "
                          "conversation, so the completion's tokens cannot be told apart")
     return _append_eos(tokenizer, _ids(tokenizer, full[len(before):], special=False))
 
@@ -237,7 +313,7 @@ def _conversation_pieces(tokenizer, messages: list) -> list[tuple[list[int], boo
         prompt_ids, _ = _prompt_ids(tokenizer, messages[:last])
         return [(prompt_ids, False), (_completion_ids(tokenizer, messages[:last], messages[last: last + 1]), True)]
     if not texts:
-        raise ValueError("a conversation for SFT needs at least one assistant message")
+        raise UserError("a conversation for SFT needs at least one assistant message")
     full = _render(tokenizer, messages, add_generation_prompt=False)
     if full.startswith(prev) and len(full) > len(prev):
         texts.append((full[len(prev):], False))
@@ -248,21 +324,30 @@ def _conversation_pieces(tokenizer, messages: list) -> list[tuple[list[int], boo
 
 
 def _sft_row(tokenizer, row: Mapping, fmt: str, max_length: int) -> dict[str, list[int]]:
+    cut = 0
     if fmt == "prompt + completion":
         prompt_ids, _ = _prompt_ids(tokenizer, row["prompt"])
-        prompt_ids, completion_ids = _truncate(prompt_ids, _completion_ids(tokenizer, row["prompt"], row["completion"]),
-                                               max_length)
-        input_ids, labels = _join(prompt_ids, completion_ids)
+        full_completion = _completion_ids(tokenizer, row["prompt"], row["completion"])
+        kept_prompt, completion_ids = _truncate(prompt_ids, full_completion, max_length)
+        cut = _cut_flags(prompt_ids, kept_prompt, full_completion, completion_ids)
+        input_ids, labels = _join(kept_prompt, completion_ids)
     elif fmt == "text":
-        input_ids = _append_eos(tokenizer, _ids(tokenizer, row["text"], special=True))[:max_length]
+        input_ids = _append_eos(tokenizer, _ids(tokenizer, row["text"], special=True))
+        cut = 2 * (len(input_ids) > max_length)
+        input_ids = input_ids[:max_length]
         labels = list(input_ids)
     else:
         input_ids, labels = [], []
         for ids, trained in _conversation_pieces(tokenizer, row["messages"]):
             input_ids += ids
             labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        cut = 2 * (len(input_ids) > max_length)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, _CUT_COLUMN: cut}
+
+
+def _cut_flags(prompt: list, kept_prompt: list, completion: list, kept_completion: list) -> int:
+    return (len(kept_prompt) < len(prompt)) | 2 * (len(kept_completion) < len(completion))
 
 
 def _preference_row(tokenizer, row: Mapping, fmt: str, max_length: int) -> dict[str, list[int]]:
@@ -272,12 +357,14 @@ def _preference_row(tokenizer, row: Mapping, fmt: str, max_length: int) -> dict[
     else:  # the prompt is the conversation both share, the answers their last turns
         chosen_all, rejected_all = row["chosen"], row["rejected"]
         if _plain_messages(chosen_all[:-1]) != _plain_messages(rejected_all[:-1]):
-            raise ValueError("chosen and rejected conversations must share every turn but the last")
+            raise UserError("chosen and rejected conversations must share every turn but the last")
         prompt, chosen, rejected = chosen_all[:-1], chosen_all[-1:], rejected_all[-1:]
     prompt_ids, _ = _prompt_ids(tokenizer, prompt)
-    out = {"prompt_input_ids": prompt_ids}
+    out = {"prompt_input_ids": prompt_ids, _CUT_COLUMN: 0}
     for name, answer in (("chosen", chosen), ("rejected", rejected)):
-        p, c = _truncate(prompt_ids, _completion_ids(tokenizer, prompt, answer), max_length)
+        full = _completion_ids(tokenizer, prompt, answer)
+        p, c = _truncate(prompt_ids, full, max_length)
+        out[_CUT_COLUMN] |= _cut_flags(prompt_ids, p, full, c)
         out[f"{name}_input_ids"], out[f"{name}_labels"] = _join(p, c)
     return out
 
@@ -290,7 +377,8 @@ def _prompt_row(tokenizer, row: Mapping, fmt: str, max_prompt_length: int) -> di
         cut = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
         prompt = messages[:cut]
     ids, text = _prompt_ids(tokenizer, prompt)
-    return {"prompt_input_ids": ids[-max_prompt_length:], "prompt": text}
+    cut = int(len(ids) > max_prompt_length)  # the prompt's start goes
+    return {"prompt_input_ids": ids[-max_prompt_length:], "prompt": text, _CUT_COLUMN: cut}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,7 +387,7 @@ def _prompt_row(tokenizer, row: Mapping, fmt: str, max_prompt_length: int) -> di
 
 def _check_length(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 2:
-        raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+        raise UserError(f"{name} must be an int >= 2, got {value!r}")
 
 
 def _drop_untrained(ds, label_columns: Sequence[str], purpose: str):
@@ -312,34 +400,110 @@ def _drop_untrained(ds, label_columns: Sequence[str], purpose: str):
     return ds
 
 
-def tokenize_sft(ds, tokenizer, max_length: int, *, num_proc: int | None = None):
+def tokenize_sft(ds, tokenizer, max_length: int, *, num_proc: int | None = None, source: str | None = None):
     """``input_ids`` and ``labels`` (``-100`` on prompt tokens, eos appended) for prompt/completion,
-    ``messages`` or ``text`` data; other columns are dropped."""
+    ``messages`` or ``text`` data; other columns are dropped. ``ds`` is a dataset, or a file, directory or hub
+    name for ``load_records``; ``source`` names a dataset in errors and in the warning about rows cut to
+    ``max_length`` (a name given as ``ds`` is used by itself)."""
+    ds, source = _records(ds, source)
     _check_length("max_length", max_length)
     fmt = detect_format(ds, "sft")
-    out = ds.map(lambda row: _sft_row(tokenizer, row, fmt, max_length), remove_columns=ds.column_names,
-                 num_proc=num_proc, desc="tokenize sft")
+    out = ds.map(_per_row(lambda row: _sft_row(tokenizer, row, fmt, max_length), fmt, "sft", source),
+                 with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize sft")
+    out = _report_cuts(out, "sft", source, f"max_length={max_length}")
     return _drop_untrained(out, ["labels"], "sft")
 
 
-def tokenize_preferences(ds, tokenizer, max_length: int, *, num_proc: int | None = None):
+def tokenize_preferences(ds, tokenizer, max_length: int, *, num_proc: int | None = None, source: str | None = None):
     """``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels`` (prompt masked
     with ``-100``) and ``prompt_input_ids``; other columns are dropped."""
+    ds, source = _records(ds, source)
     _check_length("max_length", max_length)
     fmt = detect_format(ds, "preferences")
-    out = ds.map(lambda row: _preference_row(tokenizer, row, fmt, max_length), remove_columns=ds.column_names,
-                 num_proc=num_proc, desc="tokenize preferences")
+    out = ds.map(_per_row(lambda row: _preference_row(tokenizer, row, fmt, max_length), fmt, "preferences", source),
+                 with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize preferences")
+    out = _report_cuts(out, "preferences", source, f"max_length={max_length}")
     return _drop_untrained(out, ["chosen_labels", "rejected_labels"], "preferences")
 
 
-def tokenize_prompts(ds, tokenizer, max_prompt_length: int, *, num_proc: int | None = None):
+def tokenize_prompts(ds, tokenizer, max_prompt_length: int, *, num_proc: int | None = None,
+                     source: str | None = None):  # fmt: skip
     """``prompt_input_ids`` (the last ``max_prompt_length`` tokens) and ``prompt`` (the text, rendered for
     conversations); every other column is kept (answers for a ``reward_fn``, say)."""
+    ds, source = _records(ds, source)
     _check_length("max_prompt_length", max_prompt_length)
     fmt = detect_format(ds, "prompts")
     drop = ["prompt"] if "prompt" in ds.column_names else []
-    return ds.map(lambda row: _prompt_row(tokenizer, row, fmt, max_prompt_length), remove_columns=drop,
-                  num_proc=num_proc, desc="tokenize prompts")
+    out = ds.map(_per_row(lambda row: _prompt_row(tokenizer, row, fmt, max_prompt_length), fmt, "prompts", source),
+                 with_indices=True, remove_columns=drop, num_proc=num_proc, desc="tokenize prompts")
+    return _report_cuts(out, "prompts", source, f"max_prompt_length={max_prompt_length}")
+
+
+# What each format's columns must hold: "text" a string, "conversation" a list of {role, content} messages.
+_COLUMN_KINDS = {
+    "prompt + completion": {"prompt": ("text", "conversation"), "completion": ("text", "conversation")},
+    "text": {"text": ("text",)},
+    "messages": {"messages": ("conversation",)},
+    "prompt + chosen + rejected": {c: ("text", "conversation") for c in ("prompt", "chosen", "rejected")},
+    "chosen + rejected (conversations)": {"chosen": ("conversation",), "rejected": ("conversation",)},
+    "prompt": {"prompt": ("text", "conversation")},  # prompts; their "messages" format is the sft one's
+}
+_CUT_COLUMN = "__rlhf_fast_cut"  # per row: 1 the prompt's start was cut, 2 the completion's (or text's) end
+
+
+def _records(ds, source):
+    """A dataset and its name for messages: a path or hub name is loaded with ``load_records``."""
+    if isinstance(ds, (str, Path)):
+        return load_records(ds), str(ds)
+    return ds, source
+
+
+def _per_row(fn, fmt: str, purpose: str, source: str | None):
+    """``fn(row)`` for ``ds.map(..., with_indices=True)``, after checking the types of the format's columns;
+    a ``UserError`` from either names the data and the row."""
+    kinds = _COLUMN_KINDS[fmt]
+
+    def mapped(row, index):
+        try:
+            for column, allowed in kinds.items():
+                value = row[column]
+                ok = (("text" in allowed and isinstance(value, str))
+                      or ("conversation" in allowed and _is_conversation(value)))
+                if not ok:
+                    want = " or ".join({"text": "a string", "conversation": "a list of {role, content} messages"}[k]
+                                       for k in allowed)  # fmt: skip
+                    raise UserError(f"column {column!r} must be {want}, got {type(value).__name__} "
+                                    f"{_short(value)}")  # fmt: skip
+            return fn(row)
+        except UserError as e:
+            raise UserError(f"{purpose} data {str(source) + ' ' if source else ''}row {index} (0-based): {e}") from None
+
+    return mapped
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _report_cuts(ds, purpose: str, source: str | None, limit: str):
+    """One warning with the number of rows cut to the length limit and which side of them; drops the column."""
+    if _CUT_COLUMN not in ds.column_names:
+        return ds
+    cuts = ds[_CUT_COLUMN]
+    ds = ds.remove_columns(_CUT_COLUMN)
+    start, end = sum(1 for c in cuts if c & 1), sum(1 for c in cuts if c & 2)
+    if start or end:
+        sides = []
+        if start:
+            sides.append(f"{start} lose the start of their prompt (cut on the left; the end, next to the answer, "
+                         "is kept)")  # fmt: skip
+        if end:
+            sides.append(f"{end} lose the end of their completion or text (cut on the right)")
+        logger.warning("%s data%s: %d of %d rows are longer than %s tokens and are cut: %s", purpose,
+                       f" {str(source)!r}" if source else "", sum(1 for c in cuts if c), len(cuts), limit,
+                       "; ".join(sides))  # fmt: skip
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------------

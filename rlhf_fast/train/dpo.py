@@ -32,7 +32,7 @@ import torch
 
 from . import distributed
 from .common import autocast_context, progress
-from .data import collate_preferences, load_records, tokenize_preferences
+from .data import collate_preferences, tokenize_preferences
 from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
                    plan_steps, start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
@@ -109,14 +109,14 @@ def train(cfg: Config) -> dict:
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, device=device)
-    data = tokenize_preferences(load_records(cfg.data), tokenizer, cfg.max_length)
-    eval_data = tokenize_preferences(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
+    model = load_causal_lm(cfg.model, dtype="fp32", device=device)
+    data = tokenize_preferences(cfg.data, tokenizer, cfg.max_length)
+    eval_data = tokenize_preferences(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
     steps = plan_steps(len(data), cfg)
 
     # ---- reference log-probs, once per pair, before any update (and before a resumed run loads its
     # checkpoint, so that the initial policy is the reference then too)
-    ref = load_causal_lm(cfg.ref_model, device=device) if cfg.ref_model else model
+    ref = load_causal_lm(cfg.ref_model, dtype="fp32", device=device) if cfg.ref_model else model
     ref_logp = {name: pair_logprobs(ops, ref, pairs, tokenizer, device, cfg.precision, cfg.batch_size,
                                     average=cfg.average_log_prob)
                 for name, pairs in (("train", data), ("eval", eval_data)) if pairs is not None}  # fmt: skip

@@ -12,43 +12,54 @@ from . import distributed
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .common import MetricsLogger, plot_metrics, resolve_device, seed_everything
 from .config import save_config
+from .errors import UserError
 from .models import enable_gradient_checkpointing
 from .ops import get_ops
+from .runs import prepare_out_dir, write_dir_atomically
 from .runtime import reset_peak_memory, write_json
+from .validation import check_options
 
 
 def start_run(cfg):
     """The first lines of a trainer: the process group (under torchrun), the seeds, this process's device,
-    ``cfg.out_dir`` with the config saved in it (by rank 0) and the op set: ``(device, out_dir, ops)``."""
+    ``cfg.out_dir`` checked and made ready (``runs.prepare_out_dir``: a used one only with ``resume`` or
+    ``overwrite``) with the config saved in it (by rank 0) and the op set: ``(device, out_dir, ops)``."""
     distributed.init()
+    check_options(cfg)
     seed_everything(cfg.seed)
     device = distributed.device_for_rank(resolve_device(cfg.device))
-    out = Path(cfg.out_dir)
+    out = prepare_out_dir(cfg)
     if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     return device, out, get_ops(cfg.ops)
 
 
 def finish_run(out_dir, model, tokenizer, summary: dict, *, title: str) -> None:
     """The last lines of a trainer: rank 0 saves the model (gathered first when FSDP shards it: every rank
-    takes part) and tokenizer to ``<out_dir>/model``, plots the metrics to ``curves.png`` and writes
-    ``summary.json``; every rank waits for it."""
+    takes part) and tokenizer to ``<out_dir>/model`` (atomically), plots the metrics to ``curves.png`` and
+    writes ``summary.json``; every rank waits for it."""
     out = Path(out_dir)
-    save_pretrained(model, out / "model")
+    save_pretrained(model, out / "model", tokenizer=tokenizer)
     if distributed.is_main():
-        tokenizer.save_pretrained(out / "model")
         plot_metrics(out / "metrics.jsonl", out / "curves.png", title=title)
         write_json(out / "summary.json", summary)
     distributed.barrier()
 
 
-def save_pretrained(model, path) -> None:
-    """``model.save_pretrained(path)`` by rank 0, with the whole state dict of an FSDP2-sharded model
-    (gathered by every rank)."""
+def save_pretrained(model, path, *, tokenizer=None) -> None:
+    """``model.save_pretrained(path)`` (and ``tokenizer.save_pretrained(path)``) by rank 0, with the whole
+    state dict of an FSDP2-sharded model (gathered by every rank). Written into a hidden temporary directory
+    and renamed into place, as checkpoints are: a kill while writing leaves the previous ``path`` or none,
+    never a half-written model."""
     state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+
+    def write(tmp):
+        model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
     if distributed.is_main():
-        model.save_pretrained(path, **({"state_dict": state} if state is not None else {}))
+        write_dir_atomically(path, write)
 
 
 def begin_training(model, cfg, out_dir, device, steps: int):
@@ -78,7 +89,8 @@ def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> list[lis
 
 def total_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:
     if n < batch_size:
-        raise ValueError(f"batch_size ({batch_size}) is larger than the dataset ({n} rows)")
+        raise UserError(f"batch_size ({batch_size}) is larger than the data ({n} rows after tokenization): "
+                        "not one full batch")  # fmt: skip
     steps = (n // batch_size) * epochs
     return min(steps, max_steps) if max_steps > 0 else steps
 
@@ -88,7 +100,7 @@ def plan_steps(n: int, cfg) -> int:
     ``cfg.max_steps``), after checking that each global batch splits evenly over the processes and into
     ``cfg.grad_accum`` micro-batches."""
     if cfg.batch_size % (cfg.grad_accum * distributed.world_size()):
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum}) "
+        raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum}) "
                          f"times the number of processes ({distributed.world_size()})")  # fmt: skip
     return total_steps(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
 
@@ -114,7 +126,7 @@ class SupervisedConfig:
     ops: Literal["fused", "reference"] = "fused"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
     epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (0: no limit)
     batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
     grad_accum: int = 1
     lr: float = 1e-4
@@ -126,10 +138,11 @@ class SupervisedConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
+    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; float32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     log_every: int = 10
 
@@ -181,5 +194,5 @@ def maybe_save(out_dir, step: int, every: int, keep: int, *, modules, optimizers
                     schedulers=schedulers, state={"step": step, **(state or {})},
                     write=distributed.is_main())  # fmt: skip
     if distributed.is_main():
-        prune_checkpoints(out_dir, keep)
+        prune_checkpoints(out_dir, keep, current=step)
     distributed.barrier()

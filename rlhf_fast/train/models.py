@@ -22,6 +22,7 @@ from torch import nn
 
 from . import distributed
 from .common import pick_attn_implementation
+from .errors import UserError
 
 __all__ = [
     "CriticModel",
@@ -42,6 +43,39 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@contextlib.contextmanager
+def _loading(name_or_path, what: str, files: Sequence[str] = ()):
+    """Check a model or tokenizer source before ``from_pretrained`` reads it, and turn what a bad one raises
+    into a ``UserError`` naming it: a local path must exist and hold ``config.json`` and one of ``files``
+    (a hub id is left to the hub); an ``OSError`` from loading (a hub id that does not exist, no network,
+    a file it needs missing) says which source failed."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{what} {name!r} is a file; give the directory a model was saved to (or a hub id)")
+        present = {p.name for p in path.iterdir()}
+        tokenizer = files == _TOKENIZER_FILES
+        if not tokenizer and "config.json" not in present:
+            raise UserError(f"{what} {name!r} holds no model (no config.json); it has {sorted(present)[:8]}")
+        if files and not present.intersection(files):
+            kind = "tokenizer" if tokenizer else "weights"
+            raise UserError(f"{what} {name!r} holds no {kind} (none of {', '.join(files)}); it has "
+                            f"{sorted(present)[:8]}")  # fmt: skip
+    elif name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or not name.strip():
+        raise UserError(f"{what} {name!r} does not exist (no such directory, and it is not a hub id "
+                        "'name' or 'namespace/name')")  # fmt: skip
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot load {what} {name!r}: {e}") from e
+
 
 # A chat template for tokenizers built here: every turn is <|role|>content</s>, and the conversation
 # starts with <s>. Rendering a prefix of a conversation gives a prefix of the text, which is what
@@ -148,8 +182,9 @@ def load_causal_lm(
 
     device = torch.device(device) if device is not None else None
     attn = attn_implementation or pick_attn_implementation(device or "cpu")
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), attn_implementation=attn,
-                                                 **_dtype_kwarg(to_torch_dtype(dtype)))
+    with _loading(name_or_path, "model", _WEIGHT_FILES):
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), attn_implementation=attn,
+                                                     **_dtype_kwarg(to_torch_dtype(dtype)))
     return model.to(device) if device is not None else model
 
 
@@ -159,7 +194,8 @@ def load_tokenizer(name_or_path: str | Path, *, padding_side: str = "right"):
 
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    with _loading(name_or_path, "model", _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of {str(name_or_path)!r} has neither a pad nor an eos token; "
@@ -310,7 +346,7 @@ def build_reward_model(
 
     device = torch.device(device) if device is not None else None
     attn = attn_implementation or pick_attn_implementation(device or "cpu")
-    with _quiet_transformers():  # the new score head is reported as missing: expected
+    with _loading(name_or_path, "reward model", _WEIGHT_FILES), _quiet_transformers():  # new score head: expected
         model = AutoModelForSequenceClassification.from_pretrained(
             str(name_or_path), num_labels=1, attn_implementation=attn, **_dtype_kwarg(to_torch_dtype(dtype))
         )
@@ -409,7 +445,7 @@ class CriticModel(nn.Module):
 
         device = torch.device(device) if device is not None else None
         attn = attn_implementation or pick_attn_implementation(device or "cpu")
-        with _quiet_transformers():  # the dropped lm_head is reported as unused: expected
+        with _loading(path, "critic", _WEIGHT_FILES), _quiet_transformers():  # dropped lm_head: expected
             backbone = AutoModel.from_pretrained(str(path), attn_implementation=attn,
                                                  **_dtype_kwarg(to_torch_dtype(dtype)))
         critic = cls(backbone)

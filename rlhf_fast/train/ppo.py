@@ -38,7 +38,7 @@ import rlhf_fast as rf
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .common import MetricsLogger, autocast_context, progress
-from .data import collate_prompts, load_records, tokenize_prompts
+from .data import collate_prompts, tokenize_prompts
 from .loop import finish_run, make_optimizer, maybe_save, save_pretrained, start_run
 from .models import CriticModel, build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
@@ -95,10 +95,11 @@ class Config:
     eval_samples: int = 256  # held-out prompts scored at the start and the end
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from the latest checkpoint in out_dir
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
+    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
     seed: int = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; float32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     log_every: int = 1
     extra: dict = field(default_factory=dict)  # free-form notes copied to the summary
@@ -227,17 +228,19 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     # torchrun the trained ones go through DDP (train_*: the wrappers) or are sharded in place by FSDP2, with
     # the frozen ones, before the optimizers are built on their parameters.
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
-    policy = enable_gradient_checkpointing(load_causal_lm(cfg.policy, device=device), cfg.gradient_checkpointing)
+    policy = load_causal_lm(cfg.policy, dtype="fp32", device=device)  # float32 weights: bf16 is autocast
+    policy = enable_gradient_checkpointing(policy, cfg.gradient_checkpointing)
     train_policy = distributed.wrap(policy, device, cfg.parallel)
-    ref = load_causal_lm(cfg.ref_policy or cfg.policy, device=device).eval().requires_grad_(False)
+    ref = load_causal_lm(cfg.ref_policy or cfg.policy, dtype="fp32", device=device).eval().requires_grad_(False)
     ref = distributed.shard_frozen(ref, cfg.parallel)
-    critic = CriticModel.from_pretrained(cfg.critic or cfg.policy).to(device) if cfg.advantage == "gae" else None
-    if critic is not None:
+    critic = None
+    if cfg.advantage == "gae":
+        critic = CriticModel.from_pretrained(cfg.critic or cfg.policy, dtype="fp32", device=device)
         enable_gradient_checkpointing(critic, cfg.gradient_checkpointing)
     train_critic = distributed.wrap(critic, device, cfg.parallel) if critic else None
     synced = distributed.is_sharded(policy)  # generate() steps until all processes are done: FSDP forwards are collective
     if cfg.reward_model is not None:
-        reward_model = build_reward_model(cfg.reward_model, device=device).eval().requires_grad_(False)
+        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
         reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
 
         def reward(ro: Rollout) -> torch.Tensor:
@@ -252,10 +255,10 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
     scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
 
-    prompts = tokenize_prompts(load_records(cfg.prompts), tokenizer, cfg.max_prompt_length)
+    prompts = tokenize_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
     eval_prompts = None
     if cfg.eval_prompts:
-        eval_prompts = tokenize_prompts(load_records(cfg.eval_prompts), tokenizer, cfg.max_prompt_length)
+        eval_prompts = tokenize_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
 
     updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)

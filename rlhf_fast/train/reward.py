@@ -15,7 +15,8 @@ import torch
 
 from . import distributed
 from .common import autocast_context, progress
-from .data import collate_preferences, load_records, tokenize_preferences
+from .data import collate_preferences, tokenize_preferences
+from .errors import UserError
 from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
                    plan_steps, start_run)  # fmt: skip
 from .models import build_reward_model, load_tokenizer, reward_scores
@@ -54,13 +55,13 @@ def evaluate(model, data, tokenizer, device, precision, batch_size: int) -> dict
 
 def train(cfg: Config) -> dict:
     if not cfg.model or not cfg.data:
-        raise ValueError("model and data must be set (a causal LM or reward model, and preference pairs)")
+        raise UserError("model and data must be set (a causal LM or reward model, and preference pairs)")
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
-    model = build_reward_model(cfg.model, tokenizer=tokenizer, device=device)
-    data = tokenize_preferences(load_records(cfg.data), tokenizer, cfg.max_length)
-    eval_data = tokenize_preferences(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
+    model = build_reward_model(cfg.model, tokenizer=tokenizer, dtype="fp32", device=device)
+    data = tokenize_preferences(cfg.data, tokenizer, cfg.max_length)
+    eval_data = tokenize_preferences(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
     steps = plan_steps(len(data), cfg)
 
     ddp_model, opt, sched, saved, start, logger = begin_training(model, cfg, out, device, steps)

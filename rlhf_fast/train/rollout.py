@@ -16,10 +16,13 @@ responses as on one, and a resumed run the same as an uninterrupted one. On CUDA
 
 import importlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .models import reward_scores
 
 
@@ -44,17 +47,35 @@ class Rollout:
 
 
 def load_function(spec: str):
-    """``"package.module:function"`` → the function (a reward function or an evaluation oracle)."""
-    if ":" not in spec:
-        raise ValueError(f"a function must be given as 'module:function', got {spec!r}")
-    module, name = spec.split(":", 1)
+    """``"package.module:function"`` → the function (a reward function or an evaluation oracle). The module
+    is looked up on ``sys.path`` with the working directory in front, as ``python -m`` has it, so that
+    ``reward_fn=rewards:score`` finds ``./rewards.py`` from the ``rlhf-fast`` console script too (whose
+    ``sys.path`` starts with its own folder); the working directory is taken off ``sys.path`` again after
+    the import. ``UserError`` (naming ``spec``) when it cannot be found or is not callable."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise UserError(f"a function must be given as 'module:function', got {spec!r}")
+    module_name, name = spec.split(":")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(_import_with_cwd(module_name), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load function {spec!r}: {e}") from e
+        raise UserError(f"cannot load function {spec!r} (looked for {module_name} in the working directory "
+                        f"{os.getcwd()!r} and on sys.path): {e}") from e  # fmt: skip
     if not callable(fn):
-        raise ValueError(f"{spec!r} is not callable")
+        raise UserError(f"{spec!r} is not callable")
     return fn
+
+
+def _import_with_cwd(module_name: str):
+    cwd = os.getcwd()
+    added = all(os.path.abspath(p or os.curdir) != cwd for p in sys.path)
+    if added:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 # splitmix64 (Steele et al. 2014) in int64 arithmetic: multiplications wrap modulo 2**64 and ``>>`` is

@@ -14,7 +14,8 @@ import torch
 
 from . import distributed
 from .common import autocast_context, progress
-from .data import collate_sft, load_records, tokenize_sft
+from .data import collate_sft, tokenize_sft
+from .errors import UserError
 from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
                    plan_steps, start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
@@ -49,13 +50,13 @@ def evaluate(ops, model, data, tokenizer, device, precision, batch_size: int) ->
 
 def train(cfg: Config) -> dict:
     if not cfg.model or not cfg.data:
-        raise ValueError("model and data must be set (a causal LM and an SFT dataset)")
+        raise UserError("model and data must be set (a causal LM and an SFT dataset)")
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, device=device)
-    data = tokenize_sft(load_records(cfg.data), tokenizer, cfg.max_length)
-    eval_data = tokenize_sft(load_records(cfg.eval_data), tokenizer, cfg.max_length) if cfg.eval_data else None
+    model = load_causal_lm(cfg.model, dtype="fp32", device=device)
+    data = tokenize_sft(cfg.data, tokenizer, cfg.max_length)
+    eval_data = tokenize_sft(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
     steps = plan_steps(len(data), cfg)
 
     ddp_model, opt, sched, saved, start, logger = begin_training(model, cfg, out, device, steps)
