@@ -210,7 +210,8 @@ def summarize(results: list[dict]) -> list[str]:
         line = (
             f"{where}: rlhf_fast {r['median_ms']:.1f} ms, {r['peak_extra_mib']:.0f} MiB; eager "
             f"{eager['median_ms']:.1f} ms, {eager['peak_extra_mib']:.0f} MiB: {speedup:.2f}x faster, "
-            f"{r['peak_extra_mib'] / eager['peak_extra_mib']:.2f}x eager's peak extra memory"
+            + (f"{r['peak_extra_mib'] / eager['peak_extra_mib']:.2f}x eager's peak extra memory"
+               if eager["peak_extra_mib"] > 0 else "eager's peak extra memory not measurable (0 MiB)")
         )
         if r["device"] == "cpu":
             verdict = "meets" if r["peak_extra_mib"] < eager["peak_extra_mib"] else "does NOT meet"
