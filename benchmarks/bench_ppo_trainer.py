@@ -128,13 +128,15 @@ def main(argv=None) -> list[dict]:
                 print(out.stderr[-3000:], file=sys.stderr)
                 tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
                 results.append({"ops": ops, "status": "failed", "reason": f"exit {out.returncode}: {tail}"[:300]})
+                if not args.no_save:
+                    save(results, preset, p, device, args.threads, args.out)
                 continue
             results.append({**json.loads(line[7:]), "status": "ok"})
             r = results[-1]
             print(f"{ops:10s} {r['tokens_per_s']:9.1f} tok/s (whole steps)  {r['update_tokens_per_s']:9.1f} tok/s "
                   f"(update)  peak extra {r['peak_memory']['peak_extra_mib']:8.1f} MiB", flush=True)  # fmt: skip
-    if not args.no_save:
-        save(results, preset, p, device, args.threads, args.out)
+            if not args.no_save:  # after each run: a run killed later keeps this one
+                save(results, preset, p, device, args.threads, args.out)
     return results
 
 

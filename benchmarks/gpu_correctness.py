@@ -173,7 +173,7 @@ def planned(dry_run: bool) -> list[tuple[Case, str, tuple, torch.dtype]]:
         for label, shape in shapes.items():
             for dtype in case.dtypes:
                 out.append((case, label, shape, dtype))
-    order = {"odd": 0, "real": 1, "big": 2}
+    order = {"odd": 0, "big": 1, "real": 2}  # the N·V > 2^31 case (64-bit offsets) before the real shapes
     return sorted(out, key=lambda t: order.get(t[1], 0))
 
 

@@ -33,6 +33,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -77,15 +78,15 @@ class OpRun:
 OPS: list[OpRun] = [
     OpRun("logprobs", ((8192, 151936),), ((4, 64),), planned_s=30,
           note="TRL's fused log-prob+entropy kernel, 8192 x 151936 bf16"),
-    OpRun("linear_logprobs", ((8192, 4096, 131072),), ((8, 16, 64),), planned_s=45,
+    OpRun("linear_logprobs", ((8192, 4096, 131072),), ((8, 16, 64),), planned_s=40,
           note="Liger's fused linear cross entropy with entropy, M=8192 H=4096 V=131072 bf16"),
-    OpRun("ppo", ((16, 512, 151936),), ((2, 4, 64),), planned_s=30, note="GRPO/PPO loss from logits"),
+    OpRun("ppo", ((16, 512, 151936),), ((2, 4, 64),), planned_s=25, note="GRPO/PPO loss from logits"),
     OpRun("full_kl", ((8192, 151936),), ((4, 64),), planned_s=15),
     OpRun("gae", ((256, 2048),), ((2, 16),), modes=("forward",), planned_s=10, note="B=256, T=2048"),
-    OpRun("linear_dpo", ((4, 512, 4096, 128256),), ((1, 4, 16, 64),), planned_s=35,
+    OpRun("linear_dpo", ((4, 512, 4096, 128256),), ((1, 4, 16, 64),), planned_s=30,
           note="Liger's fused linear DPO"),
-    OpRun("pairwise", ((4096,),), ((16,),), planned_s=8),
-    OpRun("sampling", ((256, 151936),), ((4, 64),), modes=("forward",), planned_s=7),
+    OpRun("pairwise", ((4096,),), ((16,),), planned_s=10),
+    OpRun("sampling", ((256, 151936),), ((4, 64),), modes=("forward",), planned_s=10),
 ]  # fmt: skip
 
 
@@ -315,9 +316,9 @@ def run_trainer(ctx: Context) -> None:
 
 SECTIONS: list[Section] = [
     Section("environment", "Environment and measured ceilings", 15, run_environment),
-    Section("correctness", "Native correctness of every kernel against float64", 120, run_correctness),
+    Section("correctness", "Native correctness of every kernel against float64", 150, run_correctness),
     Section("ops", "Op benchmarks at the peers' headline shapes", sum(op.planned_s for op in OPS), run_ops),
-    Section("trainer", "One PPO step, Qwen2.5-0.5B shape, fused vs reference ops", 90, run_trainer),
+    Section("trainer", "One PPO step, Qwen2.5-0.5B shape, fused vs reference ops", 70, run_trainer),
 ]
 
 
@@ -467,10 +468,15 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         cmd = [sys.executable, "-m", MODULE, "--_section", section.name, "--out", str(out), "--_deadline",
                str(t0 + box), "--_command", ctx.command] + (["--dry-run"] if args.dry_run else [])  # fmt: skip
+        # its own process group: at the time box the section and every process it started (the trainer's runs)
+        # are killed together, so that nothing keeps the GPU busy under the next section
+        proc = subprocess.Popen(cmd, env=env, cwd=harness.module_cwd(), start_new_session=True)
         try:
-            proc = subprocess.run(cmd, env=env, cwd=harness.module_cwd(), timeout=box + _GRACE_S)
-            status = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode}): see its output"
+            code = proc.wait(timeout=box + _GRACE_S)
+            status = "done" if code == 0 else f"failed (exit {code}): see its output"
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             status = f"killed at its time box ({box:.0f} s + {_GRACE_S} s): partial results kept"
         record.update(status=status, seconds=time.time() - t0)
         suite["meta"] = ctx.meta()
