@@ -50,8 +50,9 @@ MODULE = harness.module_name("benchmarks.gpu_suite")
 PEERS = ("trl", "liger-kernel", "cut-cross-entropy", "quack-kernels", "transformers", "accelerate")
 _PEER_MODULES = {"trl": "trl", "liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy",
                  "quack-kernels": "quack", "transformers": "transformers", "accelerate": "accelerate"}  # fmt: skip
-# A section's process gets this long past its time box to write what it has and exit, then it is killed.
-_GRACE_S = 15
+# A section's process gets this long past its time box to write what it has and exit, then it is killed
+# (the environment variable is for the tests).
+_GRACE_S = float(os.environ.get("RLHF_FAST_SUITE_GRACE_S", "15"))
 
 
 @dataclass(frozen=True)

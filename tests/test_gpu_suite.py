@@ -120,6 +120,29 @@ def test_a_failing_case_shows_as_fail(tmp_path):
     assert "| FAIL | pairwise_sigmoid_loss margin |" in summary and "test hook" in summary
 
 
+def test_time_box_stops_starting_items(tmp_path):
+    """Past its time box a section starts nothing more: what did not run is listed as NOT RUN, nothing dropped."""
+    proc = _run_suite(tmp_path / "out", tmp_path, "--sections", "correctness", "--budget-s", "1.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = _json(tmp_path / "out" / "correctness.json")
+    assert len(result["rows"]) == result["planned"] == len(gpu_correctness.planned(dry_run=True))
+    assert result["counts"]["NOT RUN"] > 0 and set(result["counts"]) == {"PASS", "FAIL", "ERROR", "NOT RUN"}
+    assert result["counts"]["FAIL"] == result["counts"]["ERROR"] == 0
+    assert "NOT RUN" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_section_past_its_time_box_is_killed_and_the_run_goes_on(tmp_path):
+    """The trainer cannot finish in 2 s: it is killed (with the runs it started), the summary says so."""
+    env = {**native_env(), "RLHF_FAST_SUITE_GRACE_S": "0"}
+    t0 = time.perf_counter()
+    proc = _run_suite(tmp_path / "out", tmp_path, "--sections", "trainer,environment", "--budget-s", "2", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.perf_counter() - t0 < 60
+    sections = {s["name"]: s for s in _json(tmp_path / "out" / "summary.json")["suite"]["sections"]}
+    assert sections["trainer"]["status"].startswith("killed at its time box"), sections
+    assert "killed at its time box" in (tmp_path / "out" / "summary.md").read_text()
+
+
 def test_no_worse_bar():
     """The bar itself: within 1.25x plain's error plus the margin passes, beyond it fails, NaN fails."""
     import torch
