@@ -338,6 +338,10 @@ def write_summary(out: Path, suite: dict) -> None:
     corr = _read(out / "correctness.json")
     ops_index = _read(out / "ops.json")
     trainer = _read(out / "trainer.json")
+    if not trainer.get("results"):  # killed mid-way: the runs that finished were saved by the benchmark itself
+        partial = _read(out / "trainer" / "ppo_trainer.json")
+        if partial.get("results"):
+            trainer.update(results=partial["results"], preset=partial["meta"]["preset"], shape=partial["meta"]["shape"])
     ops = {name: _read(out / "ops" / f"{name}.json") for name in ops_index.get("ops", {})}
     meta = suite["meta"]
     lines = ["# rlhf_fast GPU suite", "", *_header(meta), "", "## Sections", "",
