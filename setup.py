@@ -8,6 +8,9 @@ from setuptools import find_packages, setup
 
 packages = find_packages(include=["rlhf_fast", "rlhf_fast.*"])
 packages += ["rlhf_fast.kernels"] + [f"rlhf_fast.kernels.{p}" for p in find_packages("kernels")]
+# The benchmarks and the GPU suite ship as ``rlhf_fast.benchmarks`` (``rlhf-fast bench`` runs them from any
+# directory); only their modules: committed results (benchmarks/results/) stay in the repository.
+packages += ["rlhf_fast.benchmarks"]
 
 setup(
     name="rlhf_fast",
@@ -17,10 +20,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"rlhf_fast.kernels": "kernels"},
+    package_dir={"rlhf_fast.kernels": "kernels", "rlhf_fast.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.4",
-        "triton>=3.2; platform_system == 'Linux'",
+        "triton>=3.6; platform_system == 'Linux'",  # tested: 3.6 (the GPU image), 3.9 (CI); see tests/test_build_hopper.py
         "numpy",
         # the trainers (rlhf_fast.train); none of these depends on torch, so no CUDA build is pulled in
         "transformers>=4.45",

@@ -24,11 +24,19 @@ from pathlib import Path
 
 import torch
 
+from . import harness
+
+# ``benchmarks.bench_ppo_trainer`` from a checkout, ``rlhf_fast.benchmarks.bench_ppo_trainer`` when installed
+MODULE = harness.module_name(__name__ if __spec__ is None else __spec__.name)
+
 PRESETS = {
     # a small model whose [tokens, vocab] logits dominate, as they do in RLHF at scale
     "cpu": dict(vocab=32000, hidden=256, layers=2, heads=4, prompt_len=32, new_tokens=64, prompts_per_step=16,
                 minibatch=8, steps=3),
     # Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads, vocab 151936): ~0.5B parameters
+    # the GPU suite's dry run: every code path in seconds
+    "tiny": dict(vocab=64, hidden=16, layers=1, heads=2, prompt_len=4, new_tokens=4, prompts_per_step=4,
+                 minibatch=2, steps=1),
     "qwen0.5b": dict(vocab=151936, hidden=896, layers=24, heads=14, prompt_len=128, new_tokens=256,
                      prompts_per_step=32, minibatch=8, steps=3),
 }
@@ -71,7 +79,7 @@ def build(workdir: Path, p: dict, device: str) -> None:
 def run_one(workdir: Path, p: dict, ops: str, device: str) -> dict:
     from rlhf_fast.train import ppo
 
-    cfg = ppo.Config(policy=str(workdir / "model"), reward_fn="benchmarks.bench_ppo_trainer:reward_fn",
+    cfg = ppo.Config(policy=str(workdir / "model"), reward_fn=f"{MODULE}:reward_fn",
                      prompts=str(workdir / "prompts.jsonl"), out_dir=str(workdir / f"run-{ops}"), ops=ops,
                      steps=p["steps"], prompts_per_step=p["prompts_per_step"], minibatch_size=p["minibatch"],
                      max_prompt_length=p["prompt_len"] + 1, max_new_tokens=p["new_tokens"], ppo_epochs=1,
@@ -91,6 +99,8 @@ def main(argv=None) -> list[dict]:
                     help="CPU threads per run (default 1: two OpenMP threads collapse when another process shares a "
                          "2-core machine, and the two runs would not see the same machine)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device> under the current "
+                    "directory)")
     ap.add_argument("--_child", nargs=3, metavar=("WORKDIR", "OPS", "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -109,34 +119,34 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp), p, device)
         for ops in args.ops.split(","):
-            cmd = [sys.executable, "-m", "benchmarks.bench_ppo_trainer", "--preset", preset, "--steps", str(p["steps"]),
+            cmd = [sys.executable, "-m", MODULE, "--preset", preset, "--steps", str(p["steps"]),
                    "--threads", str(args.threads), "--_child", tmp, ops, device]  # fmt: skip
             env = {**os.environ, "RLHF_FAST_NO_PROGRESS": "1"}
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=harness.module_cwd())
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 print(out.stderr[-3000:], file=sys.stderr)
-                results.append({"ops": ops, "status": "failed"})
+                tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
+                results.append({"ops": ops, "status": "failed", "reason": f"exit {out.returncode}: {tail}"[:300]})
+                if not args.no_save:
+                    save(results, preset, p, device, args.threads, args.out)
                 continue
             results.append({**json.loads(line[7:]), "status": "ok"})
             r = results[-1]
             print(f"{ops:10s} {r['tokens_per_s']:9.1f} tok/s (whole steps)  {r['update_tokens_per_s']:9.1f} tok/s "
                   f"(update)  peak extra {r['peak_memory']['peak_extra_mib']:8.1f} MiB", flush=True)  # fmt: skip
-    if not args.no_save:
-        save(results, preset, p, device, args.threads)
+            if not args.no_save:  # after each run: a run killed later keeps this one
+                save(results, preset, p, device, args.threads, args.out)
     return results
 
 
-def save(results: list[dict], preset: str, p: dict, device: str, threads: int) -> None:
-    import subprocess as sp
-
+def save(results: list[dict], preset: str, p: dict, device: str, threads: int, out: Path | None = None) -> None:
     import transformers
     import triton
 
-    name = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu"
-    out = Path(__file__).parent / "results" / name
+    out = out or harness.results_dir(harness.device_slug(torch.device(device)))
     out.mkdir(parents=True, exist_ok=True)
-    commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = (harness.git_commit() or "unknown")[:12]
     meta = {"preset": preset, "shape": p, "device": device, "machine": platform.processor() or platform.machine(),
             "commit": commit, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "load_average": os.getloadavg(),

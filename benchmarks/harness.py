@@ -73,7 +73,24 @@ from typing import Any, Callable
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# This folder is importable twice: as ``benchmarks`` from a checkout's root (``python -m benchmarks.bench_x``)
+# and as ``rlhf_fast.benchmarks`` from an installation (``rlhf-fast bench x``, any directory).
+PACKAGE = __package__ or "benchmarks"
+
+
+def results_dir(slug: str) -> Path:
+    """Default results folder: ``benchmarks/results/<slug>`` under the current directory."""
+    return Path.cwd() / "benchmarks" / "results" / slug
+
+
+def module_name(module: str) -> str:
+    """``benchmarks.bench_x`` as this installation imports it (``rlhf_fast.benchmarks.bench_x`` when installed)."""
+    return f"{PACKAGE}.{module.rsplit('.', 1)[-1]}"
+
+
+def module_cwd() -> Path | None:
+    """Where ``python -m <module_name(...)>`` resolves: the checkout's root for ``benchmarks``, anywhere else."""
+    return REPO_ROOT if PACKAGE == "benchmarks" else None
 
 MODES = ("forward", "backward", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -480,9 +497,9 @@ def measure_isolated(
         "repeats": repeats,
         "warmup": warmup,
     }
-    cmd = [sys.executable, "-m", bench.module, "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", module_name(bench.module), "--worker", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=_WORKER_TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=module_cwd(), capture_output=True, text=True, timeout=_WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         proc = None
     if proc is not None:
@@ -609,32 +626,45 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def measure_ceilings(device: torch.device) -> dict:
-    """Measured device ceilings: copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
-    import triton.testing
+def measure_ceilings(device: torch.device, copy_bytes: int = _COPY_BYTES, matmul_size: int = _MATMUL_SIZE) -> dict:
+    """Measured device ceilings: copy bandwidth (bytes read + written per second) and bf16 matmul rate.
+
+    CUDA: do_bench; CPU (the GPU suite's dry run, tiny sizes): the median of a few perf_counter times."""
 
     def median_ms(fn) -> float:
+        if device.type != "cuda":
+            fn()
+            return summarize_times([_timed_ms(fn) for _ in range(3)])["median_ms"]
+        import triton.testing
+
         ms = triton.testing.do_bench(fn, quantiles=[0.5])
         return ms[0] if isinstance(ms, (list, tuple)) else ms
 
-    src = torch.empty(_COPY_BYTES, dtype=torch.uint8, device=device)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     copy_ms = median_ms(lambda: dst.copy_(src))
     del src, dst
-    n = _MATMUL_SIZE
+    n = matmul_size
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     mm_ms = median_ms(lambda: a @ b)
     del a, b
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {
         # a copy of B bytes reads B and writes B
-        "copy_gbps": 2 * _COPY_BYTES / (copy_ms * 1e-3) / 1e9,
-        "copy_bytes": _COPY_BYTES,
+        "copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
+        "copy_bytes": copy_bytes,
         # an n x n x n matmul is 2 n^3 floating-point operations
         "bf16_matmul_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
         "matmul_size": n,
     }
+
+
+def _timed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _git(*args: str) -> str | None:
@@ -663,14 +693,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def collect_metadata(device: torch.device, config: RunConfig, ceilings: dict | None) -> dict:
+def git_commit() -> str | None:
+    """The checkout's commit, or ``$RLHF_FAST_COMMIT`` where there is no git history (an installed wheel, or a
+    copy of the working tree on a GPU machine: set it when launching there)."""
     commit = _git("rev-parse", "HEAD")
+    return commit.strip() if commit else os.environ.get("RLHF_FAST_COMMIT") or None
+
+
+def collect_metadata(device: torch.device, config: RunConfig, ceilings: dict | None) -> dict:
+    commit = git_commit()
     # uncommitted changes to the measured code, if any (the numbers are of the working tree)
     dirty = [line[3:] for line in (_git("status", "--porcelain", "--", "rlhf_fast", "kernels") or "").splitlines()]
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m", config.module, *config.argv]),
-        "git_commit": commit.strip() if commit else None,
+        "command": " ".join(["python -m", module_name(config.module), *config.argv]),
+        "git_commit": commit,
         "git_dirty_paths": dirty,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -941,7 +978,7 @@ def _csv(choices):
 def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     """Command line shared by every ``benchmarks/bench_<op>.py``."""
     names = [m.name for m in bench.methods]
-    p = argparse.ArgumentParser(prog=f"python -m {bench.module}", description=bench.title)
+    p = argparse.ArgumentParser(prog=f"python -m {module_name(bench.module)}", description=bench.title)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--shapes", type=parse_shapes, help=f"comma-separated {bench.shape_format}; default per device")
@@ -955,7 +992,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, help=f"untimed calls first (CPU: default {warmup['cpu']}; "
                    f"CUDA: default {warmup['cuda']})")  # fmt: skip
     p.add_argument("--no-save", action="store_true", help="print the table only")
-    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device> under the current directory)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: measure everything in this process instead of one subprocess per measurement")  # fmt: skip
     p.add_argument("--report-only", action="store_true",
@@ -976,7 +1013,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     if args.report_only:
         if args.out is None and kind == "cuda" and not torch.cuda.is_available():
             p.error("--report-only for GPU results on a machine without one: pass --out benchmarks/results/<gpu>")
-        out_dir = args.out or RESULTS_DIR / device_slug(torch.device(kind))
+        out_dir = args.out or results_dir(device_slug(torch.device(kind)))
         saved = json.loads((out_dir / f"{bench.name}.json").read_text())
         print_report(bench, saved["results"], saved["metadata"])
         write_markdown(bench, saved["results"], saved["metadata"], out_dir / f"{bench.name}.md", f"{bench.name}.png")
@@ -1012,7 +1049,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     meta["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print_report(bench, results, meta)
     if not args.no_save:
-        out_dir = args.out or RESULTS_DIR / device_slug(device)
+        out_dir = args.out or results_dir(device_slug(device))
         for path in save_results(bench, results, meta, out_dir):
             print(f"wrote {path}")
     return results

@@ -19,10 +19,8 @@ import importlib
 import json
 import os
 import pkgutil
-import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 # command name -> (module, entry function)
 TRAINERS = {
@@ -33,8 +31,9 @@ TRAINERS = {
     "best-of-n": "rlhf_fast.train.best_of_n",
 }
 DEMO = "rlhf_fast.demo"
-BENCH_PACKAGE = "benchmarks"
+BENCH_PACKAGE = "rlhf_fast.benchmarks"  # benchmarks/ in the repository
 BENCH_PREFIX = "bench_"
+GPU_SUITE = "gpu"
 
 
 class CLIError(Exception):
@@ -66,8 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     add_config_args(demo)
     demo.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
 
-    bench = sub.add_parser("bench", help="run a benchmark (python -m benchmarks.bench_NAME), or list them",
-                           description="Run from the repository root, where the benchmarks/ folder is.")
+    bench = sub.add_parser("bench", help="run a benchmark or the GPU suite (gpu), or list them",
+                           description="Run rlhf_fast.benchmarks.bench_NAME (or the GPU suite: gpu) from any "
+                           "directory; results go under the current directory.")
     bench.add_argument("name", nargs="?", help="benchmark name, e.g. logprobs (none: list them)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
@@ -112,30 +112,34 @@ def _run_config_command(module_name: str, entry: str, what: str, args: argparse.
 
 
 def list_benchmarks() -> list[str]:
-    """Names of ``benchmarks/bench_*.py`` (without the prefix) in the current directory, where
-    ``python -m benchmarks.bench_NAME`` finds them (the console script's own sys.path does not hold it)."""
-    folder = Path.cwd() / BENCH_PACKAGE
-    if not (folder / "__init__.py").is_file():
+    """Names of the shipped benchmarks (``rlhf_fast.benchmarks.bench_*``, without the prefix), and ``gpu``."""
+    try:
+        package = importlib.import_module(BENCH_PACKAGE)
+    except ModuleNotFoundError:
         return []
-    return sorted(m.name[len(BENCH_PREFIX):] for m in pkgutil.iter_modules([str(folder)])
-                  if m.name.startswith(BENCH_PREFIX))
+    names = [m.name[len(BENCH_PREFIX):] for m in pkgutil.iter_modules(package.__path__)
+             if m.name.startswith(BENCH_PREFIX)]
+    return sorted(names + [GPU_SUITE])
 
 
 def _bench(name: str | None, extra: Sequence[str]) -> int:
     names = list_benchmarks()
     if not names:
-        raise CLIError("no benchmarks found: run `rlhf-fast bench` from the repository root "
-                       "(the folder that holds benchmarks/)")
+        raise CLIError(f"no benchmarks found: {BENCH_PACKAGE} is missing from this installation of rlhf_fast")
     if name is None:
-        print("benchmarks (rlhf-fast bench NAME, or python -m benchmarks.bench_NAME):")
+        print(f"benchmarks (rlhf-fast bench NAME [--help]); results go to benchmarks/results/<device>/ "
+              "under the current directory:")
         for n in names:
-            print(f"  {n}")
+            print(f"  {n}" + ("   (the GPU suite: environment, correctness, ops, trainer, summary)"
+                              if n == GPU_SUITE else ""))
         return 0
     short = name[len(BENCH_PREFIX):] if name.startswith(BENCH_PREFIX) else name
     if short not in names:
         raise CLIError(f"unknown benchmark {name!r}; available: {', '.join(names)}")
-    cmd = [sys.executable, "-m", f"{BENCH_PACKAGE}.{BENCH_PREFIX}{short}", *extra]
-    return subprocess.call(cmd, env=os.environ.copy())
+    module = _import(f"{BENCH_PACKAGE}.{'gpu_suite' if short == GPU_SUITE else BENCH_PREFIX + short}",
+                     f"benchmark {short!r}")
+    module.main(list(extra))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,23 +3,72 @@
 A profiler without a GPU (see kernels/_aot.py): it catches GPU-only compile failures and obviously slow
 code (scalar 16-bit loads, register spills) in CI. The compilation runs in a subprocess without
 ``TRITON_INTERPRET``, since interpreted kernels cannot be compiled.
+
+Every check runs twice: with this environment's Triton, and with the GPU image's (``GPU_IMAGE_TRITON``,
+fetched once into ``~/.cache/rlhf_fast`` and put first on ``PYTHONPATH`` of the subprocess; skipped, with
+the reason, where the package registry cannot be reached). The kernels also run under that Triton's
+interpreter (the GPU suite's correctness section, dry run).
 """
 
 import json
+import os
+import platform
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from conftest import native_env
+
+# The GPU machine's Triton (benchmarks/README.md): the oldest release setup.py claims, tested here.
+GPU_IMAGE_TRITON = "3.6.0"
+CACHE = Path(os.environ.get("RLHF_FAST_CACHE", Path.home() / ".cache" / "rlhf_fast"))
+
+
+def triton_site(version: str) -> Path:
+    """A folder holding Triton ``version`` (``pip install --target``), downloaded once; skip if it cannot be."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip(f"Triton {version} wheels are for Linux x86_64")
+    site = CACHE / f"triton-{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    if (site / "triton" / "__init__.py").is_file():
+        return site
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        pip = [sys.executable, "-m", "pip"]
+        get = subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp,
+                              f"triton=={version}"], capture_output=True, text=True, timeout=900)  # fmt: skip
+        if get.returncode != 0:
+            tail = (get.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"triton=={version} could not be downloaded (package registry unreachable?): {tail}")
+        staged = Path(tmp) / "site"
+        put = subprocess.run([*pip, "install", "-q", "--no-index", "--no-deps", "--target", str(staged),
+                              *map(str, Path(tmp).glob("triton-*.whl"))], capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+        assert put.returncode == 0, put.stderr[-2000:]
+        staged.rename(site)  # whole or not at all: a killed download leaves no half-installed cache
+    return site
+
+
+def triton_env(version: str | None) -> dict:
+    """This environment without ``TRITON_INTERPRET``; with Triton ``version`` first on the path if given."""
+    env = native_env()
+    if version is not None:
+        site = triton_site(version)
+        env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+        got = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert got.stdout.strip() == version, got.stdout + got.stderr
+    return env
 
 NARROW = ("LDG.E.U16", "LDG.E.S16", "LDG.E.U8", "LDG.E.S8")
 VECTOR = ("LDG.E.128", "LDG.E.64")
 
 
-@pytest.fixture(scope="module")
-def report():
+@pytest.fixture(scope="module", params=[None, GPU_IMAGE_TRITON], ids=["installed-triton", "gpu-image-triton"])
+def report(request):
     pytest.importorskip("triton")
-    env = native_env()
+    env = triton_env(request.param)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     out = subprocess.run(
         [sys.executable, "-m", "rlhf_fast.kernels._aot"], env=env, capture_output=True, text=True, timeout=1200
@@ -82,3 +131,19 @@ def test_matmul_tiles_use_tensor_cores(report):
     for r in tiles:
         expected = "HGMMA" if r["arch"] == 90 else "HMMA"
         assert expected in r["mma"], f"{r['kernel']} [{r['config']}] sm_{r['arch']}: {r['mma']}"
+
+
+def test_kernels_run_under_the_gpu_image_triton_interpreter(tmp_path):
+    """Every kernel and launcher specialisation, under the interpreter of the GPU image's Triton, against
+    float64 (tiny shapes): the GPU suite's correctness section in a dry run."""
+    env = triton_env(GPU_IMAGE_TRITON)
+    out = subprocess.run([sys.executable, "-m", "rlhf_fast", "bench", "gpu", "--dry-run", "--sections", "correctness",
+                          "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "correctness.json").read_text())
+    assert result["meta"]["versions"]["triton"] == GPU_IMAGE_TRITON
+    assert result["rows"] and len(result["rows"]) == result["planned"]
+    bad = [(r["case"], r["dtype"], r.get("reason") or r.get("worst")) for r in result["rows"] if r["status"] != "PASS"]
+    assert not bad, bad
+

@@ -1,0 +1,502 @@
+"""The GPU suite: scarce GPU minutes turned into committed evidence, in one command.
+
+    rlhf-fast bench gpu [--budget-s 420] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_suite ...                   # the same, from a checkout's root
+
+Sections run in priority order (:data:`SECTIONS`), each in its own process, time-boxed from the budget
+(its planned share of what is left, so time a section does not use goes to the later ones), and each
+writes its results to ``DIR`` as it goes: a run killed at its limit still leaves what it measured.
+
+1. ``environment``: device, SM count, driver, versions, and the measured ceilings (device-to-device copy
+   bandwidth counting bytes read + written; bf16 matmul rate at 8192^3).
+2. ``correctness``: every Triton kernel and launcher specialisation against float64, forward and backward,
+   fp32/bf16/fp16, odd and real shapes, one with N·V > 2^31 (``benchmarks/gpu_correctness.py``).
+3. ``ops``: the op benchmarks (``benchmarks/bench_*.py``) at the peers' headline shapes, against eager,
+   torch.compile and the peers that are installed (the others listed with the reason).
+4. ``trainer``: one PPO step on a random Qwen2.5-0.5B-shaped model, bf16, ``ops="fused"`` vs ``"reference"``
+   (``benchmarks/bench_ppo_trainer.py --preset qwen0.5b``).
+5. ``summary.md`` + ``summary.json`` (every raw figure) + ``summary.png``, written by this process at the end
+   (and after every section), from what the sections left on disk.
+
+Every file carries the commit, versions, ceilings and the command. ``--dry-run`` runs every code path on CPU
+with tiny shapes (kernels under the Triton interpreter) in well under a minute: the test suite runs it.
+Adding to the suite is one entry: a :class:`Section` in :data:`SECTIONS`, an :class:`OpRun` in
+:data:`OPS`, or a case in ``gpu_correctness.CASES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import importlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import harness
+
+MODULE = harness.module_name("benchmarks.gpu_suite")
+PEERS = ("trl", "liger-kernel", "cut-cross-entropy", "quack-kernels", "transformers", "accelerate")
+_PEER_MODULES = {"trl": "trl", "liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy",
+                 "quack-kernels": "quack", "transformers": "transformers", "accelerate": "accelerate"}  # fmt: skip
+# A section's process gets this long past its time box to write what it has and exit, then it is killed
+# (the environment variable is for the tests).
+_GRACE_S = float(os.environ.get("RLHF_FAST_SUITE_GRACE_S", "15"))
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the suite: ``run(ctx)`` writes ``<out>/<name>.json`` (and more) as it goes."""
+
+    name: str
+    title: str
+    planned_s: float  # planned seconds on one H100/H200 (benchmarks/README.md): its share of the budget
+    run: Callable[["Context"], None]
+
+
+@dataclass(frozen=True)
+class OpRun:
+    """One op benchmark of the ``ops`` section: ``benchmarks/bench_<name>.py`` at the peers' headline shapes."""
+
+    name: str  # bench module suffix
+    shapes: tuple[tuple[int, ...], ...]  # on CUDA
+    dry_shapes: tuple[tuple[int, ...], ...]
+    modes: tuple[str, ...] = ("forward", "full")
+    planned_s: float = 20.0
+    note: str = ""  # which peer figure the shape matches
+
+
+OPS: list[OpRun] = [
+    OpRun("logprobs", ((8192, 151936),), ((4, 64),), planned_s=30,
+          note="TRL's fused log-prob+entropy kernel, 8192 x 151936 bf16"),
+    OpRun("linear_logprobs", ((8192, 4096, 131072),), ((8, 16, 64),), planned_s=40,
+          note="Liger's fused linear cross entropy with entropy, M=8192 H=4096 V=131072 bf16"),
+    OpRun("ppo", ((16, 512, 151936),), ((2, 4, 64),), planned_s=25, note="GRPO/PPO loss from logits"),
+    OpRun("full_kl", ((8192, 151936),), ((4, 64),), planned_s=15),
+    OpRun("gae", ((256, 2048),), ((2, 16),), modes=("forward",), planned_s=10, note="B=256, T=2048"),
+    OpRun("linear_dpo", ((4, 512, 4096, 128256),), ((1, 4, 16, 64),), planned_s=30,
+          note="Liger's fused linear DPO"),
+    OpRun("pairwise", ((4096,),), ((16,),), planned_s=10),
+    OpRun("sampling", ((256, 151936),), ((4, 64),), modes=("forward",), planned_s=10),
+]  # fmt: skip
+
+
+@dataclass
+class Context:
+    out: Path
+    dry_run: bool
+    deadline: float  # time.time() after which no new item starts
+    command: str
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self.dry_run else torch.device("cuda")
+
+    def time_left(self) -> float:
+        return self.deadline - time.time()
+
+    def meta(self) -> dict:
+        """Commit, versions, ceilings (once measured) and the command: in every file."""
+        env = _read(self.out / "environment.json")
+        return {
+            "command": self.command,
+            "git_commit": harness.git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dry_run": self.dry_run,
+            "device_name": env.get("environment", {}).get("device_name"),
+            "versions": versions(),
+            "ceilings": env.get("ceilings"),
+        }
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": harness._version("triton"),
+           "cuda": torch.version.cuda, "rlhf_fast": harness._version("rlhf_fast")}  # fmt: skip
+    out.update({d: harness._version(d) for d in PEERS})
+    return out
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)  # a kill never leaves half a file
+
+
+def _header(meta: dict) -> list[str]:
+    v = meta["versions"]
+    c = meta.get("ceilings")
+    lines = [f"- Command: `{meta['command']}`", f"- Commit: {meta['git_commit'] or 'unknown'}; date {meta['date']}",
+             f"- Device: {meta.get('device_name') or '?'}" + ("  (DRY RUN on CPU: tiny shapes, no GPU figure)"
+                                                            if meta["dry_run"] else ""),
+             "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)]  # fmt: skip
+    if c:
+        lines.append(f"- Ceilings (measured): copy {c['copy_gbps']:.1f} GB/s (read + write of "
+                     f"{c['copy_bytes'] / 2**20:.0f} MiB), bf16 matmul {c['bf16_matmul_tflops']:.2f} TFLOP/s "
+                     f"({c['matmul_size']}^3)")  # fmt: skip
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- 1. environment
+
+
+def run_environment(ctx: Context) -> None:
+    device = ctx.device
+    env = {"platform": platform.platform(), "cpu": harness._cpu_model(), "cpu_count": os.cpu_count(),
+           "device": device.type, "device_name": harness._cpu_model()}  # fmt: skip
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=props.name, sm_count=props.multi_processor_count,
+                   compute_capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
+                   driver=_nvidia_smi("driver_version"), slug=harness.device_slug(device))  # fmt: skip
+    peers = {}
+    for dist, mod in _PEER_MODULES.items():
+        try:
+            importlib.import_module(mod)
+            peers[dist] = {"version": harness._version(dist), "importable": True}
+        except Exception as exc:  # not installed, or broken: the reason is the finding
+            peers[dist] = {"version": harness._version(dist), "importable": False, "reason": harness._error_text(exc)}
+    env["peers"] = peers
+    _write(ctx.out / "environment.json", {"section": "environment", "meta": ctx.meta(), "environment": env})
+    sizes = dict(copy_bytes=1 << 20, matmul_size=64) if ctx.dry_run else {}
+    ceilings = harness.measure_ceilings(device, **sizes)
+    payload = {"section": "environment", "environment": env, "ceilings": ceilings}
+    _write(ctx.out / "environment.json", payload)  # first, so that meta() below reads the ceilings
+    payload["meta"] = ctx.meta()
+    _write(ctx.out / "environment.json", payload)
+    lines = ["# Environment", "", *_header(payload["meta"]), "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in env.items() if k != "peers"]
+    lines += ["", "| peer | version | importable |", "|---|---|---|"]
+    lines += [f"| {k} | {p['version'] or '-'} | {'yes' if p['importable'] else 'no: ' + p['reason']} |"
+              for k, p in peers.items()]  # fmt: skip
+    (ctx.out / "environment.md").write_text("\n".join(lines) + "\n")
+
+
+def _nvidia_smi(field: str) -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+# ---------------------------------------------------------------------------------------- 2. correctness
+
+
+def run_correctness(ctx: Context) -> None:
+    import warnings
+
+    from . import gpu_correctness as gc
+
+    # The interpreter evaluates 0 * -inf on the padded lanes of a block (then discarded by tl.where).
+    warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
+    plan = gc.planned(ctx.dry_run)
+    rows: list[dict] = []
+    not_run: list[dict] = []
+    for case, label, shape, dtype in plan:
+        if ctx.time_left() <= 0:
+            not_run.append({"case": case.name, "shape_label": label, "shape": list(shape),
+                            "dtype": str(dtype).removeprefix("torch."), "status": "NOT RUN", "reason": "time box"})
+        else:
+            t0 = time.perf_counter()
+            rows.append({**gc.run_case(case, label, shape, dtype, ctx.device), "seconds": time.perf_counter() - t0})
+        _save_correctness(ctx, rows + not_run, len(plan))
+
+
+def _save_correctness(ctx: Context, rows: list[dict], planned: int) -> None:
+    meta = ctx.meta()
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "ERROR", "NOT RUN")}
+    _write(ctx.out / "correctness.json", {"section": "correctness", "meta": meta, "planned": planned,
+                                          "counts": counts, "rows": rows})  # fmt: skip
+    (ctx.out / "correctness.md").write_text("\n".join(["# Native correctness", "", *_header(meta), "",
+                                                       *correctness_table(rows)]) + "\n")  # fmt: skip
+
+
+def correctness_table(rows: list[dict]) -> list[str]:
+    from .gpu_correctness import INJECT_ENV
+
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("PASS", "FAIL", "ERROR", "NOT RUN")}
+    out = [", ".join(f"{n} {s}" for s, n in counts.items()) + ". Bar: error against float64 at most 1.25x plain "
+           "PyTorch's in the same dtype plus a margin (tests/reference.py assert_no_worse); float32 also within "
+           "the tests' absolute bar.", ""]  # fmt: skip
+    if any(r.get("injected_error") for r in rows):
+        out += [f"**{INJECT_ENV} was set: a deliberately wrong reference (test hook), not a real result.**", ""]
+    out += ["| status | case | shape | dtype | worst quantity | error | bar | kernels |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = r["shape_label"] + " " + harness.format_shape(r["shape"])
+        if r.get("rows_checked"):
+            shape += f" ({r['rows_checked']} rows)"
+        if r["status"] in ("PASS", "FAIL"):
+            cells = [r["worst"], f"{r['worst_err']:.3g}", f"{r['worst_bar']:.3g}"]
+        else:
+            cells = [r.get("reason", ""), "", ""]
+        out.append(f"| {r['status']} | {r['case']} | {shape} | {r['dtype']} | " + " | ".join(cells)
+                   + f" | {', '.join(r.get('kernels', []))} |")  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ 3. ops
+
+
+def run_ops(ctx: Context) -> None:
+    env = _read(ctx.out / "environment.json")
+    ceilings = env.get("ceilings") if not ctx.dry_run else None
+    (ctx.out / "ops").mkdir(exist_ok=True)
+    index = {"section": "ops", "ops": {}}
+    for op in OPS:
+        bench = importlib.import_module(f"{harness.PACKAGE}.bench_{op.name}").BENCHMARK
+        if ctx.time_left() <= 0:
+            index["ops"][op.name] = {"status": "not run", "reason": "time box"}
+            index["meta"] = ctx.meta()
+            _write(ctx.out / "ops.json", index)
+            continue
+        dtype = torch.float32 if ctx.dry_run else torch.bfloat16
+        shapes = list(op.dry_shapes if ctx.dry_run else op.shapes)
+        modes = [m for m in op.modes if m in bench.modes]
+        results: list[dict] = []
+        argv = ("--shapes", ",".join(map(harness.format_shape, shapes)), "--modes", ",".join(modes))
+        config = harness.RunConfig(device=ctx.device, dtype=dtype, shapes=shapes, modes=modes,
+                                   methods=[m.name for m in bench.methods], repeats=1 if ctx.dry_run else 20,
+                                   warmup=1 if ctx.dry_run else 3, isolate=False, module=bench.module, argv=argv)
+        meta = harness.collect_metadata(ctx.device, config, ceilings)
+        meta.update(suite=ctx.meta(), command=ctx.command)
+        for method in bench.methods:  # one method at a time: stop at the time box, save after each
+            if ctx.time_left() <= 0:
+                results.append({"method": method.name, "status": "skipped", "reason": "time box reached"})
+                continue
+            if ctx.dry_run and method.first_call_note == "compile":  # tens of seconds of C++ builds on CPU
+                results.append({"method": method.name, "status": "skipped", "reason": "dry run: not compiled"})
+                continue
+            # The harness runs gc.collect() around every call; with torch, transformers and the peers imported a
+            # full collection took 0.5 s (59 of the dry run's 75 s here). Objects alive now are moved out of
+            # the collector's sight (never freed: the modules and the benchmark descriptions), so that each
+            # collection scans only what the measurement itself allocates.
+            gc.freeze()
+            results += harness.run_benchmark(bench, dataclasses.replace(config, methods=[method.name]), ceilings)
+            harness.add_ratios([r for r in results if "mode" in r], bench.baseline)
+            # the raw figures after every method; the report (markdown, plot) once the op is done
+            _write(ctx.out / "ops" / f"{bench.name}.json", {"benchmark": bench.name, "title": bench.title,
+                                                            "metadata": meta, "results": results})  # fmt: skip
+        try:
+            harness.save_results(bench, results, meta, ctx.out / "ops")
+        except Exception as exc:  # a report that fails must not lose the raw figures (already written)
+            print(f"{bench.name}: report failed ({harness._error_text(exc)}); raw results kept", flush=True)
+        index["ops"][op.name] = {"status": "done", "note": op.note, "shapes": [list(s) for s in shapes],
+                                 "modes": modes, "files": [f"ops/{op.name}.{e}" for e in ("json", "md", "png")]}
+        index["meta"] = ctx.meta()
+        _write(ctx.out / "ops.json", index)
+
+
+# -------------------------------------------------------------------------------------------- 4. trainer
+
+
+def run_trainer(ctx: Context) -> None:
+    from . import bench_ppo_trainer
+
+    preset = "tiny" if ctx.dry_run else "qwen0.5b"
+    argv = ["--preset", preset, "--steps", "1" if ctx.dry_run else "2", "--out", str(ctx.out / "trainer"),
+            "--device", "cpu" if ctx.dry_run else "auto"]  # fmt: skip
+    _write(ctx.out / "trainer.json", {"section": "trainer", "meta": ctx.meta(), "argv": argv, "status": "running"})
+    results = bench_ppo_trainer.main(argv)
+    _write(ctx.out / "trainer.json", {"section": "trainer", "meta": ctx.meta(), "argv": argv, "status": "done",
+                                      "preset": preset, "shape": bench_ppo_trainer.PRESETS[preset],
+                                      "results": results})  # fmt: skip
+
+
+SECTIONS: list[Section] = [
+    Section("environment", "Environment and measured ceilings", 15, run_environment),
+    Section("correctness", "Native correctness of every kernel against float64", 150, run_correctness),
+    Section("ops", "Op benchmarks at the peers' headline shapes", sum(op.planned_s for op in OPS), run_ops),
+    Section("trainer", "One PPO step, Qwen2.5-0.5B shape, fused vs reference ops", 70, run_trainer),
+]
+
+
+# -------------------------------------------------------------------------------------------- 5. summary
+
+
+def write_summary(out: Path, suite: dict) -> None:
+    """``summary.md``, ``summary.json`` (every section's raw figures) and ``summary.png`` from the files."""
+    env = _read(out / "environment.json")
+    corr = _read(out / "correctness.json")
+    ops_index = _read(out / "ops.json")
+    trainer = _read(out / "trainer.json")
+    if not trainer.get("results"):  # killed mid-way: the runs that finished were saved by the benchmark itself
+        partial = _read(out / "trainer" / "ppo_trainer.json")
+        if partial.get("results"):
+            trainer.update(results=partial["results"], preset=partial["meta"]["preset"], shape=partial["meta"]["shape"])
+    ops = {name: _read(out / "ops" / f"{name}.json") for name in ops_index.get("ops", {})}
+    meta = suite["meta"]
+    lines = ["# rlhf_fast GPU suite", "", *_header(meta), "", "## Sections", "",
+             "| section | planned s | time box s | took s | status |", "|---|---|---|---|---|"]  # fmt: skip
+    for s in suite["sections"]:
+        lines.append(f"| {s['name']} | {s['planned_s']:.0f} | {s['box_s']:.0f} | {s.get('seconds', 0):.1f} | "
+                     f"{s['status']} |")
+    lines += ["", "## Correctness", ""]
+    lines += correctness_table(corr.get("rows", [])) if corr else ["not run"]
+    lines += ["", "## Ops (median ms; forward = one call, full = forward + backward)", ""]
+    rows = []
+    for name, payload in ops.items():
+        note = ops_index["ops"][name].get("note", "")
+        for r in payload.get("results", []):
+            if "mode" not in r:
+                rows.append(f"| {name} | | | {r['method']} | not run: {r.get('reason', '')} | | | | |")
+                continue
+            if r["status"] != "ok":
+                rows.append(f"| {name} | {harness.format_shape(r['shape'])} | {r['mode']} | {r['method']} | "
+                            f"{r['status']}: {r.get('reason', '')} | | | | |")
+                continue
+            rate = (f"{r['gbps']:.0f} GB/s" if r.get("gbps") else "") + (f" {r['tflops']:.1f} TFLOP/s"
+                                                                      if r.get("tflops") else "")
+            frac = r.get("copy_bw_fraction") or r.get("matmul_fraction")
+            rows.append(f"| {name} | {harness.format_shape(r['shape'])} | {r['mode']} | {r['method']} | "
+                        f"{r['median_ms']:.3f} | {rate.strip()} | {f'{100 * frac:.0f}%' if frac else '-'} | "
+                        f"{r['peak_extra_mib']:.0f} | {harness._fmt_ratio(r.get('time_vs_baseline'))} |")
+        baseline = importlib.import_module(f"{harness.PACKAGE}.bench_{name}").BENCHMARK.baseline
+        rows.append(f"| {name} | | | | (baseline: {baseline}{'; ' + note if note else ''}) | | | | |")
+    for name, o in ops_index.get("ops", {}).items():
+        if o.get("status") != "done":
+            rows.append(f"| {name} | | | | not run: {o.get('reason', '')} | | | | |")
+    lines += ["| op | shape | mode | method | median ms | rate | % ceiling | peak extra MiB | time ÷ baseline |",
+              "|---|---|---|---|---|---|---|---|---|", *rows] if rows else ["not run"]
+    lines += ["", "Per-op tables, formulas and plots: `ops/<op>.md`.", "", "## Trainer", ""]
+    if trainer.get("results"):
+        p = trainer["shape"]
+        lines += [f"preset {trainer['preset']}: V={p['vocab']}, H={p['hidden']}, {p['layers']} layers, "
+                  f"{p['prompts_per_step']} prompts x {p['new_tokens']} new tokens, {p['steps']} step(s)", "",
+                  "| ops | tokens/s (whole steps) | tokens/s (update) | peak extra MiB |", "|---|---|---|---|"]
+        for r in trainer["results"]:
+            if r.get("status") == "ok":
+                lines.append(f"| {r['ops']} | {r['tokens_per_s']:.1f} | {r['update_tokens_per_s']:.1f} | "
+                             f"{r['peak_memory']['peak_extra_mib']:.0f} |")
+            else:
+                lines.append(f"| {r['ops']} | {r.get('status')}: {r.get('reason', '')} | | |")
+    else:
+        lines.append(f"not run ({trainer.get('status', 'no result')})")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _write(out / "summary.json", {"meta": meta, "suite": suite, "environment": env, "correctness": corr,
+                                  "ops": ops, "trainer": trainer})  # fmt: skip
+    _plot_summary(out / "summary.png", ops, meta)
+
+
+def _plot_summary(path: Path, ops: dict, meta: dict) -> None:
+    """Each op's forward+backward (or forward) time per method, relative to eager: below 1 is faster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = []
+    for name, payload in ops.items():
+        for r in payload.get("results", []):
+            if r.get("status") == "ok" and r.get("time_vs_baseline") and r["mode"] in ("full", "forward"):
+                bars.append((f"{name} {r['mode']}\n{r['method']}", r["time_vs_baseline"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(bars)), 5))
+    if bars:
+        ax.bar(range(len(bars)), [b[1] for b in bars], color="tab:blue")
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=90, fontsize=6)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("time / the op's baseline (eager PyTorch or its loop; lower is better)")
+    ax.set_title(f"{meta.get('device_name') or ''} {meta['git_commit'] or ''}"[:80], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def plan(budget_s: float) -> list[dict]:
+    total = sum(s.planned_s for s in SECTIONS)
+    return [{"name": s.name, "planned_s": s.planned_s, "share_of_budget": s.planned_s / total * budget_s}
+            for s in SECTIONS]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="rlhf-fast bench gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--budget-s", type=float, default=420.0, help="seconds for all sections together (default 420)")
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device-slug>/ under the "
+                   "current directory; benchmarks/results/dry-run/ with --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="every code path on CPU, tiny shapes, Triton interpreter")
+    p.add_argument("--sections", help="comma-separated subset of " + ",".join(s.name for s in SECTIONS))
+    p.add_argument("--_section", help=argparse.SUPPRESS)  # internal: run one section in this process
+    p.add_argument("--_deadline", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--_command", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.budget_s <= 0:
+        p.error("--budget-s must be positive")
+    if not args.dry_run and not torch.cuda.is_available():
+        p.error("no CUDA device: the suite measures a GPU (--dry-run runs every code path on CPU)")
+    names = [s.name for s in SECTIONS]
+    chosen = names if not args.sections else [s.strip() for s in args.sections.split(",") if s.strip()]
+    if any(n not in names for n in chosen):
+        p.error(f"--sections: choose from {', '.join(names)}")
+
+    if args._section:  # a child: one section, then exit
+        ctx = Context(args.out, args.dry_run, args._deadline, args._command)
+        next(s for s in SECTIONS if s.name == args._section).run(ctx)
+        return {}
+
+    slug = "dry-run" if args.dry_run else harness.device_slug(torch.device("cuda"))
+    out = (args.out or harness.results_dir(slug)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = "rlhf-fast bench gpu " + " ".join(sys.argv[1:] if argv is None else argv)
+    ctx = Context(out, args.dry_run, 0.0, command.strip())
+    sections = [s for s in SECTIONS if s.name in chosen]
+    suite = {"meta": ctx.meta(), "budget_s": args.budget_s, "plan": plan(args.budget_s), "sections": []}
+    env = os.environ.copy()
+    if args.dry_run and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # the kernels under the interpreter, set before rlhf_fast is imported
+    env.setdefault("RLHF_FAST_NO_PROGRESS", "1")
+    start = time.time()
+    for i, section in enumerate(sections):
+        left = args.budget_s - (time.time() - start)
+        rest = sum(s.planned_s for s in sections[i:])
+        box = max(0.0, left * section.planned_s / rest)
+        record = {"name": section.name, "title": section.title, "planned_s": section.planned_s, "box_s": box}
+        suite["sections"].append(record)
+        if box < 1:
+            record.update(status="not run: budget spent", seconds=0.0)
+            continue
+        print(f"[gpu suite] {section.name}: time box {box:.0f} s", flush=True)
+        t0 = time.time()
+        cmd = [sys.executable, "-m", MODULE, "--_section", section.name, "--out", str(out), "--_deadline",
+               str(t0 + box), "--_command", ctx.command] + (["--dry-run"] if args.dry_run else [])  # fmt: skip
+        # its own process group: at the time box the section and every process it started (the trainer's runs)
+        # are killed together, so that nothing keeps the GPU busy under the next section
+        proc = subprocess.Popen(cmd, env=env, cwd=harness.module_cwd(), start_new_session=True)
+        try:
+            code = proc.wait(timeout=box + _GRACE_S)
+            status = "done" if code == 0 else f"failed (exit {code}): see its output"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"killed at its time box ({box:.0f} s + {_GRACE_S} s): partial results kept"
+        record.update(status=status, seconds=time.time() - t0)
+        suite["meta"] = ctx.meta()
+        write_summary(out, suite)  # after every section: a run killed later still has its summary
+    suite["seconds"] = time.time() - start
+    write_summary(out, suite)
+    print(f"[gpu suite] {suite['seconds']:.0f} s; results in {out} (summary.md)", flush=True)
+    return suite
+
+
+if __name__ == "__main__":
+    main()
