@@ -83,7 +83,7 @@ def run_one(workdir: Path, p: dict, ops: str, device: str) -> dict:
                      prompts=str(workdir / "prompts.jsonl"), out_dir=str(workdir / f"run-{ops}"), ops=ops,
                      steps=p["steps"], prompts_per_step=p["prompts_per_step"], minibatch_size=p["minibatch"],
                      max_prompt_length=p["prompt_len"] + 1, max_new_tokens=p["new_tokens"], ppo_epochs=1,
-                     lr=1e-6, device=device, precision="bf16")  # fmt: skip
+                     lr=1e-6, device=device, precision="auto")  # fmt: skip
     s = ppo.train(cfg)
     return {"ops": ops, "tokens_per_s": s["tokens_per_s"], "update_tokens_per_s": s["update_tokens_per_s"],
             "peak_memory": s["peak_memory_mib"]}  # fmt: skip
