@@ -36,6 +36,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "psutil"],
         "bench": ["matplotlib", "pytest-benchmark", "psutil"],
         "peers": ["liger-kernel", "trl", "cut-cross-entropy"],
+        # rlhf_fast.integrations: drop-ins for these trainers (the versions their tests ran against)
+        "trl": ["trl>=1.16,<1.17"],
     },
     license="Apache-2.0",
 )

@@ -1,0 +1,8 @@
+"""Drop-ins that put rlhf_fast's ops inside the trainers people already run.
+
+- ``rlhf_fast.integrations.trl`` (extra ``trl``): ``GRPOTrainer``, ``DPOTrainer``, ``RewardTrainer``,
+  subclasses of TRL's with the same constructor: change the import line, nothing else.
+
+Each submodule imports its framework when it is imported, never from here, so ``import rlhf_fast``
+needs none of them.
+"""
