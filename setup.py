@@ -38,6 +38,7 @@ setup(
         "peers": ["liger-kernel", "trl", "cut-cross-entropy"],
         # rlhf_fast.integrations: drop-ins for these trainers (the versions their tests ran against)
         "trl": ["trl>=1.16,<1.17"],
+        "verl": ["verl>=0.9,<0.10"],
     },
     license="Apache-2.0",
 )
