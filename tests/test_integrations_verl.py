@@ -77,14 +77,17 @@ GLOBAL = [
 ]
 
 
+@pytest.mark.parametrize("bool_mask", [False, True])  # verl's ppo_loss passes response_mask.to(bool)
 @pytest.mark.parametrize("global_info", GLOBAL)
 @pytest.mark.parametrize("agg", rfv.VERL_AGG_MODES)
-def test_policy_loss_matches_verl_vanilla(agg, global_info):
+def test_policy_loss_matches_verl_vanilla(agg, global_info, bool_mask):
     logp, old, adv, mask, is_w = _batch()
+    if bool_mask:
+        mask = mask.bool()
     cfg = _Config(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, global_batch_info=global_info)
     lp64 = logp.double().requires_grad_()
-    want, want_m = VERL["compute_policy_loss_vanilla"](old.double(), lp64, adv.double(), mask.double(), agg, cfg,
-                                                       is_w.double())  # fmt: skip
+    m64 = mask if bool_mask else mask.double()
+    want, want_m = VERL["compute_policy_loss_vanilla"](old.double(), lp64, adv.double(), m64, agg, cfg, is_w.double())
     want.backward()
     lp = logp.clone().requires_grad_()
     got, got_m = rfv.policy_loss_vanilla(old, lp, adv, mask, agg, cfg, is_w)

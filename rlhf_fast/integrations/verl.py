@@ -22,6 +22,12 @@ functions of the installed verl files, not ``import verl``; see tests/test_integ
   unimplemented: the exact ``KL(pi || pi_ref)`` over the vocabulary from ``logits`` / ``ref_logits`` by
   ``rf.full_kl``.
 
+Where they plug in: the loss through verl's registry (below; ``verl/workers/utils/losses.py`` calls it with
+a bool ``response_mask`` and fills ``config.global_batch_info``). verl has no switch for the other two:
+verl builds its own ``FusedLinearForPPO`` inside its patched model forwards
+(``verl/models/transformers/dense_common.py``, ``impl_backend`` torch | liger), and calls ``kl_penalty``
+with per-token log-probs only, so ``"full"`` needs a caller that has both models' logits (or hidden states).
+
 A verl user adds (PPO/GRPO trainer, Hydra overrides)::
 
     VERL_USE_EXTERNAL_MODULES=rlhf_fast.integrations.verl  # every verl process imports it: registers the loss
