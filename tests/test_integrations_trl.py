@@ -127,11 +127,36 @@ def test_grpo_gradients_match_stock_trl_fp32(model_dir, tmp_path, loss_type, bia
     assert stock._metrics["train"]["clip_ratio/region_mean"][0] > 0  # the batch does clip
 
 
-def test_grpo_entropy_bonus_and_entropy_mask_match_stock(model_dir, tmp_path):
-    cfg = dict(bf16=False, beta=0.0, loss_type="bnpo", entropy_coef=0.1, top_entropy_quantile=0.5)
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
+def test_grpo_entropy_bonus_and_entropy_mask_match_stock(model_dir, tmp_path, loss_type):
+    cfg = dict(bf16=False, beta=0.0, loss_type=loss_type, entropy_coef=0.1, top_entropy_quantile=0.5)
     stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
     ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
     inputs = _grpo_inputs(stock)
+    want_loss, want = _loss_and_grads(stock, inputs)
+    got_loss, got = _loss_and_grads(ours, inputs)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
+    for name in want:
+        assert _rel(got[name], want[name]) < 1e-5, name
+    for key in ("policy_loss", "entropy_coef", "entropy"):
+        assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("is_shape", ["token", "sequence"])
+def test_grpo_off_policy_mask_and_vllm_is_correction_match_stock(model_dir, tmp_path, is_shape):
+    """The off-policy sequence mask, and vLLM's importance-sampling correction: the trainers' loss reads
+    only ``use_vllm``, ``vllm_importance_sampling_correction`` and the batch's ratio (TRL computes it,
+    truncated or masked, while scoring), so both are set by hand here (no vLLM on CPU)."""
+    cfg = dict(bf16=False, beta=0.04, loss_type="dapo", off_policy_mask_threshold=0.05)
+    stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
+    ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
+    inputs = _grpo_inputs(stock)
+    B, T = inputs["completion_mask"].shape
+    g = torch.Generator().manual_seed(7)
+    ratio = torch.rand(B, T if is_shape == "token" else 1, generator=g) * 2
+    inputs["importance_sampling_ratio"] = torch.where(ratio > 1.6, 0.0, ratio)  # some tokens masked out
+    for t in (stock, ours):
+        t.use_vllm, t.vllm_importance_sampling_correction = True, True
     want_loss, want = _loss_and_grads(stock, inputs)
     got_loss, got = _loss_and_grads(ours, inputs)
     assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)

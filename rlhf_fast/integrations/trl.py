@@ -296,9 +296,11 @@ class GRPOTrainer(trl.GRPOTrainer):
                 kl = kl * torch.exp(torch.where(m != 0, logp - old_logp, 0.0))
             loss = loss + self.beta * rf.aggregate(kl, mask, agg=agg) * factor
         if self._entropy_bonus_enabled:
+            # TRL logs the policy term per micro-batch: before the accumulation divisor (dapo's normaliser has it)
+            policy_metric = loss.detach() * (1.0 if self.loss_type == "dapo" else accumulation)
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_metric).nanmean().item())
             effective = m if entropy_mask is None else m * entropy_mask
             loss = loss - self.entropy_coef * rf.aggregate(entropy, effective, agg="token-mean") / accumulation
-            self._metrics[mode]["policy_loss"].append(self.accelerator.gather((loss * accumulation).detach()).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         self._log_grpo_metrics(mode, logp, old_logp, advantages, m, entropy, kl if self.beta != 0.0 else None)
@@ -427,6 +429,10 @@ class DPOTrainer(trl.DPOTrainer):
 
 class RewardTrainer(trl.RewardTrainer):
     """``trl.RewardTrainer`` with the Bradley-Terry loss on ``rf.pairwise_sigmoid_loss`` (module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version("RewardTrainer")  # compute_loss below keeps TRL 1.16's metrics bookkeeping
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
