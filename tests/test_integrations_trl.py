@@ -108,7 +108,8 @@ def _grpo_inputs(trainer):
 @pytest.mark.parametrize("bias_kl", [True, False])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_grpo_gradients_match_stock_trl_fp32(model_dir, tmp_path, loss_type, bias_kl, monkeypatch):
-    cfg = dict(bf16=False, beta=0.04, loss_type=loss_type, use_bias_correction_kl=bias_kl, epsilon_high=0.28)
+    cfg = dict(bf16=False, beta=0.04, loss_type=loss_type, use_bias_correction_kl=bias_kl, epsilon_high=0.28,
+               temperature=0.7)
     stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
     ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
     assert ours._rf_loss_unsupported is None
