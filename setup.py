@@ -39,6 +39,10 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "psutil"],
         "bench": ["matplotlib", "pytest-benchmark", "psutil"],
         "peers": ["liger-kernel", "trl", "cut-cross-entropy"],
+        # rlhf_fast.integrations: drop-ins for these trainers (the versions their tests ran against)
+        "trl": ["trl>=1.16,<1.17"],
+        "verl": ["verl>=0.9,<0.10"],
+        "openrlhf": ["openrlhf>=0.11,<0.12"],
     },
     license="Apache-2.0",
 )

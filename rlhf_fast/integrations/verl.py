@@ -1,0 +1,151 @@
+"""verl on rlhf_fast: a policy loss, a fused log-prob + entropy head and the full KL, as verl calls them.
+
+Tested against verl 0.9.1 (``pip install --no-deps verl``: its package imports Ray, so the tests run the
+functions of the installed verl files, not ``import verl``; see tests/test_integrations_verl.py).
+
+- ``policy_loss_vanilla`` has the signature of verl's registered policy losses
+  (``verl/trainer/ppo/core_algos.py``: ``(old_log_prob, log_prob, advantages, response_mask,
+  loss_agg_mode, config, rollout_is_weights) -> (loss, metrics)``) and verl's ``vanilla`` semantics: the
+  clipped objective with ``clip_ratio_low`` / ``clip_ratio_high``, the dual clip at ``clip_ratio_c``
+  (default 3), the rollout-correction weights multiplying the per-token loss, and verl's global-batch
+  normalisation (``agg_loss`` with ``config.global_batch_info``: ``dp_size``, ``batch_num_tokens``,
+  ``global_batch_size``, ``loss_scale_factor``; see ``agg_scale``). The loss is ``rf.ppo_policy_loss``.
+  ``register()`` puts it in verl's registry as ``rlhf_fast_vanilla`` (done on import when verl imports).
+  One difference: verl clamps the log-ratio to [-20, 20] before ``exp``; we do not (a ratio beyond
+  e^20 is clipped by the trust region either way; only its unclipped side differs).
+- ``FusedLinearForPPO``: the module interface of ``verl.utils.experimental.torch_functional.FusedLinearForPPO``
+  (``forward(hidden_states, vocab_weights, input_ids, temperature=1.0) -> (log_probs, entropy)``), one
+  pass through ``rf.linear_logprobs`` (Triton on CUDA); entropy comes back float32 (verl's torch backend
+  rounds it to the hidden states' dtype).
+- ``kl_penalty``: verl's ``kl_penalty(logprob, ref_logprob, kl_penalty)`` (k1/kl, abs, k2/mse, k3/low_var_kl
+  and the straight-through ``+`` variants, verl's clamps kept) plus ``"full"``, which verl leaves
+  unimplemented: the exact ``KL(pi || pi_ref)`` over the vocabulary from ``logits`` / ``ref_logits`` by
+  ``rf.full_kl``.
+
+Where they plug in: the loss through verl's registry (below; ``verl/workers/utils/losses.py`` calls it with
+a bool ``response_mask`` and fills ``config.global_batch_info``). verl has no switch for the other two:
+verl builds its own ``FusedLinearForPPO`` inside its patched model forwards
+(``verl/models/transformers/dense_common.py``, ``impl_backend`` torch | liger), and calls ``kl_penalty``
+with per-token log-probs only, so ``"full"`` needs a caller that has both models' logits (or hidden states).
+
+A verl user adds (PPO/GRPO trainer, Hydra overrides)::
+
+    VERL_USE_EXTERNAL_MODULES=rlhf_fast.integrations.verl  # every verl process imports it: registers the loss
+    actor_rollout_ref.actor.policy_loss.loss_mode=rlhf_fast_vanilla
+"""
+
+import torch
+
+import rlhf_fast as rf
+
+LOSS_NAMES = ("rlhf_fast_vanilla",)
+VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+
+
+def agg_scale(loss_mask: torch.Tensor, loss_agg_mode: str, *, dp_size: int = 1, batch_num_tokens=None,
+              global_batch_size=None, loss_scale_factor=None) -> tuple[str, torch.Tensor]:  # fmt: skip
+    """``(agg, factor)`` with ``factor * rf.aggregate(L, loss_mask, agg=agg)`` equal to verl's
+    ``agg_loss(L, loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)``.
+
+    With ``m`` the mask, ``S = sum(m L)``, ``R`` the rows with a token, and verl's defaults
+    (``batch_num_tokens = sum m``, ``global_batch_size = R`` when not given, only allowed at ``dp_size == 1``):
+
+    - token-mean: ``S / batch_num_tokens * dp`` = rf token-mean (``S / sum m``) ``* sum m * dp / batch_num_tokens``
+    - token-sum: ``S * dp`` = rf token-mean ``* sum m * dp``
+    - seq-mean-token-sum: ``sum_rows(...) / global_batch_size * dp`` = rf seq-mean-token-sum ``* R * dp / gbs``
+    - seq-mean-token-sum-norm: the same ``/ loss_scale_factor`` (default: the response length T)
+    - seq-mean-token-mean: rf seq-mean-token-mean ``* R * dp / gbs`` (verl divides each row by
+      ``count + 1e-8``, we by ``count``: 1e-8 / count relative)
+    """
+    if loss_agg_mode not in VERL_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {VERL_AGG_MODES}, got {loss_agg_mode!r}")
+    m = loss_mask.to(torch.float32)
+    if loss_agg_mode in ("token-mean", "token-sum"):
+        if batch_num_tokens is None and dp_size > 1 and loss_agg_mode == "token-mean":
+            raise ValueError("batch_num_tokens (the global token count) is required when dp_size > 1")
+        tokens = m.sum()
+        denom = 1.0 if loss_agg_mode == "token-sum" else (tokens if batch_num_tokens is None else batch_num_tokens)
+        return "token-mean", tokens * dp_size / denom
+    if global_batch_size is None and dp_size > 1:
+        raise ValueError("global_batch_size is required when dp_size > 1")
+    rows = (m.sum(-1) > 0).sum().to(torch.float32)
+    factor = rows * dp_size / (rows.clamp(min=1.0) if global_batch_size is None else global_batch_size)
+    if loss_agg_mode == "seq-mean-token-mean":
+        return "seq-mean-token-mean", factor
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        factor = factor / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return "seq-mean-token-sum", factor
+
+
+def _get(config, name, default=None):
+    value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+    return default if value is None else value
+
+
+def policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                        rollout_is_weights=None):  # fmt: skip
+    """verl's ``vanilla`` policy loss on ``rf.ppo_policy_loss`` (module docstring); ``(loss, metrics)`` with
+    verl's metric names ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (floats)."""
+    if config is None:
+        raise ValueError("config (verl's ActorConfig: clip_ratio, clip_ratio_low/high, clip_ratio_c) is required")
+    clip = _get(config, "clip_ratio")
+    clip_c = _get(config, "clip_ratio_c", 3.0)
+    agg, factor = agg_scale(response_mask, loss_agg_mode, **(_get(config, "global_batch_info", {}) or {}))
+    loss, metrics = rf.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
+                                       clip_low=_get(config, "clip_ratio_low", clip),
+                                       clip_high=_get(config, "clip_ratio_high", clip), dual_clip=clip_c, agg=agg,
+                                       is_weights=rollout_is_weights)  # fmt: skip
+    return loss * factor, {"actor/pg_clipfrac": metrics["clipfrac"].item(), "actor/ppo_kl": metrics["approx_kl"].item(),
+                           "actor/pg_clipfrac_lower": metrics["dual_clipfrac"].item()}  # fmt: skip
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """Drop-in for verl's ``FusedLinearForPPO``: per-token log-probs and entropy of
+    ``softmax(hidden_states @ vocab_weights.T / temperature)`` in one ``rf.linear_logprobs`` pass."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "rlhf_fast"):
+        super().__init__()
+        self.chunk_size = chunk_size  # accepted for the interface: rf picks its own chunks (rf.chunk_budget)
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
+        return rf.linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
+                                  return_entropy=True)  # fmt: skip
+
+
+def kl_penalty(logprob, ref_logprob, kl_penalty: str, *, logits=None, ref_logits=None, temperature: float = 1.0):
+    """verl's ``kl_penalty`` per token, plus ``"full"`` (``rf.full_kl(logits, ref_logits)``: pass both)."""
+    if kl_penalty == "full":
+        if logits is None or ref_logits is None:
+            raise ValueError("kl_penalty='full' needs logits and ref_logits (the whole vocabulary), not log-probs")
+        return rf.full_kl(logits, ref_logits, temperature=temperature)
+    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    names = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+    if base not in names:
+        raise ValueError(f"kl_penalty must be one of {sorted(names)} (optionally with '+'), or 'full'; got {kl_penalty!r}")
+    if names[base] == "k3":
+        # verl: the log-ratio clamped to [-20, 20] and the estimate to [-10, 10] (kept, for equal numbers)
+        lr = torch.clamp(logprob.float() - ref_logprob.float(), -20.0, 20.0)
+        forward = torch.clamp(rf.kl_penalty(lr, torch.zeros_like(lr), estimator="k3"), max=10.0)
+    else:
+        forward = rf.kl_penalty(logprob, ref_logprob, estimator=names[base])
+    if not kl_penalty.endswith("+") or names[base] == "k2":
+        return forward
+    k2 = rf.kl_penalty(logprob, ref_logprob, estimator="k2")  # straight-through: k2's gradient, the estimate's value
+    return k2 - k2.detach() + forward.detach()
+
+
+def register(register_policy_loss=None) -> None:
+    """Put ``policy_loss_vanilla`` into verl's policy-loss registry as ``rlhf_fast_vanilla``
+    (``register_policy_loss``: verl's decorator factory; default: imported from verl)."""
+    if register_policy_loss is None:
+        from verl.trainer.ppo.core_algos import register_policy_loss
+    register_policy_loss("rlhf_fast_vanilla")(policy_loss_vanilla)
+
+
+try:  # inside a verl process (VERL_USE_EXTERNAL_MODULES), registering is what importing this module is for
+    from verl.trainer.ppo import core_algos as _core_algos
+except ImportError:  # verl, or one of its heavy dependencies (Ray), is not installed: call register() later
+    _core_algos = None
+if _core_algos is not None:
+    register(_core_algos.register_policy_loss)

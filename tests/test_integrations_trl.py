@@ -1,0 +1,345 @@
+"""rlhf_fast.integrations.trl against stock TRL (the real package, trl 1.16) on a tiny Llama on CPU.
+
+Each test builds the stock trainer and ours from the same saved model and config, feeds both the same
+batch and compares losses and gradients of every parameter: within 1e-5 relative in float32; under
+TRL's default bf16 config, ours is no further from the float32 gradients than stock TRL's bf16 ones.
+"""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+
+from rlhf_fast.integrations import trl as rft  # noqa: E402
+
+from train_utils import tiny_causal_lm_dir  # noqa: E402
+
+PROMPTS = ["a b c", "d e f g", "h i", "j k l m n"]
+COMMON = dict(report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0, max_steps=1,
+              disable_tqdm=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_causal_lm_dir(tmp_path_factory.mktemp("tiny_llama"), hidden_size=32, num_layers=1)
+
+
+def _reward(completions, **kwargs):
+    return [float(len(c) % 5) for c in completions]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def _loss_and_grads(trainer, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    # the autocast accelerate wraps a prepared model's forward in under bf16 (a no-op in float32)
+    with trainer.compute_loss_context_manager(), trainer.accelerator.autocast():
+        loss = trainer.compute_loss(trainer.model, dict(inputs))
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def _spy(monkeypatch, *names):
+    """Count the calls of rlhf_fast ops."""
+    import rlhf_fast
+
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        op = getattr(rlhf_fast, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(rlhf_fast, name, counted)
+    return calls
+
+
+def _assert_bf16_no_worse_than_stock(ref32, stock, ours, inputs):
+    """On one batch, our bf16 loss and gradients (all parameters, one relative norm) are no further from the
+    float32 run's than stock TRL's bf16 ones (plus a margin of 1e-3)."""
+    exact_loss, exact = _loss_and_grads(ref32, inputs)
+    stock_loss, stock_g = _loss_and_grads(stock, inputs)
+    got_loss, got = _loss_and_grads(ours, inputs)
+    flat = lambda g: torch.cat([g[n].float().flatten() for n in sorted(exact)])  # noqa: E731
+    err_ours, err_stock = _rel(flat(got), flat(exact)), _rel(flat(stock_g), flat(exact))
+    assert err_ours <= 1.5 * err_stock + 1e-3, (err_ours, err_stock)
+    assert err_ours < 3e-2
+    assert abs(got_loss - exact_loss) <= 1.5 * abs(stock_loss - exact_loss) + 1e-3
+
+
+def _grpo(cls, model_dir, tmp_path, **cfg):
+    args = trl.GRPOConfig(output_dir=str(tmp_path / cls.__module__), per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=5, **{**COMMON, **cfg})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        t = cls(model=model_dir, reward_funcs=_reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    t.model.train()
+    t.current_gradient_accumulation_steps = 2  # the losses divide by it: check that too
+    return t
+
+
+def _grpo_inputs(trainer):
+    """A scored batch from stock TRL, made off-policy: old and reference log-probs and advantages that
+    clip, a completion with a hole in its mask and one without any token."""
+    g = torch.Generator().manual_seed(1)
+    inputs = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[:2]] * 2)
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].size(1))  # fmt: skip
+    mask = inputs["completion_mask"].clone()
+    mask[0, 1] = 0
+    mask[1] = 0
+    inputs["completion_mask"] = mask
+    inputs["old_per_token_logps"] = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    inputs["ref_per_token_logps"] = logp + 0.5 * torch.randn(logp.shape, generator=g)
+    inputs["advantages"] = torch.randn(logp.shape[0], generator=g)
+    inputs["num_items_in_batch"] = mask.sum().float()
+    return inputs
+
+
+@pytest.mark.parametrize("bias_kl", [True, False])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_grpo_gradients_match_stock_trl_fp32(model_dir, tmp_path, loss_type, bias_kl, monkeypatch):
+    cfg = dict(bf16=False, beta=0.04, loss_type=loss_type, use_bias_correction_kl=bias_kl, epsilon_high=0.28,
+               temperature=0.7)
+    stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
+    ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
+    assert ours._rf_loss_unsupported is None
+    inputs = _grpo_inputs(stock)
+    want_loss, want = _loss_and_grads(stock, inputs)
+    calls = _spy(monkeypatch, "linear_logprobs", "ppo_policy_loss")
+    got_loss, got = _loss_and_grads(ours, inputs)
+    assert calls == {"linear_logprobs": 1, "ppo_policy_loss": 1}  # our ops did the work
+    assert got.keys() == want.keys() and len(want) > 5
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7), (got_loss, want_loss)
+    for name in want:
+        assert _rel(got[name], want[name]) < 1e-5, name
+    # the metrics TRL logs, under the same names and values
+    for key in ("kl", "entropy", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+        assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-5, abs=1e-7), key
+    assert stock._metrics["train"]["clip_ratio/region_mean"][0] > 0  # the batch does clip
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo"])
+def test_grpo_entropy_bonus_and_entropy_mask_match_stock(model_dir, tmp_path, loss_type):
+    cfg = dict(bf16=False, beta=0.0, loss_type=loss_type, entropy_coef=0.1, top_entropy_quantile=0.5)
+    stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
+    ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
+    inputs = _grpo_inputs(stock)
+    want_loss, want = _loss_and_grads(stock, inputs)
+    got_loss, got = _loss_and_grads(ours, inputs)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
+    for name in want:
+        assert _rel(got[name], want[name]) < 1e-5, name
+    for key in ("policy_loss", "entropy_coef", "entropy"):
+        assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("is_shape", ["token", "sequence"])
+def test_grpo_off_policy_mask_and_vllm_is_correction_match_stock(model_dir, tmp_path, is_shape):
+    """The off-policy sequence mask, and vLLM's importance-sampling correction: the trainers' loss reads
+    only ``use_vllm``, ``vllm_importance_sampling_correction`` and the batch's ratio (TRL computes it,
+    truncated or masked, while scoring), so both are set by hand here (no vLLM on CPU)."""
+    cfg = dict(bf16=False, beta=0.04, loss_type="dapo", off_policy_mask_threshold=0.05)
+    stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
+    ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
+    inputs = _grpo_inputs(stock)
+    B, T = inputs["completion_mask"].shape
+    g = torch.Generator().manual_seed(7)
+    ratio = torch.rand(B, T if is_shape == "token" else 1, generator=g) * 2
+    inputs["importance_sampling_ratio"] = torch.where(ratio > 1.6, 0.0, ratio)  # some tokens masked out
+    for t in (stock, ours):
+        t.use_vllm, t.vllm_importance_sampling_correction = True, True
+    want_loss, want = _loss_and_grads(stock, inputs)
+    got_loss, got = _loss_and_grads(ours, inputs)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
+    for name in want:
+        assert _rel(got[name], want[name]) < 1e-5, name
+
+
+def test_grpo_unsupported_config_warns_and_runs_stock_loss(model_dir, tmp_path):
+    cfg = dict(bf16=False, beta=0.04, loss_type="cispo")
+    stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
+    rft._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="loss_type='cispo'.*stock TRL's loss"):
+        ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
+    inputs = _grpo_inputs(stock)
+    want_loss, want = _loss_and_grads(stock, inputs)
+    got_loss, got = _loss_and_grads(ours, inputs)  # stock loss on our log-probs
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
+    for name in want:
+        assert _rel(got[name], want[name]) < 1e-5, name
+
+
+def test_grpo_bf16_default_config_runs_and_is_no_worse_than_stock(model_dir, tmp_path):
+    """TRL's default config is bf16 (autocast on CPU): a real two-step train() runs, and on one batch our
+    gradients are no further from the float32 ones than stock TRL's bf16 gradients (TRL rounds the logits
+    to bf16, we keep them float32)."""
+    assert trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True).bf16  # the default
+    ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, beta=0.04, max_steps=2)
+    assert ours.accelerator.mixed_precision == "bf16"
+    ours.train()
+    losses = [r["loss"] for r in ours.state.log_history if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+    ref32 = _grpo(trl.GRPOTrainer, model_dir, tmp_path, beta=0.04, bf16=False)
+    stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, beta=0.04)
+    ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, beta=0.04)
+    inputs = _grpo_inputs(ref32)
+    _assert_bf16_no_worse_than_stock(ref32, stock, ours, inputs)
+
+
+def test_grpo_bf16_with_lm_head_cast_to_fp32_matches_stock(model_dir, tmp_path):
+    """``cast_lm_head_to_fp32``: the backbone under bf16 autocast, the head in float32 on both sides, so
+    the two agree far below bf16 rounding (a bf16 head would be ~1e-3 off)."""
+    cfg = dict(beta=0.04, cast_lm_head_to_fp32=True)
+    stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
+    ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
+    inputs = _grpo_inputs(stock)
+    want_loss, want = _loss_and_grads(stock, inputs)
+    got_loss, got = _loss_and_grads(ours, inputs)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
+    for name in want:
+        assert _rel(got[name], want[name]) < 1e-5, name  # measured: 2e-7
+
+
+# ------------------------------------------------------------------------------------------------- DPO
+
+
+def _dpo(cls, model_dir, tmp_path, **cfg):
+    from transformers import AutoTokenizer
+
+    data = Dataset.from_dict({"prompt": ["a b", "c d e", "f", "g h i"], "chosen": ["x y", "z", "q r s", "t"],
+                              "rejected": ["u", "v w", "o p", "m n o p"]})  # fmt: skip
+    args = trl.DPOConfig(output_dir=str(tmp_path / cls.__module__), per_device_train_batch_size=4, beta=0.2,
+                         **{**COMMON, **cfg})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        t = cls(model=model_dir, args=args, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir))
+    t.model.train()
+    return t
+
+
+def _dpo_batch(trainer, seed=0):
+    torch.manual_seed(seed)
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer._prepare_inputs(batch)
+
+
+def _perturb(trainer, seed=3):
+    """Move the policy away from the reference, so the DPO logratios are not all 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_dpo_gradients_match_stock_trl_fp32(model_dir, tmp_path, loss_type, monkeypatch):
+    stock = _dpo(trl.DPOTrainer, model_dir, tmp_path, bf16=False, loss_type=loss_type)
+    ours = _dpo(rft.DPOTrainer, model_dir, tmp_path, bf16=False, loss_type=loss_type)
+    assert ours._rf_unsupported is None
+    _perturb(stock), _perturb(ours)
+    inputs = _dpo_batch(stock)
+    want_loss, want = _loss_and_grads(stock, inputs)
+    calls = _spy(monkeypatch, "linear_logprobs", "dpo_loss")
+    got_loss, got = _loss_and_grads(ours, inputs)
+    assert calls == {"linear_logprobs": 2, "dpo_loss": 1}  # policy and reference heads, our loss
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7), (got_loss, want_loss)
+    assert want_loss != pytest.approx(torch.log(torch.tensor(2.0)), abs=1e-4) or loss_type == "hinge"
+    for name in want:
+        assert _rel(got[name], want[name]) < 1e-5, name
+    for key in ("rewards/chosen", "rewards/margins", "logps/chosen", "entropy", "logits/chosen", "logits/rejected"):
+        assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-5, abs=1e-6), key
+
+
+def test_dpo_bf16_default_config_runs_and_is_no_worse_than_stock(model_dir, tmp_path):
+    ours = _dpo(rft.DPOTrainer, model_dir, tmp_path)  # DPOConfig's default bf16
+    assert ours.accelerator.mixed_precision == "bf16"
+    ours.train()
+    assert torch.isfinite(torch.tensor(ours.state.log_history[0]["loss"]))
+    ref32 = _dpo(trl.DPOTrainer, model_dir, tmp_path, bf16=False)
+    stock = _dpo(trl.DPOTrainer, model_dir, tmp_path)
+    ours = _dpo(rft.DPOTrainer, model_dir, tmp_path)
+    for t in (ref32, stock, ours):
+        _perturb(t)
+    inputs = _dpo_batch(ref32)
+    _assert_bf16_no_worse_than_stock(ref32, stock, ours, inputs)
+
+
+def test_dpo_unsupported_loss_type_warns_and_runs_stock(model_dir, tmp_path):
+    rft._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="ipo.*stock TRL"):
+        ours = _dpo(rft.DPOTrainer, model_dir, tmp_path, bf16=False, loss_type="ipo")
+    stock = _dpo(trl.DPOTrainer, model_dir, tmp_path, bf16=False, loss_type="ipo")
+    inputs = _dpo_batch(stock)
+    assert torch.equal(_loss_and_grads(ours, inputs)[0], _loss_and_grads(stock, inputs)[0])
+
+
+# ---------------------------------------------------------------------------------------------- Reward
+
+
+def _reward_trainer(cls, model_dir, tmp_path, **cfg):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    data = Dataset.from_dict({"chosen": ["a b c", "d e", "f g h i", "j"], "rejected": ["k", "l m n", "o p", "q r"],
+                              "margin": [0.5, 0.0, 1.0, -0.2]})  # fmt: skip
+    args = trl.RewardConfig(output_dir=str(tmp_path / cls.__module__), per_device_train_batch_size=4,
+                            center_rewards_coefficient=0.01, **{**COMMON, **cfg})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        t = cls(model=model, args=args, train_dataset=data, processing_class=tok)
+    t.model.train()
+    return t
+
+
+def test_reward_gradients_match_stock_trl_fp32(model_dir, tmp_path, monkeypatch):
+    stock = _reward_trainer(trl.RewardTrainer, model_dir, tmp_path, bf16=False)
+    ours = _reward_trainer(rft.RewardTrainer, model_dir, tmp_path, bf16=False)
+    ours.model.load_state_dict(stock.model.state_dict())
+    inputs = _dpo_batch(stock)
+    assert "margin" in inputs
+    want_loss, want = _loss_and_grads(stock, inputs)
+    calls = _spy(monkeypatch, "pairwise_sigmoid_loss")
+    got_loss, got = _loss_and_grads(ours, inputs)
+    assert calls == {"pairwise_sigmoid_loss": 1}
+    assert torch.allclose(got_loss, want_loss, rtol=1e-6, atol=1e-7)
+    for name in want:
+        assert _rel(got[name], want[name]) < 1e-5, name
+    for key in ("accuracy", "margin", "mean_reward"):
+        assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-6), key
+
+
+def test_reward_bf16_default_config_runs_and_is_no_worse_than_stock(model_dir, tmp_path):
+    """Under bf16 the scores come out of the model in bf16; TRL takes the log-sigmoid in bf16, we in
+    float32: against the float32 run, our loss and gradients are no further off than TRL's."""
+    ref32 = _reward_trainer(trl.RewardTrainer, model_dir, tmp_path, bf16=False)
+    stock = _reward_trainer(trl.RewardTrainer, model_dir, tmp_path)
+    ours = _reward_trainer(rft.RewardTrainer, model_dir, tmp_path)
+    for t in (stock, ours):
+        t.model.load_state_dict(ref32.model.state_dict())
+    assert ours.accelerator.mixed_precision == "bf16"
+    inputs = _dpo_batch(ref32)
+    _assert_bf16_no_worse_than_stock(ref32, stock, ours, inputs)
+    ours.train()
+    assert torch.isfinite(torch.tensor(ours.state.log_history[0]["loss"]))
+
+
+def test_unsupported_trl_version_fails_clearly(monkeypatch):
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(RuntimeError, match="tested with trl 1.16.x; found trl 1.17.0"):
+        rft.GRPOTrainer(model=None)

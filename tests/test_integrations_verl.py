@@ -1,0 +1,199 @@
+"""rlhf_fast.integrations.verl against verl's own code (verl 0.9.1, ``pip install --no-deps verl``).
+
+``import verl`` pulls in Ray, so these tests do not import the package: they load the functions they
+compare with from the installed verl files themselves (``verl/trainer/ppo/core_algos.py``: ``agg_loss``,
+``compute_policy_loss_vanilla``, ``kl_penalty``, ``kl_penalty_forward``; ``verl/utils/torch_functional.py``:
+``masked_sum``, ``masked_mean``) by parsing the source and compiling those functions alone, and
+``verl/utils/experimental/torch_functional.py`` (which imports only torch) as a module. The verl side
+runs in float64.
+"""
+
+import ast
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import pytest
+import torch
+
+import rlhf_fast as rf
+from rlhf_fast.integrations import verl as rfv
+
+_SPEC = importlib.util.find_spec("verl")  # finds the package without executing its __init__ (Ray)
+if _SPEC is None:
+    pytest.skip("verl is not installed (pip install --no-deps verl)", allow_module_level=True)
+VERL_DIR = Path(_SPEC.submodule_search_locations[0])
+
+
+def _functions(relpath: str, names: list[str], namespace: dict) -> dict:
+    """Compile the top-level functions ``names`` of the verl file ``relpath`` (decorators dropped) into ``namespace``."""
+    tree = ast.parse((VERL_DIR / relpath).read_text())
+    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    assert sorted(n.name for n in nodes) == sorted(names), f"verl moved one of {names}"
+    for n in nodes:
+        n.decorator_list = []
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), str(VERL_DIR / relpath), "exec"), namespace)
+    return namespace
+
+
+class _AlgoConfig:  # core_algos asserts the config is not an AlgoConfig
+    pass
+
+
+_F = _functions("utils/torch_functional.py", ["masked_sum", "masked_mean"], {"torch": torch})
+VERL = _functions(
+    "trainer/ppo/core_algos.py",
+    ["agg_loss", "compute_policy_loss_vanilla", "kl_penalty", "kl_penalty_forward"],
+    {"torch": torch, "Optional": Optional, "Any": Any, "ActorConfig": object, "AlgoConfig": _AlgoConfig,
+     "verl_F": SimpleNamespace(**{k: _F[k] for k in ("masked_sum", "masked_mean")})},
+)  # fmt: skip
+
+
+class _Config(dict):
+    """What verl's loss reads from its ActorConfig: attributes and ``.get``."""
+
+    __getattr__ = dict.get
+
+
+def _batch(B=5, T=7, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3).to(dtype)
+    old = (logp.double() + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).to(dtype)
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64).to(dtype)
+    mask = (torch.rand(B, T, generator=g) > 0.3).to(dtype)
+    mask[1] = 0  # a response without any token
+    mask[0, :3] = 1
+    old[0, :3] = (logp[0, :3].double() - 1.5).to(dtype)  # ratio e^1.5 > clip_ratio_c = 3 ...
+    adv[0, :3] = -1.0  # ... with a negative advantage: the dual clip is active
+    is_w = torch.rand(B, T, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    return logp, old, adv, mask, is_w
+
+
+GLOBAL = [
+    {},  # verl's single-process defaults
+    {"dp_size": 4, "batch_num_tokens": 61, "global_batch_size": 13, "loss_scale_factor": 32},
+    {"dp_size": 2, "batch_num_tokens": 40.0, "global_batch_size": 9, "loss_scale_factor": None},
+]
+
+
+@pytest.mark.parametrize("bool_mask", [False, True])  # verl's ppo_loss passes response_mask.to(bool)
+@pytest.mark.parametrize("global_info", GLOBAL)
+@pytest.mark.parametrize("agg", rfv.VERL_AGG_MODES)
+def test_policy_loss_matches_verl_vanilla(agg, global_info, bool_mask):
+    logp, old, adv, mask, is_w = _batch()
+    if bool_mask:
+        mask = mask.bool()
+    cfg = _Config(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, global_batch_info=global_info)
+    lp64 = logp.double().requires_grad_()
+    m64 = mask if bool_mask else mask.double()
+    want, want_m = VERL["compute_policy_loss_vanilla"](old.double(), lp64, adv.double(), m64, agg, cfg, is_w.double())
+    want.backward()
+    lp = logp.clone().requires_grad_()
+    got, got_m = rfv.policy_loss_vanilla(old, lp, adv, mask, agg, cfg, is_w)
+    got.backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)
+    assert got_m.keys() == want_m.keys()
+    for k in want_m:
+        assert got_m[k] == pytest.approx(want_m[k], rel=1e-5, abs=1e-7), k
+    assert want_m["actor/pg_clipfrac"] > 0 and want_m["actor/pg_clipfrac_lower"] > 0
+
+
+@pytest.mark.parametrize("agg", rfv.VERL_AGG_MODES)
+def test_agg_scale_is_verl_agg_loss(agg):
+    """Every mode and global figure: factor * rf.aggregate == verl's agg_loss, on weights (not only 0/1 masks)."""
+    g = torch.Generator().manual_seed(1)
+    L = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 9, generator=g, dtype=torch.float64) * (torch.rand(6, 9, generator=g) > 0.4)
+    mask[4] = 0
+    for info in GLOBAL:
+        want = VERL["agg_loss"](L, mask, agg, **info)
+        name, factor = rfv.agg_scale(mask, agg, **info)
+        got = factor * rf.aggregate(L.float(), mask.float(), agg=name)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_agg_scale_demands_global_figures_as_verl_does():
+    mask = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="batch_num_tokens"):
+        rfv.agg_scale(mask, "token-mean", dp_size=2)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        rfv.agg_scale(mask, "seq-mean-token-mean", dp_size=2)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        rfv.agg_scale(mask, "token_mean")
+
+
+@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "abs+", "k2+"])
+def test_kl_penalty_matches_verl(name):
+    g = torch.Generator().manual_seed(2)
+    logp = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 4
+    ref = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 4
+    ref[0, 0] = logp[0, 0] - 30  # verl's clamps: the log-ratio at 20, k3 at 10
+    lp64 = logp.clone().requires_grad_()
+    want = VERL["kl_penalty"](lp64, ref, name)
+    want.sum().backward()
+    lp = logp.float().requires_grad_()
+    got = rfv.kl_penalty(lp, ref.float(), name)
+    got.sum().backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_penalty_full_is_the_exact_kl_where_verl_raises():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    ref_logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    with pytest.raises(NotImplementedError):
+        VERL["kl_penalty"](logits, ref_logits, "full")
+    lp = torch.log_softmax(logits / 0.7, -1)
+    want = (lp.exp() * (lp - torch.log_softmax(ref_logits / 0.7, -1))).sum(-1)
+    got = rfv.kl_penalty(None, None, "full", logits=logits.float(), ref_logits=ref_logits.float(), temperature=0.7)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logits and ref_logits"):
+        rfv.kl_penalty(lp, lp, "full")
+
+
+def _verl_experimental():
+    spec = importlib.util.spec_from_file_location("_verl_experimental_tf", VERL_DIR / "utils/experimental/torch_functional.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape", [(13,), (2, 7)])
+def test_fused_linear_for_ppo_matches_verl(shape):
+    g = torch.Generator().manual_seed(4)
+    H, V = 16, 37
+    hidden = torch.randn(*shape, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    ids = torch.randint(0, V, shape, generator=g)
+    gl, ge = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def run(module, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        logp, ent = module(h, w, ids, temperature=0.8)
+        ((logp.double() * gl).sum() + (ent.double() * ge).sum()).backward()
+        return logp, ent, h.grad, w.grad
+
+    want = run(_verl_experimental().FusedLinearForPPO(chunk_size=4, impl_backend="torch"), hidden, weight)
+    got = run(rfv.FusedLinearForPPO(), hidden.float(), weight.float())
+    assert got[0].shape == shape and got[1].shape == shape
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_register_puts_the_loss_in_a_verl_style_registry():
+    registry = {}
+
+    def register_policy_loss(name):  # verl's decorator factory, core_algos.register_policy_loss
+        def decorator(fn):
+            registry[name] = fn
+            return fn
+
+        return decorator
+
+    rfv.register(register_policy_loss)
+    assert registry == {"rlhf_fast_vanilla": rfv.policy_loss_vanilla}
+    assert tuple(registry) == rfv.LOSS_NAMES
