@@ -15,39 +15,21 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import native_env
+from peer_wheels import wheel_site
 
 # The GPU machine's Triton (benchmarks/README.md): the oldest release setup.py claims, tested here.
 GPU_IMAGE_TRITON = "3.6.0"
-CACHE = Path(os.environ.get("RLHF_FAST_CACHE", Path.home() / ".cache" / "rlhf_fast"))
 
 
 def triton_site(version: str) -> Path:
     """A folder holding Triton ``version`` (``pip install --target``), downloaded once; skip if it cannot be."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         pytest.skip(f"Triton {version} wheels are for Linux x86_64")
-    site = CACHE / f"triton-{version}-py{sys.version_info.major}{sys.version_info.minor}"
-    if (site / "triton" / "__init__.py").is_file():
-        return site
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        pip = [sys.executable, "-m", "pip"]
-        get = subprocess.run([*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp,
-                              f"triton=={version}"], capture_output=True, text=True, timeout=900)  # fmt: skip
-        if get.returncode != 0:
-            tail = (get.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"triton=={version} could not be downloaded (package registry unreachable?): {tail}")
-        staged = Path(tmp) / "site"
-        put = subprocess.run([*pip, "install", "-q", "--no-index", "--no-deps", "--target", str(staged),
-                              *map(str, Path(tmp).glob("triton-*.whl"))], capture_output=True, text=True,
-                             timeout=900)  # fmt: skip
-        assert put.returncode == 0, put.stderr[-2000:]
-        staged.rename(site)  # whole or not at all: a killed download leaves no half-installed cache
-    return site
+    return wheel_site("triton", version)
 
 
 def triton_env(version: str | None) -> dict:

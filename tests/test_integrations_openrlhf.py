@@ -8,20 +8,20 @@ dropped. The OpenRLHF side runs in float64.
 """
 
 import ast
-import importlib.util
-from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import pytest
 import torch
+from peer_wheels import package_dir
 import torch.nn.functional as F
 
 from rlhf_fast.integrations import openrlhf as rfo
 
-_SPEC = importlib.util.find_spec("openrlhf")  # without executing its __init__
-if _SPEC is None:
-    pytest.skip("openrlhf is not installed (pip install --no-deps openrlhf)", allow_module_level=True)
-ROOT = Path(_SPEC.submodule_search_locations[0])
+OPENRLHF_VERSION = "0.11.2"
+
+# OpenRLHF's files at the tested version: the installed package if it is that one, else its wheel, fetched
+# once (tests/peer_wheels.py); never imported (openrlhf.models needs peft and DeepSpeed)
+ROOT = package_dir("openrlhf", OPENRLHF_VERSION)
 
 
 def _definitions(relpath: str, names: list[str], namespace: dict) -> dict:

@@ -10,20 +10,21 @@ runs in float64.
 
 import ast
 import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
 import torch
+from peer_wheels import package_dir
 
 import rlhf_fast as rf
 from rlhf_fast.integrations import verl as rfv
 
-_SPEC = importlib.util.find_spec("verl")  # finds the package without executing its __init__ (Ray)
-if _SPEC is None:
-    pytest.skip("verl is not installed (pip install --no-deps verl)", allow_module_level=True)
-VERL_DIR = Path(_SPEC.submodule_search_locations[0])
+VERL_VERSION = "0.9.1"
+
+# verl's files at the tested version: the installed package if it is that one, else its wheel, fetched once
+# (tests/peer_wheels.py); never imported (its __init__ needs Ray)
+VERL_DIR = package_dir("verl", VERL_VERSION)
 
 
 def _functions(relpath: str, names: list[str], namespace: dict) -> dict:
