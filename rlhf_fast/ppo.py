@@ -373,22 +373,28 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 
 @_amp.float32_op
 def group_advantages(
-    scores: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6
+    scores: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6, baseline: str = "mean"
 ) -> torch.Tensor:
-    """GRPO advantages: each score relative to its group of ``group_size`` completions of one prompt.
+    """GRPO / RLOO advantages: each score relative to its group of ``group_size`` completions of one prompt.
 
     ``scores [N]`` holds ``N / group_size`` consecutive groups. For score ``s_i`` of group ``g`` with
     ``G = group_size`` members::
 
         mean_g = (1/G) * sum_{j in g} s_j
         std_g  = sqrt( sum_{j in g} (s_j - mean_g)**2 / (G - 1) )       (unbiased)
-        A_i    = (s_i - mean_g) / (std_g + eps)     or  s_i - mean_g  with normalize_std=False
+        b_i    = mean_g                                   baseline="mean" (GRPO)
+        b_i    = (1/(G-1)) * sum_{j in g, j != i} s_j     baseline="loo"  (RLOO's leave-one-out;
+                                                          s_i - b_i = G/(G-1) * (s_i - mean_g))
+        A_i    = (s_i - b_i) / (std_g + eps)     or  s_i - b_i  with normalize_std=False
+
+    (RLOO proper is ``baseline="loo", normalize_std=False``: verl's ``compute_rloo_outcome_advantage``.)
 
     Returns float32 ``[N]``. A group whose scores are all equal gets advantages 0 (``0 / eps``; NaN
     with ``eps=0``).
     ``group_size=1`` with ``normalize_std=True`` raises ``ValueError``: the unbiased std of one sample is
     undefined (and a lone completion carries no relative signal); with ``normalize_std=False`` it gives
-    zeros. Differentiable in ``scores``.
+    zeros. ``baseline="loo"`` needs ``group_size >= 2`` (there is no other completion to average).
+    Differentiable in ``scores``.
     """
     _checks.check_float_tensor(scores, "scores")
     if scores.dim() != 1:
@@ -401,6 +407,10 @@ def group_advantages(
     N = scores.numel()
     if N % group_size != 0:
         raise ValueError(f"group_size={group_size} must divide the number of scores ({N})")
+    if baseline not in ("mean", "loo"):
+        raise ValueError(f"baseline must be 'mean' or 'loo', got {baseline!r}")
+    if baseline == "loo" and group_size == 1:
+        raise ValueError("group_size must be >= 2 with baseline='loo': a lone completion has no others to average")
     if normalize_std and group_size == 1:
         raise ValueError("group_size must be >= 2 with normalize_std=True: the unbiased std of one score is undefined")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
@@ -408,7 +418,8 @@ def group_advantages(
 
     s = scores.to(torch.float32).view(N // group_size, group_size)
     centered = s - s.mean(dim=1, keepdim=True)
+    out = centered * (group_size / (group_size - 1)) if baseline == "loo" else centered
     if normalize_std:
         std = centered.pow(2).sum(dim=1, keepdim=True).div(group_size - 1).sqrt()
-        centered = centered / (std + eps)
-    return centered.reshape(N)
+        out = out / (std + eps)
+    return out.reshape(N)
