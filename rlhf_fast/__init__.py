@@ -11,6 +11,7 @@ from .gae import gae
 from .linear_dpo import linear_dpo_loss
 from .linear_full_kl import linear_full_kl
 from .linear_logprobs import linear_logprobs
+from .linear_ppo import linear_ppo_loss
 from .logprobs import logprobs
 from .ppo import aggregate, group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
 from .ppo_fused import ppo_loss_from_logits
@@ -31,6 +32,7 @@ __all__ = [
     "linear_dpo_loss",
     "linear_full_kl",
     "linear_logprobs",
+    "linear_ppo_loss",
     "logprobs",
     "masked_whiten",
     "pairwise_sigmoid_loss",

@@ -23,9 +23,8 @@ import torch
 from . import _amp, _checks
 from ._dispatch import dispatch, register
 from ._fused_chunk import chunk_rows
-from ._linear_grads import LinearGrads
+from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
 from .full_kl import _backend as _full_kl_backend
-from .linear_logprobs import _chunk_logits, _mm_out_float32
 from ._rowsoftmax import grad_or_zeros
 
 # float32 [rows, V] temporaries a chunk holds at once: both logits chunks and dlogits, plus the full_kl
@@ -38,22 +37,15 @@ class LinearFullKLOptions:
     temperature: float = 1.0
 
 
-def _operands(hidden, weight, bias):
-    """The matmul operands of one side: native bf16/fp16 with a float32 product on CUDA, else float32."""
-    native = _mm_out_float32(hidden.device, hidden.dtype)
-    return native, (weight if native else weight.float()), (None if bias is None else bias.float())
-
-
 def _chunk(hidden, rows, native, w, b32):
-    h = hidden[rows] if native else hidden[rows].float()
-    return _chunk_logits(h, w, b32).unsqueeze(0)  # [1, rows, V]: the layout rf.full_kl's backends take
+    return chunk_logits(hidden, rows, native, w, b32).unsqueeze(0)  # [1, rows, V]: rf.full_kl's backends' layout
 
 
 def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature: float, impl: str):
     N, V = hidden.shape[0], weight.shape[0]
     kl_forward, _ = _full_kl_backend(impl)
-    pol = _operands(hidden, weight, bias)
-    ref = _operands(ref_hidden, ref_weight, ref_bias)
+    pol = matmul_operands(hidden, weight, bias)
+    ref = matmul_operands(ref_hidden, ref_weight, ref_bias)
     kl = torch.empty(N, dtype=torch.float32, device=hidden.device)
     stats = torch.empty((4, N), dtype=torch.float32, device=hidden.device)
     step = chunk_rows(V, _CHUNK_TEMPORARIES)
@@ -69,13 +61,13 @@ def _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, kl, stats,
     _, kl_backward = _full_kl_backend(impl)
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
-    ref = _operands(ref_hidden, ref_weight, ref_bias)
+    ref = matmul_operands(ref_hidden, ref_weight, ref_bias)
     grads = LinearGrads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     step = chunk_rows(V, _CHUNK_TEMPORARIES)
     for r in range(0, N, step):
         rows = slice(r, r + step)
         h32 = hidden[rows].float()
-        z = _chunk_logits(h32, w32, b32).unsqueeze(0)
+        z = _chunk(hidden, rows, False, w32, b32)
         g = kl_backward(z, _chunk(ref_hidden, rows, *ref), kl[rows], stats[:, rows].contiguous(), grad_kl[rows],
                         temperature)[0]  # fmt: skip
         grads.add(rows, g, h32, w32)
@@ -116,28 +108,6 @@ def _linear_full_kl_torch(*args):
     return _LinearFullKL.apply(*args, "torch")
 
 
-def _check_side(hidden, weight, bias, names):
-    h_name, w_name, b_name = names
-    _checks.check_float_tensor(hidden, h_name, min_dim=1)
-    _checks.check_float_tensor(weight, w_name, min_dim=2)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{w_name} must have shape [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.check_float_tensor(bias, b_name)
-    hidden, weight, bias = _amp.cast_matmul_operands(hidden.device, hidden, weight, bias)
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"{w_name} must have the dtype of {h_name} ({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{w_name} must have at least one row (a non-empty vocabulary)")
-    if bias is not None:
-        _checks.check_shape(b_name, bias, (weight.shape[0],), f"one entry per vocabulary row of {w_name}")
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"{b_name} must have the dtype of {h_name} ({hidden.dtype}), got {bias.dtype}")
-        _checks.check_same_device(b_name, bias, "hidden", hidden)
-    _checks.check_same_device(w_name, weight, "hidden", hidden)
-    return hidden, weight, bias
-
-
 def linear_full_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -164,8 +134,8 @@ def linear_full_kl(
     ``bias`` (gradients in their dtypes). Under autocast both sides' matmul operands take the autocast
     dtype as ``F.linear``'s do; the logits and the KL stay float32.
     """
-    hidden, weight, bias = _check_side(hidden, weight, bias, ("hidden", "weight", "bias"))
-    ref_hidden, ref_weight, ref_bias = _check_side(ref_hidden, ref_weight, ref_bias,
+    hidden, weight, bias = check_linear_operands(hidden, weight, bias)
+    ref_hidden, ref_weight, ref_bias = check_linear_operands(ref_hidden, ref_weight, ref_bias,
                                                    ("ref_hidden", "ref_weight", "ref_bias"))  # fmt: skip
     _checks.check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
     if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):

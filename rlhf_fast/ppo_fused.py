@@ -96,19 +96,24 @@ class _PPOTriton(torch.autograd.Function):
         return grad.reshape(ctx.logits_shape), None, None, None, None, None, None
 
 
-def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl):
-    """``rf.logprobs`` (``impl``) then the ``[B, T]`` per-token loss by autograd: two passes over the logits
-    (the log-probs' forward and backward), like the fused kernel."""
-    logprobs_opts = LogprobsOptions(temperature=opts.temperature, ignore_index=opts.ignore_index)
-    logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, impl)
+def weighted_token_loss(logp, entropy, old_logp, advantages, m, weights, ref_logp, rollout_w, opts):
+    """``sum(weights * token_losses)`` from differentiable ``logp`` and ``entropy`` (any shape the per-token
+    tensors share; ``[B, T]`` for the sequence-level modes)."""
     # Masked-out tokens contribute exactly nothing, gradients included, whatever they hold (NaN or inf
     # advantages, -inf old or reference log-probs): every input is 0 there before any arithmetic, so
     # their token loss is a finite constant and where()'s backward gives their log-prob and entropy 0.
     on = m != 0
     inputs = [None if t is None else torch.where(on, t, 0.0) for t in (logp, entropy, old_logp, advantages)]
     ref = None if ref_logp is None else torch.where(on, ref_logp, 0.0)
-    token_loss = token_losses(*inputs, m, ref, rollout_w, opts)
-    loss = (weights * token_loss).sum()
+    return (weights * token_losses(*inputs, m, ref, rollout_w, opts)).sum()
+
+
+def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl):
+    """``rf.logprobs`` (``impl``) then the ``[B, T]`` per-token loss by autograd: two passes over the logits
+    (the log-probs' forward and backward), like the fused kernel."""
+    logprobs_opts = LogprobsOptions(temperature=opts.temperature, ignore_index=opts.ignore_index)
+    logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, impl)
+    loss = weighted_token_loss(logp, entropy, old_logp, advantages, m, weights, ref_logp, rollout_w, opts)
     return loss, logp.detach(), entropy.detach()
 
 
@@ -144,10 +149,18 @@ class PreparedLoss:
     agg_norm: float | None
 
 
-def prepare_policy_step(ref_tensor, B, T, old_logp, advantages, mask, *, ref_logp, kl_coef, kl_estimator,
+# The arguments of ppo_loss_from_logits / linear_ppo_loss that prepare_policy_step takes (by keyword).
+POLICY_STEP_ARGS = (
+    "old_logp", "advantages", "mask", "ref_logp", "kl_coef", "kl_estimator", "entropy_coef", "temperature",
+    "clip_low", "clip_high", "dual_clip", "agg", "ignore_index", "loss_mode", "delta", "agg_norm", "rollout_logp",
+    "rollout_is", "rollout_is_cap", "rollout_is_lower", "sapo_tau_pos", "sapo_tau_neg", "kl_bias_correction",
+)  # fmt: skip
+
+
+def prepare_policy_step(ref_tensor, B, T, labels, *, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
                         entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, ignore_index, loss_mode,
                         delta, agg_norm, rollout_logp, rollout_is, rollout_is_cap, rollout_is_lower, sapo_tau_pos,
-                        sapo_tau_neg, kl_bias_correction, labels) -> PreparedLoss:  # fmt: skip
+                        sapo_tau_neg, kl_bias_correction) -> PreparedLoss:  # fmt: skip
     """Check the per-token inputs and options of ``ppo_loss_from_logits`` / ``linear_ppo_loss`` (``labels``
     already int64 ``[B, T]``; ``ref_tensor`` the logits or hidden states, for the device) and build the
     ``[B, T]`` tensors of the loss (``ValueError`` naming the argument on bad input)."""
@@ -294,14 +307,8 @@ def ppo_loss_from_logits(
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
     labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, (B, T), "[B, T] like logits")
-    p = prepare_policy_step(
-        logits, B, T, old_logp, advantages, mask, ref_logp=ref_logp, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy_coef=entropy_coef, temperature=temperature, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, agg=agg, ignore_index=ignore_index, loss_mode=loss_mode, delta=delta, agg_norm=agg_norm,
-        rollout_logp=rollout_logp, rollout_is=rollout_is, rollout_is_cap=rollout_is_cap,
-        rollout_is_lower=rollout_is_lower, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-        kl_bias_correction=kl_bias_correction, labels=labels,
-    )  # fmt: skip
+    args = locals()
+    p = prepare_policy_step(logits, B, T, labels, **{k: args[k] for k in POLICY_STEP_ARGS})
     if B * T == 0:
         raise ValueError(f"logits has no tokens (shape {tuple(logits.shape)}): the loss and its metrics are "
                          "means over the batch's tokens")  # fmt: skip

@@ -10,6 +10,7 @@ from reference import assert_no_worse
 import rlhf_fast as rf
 
 lfk = importlib.import_module("rlhf_fast.linear_full_kl")  # the module (rf.linear_full_kl is the op)
+linear_common = importlib.import_module("rlhf_fast._linear_common")
 
 
 def _case(shape, H, H_ref, V, dtype, ref_dtype=None, *, bias=True, seed=0):
@@ -72,8 +73,8 @@ def test_mixed_dtypes_and_chunks(impl, monkeypatch):
     and no matmul ever builds more than a chunk's rows of logits (never the [N, V] tensor)."""
     case = _case((37,), 16, 8, 300, torch.float32, torch.bfloat16, seed=1)
     shapes = []
-    real = lfk._chunk_logits
-    monkeypatch.setattr(lfk, "_chunk_logits", lambda h, w, b: shapes.append(h.shape[0]) or real(h, w, b))
+    real = linear_common._chunk_logits
+    monkeypatch.setattr(linear_common, "_chunk_logits", lambda h, w, b: shapes.append(h.shape[0]) or real(h, w, b))
     with rf.chunk_budget(4 * 300 * lfk._CHUNK_TEMPORARIES * 8 / (1 << 20)):  # 8 rows a chunk
         check(case, impl)
     assert max(shapes) == 8 and len(shapes) == 4 * 5  # 5 chunks: policy and reference, forward and backward
