@@ -3,9 +3,12 @@
     loss = agg(L_clip + kl_coef * kl_penalty(logp, ref_logp) - entropy_coef * entropy)
     logp, entropy = logprobs(logits, labels, temperature=..., return_entropy=True)
 
-- ``triton``: one kernel pass over each logits row computes the log-prob, entropy, ratio, clipped
-  surrogate, KL penalty, entropy bonus and ``d loss_t / d logp`` (kernels/ppo.py); backward is one more
-  pass (``rf.logprobs``' backward kernel) writing ``dlogits``. The aggregation is a weighted sum whose
+- ``triton``: one kernel pass over each logits row computes the log-prob, entropy, ratio, the token-level
+  policy loss (``vanilla`` / ``cispo`` / ``sapo``, with ``delta``, dual clip and rollout weights), KL penalty
+  (with the bias correction), entropy bonus and ``d loss_t / d logp`` (kernels/ppo.py); backward is one
+  more pass (``rf.logprobs``' backward kernel) writing ``dlogits``. The sequence-level modes (``gspo``,
+  ``geo_mean``) need every log-prob of a row before any token's loss: they run ``rf.logprobs``' kernels and
+  the ``[B, T]`` loss by autograd (the same two passes). The aggregation is a weighted sum whose
   per-token weights come from the mask once (per-row token counts, rlhf_fast/_agg.py).
 - ``torch``: the same composition on ``rf.logprobs``' chunked PyTorch implementation, so no ``[N, V]``
   float32 intermediate is built; the per-token arithmetic is autograd over ``[B, T]`` tensors.
@@ -38,9 +41,10 @@ class PPOOptions:
 
     @property
     def fused_kernel(self) -> bool:
-        """Whether the fused Triton kernel computes this loss (today's clipped objective); every other
-        option runs the composition ``rf.logprobs`` (Triton) + the ``[B, T]`` loss."""
-        return self.policy.is_default and not self.kl_bias_correction
+        """Whether the fused Triton kernel computes this loss: the token-level loss modes (``vanilla``,
+        ``cispo``, ``sapo``) with every option; the sequence-level ones (``gspo``, ``geo_mean``) run the
+        composition ``rf.logprobs`` (Triton) + the ``[B, T]`` loss."""
+        return self.policy.loss_mode in _policy.TOKEN_LEVEL_MODES
 
 
 def token_losses(logp, entropy, old_logp, advantages, m, ref_logp, rollout_w, opts: PPOOptions):
@@ -66,16 +70,20 @@ def token_losses(logp, entropy, old_logp, advantages, m, ref_logp, rollout_w, op
 class _PPOTriton(torch.autograd.Function):
     @staticmethod
     @_amp.float32_op
-    def forward(ctx, logits, labels, old_logp, advantages, weights, ref_logp, opts: PPOOptions):
+    def forward(ctx, logits, labels, old_logp, advantages, weights, ref_logp, rollout_w, opts: PPOOptions):
         from .kernels.ppo import ppo_forward
 
         x = as_btv(logits)
-        flat = [None if t is None else t.reshape(-1).float().contiguous() for t in (old_logp, advantages, weights, ref_logp)]
+        flat = [None if t is None else t.reshape(-1).float().contiguous()
+                for t in (old_logp, advantages, weights, ref_logp, rollout_w)]  # fmt: skip
         labels = labels.reshape(-1).contiguous()
+        pol = opts.policy
         logp, entropy, row_max, log_norm, token_loss, dloss_dlogp = ppo_forward(
-            x, labels, *flat, temperature=opts.temperature, ignore_index=opts.ignore_index,
+            x, labels, *flat[:4], temperature=opts.temperature, ignore_index=opts.ignore_index,
             clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip, kl_coef=opts.kl_coef,
-            kl_estimator=opts.kl_estimator, entropy_coef=opts.entropy_coef,
+            kl_estimator=opts.kl_estimator, entropy_coef=opts.entropy_coef, rollout_w=flat[4],
+            loss_mode=pol.loss_mode, delta=pol.delta, tau_pos=pol.sapo_tau_pos, tau_neg=pol.sapo_tau_neg,
+            kl_bias=opts.kl_bias_correction,
         )  # fmt: skip
         loss = (flat[2] * token_loss).sum()
         ctx.save_for_backward(x, labels, row_max, log_norm, entropy, flat[2], dloss_dlogp)
@@ -93,7 +101,7 @@ class _PPOTriton(torch.autograd.Function):
         g = grad_loss.float() * weights
         grad = logprobs_backward(x, labels, row_max, log_norm, entropy, g * dloss_dlogp, g * -opts.entropy_coef,
                                  opts.temperature, opts.ignore_index)  # fmt: skip
-        return grad.reshape(ctx.logits_shape), None, None, None, None, None, None
+        return grad.reshape(ctx.logits_shape), None, None, None, None, None, None, None
 
 
 def weighted_token_loss(logp, entropy, old_logp, advantages, m, weights, ref_logp, rollout_w, opts):
@@ -121,7 +129,8 @@ def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollou
 def _ppo_triton(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts):
     if not opts.fused_kernel:
         return _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, "triton")
-    loss, logp, entropy = _PPOTriton.apply(logits, labels, old_logp, advantages, weights.reshape(-1), ref_logp, opts)
+    loss, logp, entropy = _PPOTriton.apply(logits, labels, old_logp, advantages, weights.reshape(-1), ref_logp,
+                                           rollout_w, opts)  # fmt: skip
     return loss, logp, entropy
 
 
@@ -282,11 +291,12 @@ def ppo_loss_from_logits(
     ``w_rollout`` multiplies the policy term only. ``kl_bias_correction=True`` multiplies the KL term by the
     mode's (differentiable) importance ratio (TRL's ``use_bias_correction_kl``: ``r``, GSPO's ``s_t``).
 
-    ``impl="triton"``: the default objective (vanilla, no ``delta``, no rollout correction, no KL bias
-    correction) runs the fused kernel (one pass over the logits forward, one backward); every other option
-    runs ``rf.logprobs``' Triton kernels and the per-token loss on ``[B, T]`` tensors by autograd, which
-    is the same two passes over the logits. ``impl="torch"`` is that composition on ``rf.logprobs``'
-    chunked PyTorch implementation.
+    ``impl="triton"``: the token-level loss modes (``vanilla``, ``cispo``, ``sapo``, with every option:
+    ``delta``, dual clip, rollout weights, the KL's bias correction) run the fused kernel (one pass over the
+    logits forward, one backward); the sequence-level modes (``gspo``, ``geo_mean``) run ``rf.logprobs``'
+    Triton kernels and the per-token loss on ``[B, T]`` tensors by autograd, which is the same two passes
+    over the logits. ``impl="torch"`` is that composition on ``rf.logprobs``' chunked PyTorch
+    implementation, for every mode.
 
     ``mask`` (``[B, T]`` tensor or ``None``) holds non-negative token weights, as in every op: ``0`` = not a
     token, ``"token-mean"`` is ``sum(m * L) / sum(m)``; negative entries raise ``ValueError``. Tokens of
