@@ -6,18 +6,24 @@ token-level modes ``vanilla``, ``cispo``, ``sapo``, with any KL estimator, the e
 the dual clip, rollout weights and the KL's bias correction), ``dloss/dlogits`` of a row is known as soon
 as the row's softmax statistics are: ``g_logp = w_t dL_t/dlogp_t`` and ``g_H = w_t dL_t/dH_t`` (by
 autograd on the chunk's ``[rows]`` vectors), then ``dlogits = g_logp (onehot - p) - g_H p (log p + H)``
-(``rf.logprobs``' formula). So the ``torch`` implementation, per chunk of rows: one matmul for the logits,
-their statistics, ``dlogits``, and the two gradient matmuls (``d_hidden[rows] = dlogits @ W``,
+(``rf.logprobs``' formula). So both implementations, per chunk of rows: one matmul for the float32
+logits, their statistics, ``dlogits``, and the two gradient matmuls (``d_hidden[rows] = dlogits @ W``,
 ``d_W += dlogits.T @ hidden[rows]``): three matmul passes over the lm_head for forward and backward
 together, not four (the chunked composition recomputes the logits in the backward). Backward only scales
 the saved gradients by the incoming scalar gradient. The cost: the ``[N, H]`` hidden gradient and the
 float32 ``[V, H]`` weight gradient are held from the forward to the backward, and they are computed
 whether or not ``backward`` is called (no gradient work at all when no input requires grad).
 
+- ``torch``: the chunk's statistics and ``dlogits`` by the PyTorch chunk bodies (rlhf_fast/_fused_chunk.py).
+- ``triton``: the same loop with ``rf.logprobs``' row kernels on the chunk (``dlogits`` written over the
+  chunk's logits in place); the matmuls are cuBLAS calls. The gradient products are float32 (the
+  chunk's ``dlogits`` is float32), exact but not at the bf16 tensor-core rate on a GPU: casting
+  ``dlogits`` to the operand dtype for those two products is the next step there (untested without a
+  GPU, so not done).
+
 The sequence-level modes (``gspo``, ``geo_mean``: each token's loss depends on its whole row) take the
-ordinary route: ``rf.linear_logprobs`` (statistics forward, a recomputing backward) and the ``[B, T]``
-loss by autograd. ``impl="triton"`` takes that route for every mode, on ``rf.linear_logprobs``' Triton
-kernels (a Triton kernel computing the gradient in the forward is future work).
+ordinary route: ``rf.linear_logprobs`` (statistics forward, a recomputing backward; Triton or PyTorch by
+``impl``) and the ``[B, T]`` loss by autograd.
 """
 
 import torch
@@ -37,13 +43,36 @@ def _gradient_in_forward(opts: PPOOptions) -> bool:
     return opts.policy.loss_mode in _policy.TOKEN_LEVEL_MODES
 
 
+def _chunk_ops(impl: str):
+    """``(stats, grad)`` on a float32 chunk of logits ``[rows, V]`` with labels in ``[0, V)``: the PyTorch
+    chunk bodies (rlhf_fast/_fused_chunk.py), or ``rf.logprobs``' Triton kernels (the gradient written over
+    the chunk in place)."""
+    if impl != "triton":
+        return (lambda z, labels, temperature: chunk_stats(z, labels, temperature, True)), chunk_grad
+    from .kernels.logprobs import logprobs_backward, logprobs_forward
+
+    no_label = -1  # labels are in [0, V): no row is ignored by the kernels (the caller masks them)
+
+    def stats(z, labels, temperature):
+        return logprobs_forward(z.unsqueeze(0), labels, temperature, no_label, True)
+
+    def grad(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature):
+        z3 = z.unsqueeze(0)
+        return logprobs_backward(z3, labels, row_max, log_norm, entropy, g_logp.contiguous(), g_entropy.contiguous(),
+                                 temperature, no_label, grad_logits=z3)[0]  # fmt: skip
+
+    return stats, grad
+
+
 class _LinearPPOFused(torch.autograd.Function):
     """Loss, log-probs and entropy ``[N]``; ``d_hidden``, ``d_weight``, ``d_bias`` computed in the forward."""
 
     @staticmethod
     @_amp.float32_op
-    def forward(ctx, hidden, weight, bias, labels, ignored, old, adv, m, weights, ref, rollout_w, opts: PPOOptions):
+    def forward(ctx, hidden, weight, bias, labels, ignored, old, adv, m, weights, ref, rollout_w, opts: PPOOptions,
+                impl: str):  # fmt: skip
         N, V = hidden.shape[0], weight.shape[0]
+        stats, grad = _chunk_ops(impl)
         need = ctx.needs_input_grad[:3]
         native, w_mm, b32 = matmul_operands(hidden, weight, bias)
         w32 = weight.float() if any(need) else None
@@ -55,7 +84,7 @@ class _LinearPPOFused(torch.autograd.Function):
         for r in range(0, N, step):
             rows = slice(r, r + step)
             z = chunk_logits(hidden, rows, native, w_mm, b32)
-            lp, ent, row_max, log_norm = chunk_stats(z, labels[rows], opts.temperature, True)
+            lp, ent, row_max, log_norm = stats(z, labels[rows], opts.temperature)
             lp = lp.masked_fill(ignored[rows], 0.0)
             logp[rows], entropy[rows] = lp, ent
             with torch.enable_grad():
@@ -71,7 +100,7 @@ class _LinearPPOFused(torch.autograd.Function):
                 continue
             g_lp = torch.zeros_like(lp) if g_lp is None else g_lp.masked_fill(ignored[rows], 0.0)
             g_ent = torch.zeros_like(ent) if g_ent is None else g_ent
-            g = chunk_grad(z, row_max, log_norm, ent, g_lp, g_ent, labels[rows], opts.temperature)
+            g = grad(z, row_max, log_norm, ent, g_lp, g_ent, labels[rows], opts.temperature)
             grads.add(rows, g, hidden[rows].float(), w32)
         saved = grads.float32_result() if grads is not None else (None, None, None)
         ctx.save_for_backward(*saved)
@@ -85,7 +114,7 @@ class _LinearPPOFused(torch.autograd.Function):
         out = []
         for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             out.append(None if saved is None else (saved.float() * grad_loss.float()).to(dtype))
-        return (*out, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None)
 
 
 def _ordinary(hidden, weight, bias, labels, B, T, p, impl):
@@ -97,20 +126,24 @@ def _ordinary(hidden, weight, bias, labels, B, T, p, impl):
     return loss, logp.detach(), entropy.detach()
 
 
+def _linear_ppo(hidden, weight, bias, labels, B, T, p, impl):
+    if not _gradient_in_forward(p.opts):
+        return _ordinary(hidden, weight, bias, labels, B, T, p, impl)
+    ignored = labels == p.opts.ignore_index
+    safe = labels.masked_fill(ignored, 0).contiguous()
+    flat = [None if t is None else t.reshape(-1) for t in (p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w)]
+    loss, logp, entropy = _LinearPPOFused.apply(hidden, weight, bias, safe, ignored, *flat, p.opts, impl)
+    return loss, logp.view(B, T), entropy.view(B, T)
+
+
 @register("linear_ppo_loss", "torch")
 def _linear_ppo_torch(hidden, weight, bias, labels, B, T, p):
-    if not _gradient_in_forward(p.opts):
-        return _ordinary(hidden, weight, bias, labels, B, T, p, "torch")
-    ignored = labels == p.opts.ignore_index
-    safe = labels.masked_fill(ignored, 0)
-    flat = [None if t is None else t.reshape(-1) for t in (p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w)]
-    loss, logp, entropy = _LinearPPOFused.apply(hidden, weight, bias, safe, ignored, *flat, p.opts)
-    return loss, logp.view(B, T), entropy.view(B, T)
+    return _linear_ppo(hidden, weight, bias, labels, B, T, p, "torch")
 
 
 @register("linear_ppo_loss", "triton")
 def _linear_ppo_triton(hidden, weight, bias, labels, B, T, p):
-    return _ordinary(hidden, weight, bias, labels, B, T, p, "triton")
+    return _linear_ppo(hidden, weight, bias, labels, B, T, p, "triton")
 
 
 def linear_ppo_loss(

@@ -121,10 +121,11 @@ def test_matches_ppo_loss_from_logits(impl, kw):
         torch.testing.assert_close(metrics[k], ref_metrics[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode,passes", [("vanilla", 3), ("sapo", 3), ("gspo", 4)])
-def test_matmul_passes(monkeypatch, mode, passes):
-    """The torch impl of a token-level mode computes the logits once (forward) and its backward does no
-    matmul at all: forward + backward is one logits pass plus the two gradient products. The sequence-level
+def test_matmul_passes(monkeypatch, impl, mode, passes):
+    """For a token-level mode both impls compute the logits once (forward) and the backward does no matmul
+    at all: forward + backward is one logits pass plus the two gradient products. The sequence-level
     modes recompute the logits in the backward (four passes)."""
     hidden, weight, bias, labels, old, ref, _, adv, m = _case(seed=4)
     calls = []
@@ -133,10 +134,20 @@ def test_matmul_passes(monkeypatch, mode, passes):
     lp_module = importlib.import_module("rlhf_fast.linear_logprobs")
     monkeypatch.setattr(lp_module, "_chunk_logits", lambda h, w, b: calls.append("lp") or real(h, w, b))
     h = hidden.clone().requires_grad_(True)
-    loss, _ = rf.linear_ppo_loss(h, weight, labels, old, adv, m, bias=bias, loss_mode=mode, impl="torch")
+    lp_kernels = importlib.import_module("rlhf_fast.kernels.linear_logprobs")
+    for name in ("linear_logprobs_forward", "linear_logprobs_backward"):  # the Triton composition's passes
+        real_fn = getattr(lp_kernels, name)
+        monkeypatch.setattr(lp_kernels, name, lambda *a, _f=real_fn, **k: calls.append("kernel") or _f(*a, **k))
+    row_kernels = []
+    lp_rows = importlib.import_module("rlhf_fast.kernels.logprobs")
+    for name in ("logprobs_forward", "logprobs_backward"):  # the Triton gradient-in-forward's row kernels
+        real_fn = getattr(lp_rows, name)
+        monkeypatch.setattr(lp_rows, name, lambda *a, _f=real_fn, **k: row_kernels.append(1) or _f(*a, **k))
+    loss, _ = rf.linear_ppo_loss(h, weight, labels, old, adv, m, bias=bias, loss_mode=mode, impl=impl)
     n_forward = len(calls)
     loss.backward()
     assert n_forward == 1 and len(calls) == (1 if passes == 3 else 2)
+    assert len(row_kernels) == (2 if impl == "triton" and passes == 3 else 0)  # stats and dlogits of the chunk
 
 
 @pytest.mark.parametrize("impl", IMPLS)
