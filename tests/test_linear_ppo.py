@@ -250,3 +250,31 @@ def test_autocast_bf16_matches_casting_by_hand(mode):
     torch.testing.assert_close(loss, expected)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e.float())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["vanilla", "gspo"])
+def test_real_shape_cuda(impl, mode):
+    """H = 4096, V = 151936 in bf16 on 512 rows: equal to rf.ppo_loss_from_logits on the materialised logits."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, V = 2, 256, 4096, 151936
+    hidden = torch.randn(B, T, H, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(V, H, device="cuda", generator=g) / H**0.5 * 2).bfloat16()
+    labels = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    with torch.no_grad():
+        logp = rf.linear_logprobs(hidden, weight, labels)
+    old = logp + 0.1 * torch.randn(B, T, device="cuda", generator=g)
+    adv = torch.randn(B, device="cuda", generator=g)
+    kw = dict(ref_logp=old - 0.05, kl_coef=0.1, entropy_coef=0.01, loss_mode=mode)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, metrics = rf.linear_ppo_loss(h1, w1, labels, old, adv, impl=impl, **kw)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref_loss, ref_metrics = rf.ppo_loss_from_logits(torch.nn.functional.linear(h2, w2), labels, old, adv, impl=impl, **kw)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h1.grad.float(), h2.grad.float(), rtol=2e-2, atol=2e-2 * h2.grad.float().abs().max().item())
+    torch.testing.assert_close(w1.grad.float(), w2.grad.float(), rtol=2e-2, atol=2e-2 * w2.grad.float().abs().max().item())
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], ref_metrics[k], rtol=1e-4, atol=1e-5, msg=k)
