@@ -64,11 +64,6 @@ class PolicyOptions:
     rollout_is_cap: float = 2.0
     rollout_is_lower: float | None = None
 
-    @property
-    def is_default(self) -> bool:
-        """Today's clipped PPO objective (what the fused Triton kernel computes)."""
-        return self.loss_mode == "vanilla" and self.delta is None and self.rollout_is is None
-
 
 def _optional_positive(name: str, value):
     return None if value is None else _checks.check_positive(name, value)
@@ -99,6 +94,8 @@ def check_policy_options(*, loss_mode, clip_low, clip_high, dual_clip, delta, sa
                          "rollout_logp (the rollout engine's log-probs)")  # fmt: skip
     rollout_is_cap = _checks.check_positive("rollout_is_cap", rollout_is_cap)
     rollout_is_lower = _optional_positive("rollout_is_lower", rollout_is_lower)
+    if rollout_is_lower is not None and rollout_is is None:
+        raise ValueError("rollout_is_lower bounds the rollout importance weights: it needs rollout_is (and rollout_logp)")
     if rollout_is == "icepop" and rollout_is_lower is None:
         rollout_is_lower = 1.0 / rollout_is_cap
     if rollout_is_lower is not None and not rollout_is_lower < rollout_is_cap:

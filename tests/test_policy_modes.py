@@ -138,6 +138,7 @@ def test_rollout_is_icepop_band_default():
         (dict(rollout_logp=torch.zeros(2, 3), rollout_is="token_mask", rollout_is_cap=-1.0), "rollout_is_cap"),
         (dict(rollout_logp=torch.zeros(2, 3), rollout_is="token_mask", rollout_is_lower=3.0), "rollout_is_lower"),
         (dict(sapo_tau_neg=0.0), "sapo_tau_neg"),
+        (dict(rollout_is_lower=0.5), "rollout_is_lower"),
     ],
 )
 @pytest.mark.parametrize("op", ["ppo_policy_loss", "ppo_loss_from_logits"])
