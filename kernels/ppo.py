@@ -1,14 +1,20 @@
 """The fused PPO policy step: per token, from one pass over its logits row, the log-prob, entropy, ratio,
-clipped surrogate, KL penalty and entropy bonus, and the derivative of the token's loss with respect to
+policy loss, KL penalty and entropy bonus, and the derivative of the token's loss with respect to
 its log-prob (what backward needs).
 
-Per token ``t`` (``A`` advantage, ``r = exp(logp - old_logp)``, ``lr = logp - ref_logp``)::
+Per token ``t`` (``A`` advantage, ``r = exp(logp - old_logp)``, ``lr = logp - ref_logp``), for the
+token-level loss modes of rlhf_fast/_policy.py (``LOSS_MODE``)::
 
-    L_clip = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))         ; with dual clip c, where A < 0:
-    L_clip = min(L_clip, -A c)
-    loss_t = L_clip + kl_coef * k(lr) - entropy_coef * H
+    vanilla: L = max(-A r', -A clip(r, 1 - clip_low, 1 + clip_high)), r' = min(r, delta) (HAS_DELTA) or r
+             ; with dual clip c, where A < 0: L = min(L, -A c)
+             dL/dlogp = -A r  where the unclipped branch is active (and r <= delta), else 0
+    cispo:   L = -sg(clip(r, 1 - clip_low, 1 + clip_high)) A logp,   dL/dlogp = -clip(r) A
+    sapo:    L = -A (4 / tau) sigmoid(tau (r - 1)),  tau = tau_pos (A > 0) or tau_neg,
+             dL/dlogp = -4 A s (1 - s) r  with s = sigmoid(tau (r - 1))
+    L *= w_rollout                                        (HAS_ROLLOUT: a constant per token)
+    loss_t = L + kl_coef * k(lr) [* r  with KL_BIAS] - entropy_coef * H
 
-    d loss_t / d logp = -A r  where the unclipped branch is active, else 0  (+ kl_coef * k'(lr))
+    d loss_t / d logp = dL/dlogp  (+ kl_coef * k'(lr), or kl_coef * (k'(lr) + k(lr)) r with KL_BIAS)
     d loss_t / d H    = -entropy_coef
 
 with ``k1 = lr (k' = 1)``, ``k2 = lr^2 / 2 (k' = lr)``, ``k3 = e^-lr - 1 + lr (k' = 1 - e^-lr)``,
@@ -27,6 +33,8 @@ from ._tuning import row_config
 
 # KL estimators, as the constexpr KL_ESTIMATOR
 KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+# the token-level loss modes this kernel computes, as the constexpr LOSS_MODE
+LOSS_MODES = {"vanilla": 0, "cispo": 1, "sapo": 2}
 
 
 @triton.jit
@@ -45,7 +53,10 @@ def _kl_and_derivative(lr, KL_ESTIMATOR: tl.constexpr):
         return tl.abs(lr), tl.where(lr > 0, 1.0, tl.where(lr < 0, -1.0, 0.0))
 
 
-@triton.heuristics({"HAS_REF": lambda args: args["ref_logp_ptr"] is not None})
+@triton.heuristics({
+    "HAS_REF": lambda args: args["ref_logp_ptr"] is not None,
+    "HAS_ROLLOUT": lambda args: args["rollout_w_ptr"] is not None,
+})  # fmt: skip
 @triton.jit
 def _ppo_fwd_kernel(
     # pointers: inputs
@@ -55,6 +66,7 @@ def _ppo_fwd_kernel(
     adv_ptr,
     weight_ptr,
     ref_logp_ptr,
+    rollout_w_ptr,
     # pointers: outputs
     logp_ptr,
     entropy_ptr,
@@ -77,9 +89,16 @@ def _ppo_fwd_kernel(
     dual_clip,
     kl_coef,
     entropy_coef,
+    delta,
+    tau_pos,
+    tau_neg,
     # meta-parameters
     HAS_REF: tl.constexpr,
+    HAS_ROLLOUT: tl.constexpr,
     HAS_DUAL_CLIP: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    LOSS_MODE: tl.constexpr,
+    KL_BIAS: tl.constexpr,
     KL_ESTIMATOR: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -96,16 +115,38 @@ def _ppo_fwd_kernel(
 
     adv = tl.load(adv_ptr + row).to(tl.float32)
     ratio = tl.exp(logp - tl.load(old_logp_ptr + row).to(tl.float32))
-    unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
-    loss = tl.maximum(unclipped, clipped)
-    dloss = tl.where(clipped > unclipped, 0.0, -adv * ratio)  # a tie is the unclipped branch
-    if HAS_DUAL_CLIP:
-        dual = (adv < 0) & (loss > -adv * dual_clip)
-        loss = tl.where(dual, -adv * dual_clip, loss)
-        dloss = tl.where(dual, 0.0, dloss)
+    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    if LOSS_MODE == 0:
+        r1 = ratio
+        dr1 = ratio
+        if HAS_DELTA:
+            r1 = tl.minimum(ratio, delta)
+            dr1 = tl.where(ratio <= delta, ratio, 0.0)
+        unclipped = -adv * r1
+        clipped = -adv * clipped_ratio
+        loss = tl.maximum(unclipped, clipped)
+        dloss = tl.where(clipped > unclipped, 0.0, -adv * dr1)  # a tie is the unclipped branch
+        if HAS_DUAL_CLIP:
+            dual = (adv < 0) & (loss > -adv * dual_clip)
+            loss = tl.where(dual, -adv * dual_clip, loss)
+            dloss = tl.where(dual, 0.0, dloss)
+    elif LOSS_MODE == 1:
+        loss = -clipped_ratio * adv * logp
+        dloss = -clipped_ratio * adv
+    else:
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        sig = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+        loss = -adv * (4.0 / tau) * sig
+        dloss = -adv * 4.0 * sig * (1.0 - sig) * ratio
+    if HAS_ROLLOUT:
+        w_rollout = tl.load(rollout_w_ptr + row).to(tl.float32)
+        loss *= w_rollout
+        dloss *= w_rollout
     if HAS_REF:
         kl, dkl = _kl_and_derivative(logp - tl.load(ref_logp_ptr + row).to(tl.float32), KL_ESTIMATOR)
+        if KL_BIAS:
+            dkl = (dkl + kl) * ratio
+            kl = kl * ratio
         loss += kl_coef * kl
         dloss += kl_coef * dkl
     loss -= entropy_coef * entropy
@@ -120,11 +161,13 @@ def _ppo_fwd_kernel(
 
 
 def ppo_forward(logits, labels, old_logp, advantages, weights, ref_logp, *, temperature, ignore_index,
-                clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef):  # fmt: skip
+                clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, rollout_w=None,
+                loss_mode="vanilla", delta=None, tau_pos=1.0, tau_neg=1.05, kl_bias=False):  # fmt: skip
     """Per-token ``(logp, entropy, row_max, log_norm, loss, dloss_dlogp)``, float32 ``[B*T]``.
 
     ``logits``: ``[B, T, V]`` with ``stride(-1) == 1``; every per-token input contiguous ``[B*T]``
-    (``weights`` are the aggregation weights, 0 outside the mask; ``ref_logp`` may be ``None``).
+    (``weights`` are the aggregation weights, 0 outside the mask; ``ref_logp`` and ``rollout_w`` may be
+    ``None``); ``loss_mode`` one of :data:`LOSS_MODES`.
     """
     B, T, V = logits.shape
     N = B * T
@@ -132,19 +175,22 @@ def ppo_forward(logits, labels, old_logp, advantages, weights, ref_logp, *, temp
     if N:
         cfg = row_config(V, logits.element_size())
         _ppo_fwd_kernel[(N,)](
-            logits, labels, old_logp, advantages, weights, ref_logp,
+            logits, labels, old_logp, advantages, weights, ref_logp, rollout_w,
             *out,
             logits.stride(0), logits.stride(1),
             T, V,
             *inverse_parts(temperature), ignore_index, clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef,
-            HAS_DUAL_CLIP=dual_clip is not None, KL_ESTIMATOR=KL_ESTIMATORS[kl_estimator],
+            delta or 0.0, tau_pos, tau_neg,
+            HAS_DUAL_CLIP=dual_clip is not None, HAS_DELTA=delta is not None, LOSS_MODE=LOSS_MODES[loss_mode],
+            KL_BIAS=bool(kl_bias), KL_ESTIMATOR=KL_ESTIMATORS[kl_estimator],
             BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
         )  # fmt: skip
     return tuple(out)
 
 
 def build_specs():
-    """The forward for each logits dtype, with and without reference/dual clip (see kernels/_aot.py).
+    """The forward for each logits dtype: vanilla with and without reference (and every option with it),
+    cispo and sapo with a reference (see kernels/_aot.py).
 
     The backward is ``rf.logprobs``' backward kernel, already in the build check.
     """
@@ -154,21 +200,29 @@ def build_specs():
     specs = []
     for dtype, t in _TL_DTYPE.items():
         cfg = row_config(151936, dtype.itemsize)
-        for has_ref, estimator in ((True, "k3"), (True, "k1"), (False, "k3")):
+        for has_ref, estimator, mode in ((True, "k3", "vanilla"), (True, "k1", "vanilla"), (False, "k3", "vanilla"),
+                                         (True, "k3", "cispo"), (True, "k3", "sapo")):  # fmt: skip
+            clip_options = has_ref and mode == "vanilla"
             sig = {
                 "logits_ptr": f"*{t}", "labels_ptr": "*i64", "old_logp_ptr": "*fp32", "adv_ptr": "*fp32",
                 "weight_ptr": "*fp32", "ref_logp_ptr": "*fp32" if has_ref else "constexpr",
+                "rollout_w_ptr": "*fp32" if has_ref else "constexpr",
                 **{f"{n}_ptr": "*fp32" for n in ("logp", "entropy", "row_max", "log_norm", "loss", "dloss_dlogp")},
                 "stride_logits_b": "i32", "stride_logits_t": "i32", "T": "i32", "V": "i32",
                 "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32", "clip_low": "fp32", "clip_high": "fp32",
-                "dual_clip": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32",
-                "HAS_REF": "constexpr", "HAS_DUAL_CLIP": "constexpr", "KL_ESTIMATOR": "constexpr",
+                "dual_clip": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32", "delta": "fp32", "tau_pos": "fp32",
+                "tau_neg": "fp32",
+                "HAS_REF": "constexpr", "HAS_ROLLOUT": "constexpr", "HAS_DUAL_CLIP": "constexpr",
+                "HAS_DELTA": "constexpr", "LOSS_MODE": "constexpr", "KL_BIAS": "constexpr", "KL_ESTIMATOR": "constexpr",
                 "BLOCK_V": "constexpr",
             }  # fmt: skip
-            constexprs = {"HAS_REF": has_ref, "HAS_DUAL_CLIP": has_ref, "KL_ESTIMATOR": KL_ESTIMATORS[estimator],
-                          "BLOCK_V": cfg.BLOCK_V}  # fmt: skip
+            # with a reference: every option on (rollout weights, dual clip, delta, the KL's bias correction)
+            constexprs = {"HAS_REF": has_ref, "HAS_ROLLOUT": has_ref, "HAS_DUAL_CLIP": clip_options,
+                          "HAS_DELTA": clip_options, "LOSS_MODE": LOSS_MODES[mode], "KL_BIAS": has_ref,
+                          "KL_ESTIMATOR": KL_ESTIMATORS[estimator], "BLOCK_V": cfg.BLOCK_V}  # fmt: skip
             if not has_ref:
                 constexprs["ref_logp_ptr"] = None
+                constexprs["rollout_w_ptr"] = None
             specs.append(
                 KernelBuild(
                     kernel=_ppo_fwd_kernel,
@@ -178,7 +232,7 @@ def build_specs():
                     num_warps=cfg.num_warps,
                     streams_rows=True,
                     narrow_loads=1,  # the label logit
-                    label=f"{t} {'ref ' + estimator if has_ref else 'no ref'} BLOCK_V={cfg.BLOCK_V}",
+                    label=f"{t} {mode} {'ref ' + estimator if has_ref else 'no ref'} BLOCK_V={cfg.BLOCK_V}",
                 )
             )
     return specs

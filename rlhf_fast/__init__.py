@@ -9,7 +9,9 @@ from ._fused_chunk import chunk_budget
 from .full_kl import full_kl
 from .gae import gae
 from .linear_dpo import linear_dpo_loss
+from .linear_full_kl import linear_full_kl
 from .linear_logprobs import linear_logprobs
+from .linear_ppo import linear_ppo_loss
 from .logprobs import logprobs
 from .ppo import aggregate, group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
 from .ppo_fused import ppo_loss_from_logits
@@ -28,7 +30,9 @@ __all__ = [
     "group_advantages",
     "kl_penalty",
     "linear_dpo_loss",
+    "linear_full_kl",
     "linear_logprobs",
+    "linear_ppo_loss",
     "logprobs",
     "masked_whiten",
     "pairwise_sigmoid_loss",

@@ -12,7 +12,20 @@ mode below is linear in ``mask * L``, and "tokens" of a row is ``sum_t(mask)``.
 
 A batch with no response token at all aggregates to 0 (with zero gradient) rather than NaN: the
 denominators are clamped to at least 1, which changes nothing when there is a token.
+
+``agg_norm`` (``norm`` here), when given, is the denominator in place of the batch's own count, for
+losses summed over micro-batches or processes (each computes its share of one global mean):
+
+- ``"token-mean"``: ``sum(mask * L) / agg_norm`` (agg_norm = the global token count: DAPO's token-mean
+  across processes and gradient-accumulation steps; TRL's ``dapo`` / ``cispo`` normaliser)
+- ``"seq-mean-token-mean"``: ``sum over rows of [sum_t(mask * L) / sum_t(mask)] / agg_norm``
+  (agg_norm = the global number of sequences)
+- ``"seq-mean-token-sum"``: ``sum(mask * L) / agg_norm`` (agg_norm = the global number of sequences)
+- ``"seq-mean-token-sum-norm"``: ``sum(mask * L) / (B * agg_norm)`` (agg_norm replaces ``T``: Dr. GRPO's
+  ``max_completion_length``)
 """
+
+import math
 
 import torch
 
@@ -25,7 +38,18 @@ def check_agg(agg) -> str:
     return agg
 
 
-def row_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
+def check_agg_norm(agg_norm) -> float | None:
+    if agg_norm is None:
+        return None
+    if isinstance(agg_norm, bool) or not isinstance(agg_norm, (int, float)) or not (
+        math.isfinite(agg_norm) and agg_norm > 0
+    ):
+        raise ValueError(f"agg_norm must be None or a positive finite number (the aggregation's denominator), "
+                         f"got {agg_norm!r}")  # fmt: skip
+    return float(agg_norm)
+
+
+def row_weights(mask: torch.Tensor, agg: str, norm: float | None = None) -> torch.Tensor:
     """``w [B, T]`` float32 with ``aggregate(L, mask, agg) == sum(w * L)``: the per-token weight of each mode.
 
     Computing the weights once (per-row token counts, number of non-empty rows) is what lets a fused
@@ -33,6 +57,10 @@ def row_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
     """
     m = mask.to(torch.float32)
     B, T = m.shape
+    if norm is not None:
+        if agg == "seq-mean-token-mean":
+            return m / m.sum(1, keepdim=True).clamp(min=1.0) / norm
+        return m / (norm * B if agg == "seq-mean-token-sum-norm" else norm)
     if agg == "token-mean":
         return m / m.sum().clamp(min=1.0)
     if agg == "seq-mean-token-sum-norm":
@@ -44,11 +72,11 @@ def row_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
     return m / rows  # seq-mean-token-sum
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor | None, agg: str) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor | None, agg: str, norm: float | None = None) -> torch.Tensor:
     """``agg`` of ``values [B, T]`` over ``mask [B, T]`` (``None``: all ones), as a float32 scalar."""
     if mask is None:
         mask = torch.ones(values.shape, dtype=torch.float32, device=values.device)
-    w = row_weights(mask, agg)
+    w = row_weights(mask, agg, norm)
     # where(), not w * values alone: padding may hold inf/NaN (say, a ratio of garbage log-probs), and
     # 0 * inf would leak NaN into the loss. (The gradient of ``values`` there is 0 * 0 either way; callers
     # keep garbage out of ``values``' own inputs so that nothing upstream multiplies it by inf.)

@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from . import _amp, _checks
+from . import _amp, _checks, _policy
 from ._agg import aggregate as _aggregate
-from ._agg import check_agg
+from ._agg import check_agg, check_agg_norm
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
@@ -140,18 +140,31 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     is_weights: torch.Tensor | None = None,
+    loss_mode: str = "vanilla",
+    delta: float | None = None,
+    agg_norm: float | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    rollout_is: str | None = None,
+    rollout_is_cap: float = 2.0,
+    rollout_is_lower: float | None = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO policy loss over ``[B, T]`` tokens: ``(loss, metrics)``.
+    """Policy-gradient loss over ``[B, T]`` tokens (clipped PPO by default): ``(loss, metrics)``.
 
-    Per token, with ``r = exp(logp - old_logp)`` and advantage ``A``::
+    Per token, with ``r = exp(logp - old_logp)`` and advantage ``A``, the default ``loss_mode="vanilla"``::
 
         L = max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high))
         L = min(L, -A * dual_clip)        where A < 0 (only with dual_clip)
         L = L * is_weights                (only with is_weights)
+        L = L * w_rollout                 (only with rollout_is)
 
     aggregated over ``mask`` by ``agg`` (``rlhf_fast._agg``: ``"token-mean"``, ``"seq-mean-token-mean"``,
-    ``"seq-mean-token-sum"``, ``"seq-mean-token-sum-norm"``). A batch without any response token gives
-    a loss of 0 (and zero gradient).
+    ``"seq-mean-token-sum"``, ``"seq-mean-token-sum-norm"``; ``agg_norm`` replaces the denominator, see
+    ``rlhf_fast/_agg.py`` for the formula of each). A batch without any response token gives a loss of 0
+    (and zero gradient). The other loss modes (verl's ``gspo``, ``cispo``, ``sapo``, ``geo_mean``),
+    ``delta`` (TRL's two-sided clip: the unclipped ratio capped at ``delta``) and the rollout importance
+    weights are defined in ``rlhf_fast/_policy.py``'s docstring.
 
     Args:
         logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (differentiable).
@@ -162,24 +175,34 @@ def ppo_policy_loss(
         clip_low, clip_high: the trust region ``[1 - clip_low, 1 + clip_high]`` of the ratio, both
             positive; ``clip_high=None`` means ``clip_low`` (``clip_high > clip_low`` is DAPO's clip-higher).
         dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-A * c`` (dual-clip PPO).
-        agg: aggregation mode.
+        agg: aggregation mode; ``agg_norm``: its denominator when given (positive number).
         is_weights: ``[B, T]`` per-token importance weights multiplying ``L`` (e.g. truncated
             rollout/trainer mismatch corrections); used as given, so detach them if they are constants.
+        loss_mode: ``"vanilla" | "gspo" | "cispo" | "sapo" | "geo_mean"``; ``delta`` and ``dual_clip``
+            apply to ``vanilla`` and ``gspo``; ``sapo_tau_pos`` / ``sapo_tau_neg``: SAPO's temperatures.
+        rollout_logp, rollout_is, rollout_is_cap, rollout_is_lower: the rollout engine's log-probs and
+            the correction made with them (``"token_truncate" | "token_mask" | "sequence_truncate" |
+            "sequence_mask" | "icepop"``), its upper bound and optional lower bound.
 
     Returns:
         ``loss`` (float32 scalar) and ``metrics``, detached float32 scalars: means over the masked tokens
         weighted by the mask (0 when there is none):
 
-        - ``clipfrac``: fraction of tokens where the clipped branch is the active one, i.e.
-          ``-A * clip(r) > -A * r`` strictly: ``r`` is outside the trust region on the side where the
-          clip removes its gradient (``A > 0, r > 1 + clip_high`` or ``A < 0, r < 1 - clip_low``);
+        - ``clipfrac``: fraction of tokens where the clip is the active branch: for ``vanilla`` / ``gspo``
+          ``-A * clip(r) > -A * r`` strictly (``r`` outside the trust region on the side where the clip
+          removes its gradient; GSPO's sequence ratio in place of ``r``); for ``cispo`` the tokens whose
+          weight ``clip(r)`` differs from ``r``; for ``geo_mean`` the tokens where ``A > 0, lr > clip_high``
+          or ``A < 0, lr < -clip_low``; 0 for ``sapo``;
         - ``dual_clipfrac`` (only with ``dual_clip``): fraction of tokens where the dual clip is
           active (``A < 0`` and the loss was capped at ``-A * dual_clip``);
         - ``approx_kl``: mean of ``old_logp - logp`` (the k1 estimate of ``KL(pi_old || pi)``);
-        - ``ratio_mean``, ``ratio_max``: mean and max of ``r`` (the max over tokens of nonzero weight).
+        - ``ratio_mean``, ``ratio_max``: mean and max of the token ratio ``r`` (the max over tokens of
+          nonzero weight);
+        - with ``rollout_is``: ``rollout_is_mean``, ``rollout_is_max`` and ``rollout_is_masked_frac`` (the
+          fraction of tokens whose weight a ``*_mask`` / ``icepop`` mode set to 0).
 
     Masked-out tokens (weight 0) contribute nothing, gradients included, whatever ``logp``, ``old_logp``,
-    ``advantages`` or ``is_weights`` hold there (NaN, ``±inf``).
+    ``advantages``, ``is_weights`` or ``rollout_logp`` hold there (NaN, ``±inf``).
     """
     _check_bt(logp, "logp")
     _check_per_token(old_logp, "old_logp", logp, "logp")
@@ -193,45 +216,48 @@ def ppo_policy_loss(
         _checks.check_mask(mask, logp, "logp")
     if is_weights is not None:
         _check_per_token(is_weights, "is_weights", logp, "logp")
-    clip_low = _check_clip("clip_low", clip_low, allow_none=False)
-    clip_high = clip_low if clip_high is None else _check_clip("clip_high", clip_high)
-    if dual_clip is not None:
-        dual_clip = _checks.check_positive("dual_clip", dual_clip)
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1 (a cap at -A * dual_clip above the clipped loss), got {dual_clip}")
+    _policy.check_rollout_logp(rollout_logp, logp.shape, logp.device, "the shape of logp")
+    opts = _policy.check_policy_options(
+        loss_mode=loss_mode, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
+        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_logp=rollout_logp, rollout_is=rollout_is,
+        rollout_is_cap=rollout_is_cap, rollout_is_lower=rollout_is_lower,
+    )  # fmt: skip
     check_agg(agg)
+    agg_norm = check_agg_norm(agg_norm)
 
     m = _token_weights(mask, logp)
     on = m != 0
-    # Padding may hold anything (0, inf, NaN): log-ratio 0 there keeps exp() and its gradient finite.
-    log_ratio = torch.where(on, logp.to(torch.float32) - old_logp.to(torch.float32), 0.0)
-    ratio = torch.exp(log_ratio)
+    # Padding may hold anything (0, inf, NaN): every input is 0 there before any arithmetic, so exp() and
+    # every gradient stay finite.
+    lp = torch.where(on, logp.to(torch.float32), 0.0)
+    old = torch.where(on, old_logp.to(torch.float32), 0.0)
     adv = advantages.to(torch.float32)
     if adv.dim() == 1:
         adv = adv[:, None].expand(B, T)
     adv = torch.where(on, adv, 0.0)
 
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(loss_unclipped, loss_clipped)
-    if dual_clip is not None:
-        cap = -adv * dual_clip
-        dual_active = (adv < 0) & (per_token > cap)
-        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    tl = _policy.token_loss(lp, old, adv, m, opts)
+    per_token = tl.loss
     if is_weights is not None:
         per_token = per_token * torch.where(on, is_weights.to(torch.float32), 0.0)
-    loss = _aggregate(per_token, m, agg)
+    rollout_metrics = {}
+    if opts.rollout_is is not None:
+        w_rollout, rollout_metrics = _policy.rollout_weights(old, rollout_logp, m, opts)
+        per_token = per_token * w_rollout
+    loss = _aggregate(per_token, m, agg, agg_norm)
 
     with torch.no_grad():
-        ratio_d = ratio.detach()
+        log_ratio = (lp - old).detach()
+        ratio_d = torch.exp(log_ratio)
         metrics = {
-            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), m),
-            "approx_kl": masked_mean(-log_ratio.detach(), m),
+            "clipfrac": masked_mean(tl.clipped.float(), m),
+            "approx_kl": masked_mean(-log_ratio, m),
             "ratio_mean": masked_mean(ratio_d, m),
             "ratio_max": torch.where(on, ratio_d, 0.0).max(),  # ratios are > 0: 0 only without tokens
         }
-        if dual_clip is not None:
-            metrics["dual_clipfrac"] = masked_mean(dual_active.float(), m)
+        if tl.dual_clipped is not None:
+            metrics["dual_clipfrac"] = masked_mean(tl.dual_clipped.float(), m)
+        metrics.update(rollout_metrics)
     return loss, metrics
 
 
@@ -347,22 +373,28 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 
 @_amp.float32_op
 def group_advantages(
-    scores: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6
+    scores: torch.Tensor, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6, baseline: str = "mean"
 ) -> torch.Tensor:
-    """GRPO advantages: each score relative to its group of ``group_size`` completions of one prompt.
+    """GRPO / RLOO advantages: each score relative to its group of ``group_size`` completions of one prompt.
 
     ``scores [N]`` holds ``N / group_size`` consecutive groups. For score ``s_i`` of group ``g`` with
     ``G = group_size`` members::
 
         mean_g = (1/G) * sum_{j in g} s_j
         std_g  = sqrt( sum_{j in g} (s_j - mean_g)**2 / (G - 1) )       (unbiased)
-        A_i    = (s_i - mean_g) / (std_g + eps)     or  s_i - mean_g  with normalize_std=False
+        b_i    = mean_g                                   baseline="mean" (GRPO)
+        b_i    = (1/(G-1)) * sum_{j in g, j != i} s_j     baseline="loo"  (RLOO's leave-one-out;
+                                                          s_i - b_i = G/(G-1) * (s_i - mean_g))
+        A_i    = (s_i - b_i) / (std_g + eps)     or  s_i - b_i  with normalize_std=False
+
+    (RLOO proper is ``baseline="loo", normalize_std=False``: verl's ``compute_rloo_outcome_advantage``.)
 
     Returns float32 ``[N]``. A group whose scores are all equal gets advantages 0 (``0 / eps``; NaN
     with ``eps=0``).
     ``group_size=1`` with ``normalize_std=True`` raises ``ValueError``: the unbiased std of one sample is
     undefined (and a lone completion carries no relative signal); with ``normalize_std=False`` it gives
-    zeros. Differentiable in ``scores``.
+    zeros. ``baseline="loo"`` needs ``group_size >= 2`` (there is no other completion to average).
+    Differentiable in ``scores``.
     """
     _checks.check_float_tensor(scores, "scores")
     if scores.dim() != 1:
@@ -375,6 +407,10 @@ def group_advantages(
     N = scores.numel()
     if N % group_size != 0:
         raise ValueError(f"group_size={group_size} must divide the number of scores ({N})")
+    if baseline not in ("mean", "loo"):
+        raise ValueError(f"baseline must be 'mean' or 'loo', got {baseline!r}")
+    if baseline == "loo" and group_size == 1:
+        raise ValueError("group_size must be >= 2 with baseline='loo': a lone completion has no others to average")
     if normalize_std and group_size == 1:
         raise ValueError("group_size must be >= 2 with normalize_std=True: the unbiased std of one score is undefined")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
@@ -382,7 +418,8 @@ def group_advantages(
 
     s = scores.to(torch.float32).view(N // group_size, group_size)
     centered = s - s.mean(dim=1, keepdim=True)
+    out = centered * (group_size / (group_size - 1)) if baseline == "loo" else centered
     if normalize_std:
         std = centered.pow(2).sum(dim=1, keepdim=True).div(group_size - 1).sqrt()
-        centered = centered / (std + eps)
-    return centered.reshape(N)
+        out = out / (std + eps)
+    return out.reshape(N)

@@ -3,9 +3,12 @@
     loss = agg(L_clip + kl_coef * kl_penalty(logp, ref_logp) - entropy_coef * entropy)
     logp, entropy = logprobs(logits, labels, temperature=..., return_entropy=True)
 
-- ``triton``: one kernel pass over each logits row computes the log-prob, entropy, ratio, clipped
-  surrogate, KL penalty, entropy bonus and ``d loss_t / d logp`` (kernels/ppo.py); backward is one more
-  pass (``rf.logprobs``' backward kernel) writing ``dlogits``. The aggregation is a weighted sum whose
+- ``triton``: one kernel pass over each logits row computes the log-prob, entropy, ratio, the token-level
+  policy loss (``vanilla`` / ``cispo`` / ``sapo``, with ``delta``, dual clip and rollout weights), KL penalty
+  (with the bias correction), entropy bonus and ``d loss_t / d logp`` (kernels/ppo.py); backward is one
+  more pass (``rf.logprobs``' backward kernel) writing ``dlogits``. The sequence-level modes (``gspo``,
+  ``geo_mean``) need every log-prob of a row before any token's loss: they run ``rf.logprobs``' kernels and
+  the ``[B, T]`` loss by autograd (the same two passes). The aggregation is a weighted sum whose
   per-token weights come from the mask once (per-row token counts, rlhf_fast/_agg.py).
 - ``torch``: the same composition on ``rf.logprobs``' chunked PyTorch implementation, so no ``[N, V]``
   float32 intermediate is built; the per-token arithmetic is autograd over ``[B, T]`` tensors.
@@ -15,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _agg, _amp, _checks
+from . import _agg, _amp, _checks, _policy
 from ._dispatch import dispatch, register
+from ._policy import PolicyOptions
 from ._rowsoftmax import as_btv
 from .logprobs import LogprobsOptions, _Logprobs
 from .ppo import KL_ESTIMATORS, kl_penalty, masked_mean, ppo_policy_loss
+
 
 @dataclass(frozen=True)
 class PPOOptions:
@@ -31,21 +36,31 @@ class PPOOptions:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
+    policy: PolicyOptions = PolicyOptions()
+    kl_bias_correction: bool = False
+
+    @property
+    def fused_kernel(self) -> bool:
+        """Whether the fused Triton kernel computes this loss: the token-level loss modes (``vanilla``,
+        ``cispo``, ``sapo``) with every option; the sequence-level ones (``gspo``, ``geo_mean``) run the
+        composition ``rf.logprobs`` (Triton) + the ``[B, T]`` loss."""
+        return self.policy.loss_mode in _policy.TOKEN_LEVEL_MODES
 
 
-def _token_losses(logp, entropy, old_logp, advantages, ref_logp, opts: PPOOptions):
-    """Per-token ``L_clip + kl_coef * k - entropy_coef * H`` on ``[B, T]`` tensors (autograd-friendly).
+def token_losses(logp, entropy, old_logp, advantages, m, ref_logp, rollout_w, opts: PPOOptions):
+    """Per-token ``w_rollout * L_policy + kl_coef * k (* ratio) - entropy_coef * H`` on ``[B, T]`` float32
+    tensors (autograd-friendly), ``L_policy`` of ``opts.policy.loss_mode`` (rlhf_fast/_policy.py).
 
-    The caller zeroes every input at tokens of weight 0, so that nothing there is inf or NaN: a finite
-    loss from garbage and a zero upstream gradient would still give ``0 * inf = NaN`` gradients.
+    The caller zeroes every input at tokens of weight 0 (``m == 0``), so that nothing there is inf or NaN:
+    a finite loss from garbage and a zero upstream gradient would still give ``0 * inf = NaN`` gradients.
     """
-    ratio = torch.exp(logp - old_logp)
-    clipped = -advantages * ratio.clamp(1.0 - opts.clip_low, 1.0 + opts.clip_high)
-    loss = torch.maximum(-advantages * ratio, clipped)
-    if opts.dual_clip is not None:
-        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * opts.dual_clip), loss)
+    tl = _policy.token_loss(logp, old_logp, advantages, m, opts.policy)
+    loss = tl.loss if rollout_w is None else tl.loss * rollout_w
     if ref_logp is not None:
-        loss = loss + opts.kl_coef * kl_penalty(logp, ref_logp, estimator=opts.kl_estimator)
+        kl = kl_penalty(logp, ref_logp, estimator=opts.kl_estimator)
+        if opts.kl_bias_correction:
+            kl = kl * tl.ratio
+        loss = loss + opts.kl_coef * kl
     return loss - opts.entropy_coef * entropy
 
 
@@ -55,16 +70,20 @@ def _token_losses(logp, entropy, old_logp, advantages, ref_logp, opts: PPOOption
 class _PPOTriton(torch.autograd.Function):
     @staticmethod
     @_amp.float32_op
-    def forward(ctx, logits, labels, old_logp, advantages, weights, ref_logp, opts: PPOOptions):
+    def forward(ctx, logits, labels, old_logp, advantages, weights, ref_logp, rollout_w, opts: PPOOptions):
         from .kernels.ppo import ppo_forward
 
         x = as_btv(logits)
-        flat = [None if t is None else t.reshape(-1).float().contiguous() for t in (old_logp, advantages, weights, ref_logp)]
+        flat = [None if t is None else t.reshape(-1).float().contiguous()
+                for t in (old_logp, advantages, weights, ref_logp, rollout_w)]  # fmt: skip
         labels = labels.reshape(-1).contiguous()
+        pol = opts.policy
         logp, entropy, row_max, log_norm, token_loss, dloss_dlogp = ppo_forward(
-            x, labels, *flat, temperature=opts.temperature, ignore_index=opts.ignore_index,
+            x, labels, *flat[:4], temperature=opts.temperature, ignore_index=opts.ignore_index,
             clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip, kl_coef=opts.kl_coef,
-            kl_estimator=opts.kl_estimator, entropy_coef=opts.entropy_coef,
+            kl_estimator=opts.kl_estimator, entropy_coef=opts.entropy_coef, rollout_w=flat[4],
+            loss_mode=pol.loss_mode, delta=pol.delta, tau_pos=pol.sapo_tau_pos, tau_neg=pol.sapo_tau_neg,
+            kl_bias=opts.kl_bias_correction,
         )  # fmt: skip
         loss = (flat[2] * token_loss).sum()
         ctx.save_for_backward(x, labels, row_max, log_norm, entropy, flat[2], dloss_dlogp)
@@ -82,30 +101,152 @@ class _PPOTriton(torch.autograd.Function):
         g = grad_loss.float() * weights
         grad = logprobs_backward(x, labels, row_max, log_norm, entropy, g * dloss_dlogp, g * -opts.entropy_coef,
                                  opts.temperature, opts.ignore_index)  # fmt: skip
-        return grad.reshape(ctx.logits_shape), None, None, None, None, None, None
+        return grad.reshape(ctx.logits_shape), None, None, None, None, None, None, None
+
+
+def weighted_token_loss(logp, entropy, old_logp, advantages, m, weights, ref_logp, rollout_w, opts):
+    """``sum(weights * token_losses)`` from differentiable ``logp`` and ``entropy`` (any shape the per-token
+    tensors share; ``[B, T]`` for the sequence-level modes)."""
+    # Masked-out tokens contribute exactly nothing, gradients included, whatever they hold (NaN or inf
+    # advantages, -inf old or reference log-probs): every input is 0 there before any arithmetic, so
+    # their token loss is a finite constant and where()'s backward gives their log-prob and entropy 0.
+    on = m != 0
+    inputs = [None if t is None else torch.where(on, t, 0.0) for t in (logp, entropy, old_logp, advantages)]
+    ref = None if ref_logp is None else torch.where(on, ref_logp, 0.0)
+    return (weights * token_losses(*inputs, m, ref, rollout_w, opts)).sum()
+
+
+def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl):
+    """``rf.logprobs`` (``impl``) then the ``[B, T]`` per-token loss by autograd: two passes over the logits
+    (the log-probs' forward and backward), like the fused kernel."""
+    logprobs_opts = LogprobsOptions(temperature=opts.temperature, ignore_index=opts.ignore_index)
+    logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, impl)
+    loss = weighted_token_loss(logp, entropy, old_logp, advantages, m, weights, ref_logp, rollout_w, opts)
+    return loss, logp.detach(), entropy.detach()
 
 
 @register("ppo_loss_from_logits", "triton")
-def _ppo_triton(logits, labels, old_logp, advantages, weights, ref_logp, opts):
-    loss, logp, entropy = _PPOTriton.apply(logits, labels, old_logp, advantages, weights, ref_logp, opts)
+def _ppo_triton(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts):
+    if not opts.fused_kernel:
+        return _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, "triton")
+    loss, logp, entropy = _PPOTriton.apply(logits, labels, old_logp, advantages, weights.reshape(-1), ref_logp,
+                                           rollout_w, opts)  # fmt: skip
     return loss, logp, entropy
 
 
 @register("ppo_loss_from_logits", "torch")
-def _ppo_torch(logits, labels, old_logp, advantages, weights, ref_logp, opts):
-    logprobs_opts = LogprobsOptions(temperature=opts.temperature, ignore_index=opts.ignore_index)
-    logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, "torch")
-    # Masked-out tokens contribute exactly nothing, gradients included, whatever they hold (NaN or inf
-    # advantages, -inf old or reference log-probs): every input is 0 there before any arithmetic, so
-    # their token loss is a finite constant and where()'s backward gives their log-prob and entropy 0.
-    on = weights.view(logp.shape) != 0
-    inputs = [None if t is None else torch.where(on, t, 0.0) for t in (logp, entropy, old_logp, advantages, ref_logp)]
-    token_loss = _token_losses(*inputs, opts)
-    loss = (weights.view(logp.shape) * token_loss).sum()
-    return loss, logp.detach(), entropy.detach()
+def _ppo_torch(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts):
+    return _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, "torch")
 
 
 # ---------------------------------------------------------------------------------------------- public
+
+
+@dataclass
+class PreparedLoss:
+    """Validated options and the ``[B, T]`` float32 tensors every policy-step impl takes."""
+
+    opts: PPOOptions
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    m: torch.Tensor  # token weights (the mask)
+    weights: torch.Tensor  # aggregation weights: loss = sum(weights * token_loss)
+    ref_logp: torch.Tensor | None
+    rollout_w: torch.Tensor | None
+    rollout_logp: torch.Tensor | None
+    agg: str
+    agg_norm: float | None
+
+
+# The arguments of ppo_loss_from_logits / linear_ppo_loss that prepare_policy_step takes (by keyword).
+POLICY_STEP_ARGS = (
+    "old_logp", "advantages", "mask", "ref_logp", "kl_coef", "kl_estimator", "entropy_coef", "temperature",
+    "clip_low", "clip_high", "dual_clip", "agg", "ignore_index", "loss_mode", "delta", "agg_norm", "rollout_logp",
+    "rollout_is", "rollout_is_cap", "rollout_is_lower", "sapo_tau_pos", "sapo_tau_neg", "kl_bias_correction",
+)  # fmt: skip
+
+
+def prepare_policy_step(ref_tensor, B, T, labels, *, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
+                        entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, ignore_index, loss_mode,
+                        delta, agg_norm, rollout_logp, rollout_is, rollout_is_cap, rollout_is_lower, sapo_tau_pos,
+                        sapo_tau_neg, kl_bias_correction) -> PreparedLoss:  # fmt: skip
+    """Check the per-token inputs and options of ``ppo_loss_from_logits`` / ``linear_ppo_loss`` (``labels``
+    already int64 ``[B, T]``; ``ref_tensor`` the logits or hidden states, for the device) and build the
+    ``[B, T]`` tensors of the loss (``ValueError`` naming the argument on bad input)."""
+    what = "[B, T] like labels"
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None or name == "old_logp":
+            _checks.check_float_tensor(t, name)
+            _checks.check_shape(name, t, (B, T), what)
+    _checks.check_float_tensor(advantages, "advantages")
+    if tuple(advantages.shape) not in ((B, T), (B,)):
+        raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
+    if mask is not None:
+        _checks.check_mask(mask, labels, "labels")
+    _policy.check_rollout_logp(rollout_logp, (B, T), ref_tensor.device, what)
+    for name, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
+                    ("ref_logp", ref_logp)):  # fmt: skip
+        if t is not None:
+            _checks.check_same_device(name, t, "the inputs", ref_tensor)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if kl_coef != 0 and ref_logp is None:
+        raise ValueError("ref_logp is required when kl_coef != 0")
+    if not isinstance(kl_bias_correction, bool):
+        raise ValueError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
+    policy = _policy.check_policy_options(
+        loss_mode=loss_mode, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
+        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_logp=rollout_logp, rollout_is=rollout_is,
+        rollout_is_cap=rollout_is_cap, rollout_is_lower=rollout_is_lower,
+    )  # fmt: skip
+    _agg.check_agg(agg)
+    agg_norm = _agg.check_agg_norm(agg_norm)
+    opts = PPOOptions(
+        temperature=_checks.check_positive("temperature", temperature),
+        ignore_index=_checks.check_int("ignore_index", ignore_index),
+        clip_low=policy.clip_low,
+        clip_high=policy.clip_high,
+        dual_clip=policy.dual_clip,
+        kl_coef=float(kl_coef),
+        kl_estimator=kl_estimator,
+        entropy_coef=float(entropy_coef),
+        policy=policy,
+        kl_bias_correction=kl_bias_correction,
+    )
+    device = ref_tensor.device
+    adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
+    m = torch.ones(B, T, device=device) if mask is None else mask.to(torch.float32)
+    old = old_logp.detach().float()
+    rollout_w = None
+    if policy.rollout_is is not None:
+        rollout_w, _ = _policy.rollout_weights(old, rollout_logp, m, policy)
+    return PreparedLoss(
+        opts=opts, old_logp=old, advantages=adv.detach(), m=m, weights=_agg.row_weights(m, agg, agg_norm),
+        ref_logp=None if ref_logp is None or opts.kl_coef == 0 else ref_logp.detach().float(), rollout_w=rollout_w,
+        rollout_logp=rollout_logp, agg=agg, agg_norm=agg_norm,
+    )  # fmt: skip
+
+
+def policy_step_metrics(p: PreparedLoss, logp, entropy, ref_logp, device) -> dict[str, torch.Tensor]:
+    """The metrics of ``rf.ppo_policy_loss`` on the detached log-probs (cheap ``[B, T]`` work), plus
+    ``entropy`` and ``kl``."""
+    pol = p.opts.policy
+    _, metrics = ppo_policy_loss(
+        logp, p.old_logp, p.advantages, p.m, clip_low=pol.clip_low, clip_high=pol.clip_high, dual_clip=pol.dual_clip,
+        loss_mode=pol.loss_mode, delta=pol.delta, rollout_logp=p.rollout_logp, rollout_is=pol.rollout_is,
+        rollout_is_cap=pol.rollout_is_cap, rollout_is_lower=pol.rollout_is_lower, sapo_tau_pos=pol.sapo_tau_pos,
+        sapo_tau_neg=pol.sapo_tau_neg,
+    )  # fmt: skip
+    with torch.no_grad():
+        metrics["entropy"] = masked_mean(entropy, p.m)
+        if ref_logp is not None:
+            metrics["kl"] = masked_mean(kl_penalty(logp, ref_logp, estimator=p.opts.kl_estimator), p.m)
+        else:
+            metrics["kl"] = torch.zeros((), device=device)
+    return metrics
 
 
 @_amp.float32_op
@@ -127,13 +268,35 @@ def ppo_loss_from_logits(
     agg: str = "token-mean",
     ignore_index: int = -100,
     impl: str = "auto",
+    loss_mode: str = "vanilla",
+    delta: float | None = None,
+    agg_norm: float | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    rollout_is: str | None = None,
+    rollout_is_cap: float = 2.0,
+    rollout_is_lower: float | None = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    kl_bias_correction: bool = False,
 ):
-    """The PPO policy loss straight from ``[B, T, V]`` logits, and the metrics a trainer logs.
+    """The policy loss straight from ``[B, T, V]`` logits, and the metrics a trainer logs.
 
-    ``loss = agg(L_clip + kl_coef * kl_penalty(logp, ref_logp, kl_estimator) - entropy_coef * entropy)``
-    with ``logp, entropy = rf.logprobs(logits, labels, temperature=temperature, return_entropy=True)``,
+    ``loss = agg(w_rollout * L_policy + kl_coef * kl_penalty(logp, ref_logp, kl_estimator) - entropy_coef * entropy)``
+    with ``logp, entropy = rf.logprobs(logits, labels, temperature=temperature, return_entropy=True)`` and
+    ``L_policy`` the per-token loss of ``rf.ppo_policy_loss`` with the same options (by default
     ``L_clip = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``, ``r = exp(logp - old_logp)`` and, with
-    ``dual_clip=c``, ``L_clip = min(L_clip, -A c)`` where ``A < 0``. ``advantages`` is ``[B, T]`` or ``[B]``.
+    ``dual_clip=c``, ``L_clip = min(L_clip, -A c)`` where ``A < 0``). ``advantages`` is ``[B, T]`` or ``[B]``.
+    ``loss_mode``, ``delta``, ``agg_norm``, ``rollout_*`` and ``sapo_tau_*`` are those of
+    ``rf.ppo_policy_loss`` (formulas in rlhf_fast/_policy.py and rlhf_fast/_agg.py); the rollout weight
+    ``w_rollout`` multiplies the policy term only. ``kl_bias_correction=True`` multiplies the KL term by the
+    mode's (differentiable) importance ratio (TRL's ``use_bias_correction_kl``: ``r``, GSPO's ``s_t``).
+
+    ``impl="triton"``: the token-level loss modes (``vanilla``, ``cispo``, ``sapo``, with every option:
+    ``delta``, dual clip, rollout weights, the KL's bias correction) run the fused kernel (one pass over the
+    logits forward, one backward); the sequence-level modes (``gspo``, ``geo_mean``) run ``rf.logprobs``'
+    Triton kernels and the per-token loss on ``[B, T]`` tensors by autograd, which is the same two passes
+    over the logits. ``impl="torch"`` is that composition on ``rf.logprobs``' chunked PyTorch
+    implementation, for every mode.
 
     ``mask`` (``[B, T]`` tensor or ``None``) holds non-negative token weights, as in every op: ``0`` = not a
     token, ``"token-mean"`` is ``sum(m * L) / sum(m)``; negative entries raise ``ValueError``. Tokens of
@@ -141,8 +304,10 @@ def ppo_loss_from_logits(
     reference log-probs hold (NaN, ``±inf``). The loss is float32 and computed in float32 under autocast.
 
     Returns ``(loss, metrics)``: ``loss`` a float32 scalar differentiable in ``logits``; ``metrics`` a dict
-    of detached float32 scalars: ``clipfrac``, ``approx_kl``, ``ratio_mean``, ``ratio_max`` (as
-    ``rf.ppo_policy_loss``), ``entropy`` and ``kl`` (masked means; ``kl`` is 0 without ``ref_logp``).
+    of detached float32 scalars: those of ``rf.ppo_policy_loss`` with the same options (``clipfrac``,
+    ``approx_kl``, ``ratio_mean``, ``ratio_max``, ``dual_clipfrac``, ``rollout_is_*``), ``entropy`` and
+    ``kl`` (masked means; ``kl`` is the plain estimator, without the bias correction, and 0 without
+    ``ref_logp``).
     """
     _checks.check_float_tensor(logits, "logits", min_dim=3)
     if logits.dim() != 3:
@@ -152,59 +317,12 @@ def ppo_loss_from_logits(
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
     labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, (B, T), "[B, T] like logits")
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if t is not None or name == "old_logp":
-            _checks.check_float_tensor(t, name)
-            _checks.check_shape(name, t, (B, T), "[B, T] like logits")
-    _checks.check_float_tensor(advantages, "advantages")
-    if tuple(advantages.shape) not in ((B, T), (B,)):
-        raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
-    if mask is not None:
-        _checks.check_mask(mask, labels, "labels ([B, T] like logits)")
-    for name, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
-                    ("ref_logp", ref_logp)):  # fmt: skip
-        if t is not None:
-            _checks.check_same_device(name, t, "logits", logits)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ValueError(f"{name} must be a number, got {value!r}")
-    if kl_coef != 0 and ref_logp is None:
-        raise ValueError("ref_logp is required when kl_coef != 0")
-    clip_low = _checks.check_positive("clip_low", clip_low)
-    clip_high = clip_low if clip_high is None else _checks.check_positive("clip_high", clip_high)
-    if dual_clip is not None and not (_checks.check_positive("dual_clip", dual_clip) > 1.0):
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
-    _agg.check_agg(agg)
+    args = locals()
+    p = prepare_policy_step(logits, B, T, labels, **{k: args[k] for k in POLICY_STEP_ARGS})
     if B * T == 0:
         raise ValueError(f"logits has no tokens (shape {tuple(logits.shape)}): the loss and its metrics are "
                          "means over the batch's tokens")  # fmt: skip
-    opts = PPOOptions(
-        temperature=_checks.check_positive("temperature", temperature),
-        ignore_index=_checks.check_int("ignore_index", ignore_index),
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=None if dual_clip is None else float(dual_clip),
-        kl_coef=float(kl_coef),
-        kl_estimator=kl_estimator,
-        entropy_coef=float(entropy_coef),
-    )
     fn = dispatch("ppo_loss_from_logits", impl, logits.device)
-    _checks.check_labels_in_range(labels, V, opts.ignore_index)
-    adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
-    m = torch.ones(B, T, device=logits.device) if mask is None else mask.to(torch.float32)
-    weights = _agg.row_weights(m, agg)
-    ref = None if ref_logp is None or opts.kl_coef == 0 else ref_logp.detach().float()
-    loss, logp, entropy = fn(logits, labels, old_logp.detach().float(), adv.detach(), weights, ref, opts)
-
-    # The metrics of rf.ppo_policy_loss on the detached log-probs (cheap [B, T] work), plus two more.
-    _, metrics = ppo_policy_loss(logp, old_logp, adv, m, clip_low=clip_low, clip_high=clip_high,
-                                 dual_clip=opts.dual_clip)  # fmt: skip
-    with torch.no_grad():
-        metrics["entropy"] = masked_mean(entropy, m)
-        if ref_logp is not None:
-            metrics["kl"] = masked_mean(kl_penalty(logp, ref_logp, estimator=kl_estimator), m)
-        else:
-            metrics["kl"] = torch.zeros((), device=logits.device)
-    return loss, metrics
+    _checks.check_labels_in_range(labels, V, p.opts.ignore_index)
+    loss, logp, entropy = fn(logits, labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w, p.opts)
+    return loss, policy_step_metrics(p, logp, entropy, ref_logp, logits.device)

@@ -429,6 +429,31 @@ def test_group_advantages_dtype_eps_and_gradient():
     assert (rf.group_advantages(torch.randn(5), 1, normalize_std=False) == 0).all()
 
 
+@pytest.mark.parametrize("group_size", [2, 3, 6])
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_group_advantages_leave_one_out(group_size, normalize_std):
+    """baseline="loo" (RLOO): each score minus the mean of the *other* scores of its group, written out
+    in float64 (and over the same std as baseline="mean" when normalising)."""
+    scores = torch.randn(group_size * 4, dtype=torch.float64).float()
+    out = rf.group_advantages(scores, group_size, normalize_std=normalize_std, baseline="loo")
+    ref = torch.zeros(scores.numel(), dtype=torch.float64)
+    for start in range(0, scores.numel(), group_size):
+        group = [s.item() for s in scores[start : start + group_size]]
+        std = statistics.stdev(group)
+        for i, s in enumerate(group):
+            others = group[:i] + group[i + 1 :]
+            a = s - sum(others) / len(others)
+            ref[start + i] = a / (std + 1e-6) if normalize_std else a
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    # a score's gradient: d A_i / d s_i = 1 and d A_i / d s_j = -1/(G-1) without the std
+    if not normalize_std:
+        x = scores[:group_size].clone().requires_grad_(True)
+        (jac,) = torch.autograd.grad(rf.group_advantages(x, group_size, normalize_std=False, baseline="loo")[0], x)
+        expected = torch.full((group_size,), -1.0 / (group_size - 1))
+        expected[0] = 1.0
+        torch.testing.assert_close(jac, expected)
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 
 
@@ -548,6 +573,8 @@ def test_masked_whiten_bad_inputs(x, mask, arg):
         (torch.randn(6), 1, {}, "group_size"),
         (torch.randn(6), 3, dict(eps=-1e-6), "eps"),
         (torch.randn(6), 3, dict(eps=float("nan")), "eps"),
+        (torch.randn(6), 3, dict(baseline="median"), "baseline"),
+        (torch.randn(6), 1, dict(baseline="loo", normalize_std=False), "group_size"),
     ],
 )
 def test_group_advantages_bad_inputs(scores, group_size, kwargs, arg):
