@@ -167,6 +167,11 @@ class Benchmark:
     # repeats than the seconds-long default cases (the --repeats / --warmup flags override both).
     repeats: dict[str, int] | None = None
     warmup: dict[str, int] | None = None
+    # CPU ceiling of a compute-bound op: ``fn(shape, dtype) -> {pass name: GFLOP/s}``, the machine's measured
+    # rate for each matmul pass of the op at that shape (plain torch products, the op's own layouts). Adds
+    # "% mm" (achieved TFLOP/s over the rate of the same passes) to CPU tables: CPUs differ between machines,
+    # and a fraction of the machine's own rate travels where milliseconds do not.
+    cpu_matmul_rates: Callable[[tuple[int, ...], torch.dtype], dict[str, float]] | None = None
 
     def __post_init__(self):
         if not self.modes or any(m not in MODES for m in self.modes):
@@ -530,6 +535,7 @@ class RunConfig:
     repeats: int
     warmup: int
     isolate: bool  # CPU: one subprocess per measurement
+    warm: bool = False  # CPU, isolated: also time every case warm, in this one process (see run_benchmark)
     module: str = ""  # for the recorded command line
     argv: tuple[str, ...] = ()
 
@@ -575,8 +581,37 @@ def run_benchmark(bench: Benchmark, config: RunConfig, ceilings: dict | None = N
             print(f"{r['median_ms']:10.2f} ms {r['peak_extra_mib']:10.1f} MiB", flush=True)
         else:
             print(f"{r['status']}: {r.get('reason', '')}", flush=True)
+    if config.warm and config.device.type == "cpu" and config.isolate:
+        add_warm_times(bench, config, results)
     add_ratios(results, bench.baseline)
     return results + skipped
+
+
+# Untimed calls before the warm repeats: the first pays one-off costs (compile, first-touch page faults of the
+# heap), the second finds the allocator and caches as a training loop's later steps do.
+WARM_WARMUP = 2
+
+
+def add_warm_times(bench: Benchmark, config: RunConfig, results: list[dict]) -> None:
+    """``warm_median_ms``: each measured case again, all in this one process, after :data:`WARM_WARMUP` calls.
+
+    The isolated (cold) measurement gives each method a fresh process: no heap pages kept from earlier calls,
+    which costs a memory-hungry method its page faults on every call. A training loop runs the op thousands
+    of times in one process; the warm time is that steady state. Both are reported (the ratios of each).
+    """
+    for i, r in enumerate([r for r in results if r["status"] == "ok"], 1):
+        print(f"[warm {i}] {format_shape(r['shape'])} {r['mode']:<8} {r['method']:<26}", end=" ", flush=True)
+        w = measure(bench, r["method"], tuple(r["shape"]), config.dtype, config.device, r["mode"], config.repeats,
+                    WARM_WARMUP)  # fmt: skip
+        if w["status"] == "ok":
+            r.update(warm_median_ms=w["median_ms"], warm_p20_ms=w["p20_ms"], warm_p80_ms=w["p80_ms"])
+            if r.get("flops"):
+                r["warm_tflops"] = r["flops"] / (w["median_ms"] * 1e-3) / 1e12
+                if r.get("matmul_rate_tflops"):
+                    r["warm_matmul_fraction"] = r["warm_tflops"] / r["matmul_rate_tflops"]
+            print(f"{w['median_ms']:10.2f} ms", flush=True)
+        else:
+            print(f"{w['status']}: {w.get('reason', '')}", flush=True)
 
 
 def add_bandwidth(bench: Benchmark, r: dict, ceilings: dict | None) -> None:
@@ -599,7 +634,11 @@ def add_throughput(bench: Benchmark, r: dict, ceilings: dict | None) -> None:
         return
     r["flops"] = flops
     r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
-    if ceilings and ceilings.get("bf16_matmul_tflops"):
+    cpu_rates = (ceilings or {}).get("cpu_matmul_gflops", {}).get(format_shape(r["shape"]))
+    if cpu_rates:  # the harmonic mean of the passes' rates: the rate of running each pass once
+        r["matmul_rate_tflops"] = len(cpu_rates) / sum(1e3 / g for g in cpu_rates.values())
+        r["matmul_fraction"] = r["tflops"] / r["matmul_rate_tflops"]
+    elif ceilings and ceilings.get("bf16_matmul_tflops"):
         r["matmul_fraction"] = r["tflops"] / ceilings["bf16_matmul_tflops"]
 
 
@@ -614,6 +653,8 @@ def add_ratios(results: list[dict], baseline: str) -> None:
             continue
         r["time_vs_baseline"] = r["median_ms"] / b["median_ms"]
         r["mem_vs_baseline"] = r["peak_extra_mib"] / b["peak_extra_mib"] if b["peak_extra_mib"] > 0 else None
+        if r.get("warm_median_ms") is not None and b.get("warm_median_ms"):
+            r["warm_time_vs_baseline"] = r["warm_median_ms"] / b["warm_median_ms"]
 
 
 # ------------------------------------------------------------------------------ device and metadata
@@ -659,6 +700,32 @@ def measure_ceilings(device: torch.device, copy_bytes: int = _COPY_BYTES, matmul
         "bf16_matmul_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
         "matmul_size": n,
     }
+
+
+# CPU copy of 256 MiB: far past the last-level cache of any CPU, so it measures DRAM, in well under a second.
+_CPU_COPY_BYTES = 256 << 20
+
+
+def measure_cpu_ceilings(bench: Benchmark, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> dict:
+    """The CPU's measured copy bandwidth (bytes read + written per second) and, for a compute-bound op, the
+    rate of each of its matmul passes at each shape (``bench.cpu_matmul_rates``), in this process."""
+    src = torch.empty(_CPU_COPY_BYTES, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    copy_ms = min(_timed_ms(lambda: dst.copy_(src)) for _ in range(5))
+    del src, dst
+    out = {"copy_gbps": 2 * _CPU_COPY_BYTES / (copy_ms * 1e-3) / 1e9, "copy_bytes": _CPU_COPY_BYTES,
+           "torch_threads": torch.get_num_threads()}  # fmt: skip
+    if bench.cpu_matmul_rates is not None:
+        out["cpu_matmul_gflops"] = {format_shape(s): bench.cpu_matmul_rates(s, dtype) for s in shapes}
+    return out
+
+
+def matmul_gflops(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
+    """GFLOP/s of ``a @ b`` (``2·M·K·N`` FLOPs), the best of ``repeats`` timed calls after one untimed."""
+    (M, K), N = a.shape, b.shape[1]
+    a @ b
+    return 2.0 * M * K * N / (min(_timed_ms(lambda: a @ b) for _ in range(repeats)) * 1e-3) / 1e9
 
 
 def _timed_ms(fn) -> float:
@@ -768,10 +835,14 @@ def _fmt_tflops(x: float | None) -> str:
 def table_rows(bench: Benchmark, results: list[dict], gpu: bool) -> tuple[list[str], list[list[str]]]:
     """Header and rows (one per measurement, skipped methods left out) shared by terminal and markdown."""
     has_bytes, has_flops = bench.bytes_moved is not None, bench.flops is not None
+    warm = any(r.get("warm_median_ms") is not None for r in results)
+    mm_pct = has_flops and (gpu or any(r.get("matmul_rate_tflops") for r in results))
     headers = ["shape", "mode", "method", *(h for h, _ in bench.extra_columns), "median ms (p20–p80)"]
+    headers += ["warm ms"] if warm else []
     headers += (["GB/s"] + (["% copy BW"] if gpu else [])) if has_bytes else []
-    headers += (["TFLOP/s"] + (["% bf16 mm"] if gpu else [])) if has_flops else []
-    headers += ["peak extra MiB", f"time ÷ {bench.baseline}", f"mem ÷ {bench.baseline}", "note"]
+    headers += (["TFLOP/s"] + ((["% bf16 mm"] if gpu else ["% mm"]) if mm_pct else [])) if has_flops else []
+    headers += ["peak extra MiB", f"time ÷ {bench.baseline}"] + ([f"warm ÷ {bench.baseline}"] if warm else [])
+    headers += [f"mem ÷ {bench.baseline}", "note"]
     rows = []
     for r in results:
         if "mode" not in r:  # a method skipped as a whole
@@ -783,17 +854,17 @@ def table_rows(bench: Benchmark, results: list[dict], gpu: bool) -> tuple[list[s
             if method.first_call_note and r.get("first_call_s") is not None:
                 notes.append(f"1st call {r['first_call_s']:.1f} s ({method.first_call_note})")
             cells = [f"{r['median_ms']:.2f} ({r['p20_ms']:.2f}–{r['p80_ms']:.2f})"]
+            if warm:
+                cells += [f"{r['warm_median_ms']:.2f}" if r.get("warm_median_ms") is not None else "—"]
             if has_bytes:
                 cells += [f"{r['gbps']:.1f}" if r.get("gbps") is not None else "—"]
                 cells += [f"{100 * r['copy_bw_fraction']:.0f}%" if r.get("copy_bw_fraction") else "—"] if gpu else []
             if has_flops:
                 cells += [_fmt_tflops(r.get("tflops"))]
-                cells += [f"{100 * r['matmul_fraction']:.0f}%" if r.get("matmul_fraction") else "—"] if gpu else []
-            cells += [
-                f"{r['peak_extra_mib']:.1f}",
-                _fmt_ratio(r.get("time_vs_baseline")),
-                _fmt_ratio(r.get("mem_vs_baseline")),
-            ]
+                cells += [f"{100 * r['matmul_fraction']:.0f}%" if r.get("matmul_fraction") else "—"] if mm_pct else []
+            cells += [f"{r['peak_extra_mib']:.1f}", _fmt_ratio(r.get("time_vs_baseline"))]
+            cells += [_fmt_ratio(r.get("warm_time_vs_baseline"))] if warm else []
+            cells += [_fmt_ratio(r.get("mem_vs_baseline"))]
         else:
             notes.append(f"{r['status']}: {r.get('reason', '')}")
             cells = ["—"] * (len(headers) - 4 - len(extra))
@@ -819,14 +890,25 @@ def skipped_lines(results: list[dict]) -> list[str]:
     return [f"{r['method']}: {r['reason']}" for r in results if "mode" not in r]
 
 
+def ceiling_text(c: dict) -> str:
+    """The measured ceilings in one line: GPU (copy, bf16 matmul) or CPU (copy, the op's matmul passes)."""
+    if "bf16_matmul_tflops" in c:
+        return (f"copy {c['copy_gbps']:.0f} GB/s ({c['copy_bytes'] >> 20} MiB copy, read + write), "
+                f"bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s ({c['matmul_size']}³)")  # fmt: skip
+    text = f"copy {c['copy_gbps']:.1f} GB/s ({c['copy_bytes'] >> 20} MiB copy, read + write)"
+    for shape, rates in c.get("cpu_matmul_gflops", {}).items():
+        passes = ", ".join(f"{name} {g:.0f}" for name, g in rates.items())
+        text += f"; fp32 matmul at {shape}, GFLOP/s: {passes}"
+    return text + f" ({c.get('torch_threads', '?')} torch threads)"
+
+
 def print_report(bench: Benchmark, results: list[dict], meta: dict) -> None:
     gpu = meta["device"] == "cuda"
     headers, rows = table_rows(bench, results, gpu)
     print()
     print(f"{bench.name} on {meta['device_name']}, {meta['dtype']}  ({meta['memory_note']})")
     if meta.get("ceilings"):
-        c = meta["ceilings"]
-        print(f"ceilings: copy {c['copy_gbps']:.0f} GB/s, bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s")
+        print("ceilings (measured): " + ceiling_text(meta["ceilings"]))
     print(format_table(headers, rows))
     for line in skipped_lines(results):
         print(f"not run: {line}")
@@ -878,10 +960,11 @@ def write_markdown(bench: Benchmark, results: list[dict], meta: dict, path: Path
     else:
         lines.append("- Mode: forward only (the op has no gradient; inputs do not require grad).")
     if meta.get("ceilings"):
-        c = meta["ceilings"]
+        lines.append("- Ceilings (measured): " + ceiling_text(meta["ceilings"]))
+    if any(r.get("warm_median_ms") is not None for r in results):
         lines.append(
-            f"- Ceilings (measured): copy {c['copy_gbps']:.0f} GB/s (1 GiB copy, read + write), "
-            f"bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s ({c['matmul_size']}³)"
+            "- Cold: each (method, shape, mode) in a fresh subprocess after one untimed call; warm: all of them "
+            f"again in one process after {WARM_WARMUP} untimed calls each (a training loop's steady state)."
         )
     lines += ["", markdown_table(headers, rows), "", f"![{bench.name}]({png_name})", "", "## Methods", ""]
     lines += [f"- `{m.name}`: {m.description}" for m in bench.methods if m.name in meta["methods"]]
@@ -995,6 +1078,8 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device> under the current directory)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: measure everything in this process instead of one subprocess per measurement")  # fmt: skip
+    p.add_argument("--no-warm", action="store_true",
+                   help="CPU: skip the warm timings (every case again in this process, after 2 untimed calls)")  # fmt: skip
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: reprint and redraw (md, png) the saved JSON in the results folder")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one CPU measurement, JSON spec
@@ -1033,6 +1118,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
         repeats=args.repeats if args.repeats is not None else repeats[kind],
         warmup=args.warmup if args.warmup is not None else warmup[kind],
         isolate=kind == "cpu" and not args.in_process,
+        warm=not args.no_warm,
         module=bench.module,
         argv=tuple(sys.argv[1:] if argv is None else argv),
     )
@@ -1042,6 +1128,9 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     if kind == "cuda":
         print("measuring device ceilings (copy bandwidth, bf16 matmul)...", flush=True)
         ceilings = measure_ceilings(device)
+    else:
+        print("measuring the CPU's ceilings (copy bandwidth; the op's matmul passes, if any)...", flush=True)
+        ceilings = measure_cpu_ceilings(bench, config.shapes, config.dtype)
     meta = collect_metadata(device, config, ceilings)
     if kind == "cpu" and meta["load_average_start"] is not None and meta["load_average_start"] > 0.5:
         print(f"note: load average {meta['load_average_start']:.1f} before the run: other work skews CPU timings")

@@ -42,7 +42,34 @@ def test_bench_linear_logprobs_tflops(tmp_path):
         if r["mode"] != "forward":  # d_weight [V, H] float32 is returned
             assert r["peak_extra_mib"] >= 0.9 * V * H * 4 / 2**20, where
 
+        # the fraction of the machine's measured rate for the same passes (the harmonic mean of the three)
+        rates = data["metadata"]["ceilings"]["cpu_matmul_gflops"][f"{N}x{H}x{V}"]
+        assert set(rates) == {"logits", "d_hidden", "d_weight"} and all(g > 0 for g in rates.values())
+        assert r["matmul_rate_tflops"] == pytest.approx(3 / sum(1e3 / g for g in rates.values())), where
+        assert r["matmul_fraction"] == pytest.approx(r["tflops"] / r["matmul_rate_tflops"]), where
+
     md = (tmp_path / "linear_logprobs.md").read_text()
-    assert "| passes |" in md and "TFLOP/s" in md and "GB/s" not in md
+    assert "| passes |" in md and "TFLOP/s" in md and "| % mm |" in md and "| GB/s |" not in md
+    assert f"fp32 matmul at {N}x{H}x{V}, GFLOP/s: logits" in md
     assert "| 64x32x1000 | full | rlhf_fast | 4 |" in md
-    assert "rlhf_fast" in proc.stdout and "forward+backward" in proc.stdout  # the summary line
+    assert "rlhf_fast vs naive" in proc.stdout and "forward+backward" in proc.stdout  # the summary line
+
+
+def test_cold_and_warm_timings(tmp_path):
+    """Isolated (cold: a fresh subprocess per case) timings, then warm ones in one process, with their ratios."""
+    pytest.importorskip("matplotlib")
+    methods = ("rlhf_fast_logp", "naive_logp")
+    cmd = [sys.executable, "-m", "benchmarks.bench_linear_logprobs", "--device", "cpu", "--shapes", f"{N}x{H}x{V}",
+           "--methods", ",".join(methods), "--modes", "full", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    results = {r["method"]: r for r in json.loads((tmp_path / "linear_logprobs.json").read_text())["results"]}
+    assert set(results) == set(methods)
+    for r in results.values():
+        assert r.get("isolated") and r["warm_median_ms"] > 0 and r["warm_tflops"] > 0
+    ours, naive = results["rlhf_fast_logp"], results["naive_logp"]
+    md = (tmp_path / "linear_logprobs.md").read_text()
+    assert "| warm ms |" in md and "warm: all of them again in one process" in md
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(f"{N}x{H}x{V} float32 rlhf_fast_logp vs naive_logp,"))
+    assert f"{ours['median_ms'] / naive['median_ms']:.2f}x its time cold" in line
+    assert f"{ours['warm_median_ms'] / naive['warm_median_ms']:.2f}x warm" in line and "CPU bar" in line
