@@ -29,11 +29,13 @@ import torch
 
 from ._rowsoftmax import logp_grad_, softmax_grad_, softmax_stats_
 
-# Budget for a chunk's float32 [rows, V] temporaries. 128 MiB is 671 rows at V = 50000 with two temporaries
-# (backward: the logits and dlogits): enough rows for the matmuls to run at the machine's full rate (on the
-# 2-core AMD EPYC the fp32 rate at 512-2048 rows is within 5% of 4096 rows), while the op's peak stays a
-# fraction of the naive composition's (N x V float32 logits plus their log-softmax: 1.6 GiB at 4096 x 50000).
-DEFAULT_CHUNK_MIB = 128
+# Budget for a chunk's float32 [rows, V] temporaries. 192 MiB is 503 rows at V = 50000 with two temporaries
+# (backward: the logits and dlogits). The logits product has K = H (256 here), and on 2 threads its rate
+# grows with the rows per call (MKL packs the whole weight for each call): forward + backward of
+# rf.linear_logprobs at 4096 x 256 x 50000 took 2.80 / 2.54 / 2.33 / 2.29 / 2.44 s with budgets of 64 / 128 /
+# 192 / 256 / 512 MiB on the 2-core AMD EPYC (one run each, in one process). 192 MiB keeps the op's peak
+# extra memory near 250 MiB there, a sixth of the naive composition's float32 logits and log-softmax.
+DEFAULT_CHUNK_MIB = 192
 _budget_mib: float | None = None  # set by chunk_budget(); None: RLHF_FAST_CHUNK_MIB or the default
 
 # Smallest chunk (in logits) worth compiling for: 1M float32 logits take ~0.3 ms per eager pass, so a call
@@ -116,6 +118,12 @@ def _grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch
     return g * inv_t
 
 
+def _grad_into(out, x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor) -> None:
+    """``_grad`` stored into ``out``: Inductor writes a mutated input in place, so a caller that reuses one
+    buffer for every chunk allocates (and page-faults) nothing per chunk."""
+    out.copy_(_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t))
+
+
 _compiled: dict[str, object] = {}
 _compile_failed = False
 
@@ -124,19 +132,19 @@ def _compile_enabled() -> bool:
     return not _compile_failed and os.environ.get("RLHF_FAST_COMPILE", "1") != "0"
 
 
-def _run_compiled(name: str, fn, *args):
-    """``torch.compile(fn)(*args)``, or ``None`` after a failure to compile (warned once)."""
+def _run_compiled(name: str, fn, *args) -> tuple[bool, object]:
+    """``(True, torch.compile(fn)(*args))``, or ``(False, None)`` after a failure to compile (warned once)."""
     global _compile_failed
     if name not in _compiled:
         _compiled[name] = torch.compile(fn, dynamic=True)
     try:
-        return _compiled[name](*args)
+        return True, _compiled[name](*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, never fail the op
         _compile_failed = True
         warnings.warn(f"rlhf_fast: torch.compile of the chunk bodies failed ({type(exc).__name__}: {exc}); "
                       "the PyTorch ops run eager from now on (set RLHF_FAST_COMPILE=0 to skip the attempt)",
                       RuntimeWarning, stacklevel=3)  # fmt: skip
-        return None
+        return False, None
 
 
 def _use_compiled(x: torch.Tensor) -> bool:
@@ -147,21 +155,29 @@ def chunk_stats(x: torch.Tensor, labels: torch.Tensor, temperature: float, with_
     """``(logp, entropy | None, row_max, log_norm)`` of ``softmax(x / temperature)`` for a float32 chunk
     ``x [rows, V]`` (left unchanged) and labels in ``[0, V)``."""
     if _use_compiled(x):
-        out = _run_compiled(f"stats{int(with_entropy)}", _stats, x, labels, _inv(temperature), with_entropy)
-        if out is not None:
-            return out
+        ok, stats = _run_compiled(f"stats{int(with_entropy)}", _stats, x, labels, _inv(temperature), with_entropy)
+        if ok:
+            return stats
     z = x.clone() if temperature == 1.0 else x / temperature
     return softmax_stats_(z, labels, with_entropy)
 
 
-def chunk_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature: float) -> torch.Tensor:
+def chunk_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``dL/dx`` for the float32 chunk ``x [rows, V]`` (overwritten) of ``softmax(x / temperature)``, with
-    ``L = sum(g_logp * logp + g_entropy * entropy)``; ``entropy`` None: the log-prob terms alone."""
+    ``L = sum(g_logp * logp + g_entropy * entropy)``; ``entropy`` None: the log-prob terms alone.
+
+    ``out``: a ``[rows, V]`` float32 buffer the compiled body writes the result into (returned); the eager
+    twins ignore it and return ``x``, overwritten."""
     if _use_compiled(x):
-        out = _run_compiled(f"grad{int(entropy is not None)}", _grad, x, row_max, log_norm, entropy, g_logp,
-                            g_entropy, labels, _inv(temperature))  # fmt: skip
-        if out is not None:
-            return out
+        args = (x, row_max, log_norm, entropy, g_logp, g_entropy, labels, _inv(temperature))
+        name = f"grad{int(entropy is not None)}"
+        if out is None:
+            ok, result = _run_compiled(name, _grad, *args)
+        else:
+            ok, result = _run_compiled(name + "_into", _grad_into, out, *args)[0], out
+        if ok:
+            return result
     z = x if temperature == 1.0 else x.div_(temperature)
     if entropy is None:
         return logp_grad_(z, row_max, log_norm, g_logp, labels, temperature)

@@ -34,7 +34,7 @@ def test_linear_logprobs_compiled_against_float64(compiled, with_entropy, temper
             check_linear(hidden, weight, bias, labels, "torch", temperature=temperature)
         else:
             _check_logp_only(hidden, weight, bias, labels, temperature)
-    assert f"stats{int(with_entropy)}" in fc._compiled and f"grad{int(with_entropy)}" in fc._compiled
+    assert f"stats{int(with_entropy)}" in fc._compiled and f"grad{int(with_entropy)}_into" in fc._compiled
 
 
 def _check_logp_only(hidden, weight, bias, labels, temperature):

@@ -130,9 +130,9 @@ def test_matmul_passes(monkeypatch, impl, mode, passes):
     hidden, weight, bias, labels, old, ref, _, adv, m = _case(seed=4)
     calls = []
     real = linear_common._chunk_logits
-    monkeypatch.setattr(linear_common, "_chunk_logits", lambda h, w, b: calls.append("fwd") or real(h, w, b))
+    monkeypatch.setattr(linear_common, "_chunk_logits", lambda h, w, b, **k: calls.append("fwd") or real(h, w, b, **k))
     lp_module = importlib.import_module("rlhf_fast.linear_logprobs")
-    monkeypatch.setattr(lp_module, "_chunk_logits", lambda h, w, b: calls.append("lp") or real(h, w, b))
+    monkeypatch.setattr(lp_module, "_chunk_logits", lambda h, w, b, **k: calls.append("lp") or real(h, w, b, **k))
     h = hidden.clone().requires_grad_(True)
     lp_kernels = importlib.import_module("rlhf_fast.kernels.linear_logprobs")
     for name in ("linear_logprobs_forward", "linear_logprobs_backward"):  # the Triton composition's passes
