@@ -13,8 +13,9 @@ writes its results to ``DIR`` as it goes: a run killed at its limit still leaves
    fp32/bf16/fp16, odd and real shapes, one with N·V > 2^31 (``benchmarks/gpu_correctness.py``).
 3. ``ops``: the op benchmarks (``benchmarks/bench_*.py``) at the peers' headline shapes, against eager,
    torch.compile and the peers that are installed (the others listed with the reason).
-4. ``trainer``: one PPO step on a random Qwen2.5-0.5B-shaped model, bf16, ``ops="fused"`` vs ``"reference"``
-   (``benchmarks/bench_ppo_trainer.py --preset qwen0.5b``).
+4. ``trainer``: on a random Qwen2.5-0.5B-shaped model, bf16: PPO steps, ``ops="fused"`` vs ``"reference"``
+   (``benchmarks/bench_ppo_trainer.py --preset qwen0.5b``); then a TRL GRPO step, stock ``trl.GRPOTrainer`` vs
+   ``rlhf_fast.integrations.trl.GRPOTrainer`` (``benchmarks/bench_trl_grpo.py --preset qwen0.5b``).
 5. ``summary.md`` + ``summary.json`` (every raw figure) + ``summary.png``, written by this process at the end
    (and after every section), from what the sections left on disk.
 
@@ -310,24 +311,51 @@ def run_ops(ctx: Context) -> None:
 # -------------------------------------------------------------------------------------------- 4. trainer
 
 
+# Planned seconds of the trainer section's items on one H100/H200 (benchmarks/README.md); the TRL GRPO item
+# starts only with TRL_GRPO_MIN_S of the section's box left, else it is listed as not run.
+TRAINER_PLANNED_S = {"ppo_trainer": 50, "trl_grpo": 30}
+TRL_GRPO_MIN_S = 20.0
+
+
 def run_trainer(ctx: Context) -> None:
-    from . import bench_ppo_trainer
+    from . import bench_ppo_trainer, bench_trl_grpo
 
     preset = "tiny" if ctx.dry_run else "qwen0.5b"
-    argv = ["--preset", preset, "--steps", "1" if ctx.dry_run else "2", "--out", str(ctx.out / "trainer"),
-            "--device", "cpu" if ctx.dry_run else "auto"]  # fmt: skip
-    _write(ctx.out / "trainer.json", {"section": "trainer", "meta": ctx.meta(), "argv": argv, "status": "running"})
+    common = ["--out", str(ctx.out / "trainer"), "--device", "cpu" if ctx.dry_run else "auto"]
+    argv = ["--preset", preset, "--steps", "1" if ctx.dry_run else "2", *common]
+    record = {"section": "trainer", "meta": ctx.meta(), "argv": argv, "status": "running"}
+    _write(ctx.out / "trainer.json", record)
     results = bench_ppo_trainer.main(argv)
-    _write(ctx.out / "trainer.json", {"section": "trainer", "meta": ctx.meta(), "argv": argv, "status": "done",
-                                      "preset": preset, "shape": bench_ppo_trainer.PRESETS[preset],
-                                      "results": results})  # fmt: skip
+    record.update(preset=preset, shape=bench_ppo_trainer.PRESETS[preset], results=results)
+
+    # one TRL GRPO step (after a warm-up step), stock trl.GRPOTrainer vs rlhf_fast.integrations.trl's
+    grpo_argv = ["--preset", preset, "--steps", "2", *common]
+    grpo = record["trl_grpo"] = {"argv": grpo_argv, "preset": preset, "shape": bench_trl_grpo.PRESETS[preset]}
+    error = None
+    if ctx.time_left() < TRL_GRPO_MIN_S:
+        grpo["status"] = f"NOT RUN: time box ({max(ctx.time_left(), 0):.0f} s left, {TRL_GRPO_MIN_S:.0f} s needed)"
+    else:
+        grpo["status"] = "running"
+        _write(ctx.out / "trainer.json", record)
+        try:
+            bench_trl_grpo.main(grpo_argv)
+            grpo["status"] = "done"
+        except Exception as exc:  # recorded, then raised: the section fails loudly, the PPO figures kept
+            grpo["status"], error = f"failed: {harness._error_text(exc)}", exc
+        saved = _read(ctx.out / "trainer" / "trl_grpo.json")  # what the benchmark wrote (same-start check included)
+        grpo.update(results=saved.get("results", []), same_start=saved.get("meta", {}).get("same_start"))
+    record.update(status="done", meta=ctx.meta())
+    _write(ctx.out / "trainer.json", record)
+    if error is not None:
+        raise error
 
 
 SECTIONS: list[Section] = [
     Section("environment", "Environment and measured ceilings", 15, run_environment),
     Section("correctness", "Native correctness of every kernel against float64", 150, run_correctness),
     Section("ops", "Op benchmarks at the peers' headline shapes", sum(op.planned_s for op in OPS), run_ops),
-    Section("trainer", "One PPO step, Qwen2.5-0.5B shape, fused vs reference ops", 70, run_trainer),
+    Section("trainer", "Qwen2.5-0.5B shape: a PPO step, fused vs reference ops; a TRL GRPO step, stock vs rlhf_fast",
+            sum(TRAINER_PLANNED_S.values()), run_trainer),
 ]
 
 
@@ -344,6 +372,12 @@ def write_summary(out: Path, suite: dict) -> None:
         partial = _read(out / "trainer" / "ppo_trainer.json")
         if partial.get("results"):
             trainer.update(results=partial["results"], preset=partial["meta"]["preset"], shape=partial["meta"]["shape"])
+    if not trainer.get("trl_grpo", {}).get("results"):  # the same for the TRL GRPO item
+        partial = _read(out / "trainer" / "trl_grpo.json")
+        if partial.get("results"):
+            trainer.setdefault("trl_grpo", {"status": "killed or unfinished"}).update(
+                results=partial["results"], preset=partial["meta"]["preset"], shape=partial["meta"]["shape"],
+                same_start=partial["meta"].get("same_start"))  # fmt: skip
     ops = {name: _read(out / "ops" / f"{name}.json") for name in ops_index.get("ops", {})}
     meta = suite["meta"]
     lines = ["# rlhf_fast GPU suite", "", *_header(meta), "", "## Sections", "",
@@ -392,6 +426,26 @@ def write_summary(out: Path, suite: dict) -> None:
                 lines.append(f"| {r['ops']} | {r.get('status')}: {r.get('reason', '')} | | |")
     else:
         lines.append(f"not run ({trainer.get('status', 'no result')})")
+    lines += ["", "### TRL GRPO step, stock trl.GRPOTrainer vs rlhf_fast.integrations.trl.GRPOTrainer", ""]
+    grpo = trainer.get("trl_grpo", {})
+    if grpo.get("results"):
+        p = grpo["shape"]
+        check = grpo.get("same_start")
+        lines += [f"preset {grpo['preset']}: V={p['vocab']}, H={p['hidden']}, {p['layers']} layers, "
+                  f"{p['prompts_per_step']} prompts x {p['num_generations']} generations x {p['new_tokens']} tokens, "
+                  f"{'bf16' if p['bf16'] else 'float32'}; status {grpo.get('status')}; same start "
+                  + (f"checked (first-step loss / grad norm differ by {check['abs_diff']['first_loss']:.2g} / "
+                     f"{check['abs_diff']['first_grad_norm']:.2g})" if check else "NOT checked"), "",
+                  "| trainer | step s (after the first) | compute_loss s | backward s | peak extra MiB |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in grpo["results"]:
+            if r.get("status") == "ok":
+                lines.append(f"| {r['trainer']} | {r['step_s']:.3f} | {r['compute_loss_s']:.3f} | {r['backward_s']:.3f} "
+                             f"| {r['peak_memory']['peak_extra_mib']:.0f} |")  # fmt: skip
+            else:
+                lines.append(f"| {r['trainer']} | {r.get('status')}: {r.get('reason', '')} | | | |")
+    else:
+        lines.append(f"not run ({grpo.get('status', 'no result')})")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _write(out / "summary.json", {"meta": meta, "suite": suite, "environment": env, "correctness": corr,
                                   "ops": ops, "trainer": trainer})  # fmt: skip

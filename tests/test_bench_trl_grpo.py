@@ -17,11 +17,19 @@ from benchmarks import bench_trl_grpo  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_preset_end_to_end(tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny preset, written where the GPU suite's trainer section puts it (``<suite out>/trainer``)."""
+    suite_out = tmp_path_factory.mktemp("suite")
+    out = suite_out / "trainer"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_trl_grpo", "--preset", "tiny", "--out", str(out)],
                           cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return suite_out
+
+
+def test_tiny_preset_end_to_end(tiny_run):
+    out = tiny_run / "trainer"
     payload = json.loads((out / "trl_grpo.json").read_text())
     meta, results = payload["meta"], payload["results"]
     assert meta["preset"] == "tiny" and meta["trl"] and meta["commit"] and len(meta["load_average"]) == 3
@@ -68,3 +76,20 @@ def test_same_start_check_fails_loudly():
         bench_trl_grpo.check_same_start([_result("stock", STOCK), _result("rlhf_fast", OURS, loss=0.6)], True)
     with pytest.raises(RuntimeError, match="rlhf_fast ops called"):  # our run must have used our ops
         bench_trl_grpo.check_same_start([_result("stock", STOCK), _result("rlhf_fast", STOCK)], False)
+
+
+def test_gpu_suite_summary_shows_the_grpo_item(tiny_run):
+    """The suite's summary reads the benchmark's files (here as after a section killed before it recorded
+    them: ``trainer/trl_grpo.json`` only) into its TRL GRPO table; the item is in the trainer section's plan."""
+    from benchmarks import gpu_suite
+
+    assert gpu_suite.TRAINER_PLANNED_S["trl_grpo"] > 0
+    trainer = next(s for s in gpu_suite.SECTIONS if s.name == "trainer")
+    assert trainer.planned_s == sum(gpu_suite.TRAINER_PLANNED_S.values())
+    ctx = gpu_suite.Context(tiny_run, True, 0.0, "rlhf-fast bench gpu --dry-run")
+    gpu_suite.write_summary(tiny_run, {"meta": ctx.meta(), "sections": []})
+    md = (tiny_run / "summary.md").read_text()
+    table = md[md.index("### TRL GRPO step"):]
+    assert "| stock |" in table and "| rlhf_fast |" in table and "same start checked" in table
+    saved = json.loads((tiny_run / "summary.json").read_text())["trainer"]["trl_grpo"]
+    assert [r["trainer"] for r in saved["results"]] == ["stock", "rlhf_fast"]
