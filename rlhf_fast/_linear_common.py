@@ -17,10 +17,11 @@ def matmul_operands(hidden, weight, bias):
     return native, (weight if native else weight.float()), (None if bias is None else bias.float())
 
 
-def chunk_logits(hidden, rows: slice, native: bool, w, b32) -> torch.Tensor:
-    """The float32 logits ``[rows, V]`` of ``hidden[rows]`` with the operands of :func:`matmul_operands`."""
+def chunk_logits(hidden, rows: slice, native: bool, w, b32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 logits ``[rows, V]`` of ``hidden[rows]`` with the operands of :func:`matmul_operands`
+    (into ``out``, a reused chunk buffer, when given)."""
     h = hidden[rows] if native else hidden[rows].float()
-    return _chunk_logits(h, w, b32)
+    return _chunk_logits(h, w, b32, out=None if out is None else out[: h.shape[0]])
 
 
 def check_linear_operands(hidden, weight, bias, names=("hidden", "weight", "bias")):

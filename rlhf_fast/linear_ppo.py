@@ -32,7 +32,7 @@ from . import _amp, _checks, _policy
 from ._dispatch import dispatch, register
 from ._fused_chunk import chunk_grad, chunk_rows, chunk_stats
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
-from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs
+from .linear_logprobs import LinearLogprobsOptions, _chunk_buffer, _LinearLogprobs
 from .ppo_fused import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
 
 # float32 [rows, V] temporaries a chunk holds at once: the logits and dlogits (as rf.linear_logprobs)
@@ -56,8 +56,8 @@ def _chunk_ops(impl: str):
     def stats(z, labels, temperature):
         return logprobs_forward(z.unsqueeze(0), labels, temperature, no_label, True)
 
-    def grad(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature):
-        z3 = z.unsqueeze(0)
+    def grad(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature, out=None):
+        z3 = z.unsqueeze(0)  # the gradient is written over the chunk: no output buffer
         return logprobs_backward(z3, labels, row_max, log_norm, entropy, g_logp.contiguous(), g_entropy.contiguous(),
                                  temperature, no_label, grad_logits=z3)[0]  # fmt: skip
 
@@ -81,9 +81,11 @@ class _LinearPPOFused(torch.autograd.Function):
         entropy = torch.empty_like(logp)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = chunk_rows(V, _CHUNK_TEMPORARIES)
+        z_buf = _chunk_buffer(step, N, V, hidden.device)  # reused by every chunk (see linear_logprobs.py)
+        g_buf = _chunk_buffer(step, N, V, hidden.device) if grads is not None and impl != "triton" else None
         for r in range(0, N, step):
             rows = slice(r, r + step)
-            z = chunk_logits(hidden, rows, native, w_mm, b32)
+            z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf)
             lp, ent, row_max, log_norm = stats(z, labels[rows], opts.temperature)
             lp = lp.masked_fill(ignored[rows], 0.0)
             logp[rows], entropy[rows] = lp, ent
@@ -100,7 +102,8 @@ class _LinearPPOFused(torch.autograd.Function):
                 continue
             g_lp = torch.zeros_like(lp) if g_lp is None else g_lp.masked_fill(ignored[rows], 0.0)
             g_ent = torch.zeros_like(ent) if g_ent is None else g_ent
-            g = grad(z, row_max, log_norm, ent, g_lp, g_ent, labels[rows], opts.temperature)
+            g = grad(z, row_max, log_norm, ent, g_lp, g_ent, labels[rows], opts.temperature,
+                     out=None if g_buf is None else g_buf[: z.shape[0]])
             grads.add(rows, g, hidden[rows].float(), w32)
         saved = grads.float32_result() if grads is not None else (None, None, None)
         ctx.save_for_backward(*saved)

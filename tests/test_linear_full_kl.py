@@ -74,7 +74,7 @@ def test_mixed_dtypes_and_chunks(impl, monkeypatch):
     case = _case((37,), 16, 8, 300, torch.float32, torch.bfloat16, seed=1)
     shapes = []
     real = linear_common._chunk_logits
-    monkeypatch.setattr(linear_common, "_chunk_logits", lambda h, w, b: shapes.append(h.shape[0]) or real(h, w, b))
+    monkeypatch.setattr(linear_common, "_chunk_logits", lambda h, w, b, **k: shapes.append(h.shape[0]) or real(h, w, b, **k))
     with rf.chunk_budget(4 * 300 * lfk._CHUNK_TEMPORARIES * 8 / (1 << 20)):  # 8 rows a chunk
         check(case, impl)
     assert max(shapes) == 8 and len(shapes) == 4 * 5  # 5 chunks: policy and reference, forward and backward
