@@ -16,6 +16,7 @@ from .logprobs import logprobs
 from .ppo import aggregate, group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
 from .ppo_fused import ppo_loss_from_logits
 from .preference import dpo_loss, pairwise_sigmoid_loss
+from .sampling import sample_tokens
 from .sequence_logprobs import sequence_logprobs
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "pairwise_sigmoid_loss",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
+    "sample_tokens",
     "sequence_logprobs",
     "value_loss",
     "__version__",

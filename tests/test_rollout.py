@@ -8,7 +8,8 @@ import torch
 
 from rlhf_fast.train.data import collate_prompts
 from rlhf_fast.train.models import build_causal_lm, build_char_tokenizer
-from rlhf_fast.train.rollout import generate, gumbel_noise, row_seeds, sample_tokens
+from rlhf_fast.sampling import gumbel_noise, sample_tokens
+from rlhf_fast.train.rollout import generate, row_seeds
 
 from conftest import DEVICE, IMPLS
 
