@@ -127,7 +127,7 @@ def run(cfg: Config) -> dict:
     if cfg.compare_ops:
         other = "reference" if cfg.ops == "fused" else "fused"
         other_summary = ppo.train(_ppo_config(cfg, out, paths, other))
-        compare = {ops: {"tokens_per_s": s["tokens_per_s"], "peak_memory": s["peak_memory_mib"],
+        compare = {ops: {"tokens_per_s": s["tokens_per_s"], "peak_memory_mib": s["peak_memory_mib"],
                          "oracle_score_after": s["after"]["score"]}
                    for ops, s in ((cfg.ops, ppo_summary), (other, other_summary))}  # fmt: skip
 
@@ -142,7 +142,7 @@ def run(cfg: Config) -> dict:
                 "oracle_score_before_stderr": before["score_stderr"],
                 "oracle_score_after_stderr": after["score_stderr"], "gain_in_stderr": gain_in_se,
                 "eval_prompts": after["n"], "kl_to_ref": after["kl_to_ref"], "tokens_per_s": ppo_summary["tokens_per_s"],
-                "peak_memory": ppo_summary["peak_memory_mib"], "ops": cfg.ops},
+                "peak_memory_mib": ppo_summary["peak_memory_mib"], "ops": cfg.ops},
         "ops_comparison": compare,
         "model_parameters": n_params,
         "demonstrator_score": task.DEMONSTRATOR_MEAN,
@@ -168,7 +168,7 @@ def format_table(s: dict) -> str:
     ]  # fmt: skip
     for ops, c in s["ops_comparison"].items():
         rows.append((f"PPO with {ops} ops", f"{c['tokens_per_s']:.0f} tokens/s, peak "
-                                            f"{c['peak_memory']['peak_mib']:.0f} MiB"))  # fmt: skip
+                                            f"{c['peak_memory_mib']['peak_mib']:.0f} MiB"))  # fmt: skip
     rows.append(("wall time", f"{s['seconds']['total_s']:.0f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -36,18 +36,18 @@ import torch.nn.functional as F
 import rlhf_fast as rf
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import maybe_save, resume_state
 from .common import MetricsLogger, autocast_context, progress
 from .data import collate_prompts, tokenize_prompts
-from .loop import finish_run, make_optimizer, maybe_save, save_pretrained, start_run
-from .models import CriticModel, build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from .loop import RunConfig, finish_run, make_optimizer, save_pretrained, start_run
+from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
-from .rollout import Rollout, generate, load_function, mean_and_stderr, row_seeds, score
-from .runtime import peak_memory_mib, reset_peak_memory
+from .rollout import generate, make_scorers, policy_evaluator, row_seeds
+from .runtime import peak_memory_mib, reset_peak_memory, seed_for
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     # models and data
     policy: str = ""  # causal LM to train (a local dir or hub name), usually the SFT model
     ref_policy: str | None = None  # frozen reference for the KL; None: the initial policy
@@ -58,9 +58,7 @@ class Config:
     eval_prompts: str | None = None  # held-out prompts, scored before and after training
     eval_fn: str | None = None  # "module:function" for evaluation (e.g. an oracle); None: the reward
     out_dir: str = "runs/ppo"
-    # the loop
-    ops: Literal["fused", "reference"] = "fused"
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
+    # the loop (and RunConfig's options)
     advantage: Literal["gae", "grpo", "rloo"] = "gae"
     steps: int = 50  # PPO iterations (rollout + update)
     prompts_per_step: int = 32
@@ -70,12 +68,9 @@ class Config:
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
     ppo_epochs: int = 2
     minibatch_size: int = 16  # sequences per optimizer step (split into grad_accum micro-batches)
-    grad_accum: int = 1
     lr: float = 1e-5
-    critic_lr: float = 1e-4
-    warmup_steps: int = 0  # optimizer steps of linear warmup (both optimizers)
+    critic_lr: float = 1e-4  # (warmup_steps: both optimizers)
     lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0 at the end
-    max_grad_norm: float = 1.0
     # the loss
     clip_low: float = 0.2
     clip_high: float | None = None
@@ -91,16 +86,8 @@ class Config:
     target_kl: float | None = None  # adaptive KL coefficient (Ziegler et al.) towards this KL per sequence
     kl_horizon: int = 10000
     missing_eos_penalty: float | None = None  # subtracted from the score of responses cut at max_new_tokens
-    # evaluation, checkpoints, runtime
+    # evaluation, logging
     eval_samples: int = 256  # held-out prompts scored at the start and the end
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
-    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     log_every: int = 1
     extra: dict = field(default_factory=dict)  # free-form notes copied to the summary
 
@@ -145,7 +132,7 @@ def step_prompts(n: int, per_step: int, *, seed: int, step: int) -> list[int]:
     picked, position = [], step * per_step
     while len(picked) < per_step:
         epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch))).tolist()
         take = order[offset : offset + per_step - len(picked)]
         picked, position = picked + take, position + len(take)
     return picked
@@ -168,9 +155,6 @@ def sequence_advantages(scores: torch.Tensor, cfg: Config) -> torch.Tensor:
     return rf.group_advantages(scores, G, normalize_std=False) * (G / (G - 1))
 
 
-EVAL_STREAM = -1  # the sampling stream of evaluations (steps are 0, 1, ...): before and after share draws
-
-
 def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: str) -> float:
     """The weight of a micro-batch's ``agg`` loss in its minibatch's: ``sum_micro weight * loss_micro`` is
     the minibatch's ``agg`` loss however the minibatch is cut (over micro-batches and processes)."""
@@ -182,35 +166,6 @@ def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: st
     return float(rows(micro_mask) / rows(minibatch_mask))
 
 
-@torch.no_grad()
-def evaluate(policy, ref, tokenizer, prompt_data, *, scorer, cfg: Config, ops) -> dict:
-    """Mean score (± standard error) of one sample per held-out prompt, and the exact KL to the reference
-    per response (``rf.full_kl`` summed over the response's tokens). Under torchrun each process takes a
-    share of the prompts; every row's draws are keyed by ``(cfg.seed, EVAL_STREAM, row)``, so the result
-    does not depend on the number of processes, and the evaluations before and after training share them."""
-    scores, kls = [], []
-    device = next(policy.parameters()).device
-    n = len(prompt_data)
-    mine = distributed.local_rows(n)
-    for start in range(mine.start, mine.stop, cfg.prompts_per_step):
-        index = list(range(start, min(start + cfg.prompts_per_step, mine.stop)))
-        rows = prompt_data.select([i % n for i in index])
-        ids, mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
-        ro = generate(policy, tokenizer, ids.to(device), mask.to(device), rows["prompt"],
-                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      seeds=row_seeds(cfg.seed, EVAL_STREAM, index), synced=distributed.is_sharded(policy))  # fmt: skip
-        scores += scorer(ro).tolist()
-        R = ro.response_mask.shape[1]
-        with autocast_context(device, cfg.precision):
-            logits = ops.response_logits(policy, ro.input_ids, ro.attention_mask, R)
-            ref_logits = ops.response_logits(ref, ro.input_ids, ro.attention_mask, R)
-        kl = rf.full_kl(logits.float(), ref_logits.float(), temperature=cfg.temperature)
-        kls += (kl * ro.response_mask).sum(1).tolist()
-    scores, kls = distributed.gather_objects(scores, n), distributed.gather_objects(kls, n)
-    mean, se = mean_and_stderr(scores)
-    return {"score": mean, "score_stderr": se, "kl_to_ref": float(torch.tensor(kls).mean()), "n": len(scores)}
-
-
 # -------------------------------------------------------------------------------------------- train
 
 
@@ -219,8 +174,6 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
     if reward_fn is not None:
         cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
-    distributed.init()
-    cfg.validate()
     device, out, ops = start_run(cfg)
     world = distributed.world_size()
 
@@ -239,27 +192,14 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         enable_gradient_checkpointing(critic, cfg.gradient_checkpointing)
     train_critic = distributed.wrap(critic, device, cfg.parallel) if critic else None
     synced = distributed.is_sharded(policy)  # generate() steps until all processes are done: FSDP forwards are collective
-    if cfg.reward_model is not None:
-        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
-        reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
-
-        def reward(ro: Rollout) -> torch.Tensor:
-            with autocast_context(device, cfg.precision):
-                return score(ro, reward_model=reward_model)
-    else:
-        reward_function = reward_fn or load_function(cfg.reward_fn)
-
-        def reward(ro: Rollout) -> torch.Tensor:
-            return score(ro, reward_fn=reward_function)
-
-    eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
-    scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
+    reward, scorer = make_scorers(cfg, device, reward_fn=reward_fn, eval_fn=eval_fn)
 
     prompts = tokenize_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
-    eval_prompts = None
+    evaluate = None
     if cfg.eval_prompts:
         eval_prompts = tokenize_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
+        evaluate = policy_evaluator(cfg, ref, tokenizer, eval_prompts, scorer=scorer, ops=ops)
 
     updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)
     schedule = {"weight_decay": 0.0, "warmup_steps": cfg.warmup_steps, "schedule": cfg.lr_schedule,
@@ -271,12 +211,11 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         optimizers["critic"], schedulers["critic"] = make_optimizer(critic.parameters(), lr=cfg.critic_lr, **schedule)
 
     start_step, kl_coef, summary = 0, cfg.kl_coef, {}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, modules=modules, optimizers=optimizers, schedulers=schedulers)
+    state = resume_state(out, cfg.resume, modules=modules, optimizers=optimizers, schedulers=schedulers)
+    if state is not None:
         start_step, kl_coef, summary = state["step"], state["kl_coef"], state["summary"]
-    elif eval_prompts is not None:
-        summary["before"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+    elif evaluate is not None:
+        summary["before"] = evaluate(policy)
 
     loss_cfg = PolicyLossConfig(temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 dual_clip=cfg.dual_clip, agg=cfg.agg, entropy_coef=cfg.entropy_coef,
@@ -353,7 +292,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         share = cfg.minibatch_size // world
         micro = share // cfg.grad_accum
         for epoch in range(cfg.ppo_epochs):
-            order = torch.Generator().manual_seed(cfg.seed * 100003 + step * 1009 + epoch)
+            order = torch.Generator().manual_seed(seed_for(cfg.seed, step, epoch))
             perm = torch.randperm(B, generator=order).tolist()
             for mb_start in range(0, B, cfg.minibatch_size):
                 minibatch = perm[mb_start : mb_start + cfg.minibatch_size]
@@ -428,8 +367,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     summary["ops"] = cfg.ops
     summary["world_size"] = world
     summary["final_kl_coef"] = loss_cfg.kl_coef
-    if eval_prompts is not None:
-        summary["after"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+    if evaluate is not None:
+        summary["after"] = evaluate(policy)
     summary["extra"] = cfg.extra
     if critic is not None:
         save_pretrained(critic, out / "critic")

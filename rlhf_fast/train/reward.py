@@ -90,7 +90,7 @@ def train(cfg: Config) -> dict:
     logger.close()
 
     summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
-               "pairs_per_s": pairs / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
+               "pairs_per_s": pairs / seconds if seconds > 0 else None, "peak_memory_mib": peak_memory_mib(device),
                "ops": cfg.ops}  # fmt: skip
     if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
         ev = ev if ev is not None else evaluate(model, eval_data, tokenizer, device, cfg.precision,

@@ -22,9 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+import rlhf_fast as rf
+
 from ..sampling import _GOLDEN, _int64, _mix64, sample_tokens
+from . import distributed
+from .common import autocast_context
+from .data import collate_prompts
 from .errors import UserError
-from .models import reward_scores
+from .models import build_reward_model, reward_scores
 
 
 @dataclass
@@ -171,3 +176,68 @@ def mean_and_stderr(values) -> tuple[float, float]:
     n = x.numel()
     se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
     return float(x.mean()), se
+
+
+def make_scorers(cfg, device, *, reward_fn=None, eval_fn=None):
+    """``(reward, scorer)``, each ``rollout -> [B] float32 scores``. ``reward``: the frozen reward model
+    ``cfg.reward_model`` (under ``cfg.precision``'s autocast; sharded with the others under FSDP), or the
+    function ``reward_fn`` / ``cfg.reward_fn``. ``scorer``, the evaluation's: ``eval_fn`` / ``cfg.eval_fn``
+    (an oracle), or the reward."""
+    if cfg.reward_model is not None:
+        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
+        reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
+
+        def reward(ro: Rollout) -> torch.Tensor:
+            with autocast_context(device, cfg.precision):
+                return score(ro, reward_model=reward_model)
+    else:
+        reward_function = reward_fn or load_function(cfg.reward_fn)
+
+        def reward(ro: Rollout) -> torch.Tensor:
+            return score(ro, reward_fn=reward_function)
+
+    eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
+    scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
+    return reward, scorer
+
+
+EVAL_STREAM = -1  # the sampling stream of evaluations (steps and rounds are 0, 1, ...): before and after share draws
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, tokenizer, prompt_data, *, scorer, ops, seed: int, batch_size: int,
+                    max_new_tokens: int, temperature: float, precision: str) -> dict:  # fmt: skip
+    """Mean score (± standard error) of one sample per held-out prompt (``scorer``), and the exact KL to the
+    reference ``ref`` per response (``rf.full_kl`` summed over the response's tokens), ``batch_size`` prompts
+    at a time. Under torchrun each process takes a share of the prompts; every row's draws are keyed by
+    ``(seed, EVAL_STREAM, row)``, so the result does not depend on the number of processes, and the
+    evaluations before and after training share them."""
+    scores, kls = [], []
+    device = next(policy.parameters()).device
+    n = len(prompt_data)
+    mine = distributed.local_rows(n)
+    for start in range(mine.start, mine.stop, batch_size):
+        index = list(range(start, min(start + batch_size, mine.stop)))
+        rows = prompt_data.select([i % n for i in index])
+        ids, mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
+        ro = generate(policy, tokenizer, ids.to(device), mask.to(device), rows["prompt"],
+                      max_new_tokens=max_new_tokens, temperature=temperature,
+                      seeds=row_seeds(seed, EVAL_STREAM, index), synced=distributed.is_sharded(policy))  # fmt: skip
+        scores += scorer(ro).tolist()
+        R = ro.response_mask.shape[1]
+        with autocast_context(device, precision):
+            logits = ops.response_logits(policy, ro.input_ids, ro.attention_mask, R)
+            ref_logits = ops.response_logits(ref, ro.input_ids, ro.attention_mask, R)
+        kl = rf.full_kl(logits.float(), ref_logits.float(), temperature=temperature)
+        kls += (kl * ro.response_mask).sum(1).tolist()
+    scores, kls = distributed.gather_objects(scores, n), distributed.gather_objects(kls, n)
+    mean, se = mean_and_stderr(scores)
+    return {"score": mean, "score_stderr": se, "kl_to_ref": float(torch.tensor(kls).mean()), "n": len(scores)}
+
+
+def policy_evaluator(cfg, ref, tokenizer, prompt_data, *, scorer, ops):
+    """``evaluate(policy) -> dict``: ``evaluate_policy`` with a trainer's sampling options (``cfg.seed``,
+    ``cfg.prompts_per_step`` prompts a batch, ``cfg.max_new_tokens``, ``cfg.temperature``, ``cfg.precision``)."""
+    return lambda policy: evaluate_policy(policy, ref, tokenizer, prompt_data, scorer=scorer, ops=ops, seed=cfg.seed,
+                                          batch_size=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, precision=cfg.precision)  # fmt: skip

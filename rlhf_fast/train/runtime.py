@@ -7,6 +7,22 @@ from pathlib import Path
 
 import torch
 
+def seed_for(seed: int, *stream: int) -> int:
+    """The seed of one random stream of a run (a data order, a minibatch order): ``seed * 100003`` plus the
+    stream's coordinates read as digits in base 1009 (``seed_for(s, epoch)``, ``seed_for(s, step, epoch)``).
+
+    Why: every random choice of a loop is a function of the run's seed and of where the loop is, never of a
+    generator's history, so a resumed run and a run on any number of processes draw the same; and the primes
+    keep the streams apart: two coordinates give distinct seeds while the later one stays below 1009 (PPO's
+    epochs per step) and the stream below 100003 (the steps or epochs of a run). Sampling has its own
+    counter-based keys (``rollout.row_seeds``), best-of-n's round order its own seeds (``round_prompts``).
+    """
+    offset = 0
+    for coordinate in stream:
+        offset = offset * 1009 + coordinate
+    return seed * 100003 + offset
+
+
 _MIB = 1 << 20
 _rss_at_reset: dict[str, int] = {}
 

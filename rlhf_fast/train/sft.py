@@ -85,7 +85,7 @@ def train(cfg: Config) -> dict:
     logger.close()
 
     summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
-               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
+               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory_mib": peak_memory_mib(device),
                "ops": cfg.ops}  # fmt: skip
     if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
         done = steps > start and "eval_loss" in record
