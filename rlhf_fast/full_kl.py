@@ -15,7 +15,7 @@ import torch
 
 from . import _amp, _checks
 from ._dispatch import resolve
-from ._rowsoftmax import as_btv, grad_or_zeros, row_chunks, scaled_float_copy
+from ._softmax_torch import as_btv, grad_or_zeros, row_chunks, scaled_float_copy
 
 # ~2M elements per chunk and per input (8 MiB float32 temporaries), as rf.logprobs.
 _TORCH_CHUNK_ELEMENTS = 1 << 21

@@ -25,7 +25,7 @@ from ._dispatch import resolve
 from ._fused_chunk import chunk_rows
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
 from .full_kl import _backend as _full_kl_backend
-from ._rowsoftmax import grad_or_zeros
+from ._softmax_torch import grad_or_zeros
 
 # float32 [rows, V] temporaries a chunk holds at once: both logits chunks and dlogits, plus the full_kl
 # implementation's own scratch (bounded by its own chunking)

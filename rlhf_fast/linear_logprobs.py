@@ -20,7 +20,7 @@ import torch
 from . import _amp, _checks
 from ._dispatch import resolve
 from ._fused_chunk import chunk_grad, chunk_rows, chunk_stats
-from ._rowsoftmax import grad_or_zeros
+from ._softmax_torch import grad_or_zeros
 
 # float32 [rows, V] temporaries a chunk of the PyTorch implementation holds at once: the logits and, in
 # backward, dlogits (the compiled bodies make no others; the eager ones work in place).

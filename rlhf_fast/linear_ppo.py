@@ -33,7 +33,7 @@ from ._dispatch import resolve
 from ._fused_chunk import chunk_grad, chunk_rows, chunk_stats
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
 from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs
-from .ppo_fused import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
+from .ppo_from_logits import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
 
 # float32 [rows, V] temporaries a chunk holds at once: the logits and dlogits (as rf.linear_logprobs)
 _CHUNK_TEMPORARIES = 2

@@ -20,7 +20,7 @@ import torch
 
 from . import _amp, _checks
 from ._dispatch import resolve
-from ._rowsoftmax import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
+from ._softmax_torch import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
 
 # Rows per chunk of the PyTorch implementation: about 2M elements, so each float32 temporary is 8 MiB
 # (three live at a time), small next to any [N, V] tensor worth chunking and big enough that per-chunk

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_fast import task
+from rlhf_fast.demo import task
 from rlhf_fast.cli import main
 from rlhf_fast.train import checkpoint, loop, sft
 from rlhf_fast.train.checkpoint import STATE_FILE, checkpoint_path, latest_checkpoint, prune_checkpoints, save_checkpoint

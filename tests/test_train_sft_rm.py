@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from rlhf_fast import task
+from rlhf_fast.demo import task
 from rlhf_fast.train import reward, sft
 from rlhf_fast.train.common import read_metrics
 

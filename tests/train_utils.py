@@ -9,7 +9,7 @@ import torch
 def tiny_causal_lm_dir(path: Path, *, hidden_size: int = 32, num_layers: int = 1, num_heads: int = 2,
                        seed: int = 0) -> str:  # fmt: skip
     """Save the demo task's tokenizer and a randomly initialised tiny Llama to ``path``; returns it."""
-    from rlhf_fast import task
+    from rlhf_fast.demo import task
     from rlhf_fast.train.models import build_causal_lm
 
     tok = task.build_tokenizer()

@@ -21,9 +21,9 @@ import torch
 from . import _agg, _amp, _checks, _policy
 from ._dispatch import resolve
 from ._policy import PolicyOptions
-from ._rowsoftmax import as_btv
+from ._softmax_torch import as_btv
 from .logprobs import LogprobsOptions, _Logprobs
-from .ppo import KL_ESTIMATORS, kl_penalty, masked_mean, ppo_policy_loss
+from .rl_losses import KL_ESTIMATORS, kl_penalty, masked_mean, ppo_policy_loss
 
 
 @dataclass(frozen=True)
