@@ -71,6 +71,12 @@ from .report import _fmt_ratio  # noqa: F401
 from .spec import *  # noqa: F401,F403
 from .spec import _RESULT_MARKER  # noqa: F401
 
+# what the command line below uses itself
+from .machine import collect_metadata, device_slug, measure_ceilings, measure_cpu_ceilings
+from .measure import measure, run_benchmark
+from .report import plot_results, print_report, save_results, write_markdown
+from .spec import DEFAULT_REPEATS, DEFAULT_WARMUP, DTYPES, MODES, Benchmark, RunConfig, module_name, results_dir
+
 
 # ------------------------------------------------------------------------------------------------ cli
 
