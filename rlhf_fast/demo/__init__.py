@@ -27,7 +27,7 @@ import torch
 from . import task
 from ..train import ppo, reward, sft
 from ..train.models import build_causal_lm
-from ..train.runtime import write_json
+from ..train.metrics import write_json
 
 _D = task.DemoDefaults()
 

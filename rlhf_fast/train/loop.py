@@ -10,13 +10,13 @@ import torch
 
 from . import distributed
 from .checkpoint import maybe_save, resume_state  # noqa: F401 -- maybe_save: the trainers' loops
-from .common import MetricsLogger, plot_metrics, resolve_device, seed_everything
+from .metrics import MetricsLogger, plot_metrics, write_json
 from .config import save_config
 from .errors import UserError
 from .models import enable_gradient_checkpointing
 from .ops import get_ops
 from .runs import prepare_out_dir, write_dir_atomically
-from .runtime import reset_peak_memory, seed_for, write_json
+from .runtime import reset_peak_memory, resolve_device, seed_everything, seed_for
 from .validation import check_options
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .common import autocast_context, progress
+from .metrics import progress
 from .data import collate_preferences, tokenize_preferences
 from .errors import UserError
 from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
                    plan_steps, start_run)  # fmt: skip
 from .models import build_reward_model, load_tokenizer, reward_scores
-from .runtime import peak_memory_mib
+from .runtime import autocast_context, peak_memory_mib
 
 
 @dataclass

@@ -26,10 +26,10 @@ import rlhf_fast as rf
 
 from ..sampling import _GOLDEN, _int64, _mix64, sample_tokens
 from . import distributed
-from .common import autocast_context
 from .data import collate_prompts
 from .errors import UserError
 from .models import build_reward_model, reward_scores
+from .runtime import autocast_context
 
 
 @dataclass

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .common import autocast_context, progress
+from .metrics import progress
 from .data import collate_sft, tokenize_sft
 from .errors import UserError
 from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
                    plan_steps, start_run)  # fmt: skip
 from .models import load_causal_lm, load_tokenizer
-from .runtime import peak_memory_mib
+from .runtime import autocast_context, peak_memory_mib
 
 
 @dataclass

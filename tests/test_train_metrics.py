@@ -1,4 +1,4 @@
-"""Metrics, plots, devices, autocast and progress (rlhf_fast.train.common)."""
+"""Metrics, plots and progress (rlhf_fast.train.metrics); devices and autocast (rlhf_fast.train.runtime)."""
 
 import sys
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_fast.train.common import MetricsLogger, autocast_context, plot_metrics, progress, read_metrics, resolve_device
+from rlhf_fast.train.metrics import MetricsLogger, plot_metrics, progress, read_metrics
+from rlhf_fast.train.runtime import autocast_context, resolve_device
 
 
 def test_metrics_jsonl_and_plot(tmp_path):
