@@ -30,9 +30,9 @@ import torch
 
 from . import distributed
 from .checkpoint import maybe_save, resume_state
-from .metrics import MetricsLogger, progress
 from .data import IGNORE_INDEX, collate_prompts, collate_sft, tokenize_prompts
 from .loop import RunConfig, finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
+from .metrics import MetricsLogger, progress
 from .models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .rollout import generate, make_scorers, policy_evaluator, row_seeds
 from .runtime import autocast_context, peak_memory_mib, reset_peak_memory

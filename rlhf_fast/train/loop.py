@@ -9,10 +9,10 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .checkpoint import maybe_save, resume_state  # noqa: F401 -- maybe_save: the trainers' loops
-from .metrics import MetricsLogger, plot_metrics, write_json
+from .checkpoint import resume_state
 from .config import save_config
 from .errors import UserError
+from .metrics import MetricsLogger, plot_metrics, write_json
 from .models import enable_gradient_checkpointing
 from .ops import get_ops
 from .runs import prepare_out_dir, write_dir_atomically

@@ -37,9 +37,9 @@ import rlhf_fast as rf
 
 from . import distributed
 from .checkpoint import maybe_save, resume_state
-from .metrics import MetricsLogger, progress
 from .data import collate_prompts, tokenize_prompts
 from .loop import RunConfig, finish_run, make_optimizer, save_pretrained, start_run
+from .metrics import MetricsLogger, progress
 from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
 from .rollout import generate, make_scorers, policy_evaluator, row_seeds

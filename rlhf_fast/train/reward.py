@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .metrics import progress
+from .checkpoint import maybe_save
 from .data import collate_preferences, tokenize_preferences
 from .errors import UserError
-from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
-                   plan_steps, start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, finish_run, micro_batches, optimizer_step, plan_steps,
+                   start_run)  # fmt: skip
+from .metrics import progress
 from .models import build_reward_model, load_tokenizer, reward_scores
 from .runtime import autocast_context, peak_memory_mib
 

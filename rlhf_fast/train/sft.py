@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .metrics import progress
+from .checkpoint import maybe_save
 from .data import collate_sft, tokenize_sft
 from .errors import UserError
-from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
-                   plan_steps, start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, finish_run, micro_batches, optimizer_step, plan_steps,
+                   start_run)  # fmt: skip
+from .metrics import progress
 from .models import load_causal_lm, load_tokenizer
 from .runtime import autocast_context, peak_memory_mib
 
