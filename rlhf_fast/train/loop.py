@@ -121,17 +121,24 @@ LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
-class RunConfig:
-    """The run options all five trainers share, declared once; each trainer's ``Config`` extends it (or
-    ``SupervisedConfig``) with its models, data and loss options, and may change a default (``lr``)."""
+class SupervisedConfig:
+    """The options the supervised trainers (sft, rm, dpo) share; each trainer's ``Config`` adds its own
+    (model, data, out_dir and the loss's options) and may override a default (``lr``)."""
 
     ops: Literal["fused", "reference"] = "fused"
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
-    grad_accum: int = 1  # micro-batches per optimizer step
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (0: no limit)
+    batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
+    grad_accum: int = 1
     lr: float = 1e-4
-    warmup_steps: int = 0  # optimizer steps of linear warmup
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
     max_grad_norm: float = 1.0
-    save_every: int = 0  # steps (best-of-n: rounds) between checkpoints (0: none)
+    max_length: int = 512
+    eval_every: int = 0
+    save_every: int = 0
     keep_checkpoints: int = 2
     resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
     overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
@@ -139,21 +146,7 @@ class RunConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
-
-
-@dataclass
-class SupervisedConfig(RunConfig):
-    """The options the supervised trainers (sft, rm, dpo) share on top of ``RunConfig``."""
-
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimizer steps (0: no limit)
-    batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
-    weight_decay: float = 0.0
-    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
-    max_length: int = 512
-    eval_every: int = 0
     log_every: int = 10
-
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant",
