@@ -20,6 +20,7 @@ describes how time and memory are measured.
 import torch
 
 import rlhf_fast as rf
+from rlhf_fast.reference import gae_reference
 
 from . import harness
 
@@ -37,20 +38,10 @@ def _rlhf_fast(impl: str = "auto"):
 
 
 def python_loop(rewards, values, mask, gamma: float = GAMMA, lam: float = LAM):
-    """TRL's / OpenRLHF's GAE: padding zeroed in rewards and values, then a reverse loop over T on ``[B]`` columns."""
+    """TRL's / OpenRLHF's GAE: padding zeroed in rewards and values, then a reverse loop over T on ``[B]`` columns
+    (``rlhf_fast.reference.gae_reference(skip_holes=False)``, the tests' and the trainers' reference too)."""
     with torch.no_grad():
-        values = values.float() * mask
-        rewards = rewards.float() * mask
-        T = rewards.shape[1]
-        lastgaelam = 0.0
-        advantages_reversed = []
-        for t in reversed(range(T)):
-            nextvalues = values[:, t + 1] if t < T - 1 else 0.0
-            delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-            lastgaelam = delta + gamma * lam * lastgaelam
-            advantages_reversed.append(lastgaelam)
-        advantages = torch.stack(advantages_reversed[::-1], dim=1)
-        return advantages, advantages + values
+        return gae_reference(rewards, values, mask, gamma=gamma, lam=lam, skip_holes=False)
 
 
 def verl_loop(rewards, values, mask, gamma: float = GAMMA, lam: float = LAM):

@@ -1,5 +1,5 @@
 """One sampling step of the trainers' ``generate``: a token per row from ``softmax(logits / T)`` over ``[B, V]``
-logits, with the counter-based Gumbel-max sampler (``rlhf_fast.train.rollout.sample_tokens``: the rows' draws
+logits, with the counter-based Gumbel-max sampler (``rf.sample_tokens``: the rows' draws
 do not depend on the batch or the number of processes) against what ``transformers`` does when sampling
 (``softmax`` then ``torch.multinomial``, from the global RNG).
 
@@ -15,7 +15,8 @@ describes how time and memory are measured.
 
 import torch
 
-from rlhf_fast.train.rollout import row_seeds, sample_tokens
+from rlhf_fast.sampling import sample_tokens
+from rlhf_fast.train.rollout import row_seeds
 
 from . import harness
 

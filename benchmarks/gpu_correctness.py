@@ -308,7 +308,7 @@ def _sampler_check(ours: dict, truth: dict, base: dict) -> list[dict]:
 
 
 def _sampler_reference(x):
-    from rlhf_fast.train.rollout import gumbel_noise
+    from rlhf_fast.sampling import gumbel_noise
 
     noise = gumbel_noise(x["seeds"], 3, x["logits"].shape[-1]).to(x["logits"].dtype)
     return {"score": x["logits"] / 0.7 + noise}
@@ -351,7 +351,7 @@ CASES: list[Case] = [
          shapes={"odd": (2, 37, 129, 1001), "real": (2, 512, 4096, 151936)}, dry_shapes={"odd": (1, 6, 16, 40)},
          rel_margin=lambda shape: 5e-6 * shape[1]),  # summed over T tokens, as in tests/test_linear_dpo.py
     Case("sampler (Gumbel-max)", ("_gumbel_argmax_kernel",), bench_sampling.make_inputs, (),
-         lambda x: {"token": __import__("rlhf_fast.train.rollout", fromlist=["sample_tokens"]).sample_tokens(
+         lambda x: {"token": rf.sample_tokens(
              x["logits"], x["seeds"], 3, 0.7, impl="triton")},
          _sampler_reference, shapes={"odd": (37, 1001), "real": (256, 151936)}, dry_shapes={"odd": (5, 67)},
          check=_sampler_check),

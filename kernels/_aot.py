@@ -12,44 +12,16 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 
 import triton
+
+from ._build import KernelBuild
 
 ARCHS = (90, 80)
 
 
-@dataclass
-class KernelBuild:
-    """One compilation a launcher performs: kernel, argument types, constexprs and launch options."""
-
-    kernel: object
-    signature: dict  # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
-    constexprs: dict
-    divisible: list = field(default_factory=list)  # arguments Triton's launcher marks divisible by 16
-    num_warps: int = 4
-    num_stages: int = 3
-    tensor_cores: bool = False  # a bf16/fp16 tl.dot kernel: sm_90 must use wgmma (HGMMA), sm_80 HMMA
-    streams_rows: bool = False  # a memory-bound streaming kernel: its global loads must be vectorized
-    narrow_loads: int = 0  # sub-32-bit scalar loads the kernel legitimately makes (e.g. one label logit)
-    streams_out: bool = False  # it also streams a [N, V] output: its global stores must be vectorized
-    label: str = ""
-
-    @property
-    def jit_function(self):
-        """The ``JITFunction`` under any ``triton.heuristics`` / ``autotune`` wrappers."""
-        fn = self.kernel
-        while not isinstance(fn, triton.runtime.JITFunction):
-            fn = fn.fn
-        return fn
-
-    @property
-    def name(self) -> str:
-        return self.jit_function.fn.__name__
-
-
 def all_builds() -> list:
-    """Every kernel build of the package. Later ops append their module's ``build_specs()`` here."""
+    """Every kernel build of the package: each kernel module's ``build_specs()`` (data: kernels/_build.py)."""
     from . import gae, kl, linear_logprobs, logprobs, ppo, preference, sampling
 
     return (

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._build import TL_DTYPE, KernelBuild, signature
 from ._tuning import gae_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -146,23 +147,15 @@ def build_specs():
     usual lengths (a multiple of 16 tokens): then the loads and stores are 8- and 16-byte vectors (the
     build check asserts it). At other lengths the row tail mask keeps them scalar, still coalesced.
     """
-    from ._aot import KernelBuild
-    from .logprobs import _TL_DTYPE
-
     specs = []
-    for tl_dtype in _TL_DTYPE.values():
+    for tl_dtype in TL_DTYPE.values():
         for has_mask in (True, False):
             for cfg in sorted({gae_config(T) for T in (4096, 128)}, key=lambda c: c.BLOCK_T):
-                sig = {
-                    "rewards_ptr": f"*{tl_dtype}", "values_ptr": f"*{tl_dtype}",
-                    "mask_ptr": "*u8" if has_mask else "constexpr",
-                    "advantages_ptr": "*fp32", "returns_ptr": "*fp32",
-                    "stride_r_b": "i32", "stride_v_b": "i32", "stride_m_b": "i32", "stride_out_b": "i32",
-                    "T": "i32", "gamma": "fp32", "lam": "fp32", "HAS_MASK": "constexpr", "BLOCK_T": "constexpr",
-                }  # fmt: skip
                 constexprs = {"HAS_MASK": has_mask, "BLOCK_T": cfg.BLOCK_T}
                 if not has_mask:
                     constexprs["mask_ptr"] = None
+                sig = signature(_gae_kernel, constexprs, rewards_ptr=f"*{tl_dtype}", values_ptr=f"*{tl_dtype}",
+                                mask_ptr="*u8")  # fmt: skip
                 specs.append(
                     KernelBuild(
                         kernel=_gae_kernel,

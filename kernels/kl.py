@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._common import interpreter_safe_output, inverse_parts
 from ._softmax import scale_by_inverse
+from ._build import TL_DTYPE, KernelBuild, signature
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -206,24 +207,20 @@ def full_kl_backward(logits, ref, kl, stats, grad_kl, temperature: float) -> tor
 
 def build_specs():
     """Forward and backward for each logits dtype (reference in the same dtype), see kernels/_aot.py."""
-    from ._aot import KernelBuild
-    from .logprobs import _TL_DTYPE
-
     specs = []
-    for dtype, t in _TL_DTYPE.items():
+    for dtype, t in TL_DTYPE.items():
         cfg = row_config(151936, dtype.itemsize)
-        strides = {"stride_x_b": "i32", "stride_x_t": "i32", "stride_r_b": "i32", "stride_r_t": "i32"}
-        tail = {"T": "i32", "V": "i32", "N": "i32", "inv_t_hi": "fp32", "inv_t_lo": "fp32", "BLOCK_V": "constexpr"}
-        fwd = {"logits_ptr": f"*{t}", "ref_ptr": f"*{t}", "kl_ptr": "*fp32", "stats_ptr": "*fp32", **strides, **tail}
-        bwd = {"logits_ptr": f"*{t}", "ref_ptr": f"*{t}", "kl_ptr": "*fp32", "stats_ptr": "*fp32",
-               "grad_kl_ptr": "*fp32", "grad_logits_ptr": f"*{t}", **strides,
-               "stride_g_b": "i32", "stride_g_t": "i32", **tail}  # fmt: skip
-        for kernel, sig, streams_out in ((_full_kl_fwd_kernel, fwd, False), (_full_kl_bwd_kernel, bwd, True)):
+        constexprs = {"BLOCK_V": cfg.BLOCK_V}
+        for kernel, in_dtype, streams_out in (
+            (_full_kl_fwd_kernel, ("logits_ptr", "ref_ptr"), False),
+            (_full_kl_bwd_kernel, ("logits_ptr", "ref_ptr", "grad_logits_ptr"), True),
+        ):
+            sig = signature(kernel, constexprs, **dict.fromkeys(in_dtype, f"*{t}"))
             specs.append(
                 KernelBuild(
                     kernel=kernel,
                     signature=sig,
-                    constexprs={"BLOCK_V": cfg.BLOCK_V},
+                    constexprs=constexprs,
                     divisible=[n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n in ("V", "N")],
                     num_warps=cfg.num_warps,
                     streams_rows=True,

@@ -30,6 +30,7 @@ import triton.language as tl
 from . import INTERPRET
 from ._common import interpreter_safe_output, inverse_parts
 from ._softmax import logp_dlogits, online_logsumexp_update, online_softmax_update, scale_by_inverse, softmax_dlogits
+from ._build import TL_DTYPE, KernelBuild, signature
 from ._tuning import matmul_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -313,34 +314,18 @@ def linear_logprobs_backward(hidden, weight, bias, labels, row_max, log_norm, en
 def build_specs():
     """Forward and backward for each operand dtype, with and without bias, with and without entropy (see
     kernels/_aot.py)."""
-    from ._aot import KernelBuild
-    from .logprobs import _TL_DTYPE
-
-    meta = {k: "constexpr" for k in ("HAS_BIAS", "BLOCK_N", "BLOCK_V", "BLOCK_H", "UPCAST", "DOT_PRECISION",
-                                     "WITH_ENTROPY")}  # fmt: skip
     specs = []
     for (dtype, t), backward, has_bias, with_entropy in itertools.product(
-        _TL_DTYPE.items(), (False, True), (True, False), (True, False)
+        TL_DTYPE.items(), (False, True), (True, False), (True, False)
     ):
         cfg = matmul_config(dtype, backward)
-        ptrs = {"hidden_ptr": f"*{t}", "weight_ptr": f"*{t}", "bias_ptr": f"*{t}" if has_bias else "constexpr",
-                "labels_ptr": "*i64"}  # fmt: skip
-        # The log-probs-only specialisation gets None for its entropy pointers, as the launchers pass.
-        ent = "*fp32" if with_entropy else "constexpr"
+        in_dtype = ("hidden_ptr", "weight_ptr", "bias_ptr")
         if backward:
             kernel = _linear_logprobs_bwd_kernel
-            sig = {**ptrs, "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32", "entropy_ptr": ent,
-                   "grad_logp_ptr": "*fp32", "grad_entropy_ptr": ent, "grad_logits_ptr": f"*{t}",
-                   "stride_h_n": "i32", "stride_h_k": "constexpr", "stride_w_v": "i32", "stride_w_k": "constexpr",
-                   "stride_g_n": "i32", "N": "i32", "V": "i32", "H": "i32", "row_start": "i32",
-                   "inv_t_hi": "fp32", "inv_t_lo": "fp32", **meta}  # fmt: skip
+            in_dtype += ("grad_logits_ptr",)
             entropy_ptrs = ("entropy_ptr", "grad_entropy_ptr")
         else:
             kernel = _linear_logprobs_fwd_kernel
-            sig = {**ptrs, "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_ent_ptr": ent,
-                   "part_label_ptr": "*fp32", "stride_h_n": "i32", "stride_h_k": "constexpr",
-                   "stride_w_v": "i32", "stride_w_k": "constexpr", "N": "i32", "V": "i32", "H": "i32",
-                   "v_per_split": "i32", "inv_t_hi": "fp32", "inv_t_lo": "fp32", **meta}  # fmt: skip
             entropy_ptrs = ("part_ent_ptr",)
         # Contiguous hidden and weight: Triton's launcher specializes their unit inner strides to 1.
         constexprs = {"BLOCK_N": cfg.BLOCK_N, "BLOCK_V": cfg.BLOCK_V, "BLOCK_H": cfg.BLOCK_H, "HAS_BIAS": has_bias,
@@ -348,8 +333,9 @@ def build_specs():
                       "stride_h_k": 1, "stride_w_k": 1}  # fmt: skip
         if not has_bias:
             constexprs["bias_ptr"] = None
-        if not with_entropy:
+        if not with_entropy:  # the log-probs-only specialisation gets None entropy pointers, as launched
             constexprs.update(dict.fromkeys(entropy_ptrs))
+        sig = signature(kernel, constexprs, labels_ptr="*i64", **dict.fromkeys(in_dtype, f"*{t}"))
         divisible = ("stride_h_n", "stride_w_v", "stride_g_n", "V", "H", "v_per_split")
         specs.append(
             KernelBuild(

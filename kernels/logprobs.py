@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._build import TL_DTYPE, KernelBuild, signature
 from ._common import interpreter_safe_output, inverse_parts
 from ._softmax import logp_dlogits, row_softmax_stats, scale_by_inverse, softmax_dlogits
 from ._tuning import row_config
@@ -209,9 +210,6 @@ def logprobs_backward(
 
 # ------------------------------------------------------------------------- ahead-of-time build specs
 
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def build_specs():
     """What the launchers compile, for the Hopper build check: one entry per kernel, dtype, config and
     entropy specialisation (with the entropy, and log-probs only).
@@ -219,36 +217,20 @@ def build_specs():
     Sizes are typical (V a multiple of 16, 16-byte aligned rows), which is how Triton's launcher
     specializes them at real shapes: pointers and 16-divisible integers get ``tt.divisibility=16``.
     """
-    from ._aot import KernelBuild
-
     specs = []
-    for (dtype, tl_dtype), with_entropy in itertools.product(_TL_DTYPE.items(), (True, False)):
+    for (dtype, tl_dtype), with_entropy in itertools.product(TL_DTYPE.items(), (True, False)):
         configs = {row_config(V, dtype.itemsize) for V in (151936, 1024, 128)}
-        # The log-probs-only specialisation gets None for its entropy pointers, as the launchers pass.
-        ent = "*fp32" if with_entropy else "constexpr"
         for cfg in sorted(configs, key=lambda c: c.BLOCK_V):
-            fwd = {
-                "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64",
-                "logp_ptr": "*fp32", "entropy_ptr": ent, "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
-                "stride_logits_b": "i32", "stride_logits_t": "i32", "T": "i32", "V": "i32",
-                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32",
-                "BLOCK_V": "constexpr", "WITH_ENTROPY": "constexpr",
-            }  # fmt: skip
-            bwd = {
-                "logits_ptr": f"*{tl_dtype}", "labels_ptr": "*i64", "row_max_ptr": "*fp32", "log_norm_ptr": "*fp32",
-                "entropy_ptr": ent, "grad_logp_ptr": "*fp32", "grad_entropy_ptr": ent,
-                "grad_logits_ptr": f"*{tl_dtype}",
-                "stride_logits_b": "i32", "stride_logits_t": "i32",
-                "stride_grad_b": "i32", "stride_grad_t": "i32", "T": "i32", "V": "i32",
-                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32",
-                "BLOCK_V": "constexpr", "WITH_ENTROPY": "constexpr",
-            }  # fmt: skip
             # The forward's one narrow load is the label logit; the backward streams dlogits out.
-            for kernel, sig, narrow, streams_out in ((_logprobs_fwd_kernel, fwd, 1, False),
-                                                     (_logprobs_bwd_kernel, bwd, 0, True)):
+            for kernel, in_dtype, narrow, streams_out in (
+                (_logprobs_fwd_kernel, ("logits_ptr",), 1, False),
+                (_logprobs_bwd_kernel, ("logits_ptr", "grad_logits_ptr"), 0, True),
+            ):
                 constexprs = {"BLOCK_V": cfg.BLOCK_V, "WITH_ENTROPY": with_entropy}
-                if not with_entropy:
-                    constexprs.update(dict.fromkeys(n for n in ("entropy_ptr", "grad_entropy_ptr") if n in sig))
+                if not with_entropy:  # the log-probs-only specialisation gets None entropy pointers, as launched
+                    args = kernel.arg_names
+                    constexprs.update(dict.fromkeys(n for n in ("entropy_ptr", "grad_entropy_ptr") if n in args))
+                sig = signature(kernel, constexprs, labels_ptr="*i64", **dict.fromkeys(in_dtype, f"*{tl_dtype}"))
                 divisible = [n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "V"]
                 specs.append(
                     KernelBuild(

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._common import inverse_parts
 from ._softmax import row_softmax_stats, scale_by_inverse
+from ._build import TL_DTYPE, KernelBuild, signature
 from ._tuning import row_config
 
 # KL estimators, as the constexpr KL_ESTIMATOR
@@ -194,28 +195,12 @@ def build_specs():
 
     The backward is ``rf.logprobs``' backward kernel, already in the build check.
     """
-    from ._aot import KernelBuild
-    from .logprobs import _TL_DTYPE
-
     specs = []
-    for dtype, t in _TL_DTYPE.items():
+    for dtype, t in TL_DTYPE.items():
         cfg = row_config(151936, dtype.itemsize)
         for has_ref, estimator, mode in ((True, "k3", "vanilla"), (True, "k1", "vanilla"), (False, "k3", "vanilla"),
                                          (True, "k3", "cispo"), (True, "k3", "sapo")):  # fmt: skip
             clip_options = has_ref and mode == "vanilla"
-            sig = {
-                "logits_ptr": f"*{t}", "labels_ptr": "*i64", "old_logp_ptr": "*fp32", "adv_ptr": "*fp32",
-                "weight_ptr": "*fp32", "ref_logp_ptr": "*fp32" if has_ref else "constexpr",
-                "rollout_w_ptr": "*fp32" if has_ref else "constexpr",
-                **{f"{n}_ptr": "*fp32" for n in ("logp", "entropy", "row_max", "log_norm", "loss", "dloss_dlogp")},
-                "stride_logits_b": "i32", "stride_logits_t": "i32", "T": "i32", "V": "i32",
-                "inv_t_hi": "fp32", "inv_t_lo": "fp32", "ignore_index": "i32", "clip_low": "fp32", "clip_high": "fp32",
-                "dual_clip": "fp32", "kl_coef": "fp32", "entropy_coef": "fp32", "delta": "fp32", "tau_pos": "fp32",
-                "tau_neg": "fp32",
-                "HAS_REF": "constexpr", "HAS_ROLLOUT": "constexpr", "HAS_DUAL_CLIP": "constexpr",
-                "HAS_DELTA": "constexpr", "LOSS_MODE": "constexpr", "KL_BIAS": "constexpr", "KL_ESTIMATOR": "constexpr",
-                "BLOCK_V": "constexpr",
-            }  # fmt: skip
             # with a reference: every option on (rollout weights, dual clip, delta, the KL's bias correction)
             constexprs = {"HAS_REF": has_ref, "HAS_ROLLOUT": has_ref, "HAS_DUAL_CLIP": clip_options,
                           "HAS_DELTA": clip_options, "LOSS_MODE": LOSS_MODES[mode], "KL_BIAS": has_ref,
@@ -223,6 +208,7 @@ def build_specs():
             if not has_ref:
                 constexprs["ref_logp_ptr"] = None
                 constexprs["rollout_w_ptr"] = None
+            sig = signature(_ppo_fwd_kernel, constexprs, logits_ptr=f"*{t}", labels_ptr="*i64")
             specs.append(
                 KernelBuild(
                     kernel=_ppo_fwd_kernel,

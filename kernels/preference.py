@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._build import TL_DTYPE, KernelBuild, signature
 from ._tuning import pair_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -123,23 +124,15 @@ def build_specs():
     ``N`` is marked divisible by 16, as Triton's launcher specializes it at the usual batch sizes: then
     the loads and stores are 8- and 16-byte vectors (the build check asserts it).
     """
-    from ._aot import KernelBuild
-    from .logprobs import _TL_DTYPE
-
     specs = []
-    for tl_dtype in _TL_DTYPE.values():
+    for tl_dtype in TL_DTYPE.values():
         for has_margin in (True, False):
             for cfg in sorted({pair_config(N) for N in (4096, 256)}, key=lambda c: c.BLOCK):
-                sig = {
-                    "chosen_ptr": f"*{tl_dtype}", "rejected_ptr": f"*{tl_dtype}",
-                    "margin_ptr": f"*{tl_dtype}" if has_margin else "constexpr",
-                    "loss_ptr": "*fp32", "dloss_dx_ptr": "*fp32", "total_ptr": "*fp32", "metrics_ptr": "*fp32",
-                    "N": "i32", "beta": "fp32", "margin": "fp32", "total_scale": "fp32",
-                    "HAS_MARGIN": "constexpr", "BLOCK": "constexpr",
-                }  # fmt: skip
                 constexprs = {"HAS_MARGIN": has_margin, "BLOCK": cfg.BLOCK}
                 if not has_margin:
                     constexprs["margin_ptr"] = None
+                in_dtype = ("chosen_ptr", "rejected_ptr", "margin_ptr")
+                sig = signature(_pairwise_sigmoid_kernel, constexprs, **dict.fromkeys(in_dtype, f"*{tl_dtype}"))
                 specs.append(
                     KernelBuild(
                         kernel=_pairwise_sigmoid_kernel,

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._build import TL_DTYPE, KernelBuild, signature
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -87,19 +88,16 @@ def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor, temperature: float) 
 
 def build_specs():
     """One build per logits dtype at a 152k vocabulary (the row's block and warps from ``row_config``)."""
-    from ._aot import KernelBuild
-    from .logprobs import _TL_DTYPE
-
     specs = []
-    for torch_dtype, tl_dtype in _TL_DTYPE.items():
+    for torch_dtype, tl_dtype in TL_DTYPE.items():
         cfg = row_config(151936, torch.empty((), dtype=torch_dtype).element_size())
-        sig = {"logits_ptr": f"*{tl_dtype}", "keys_ptr": "*i64", "out_ptr": "*i64", "V": "i32",
-               "stride_row": "i32", "temperature": "fp32", "BLOCK": "constexpr"}  # fmt: skip
+        constexprs = {"BLOCK": cfg.BLOCK_V}
         specs.append(
             KernelBuild(
                 kernel=_gumbel_argmax_kernel,
-                signature=sig,
-                constexprs={"BLOCK": cfg.BLOCK_V},
+                signature=signature(_gumbel_argmax_kernel, constexprs, logits_ptr=f"*{tl_dtype}", keys_ptr="*i64",
+                                    out_ptr="*i64"),  # fmt: skip
+                constexprs=constexprs,
                 divisible=["logits_ptr", "keys_ptr", "out_ptr", "V", "stride_row"],
                 num_warps=cfg.num_warps,
                 streams_rows=True,

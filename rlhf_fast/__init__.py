@@ -13,9 +13,10 @@ from .linear_full_kl import linear_full_kl
 from .linear_logprobs import linear_logprobs
 from .linear_ppo import linear_ppo_loss
 from .logprobs import logprobs
-from .ppo import aggregate, group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
-from .ppo_fused import ppo_loss_from_logits
+from .rl_losses import aggregate, group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
+from .ppo_from_logits import ppo_loss_from_logits
 from .preference import dpo_loss, pairwise_sigmoid_loss
+from .sampling import sample_tokens
 from .sequence_logprobs import sequence_logprobs
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "pairwise_sigmoid_loss",
     "ppo_loss_from_logits",
     "ppo_policy_loss",
+    "sample_tokens",
     "sequence_logprobs",
     "value_loss",
     "__version__",

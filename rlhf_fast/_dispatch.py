@@ -1,34 +1,14 @@
 """The ``impl`` switch every op shares: ``"auto" | "triton" | "torch"``.
 
-Each op registers its two implementations once::
-
-    @register("logprobs", "torch")
-    def _logprobs_torch(...): ...
-
-and its public function calls ``dispatch("logprobs", impl, logits)(...)``. ``auto`` picks Triton for CUDA
-tensors and PyTorch otherwise; ``triton`` on CPU tensors needs the Triton interpreter
-(``TRITON_INTERPRET=1`` set before ``rlhf_fast`` is imported).
+Each public function decides once, ``impl = resolve(impl, x.device)``, and hands the answer
+(``"triton"`` or ``"torch"``) to its ``autograd.Function``, which branches on it in one place. ``auto``
+picks Triton for CUDA tensors and PyTorch otherwise; ``triton`` on CPU tensors needs the Triton
+interpreter (``TRITON_INTERPRET=1`` set before ``rlhf_fast`` is imported).
 """
-
-from typing import Callable
 
 import torch
 
 IMPLS = ("auto", "triton", "torch")
-
-_REGISTRY: dict[str, dict[str, Callable]] = {}
-
-
-def register(op: str, impl: str) -> Callable[[Callable], Callable]:
-    """Decorator registering ``fn`` as implementation ``impl`` ("triton" or "torch") of ``op``."""
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"impl must be 'triton' or 'torch' to register, got {impl!r}")
-
-    def decorator(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[impl] = fn
-        return fn
-
-    return decorator
 
 
 def triton_status() -> tuple[bool, bool, str]:
@@ -60,8 +40,3 @@ def resolve(impl: str, device: torch.device) -> str:
             "or impl='auto' for CPU tensors"
         )
     return "triton"
-
-
-def dispatch(op: str, impl: str, device: torch.device) -> Callable:
-    """The registered implementation of ``op`` that ``impl`` selects for tensors on ``device``."""
-    return _REGISTRY[op][resolve(impl, device)]

@@ -11,7 +11,7 @@ statistics read it (twice, the second time from cache) and write ``[rows]`` vect
 once and writes ``dlogits``.
 
 - Compilation costs seconds (Inductor writes and builds C++), so small chunks run the eager twins in
-  ``_rowsoftmax.py`` and the compiled bodies are built on the first chunk of at least
+  ``_softmax_torch.py`` and the compiled bodies are built on the first chunk of at least
   :data:`COMPILE_MIN_ELEMENTS` logits: a test or a toy model never compiles. ``dynamic=True``: one build
   serves every row count and vocabulary size. Where compilation fails (no C++ compiler, an unsupported
   platform) the eager twins run, after one warning. ``RLHF_FAST_COMPILE=0`` turns it off.
@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from ._rowsoftmax import logp_grad_, softmax_grad_, softmax_stats_
+from ._softmax_torch import logp_grad_, softmax_grad_, softmax_stats_
 
 # Budget for a chunk's float32 [rows, V] temporaries. 192 MiB is 503 rows at V = 50000 with two temporaries
 # (backward: the logits and dlogits). The logits product has K = H (256 here), and on 2 threads its rate
@@ -83,7 +83,7 @@ def chunk_rows(V: int, temporaries: int) -> int:
 
 
 # ----------------------------------------------------------------------------------- compiled bodies
-# Each body is the twin of an eager function in _rowsoftmax.py (same formulas, derived there and in
+# Each body is the twin of an eager function in _softmax_torch.py (same formulas, derived there and in
 # kernels/logprobs.py), written out of place so that Inductor fuses it into one loop.
 
 

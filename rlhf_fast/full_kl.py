@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _amp, _checks
-from ._dispatch import dispatch, register
-from ._rowsoftmax import as_btv, grad_or_zeros, row_chunks, scaled_float_copy
+from ._dispatch import resolve
+from ._softmax_torch import as_btv, grad_or_zeros, row_chunks, scaled_float_copy
 
 # ~2M elements per chunk and per input (8 MiB float32 temporaries), as rf.logprobs.
 _TORCH_CHUNK_ELEMENTS = 1 << 21
@@ -93,16 +93,6 @@ class _FullKL(torch.autograd.Function):
         return grad.reshape(ctx.logits_shape), None, None, None
 
 
-@register("full_kl", "triton")
-def _full_kl_triton(logits, ref_logits, opts):
-    return _FullKL.apply(logits, ref_logits, opts, "triton")
-
-
-@register("full_kl", "torch")
-def _full_kl_torch(logits, ref_logits, opts):
-    return _FullKL.apply(logits, ref_logits, opts, "torch")
-
-
 @_amp.float32_op
 def full_kl(
     logits: torch.Tensor,
@@ -130,5 +120,5 @@ def full_kl(
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
     opts = FullKLOptions(temperature=_checks.check_positive("temperature", temperature))
-    fn = dispatch("full_kl", impl, logits.device)
-    return fn(logits, ref_logits.detach(), opts)
+    impl = resolve(impl, logits.device)
+    return _FullKL.apply(logits, ref_logits.detach(), opts, impl)

@@ -39,7 +39,7 @@ import math
 import torch
 
 from . import _amp, _checks
-from ._dispatch import dispatch, register
+from ._dispatch import resolve
 
 # ----------------------------------------------------------------------------------------------- torch
 
@@ -137,21 +137,8 @@ def _one_span_per_row(on: torch.Tensor) -> bool:
     return bool((rising + on[:, 0] <= 1).all())
 
 
-@register("gae", "torch")
-def _gae_torch(rewards, values, mask, gamma: float, lam: float):
-    with torch.no_grad():
-        return _torch_gae(rewards, values, mask, gamma, lam)
-
-
-@register("gae", "triton")
-def _gae_triton(rewards, values, mask, gamma: float, lam: float):
-    from .kernels.gae import gae_forward
-
-    def last_contiguous(x):
-        return x if x is None or x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-    with torch.no_grad():
-        return gae_forward(last_contiguous(rewards), last_contiguous(values), last_contiguous(mask), gamma, lam)
+def _last_contiguous(x):
+    return x if x is None or x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -208,6 +195,12 @@ def gae(
         _checks.check_mask(mask, rewards, "rewards")
     gamma = _check_discount("gamma", gamma)
     lam = _check_discount("lam", lam)
-    fn = dispatch("gae", impl, rewards.device)
-    return fn(rewards.detach(), values.detach(), None if mask is None else mask.detach(), gamma, lam)
+    impl = resolve(impl, rewards.device)
+    rewards, values, mask = rewards.detach(), values.detach(), None if mask is None else mask.detach()
+    with torch.no_grad():
+        if impl == "triton":
+            from .kernels.gae import gae_forward
+
+            return gae_forward(_last_contiguous(rewards), _last_contiguous(values), _last_contiguous(mask), gamma, lam)
+        return _torch_gae(rewards, values, mask, gamma, lam)
 

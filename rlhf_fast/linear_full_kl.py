@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from . import _amp, _checks
-from ._dispatch import dispatch, register
+from ._dispatch import resolve
 from ._fused_chunk import chunk_rows
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
 from .full_kl import _backend as _full_kl_backend
-from ._rowsoftmax import grad_or_zeros
+from ._softmax_torch import grad_or_zeros
 
 # float32 [rows, V] temporaries a chunk holds at once: both logits chunks and dlogits, plus the full_kl
 # implementation's own scratch (bounded by its own chunking)
@@ -98,16 +98,6 @@ class _LinearFullKL(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 
-@register("linear_full_kl", "triton")
-def _linear_full_kl_triton(*args):
-    return _LinearFullKL.apply(*args, "triton")
-
-
-@register("linear_full_kl", "torch")
-def _linear_full_kl_torch(*args):
-    return _LinearFullKL.apply(*args, "torch")
-
-
 def linear_full_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -144,11 +134,11 @@ def linear_full_kl(
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have weight's vocabulary size V={weight.shape[0]}, got {ref_weight.shape[0]}")
     opts = LinearFullKLOptions(temperature=_checks.check_positive("temperature", temperature))
-    fn = dispatch("linear_full_kl", impl, hidden.device)
+    impl = resolve(impl, hidden.device)
     lead = hidden.shape[:-1]
     N = hidden[..., 0].numel()
     detach = [None if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
     with _amp.no_autocast():
-        kl = fn(hidden.reshape(N, hidden.shape[-1]), weight, bias, detach[0].reshape(N, ref_hidden.shape[-1]),
-                detach[1], detach[2], opts)  # fmt: skip
+        kl = _LinearFullKL.apply(hidden.reshape(N, hidden.shape[-1]), weight, bias,
+                                 detach[0].reshape(N, ref_hidden.shape[-1]), detach[1], detach[2], opts, impl)  # fmt: skip
     return kl.view(lead)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from . import _amp, _checks
-from ._dispatch import dispatch, register
+from ._dispatch import resolve
 from ._fused_chunk import chunk_grad, chunk_rows, chunk_stats
-from ._rowsoftmax import grad_or_zeros
+from ._softmax_torch import grad_or_zeros
 
 # float32 [rows, V] temporaries a chunk of the PyTorch implementation holds at once: the logits and, in
 # backward, dlogits (the compiled bodies make no others; the eager ones work in place).
@@ -167,16 +167,6 @@ class _LinearLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None
 
 
-@register("linear_logprobs", "triton")
-def _linear_logprobs_triton(hidden, weight, bias, labels, opts):
-    return _LinearLogprobs.apply(hidden, weight, bias, labels, opts, "triton")
-
-
-@register("linear_logprobs", "torch")
-def _linear_logprobs_torch(hidden, weight, bias, labels, opts):
-    return _LinearLogprobs.apply(hidden, weight, bias, labels, opts, "torch")
-
-
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -234,10 +224,11 @@ def linear_logprobs(
         ignore_index=_checks.check_int("ignore_index", ignore_index),
         with_entropy=bool(return_entropy),
     )
-    fn = dispatch("linear_logprobs", impl, hidden.device)
+    impl = resolve(impl, hidden.device)
     _checks.check_labels_in_range(labels, V, opts.ignore_index)
     with _amp.no_autocast():
-        logp, entropy = fn(hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias, labels.reshape(-1), opts)
+        logp, entropy = _LinearLogprobs.apply(hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias,
+                                              labels.reshape(-1), opts, impl)  # fmt: skip
     if not opts.with_entropy:
         return logp.view(labels.shape)
     return logp.view(labels.shape), entropy.view(labels.shape)

@@ -29,11 +29,11 @@ ordinary route: ``rf.linear_logprobs`` (statistics forward, a recomputing backwa
 import torch
 
 from . import _amp, _checks, _policy
-from ._dispatch import dispatch, register
+from ._dispatch import resolve
 from ._fused_chunk import chunk_grad, chunk_rows, chunk_stats
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
 from .linear_logprobs import LinearLogprobsOptions, _chunk_buffer, _LinearLogprobs
-from .ppo_fused import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
+from .ppo_from_logits import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
 
 # float32 [rows, V] temporaries a chunk holds at once: the logits and dlogits (as rf.linear_logprobs)
 _CHUNK_TEMPORARIES = 2
@@ -139,16 +139,6 @@ def _linear_ppo(hidden, weight, bias, labels, B, T, p, impl):
     return loss, logp.view(B, T), entropy.view(B, T)
 
 
-@register("linear_ppo_loss", "torch")
-def _linear_ppo_torch(hidden, weight, bias, labels, B, T, p):
-    return _linear_ppo(hidden, weight, bias, labels, B, T, p, "torch")
-
-
-@register("linear_ppo_loss", "triton")
-def _linear_ppo_triton(hidden, weight, bias, labels, B, T, p):
-    return _linear_ppo(hidden, weight, bias, labels, B, T, p, "triton")
-
-
 def linear_ppo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -202,8 +192,8 @@ def linear_ppo_loss(
     if B * T == 0:
         raise ValueError(f"hidden has no tokens (shape {tuple(hidden.shape)}): the loss and its metrics are "
                          "means over the batch's tokens")  # fmt: skip
-    fn = dispatch("linear_ppo_loss", impl, hidden.device)
+    impl = resolve(impl, hidden.device)
     _checks.check_labels_in_range(labels, V, p.opts.ignore_index)
     with _amp.no_autocast():
-        loss, logp, entropy = fn(hidden.reshape(B * T, H), weight, bias, labels.reshape(-1), B, T, p)
+        loss, logp, entropy = _linear_ppo(hidden.reshape(B * T, H), weight, bias, labels.reshape(-1), B, T, p, impl)
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, hidden.device)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from . import _amp, _checks
-from ._dispatch import dispatch, register
-from ._rowsoftmax import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
+from ._dispatch import resolve
+from ._softmax_torch import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
 
 # Rows per chunk of the PyTorch implementation: about 2M elements, so each float32 temporary is 8 MiB
 # (three live at a time), small next to any [N, V] tensor worth chunking and big enough that per-chunk
@@ -153,16 +153,6 @@ class _Logprobs(torch.autograd.Function):
         return grad.reshape(ctx.logits_shape), None, None, None
 
 
-@register("logprobs", "triton")
-def _logprobs_triton(logits, labels, opts):
-    return _Logprobs.apply(logits, labels, opts, "triton")
-
-
-@register("logprobs", "torch")
-def _logprobs_torch(logits, labels, opts):
-    return _Logprobs.apply(logits, labels, opts, "torch")
-
-
 # ---------------------------------------------------------------------------------------------- public
 
 
@@ -215,7 +205,7 @@ def logprobs(
         inplace_backward=bool(inplace_backward),
         with_entropy=bool(return_entropy),
     )
-    fn = dispatch("logprobs", impl, logits.device)
+    impl = resolve(impl, logits.device)
     _checks.check_labels_in_range(labels, V, opts.ignore_index)
-    logp, entropy = fn(logits, labels, opts)
+    logp, entropy = _Logprobs.apply(logits, labels, opts, impl)
     return (logp, entropy) if opts.with_entropy else logp

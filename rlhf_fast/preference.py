@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _amp, _checks
-from ._dispatch import dispatch, register
+from ._dispatch import resolve
 
 REDUCTIONS = ("mean", "sum", "none")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -114,16 +114,6 @@ class _PairwiseSigmoid(torch.autograd.Function):
         return d_chosen, d_rejected, d_margin, None, None
 
 
-@register("pairwise_sigmoid_loss", "triton")
-def _pairwise_sigmoid_triton(chosen, rejected, margin_t, opts):
-    return _PairwiseSigmoid.apply(chosen, rejected, margin_t, opts, "triton")
-
-
-@register("pairwise_sigmoid_loss", "torch")
-def _pairwise_sigmoid_torch(chosen, rejected, margin_t, opts):
-    return _PairwiseSigmoid.apply(chosen, rejected, margin_t, opts, "torch")
-
-
 def _check_pair_scores(chosen, rejected) -> None:
     _checks.check_float_tensor(chosen, "chosen")
     if not (chosen.dim() == 1 or (chosen.dim() == 2 and chosen.shape[1] == 1)):
@@ -188,8 +178,8 @@ def pairwise_sigmoid_loss(
     margin_value, margin_t = _check_margin(margin, chosen)
     opts = PairwiseOptions(beta=_check_finite("beta", beta), margin=margin_value, reduction=check_reduction(reduction))
     check_not_empty_for_mean("chosen", chosen, opts.reduction)
-    fn = dispatch("pairwise_sigmoid_loss", impl, chosen.device)
-    loss, metrics = fn(chosen.reshape(-1), rejected.reshape(-1), margin_t, opts)
+    impl = resolve(impl, chosen.device)
+    loss, metrics = _PairwiseSigmoid.apply(chosen.reshape(-1), rejected.reshape(-1), margin_t, opts, impl)
     if opts.reduction == "none":
         loss = loss.view(chosen.shape)
     if not return_metrics:

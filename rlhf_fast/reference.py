@@ -5,6 +5,8 @@ Tests call them on float64 inputs as the ground truth; benchmarks call them in t
 ``[N, V]`` intermediate on purpose: that is what the fused ops are measured against.
 """
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -60,6 +62,26 @@ def aggregate_reference(values, mask, agg: str):
     raise ValueError(f"unknown agg {agg!r}")
 
 
+class Surrogate(NamedTuple):
+    loss: torch.Tensor  # [B, T] per-token clipped surrogate (dual clip applied)
+    ratio: torch.Tensor  # exp(logp - old_logp)
+    advantages: torch.Tensor  # [B, T] (a [B] advantage broadcast over T)
+    clipped: torch.Tensor  # -A * clamp(ratio, 1 - clip_low, 1 + clip_high): clipfrac counts where it wins
+
+
+def clipped_surrogate_reference(logp, old_logp, advantages, *, clip_low=0.2, clip_high=None, dual_clip=None):
+    """PPO's per-token ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``, with the dual clip ``min(., -A c)``
+    where ``A < 0``; ``advantages`` ``[B, T]`` or ``[B]`` (one per sequence)."""
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logp)
+    ratio = torch.exp(logp - old_logp)
+    high = clip_low if clip_high is None else clip_high
+    clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + high)
+    token = torch.maximum(-adv * ratio, clipped)
+    if dual_clip is not None:
+        token = torch.where(adv < 0, torch.minimum(token, -adv * dual_clip), token)
+    return Surrogate(token, ratio, adv, clipped)
+
+
 def ppo_loss_reference(
     logits,
     labels,
@@ -87,12 +109,8 @@ def ppo_loss_reference(
     logp, entropy = logprobs_reference(
         logits, labels, temperature=temperature, ignore_index=ignore_index, mask_zero_probs=mask_zero_probs
     )
-    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logp)
-    ratio = torch.exp(logp - old_logp)
-    high = clip_low if clip_high is None else clip_high
-    token = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + high))
-    if dual_clip is not None:
-        token = torch.where(adv < 0, torch.minimum(token, -adv * dual_clip), token)
+    token = clipped_surrogate_reference(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                                        dual_clip=dual_clip).loss  # fmt: skip
     if ref_logp is not None:
         token = token + kl_coef * kl_penalty_reference(logp, ref_logp, kl_estimator)
     token = token - entropy_coef * entropy
@@ -131,15 +149,14 @@ def dpo_loss_reference(
     label_smoothing=0.0,
     reduction="mean",
 ):
-    """``(loss, metrics)`` as TRL's ``DPOTrainer.dpo_loss`` writes them, in the input dtype."""
-    pi_logratios = policy_chosen_logp - policy_rejected_logp
-    ref_logratios = ref_chosen_logp.detach() - ref_rejected_logp.detach()
-    logits = pi_logratios - ref_logratios
+    """``(loss, metrics)`` as TRL's ``DPOTrainer.dpo_loss`` writes them (TRL 1.x: the chosen log-ratio minus
+    the rejected one), in the input dtype."""
+    chosen_logratios = policy_chosen_logp - ref_chosen_logp.detach()
+    rejected_logratios = policy_rejected_logp - ref_rejected_logp.detach()
+    logits = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid":
-        losses = (
-            -torch.nn.functional.logsigmoid(beta * logits) * (1 - label_smoothing)
-            - torch.nn.functional.logsigmoid(-beta * logits) * label_smoothing
-        )
+        z = beta * logits
+        losses = -torch.nn.functional.logsigmoid(z) * (1 - label_smoothing) - torch.nn.functional.logsigmoid(-z) * label_smoothing
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * logits)
     elif loss_type == "ipo":
@@ -194,3 +211,45 @@ def linear_dpo_loss_reference(
         seq[:B], seq[B:], ref_chosen_logp, ref_rejected_logp,
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, reduction=reduction,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- GAE
+
+
+def gae_reference(rewards, values, mask=None, *, gamma: float, lam: float, skip_holes: bool = True):
+    """``(advantages, returns)`` by the reverse loop over T on ``[B]`` columns that trainers write.
+
+    Float64 input is kept in float64 (the test reference); lower precisions are upcast to float32.
+
+    - ``skip_holes=True`` (``rf.gae``'s semantics, verl's loop): ``V`` and ``A`` of the next *response* token
+      are carried across masked positions, so a masked span inside a response (a tool output) joins the
+      tokens on either side; both outputs are 0 where ``mask == 0``. Nothing at a masked position (not even
+      NaN) reaches the result: the carry is a ``where``, not a product with the mask.
+    - ``skip_holes=False``: TRL's / OpenRLHF's loop, rewards and values multiplied by the mask first, then
+      every position is a step (a hole is a zero-reward, zero-value step); the outputs are returned as that
+      loop returns them, not zeroed (right padding gives 0 there anyway, left padding does not).
+    """
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    rewards, values = rewards.to(dtype), values.to(dtype)
+    B, T = rewards.shape
+    if not skip_holes:
+        if mask is not None:
+            values, rewards = values * mask, rewards * mask
+        last = torch.zeros_like(rewards[:, 0])
+        out = []
+        for t in reversed(range(T)):
+            next_v = values[:, t + 1] if t < T - 1 else 0.0
+            last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last
+            out.append(last)
+        adv = torch.stack(out[::-1], dim=1) if T else torch.zeros_like(rewards)
+        return adv, adv + values
+    on = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask != 0
+    next_v, next_adv = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
+    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    for t in reversed(range(T)):
+        a = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * next_adv
+        adv[:, t] = torch.where(on[:, t], a, 0.0)
+        ret[:, t] = torch.where(on[:, t], a + values[:, t], 0.0)
+        next_v = torch.where(on[:, t], values[:, t], next_v)
+        next_adv = torch.where(on[:, t], a, next_adv)
+    return adv, ret

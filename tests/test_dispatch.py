@@ -20,26 +20,37 @@ def test_auto_picks_triton_on_cuda():
     assert _dispatch.resolve("auto", torch.device("cuda")) == "triton"
 
 
-def test_registry_routes_to_the_registered_impl():
-    calls = []
-    _dispatch.register("_probe", "torch")(lambda: calls.append("torch"))
-    _dispatch.register("_probe", "triton")(lambda: calls.append("triton"))
-    _dispatch.dispatch("_probe", "torch", torch.device("cpu"))()
-    assert calls == ["torch"]
-    if "triton" in IMPLS:
-        _dispatch.dispatch("_probe", "triton", torch.device("cpu"))()
-        assert calls == ["torch", "triton"]
+@pytest.mark.parametrize(
+    "module, launcher, call",
+    [
+        ("logprobs", "logprobs_forward", lambda impl: rf.logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), impl=impl)),
+        ("gae", "gae_forward", lambda impl: rf.gae(torch.randn(2, 3), torch.randn(2, 3), impl=impl)),
+        ("sampling", "gumbel_argmax",
+         lambda impl: rf.sample_tokens(torch.randn(2, 5), torch.arange(2), 0, impl=impl)),
+    ],
+)
+def test_the_public_op_routes_to_the_resolved_impl(monkeypatch, module, launcher, call):
+    """``impl`` is resolved once in the public function: "torch" never reaches the Triton launcher,
+    "triton" does (the launcher is replaced by a probe that raises)."""
+    if "triton" not in IMPLS:
+        pytest.skip("Triton cannot run here")
+    import importlib
+
+    mod = importlib.import_module(f"rlhf_fast.kernels.{module}")
+
+    def probe(*args, **kwargs):
+        raise LookupError("triton launcher reached")
+
+    monkeypatch.setattr(mod, launcher, probe)
+    call("torch")
+    with pytest.raises(LookupError, match="triton launcher reached"):
+        call("triton")
 
 
 @pytest.mark.parametrize("impl", ["gpu", "Triton", "", None, 1])
 def test_unknown_impl(impl):
     with pytest.raises(ValueError, match="impl"):
         _dispatch.resolve(impl, torch.device("cpu"))
-
-
-def test_register_rejects_unknown_impl():
-    with pytest.raises(ValueError, match="impl"):
-        _dispatch.register("_probe", "auto")
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

@@ -12,7 +12,7 @@ from test_linear_logprobs import _case, check_linear
 
 import rlhf_fast as rf
 from rlhf_fast import _fused_chunk as fc
-from rlhf_fast._rowsoftmax import logp_grad_, softmax_grad_, softmax_stats_
+from rlhf_fast._softmax_torch import logp_grad_, softmax_grad_, softmax_stats_
 
 
 @pytest.fixture

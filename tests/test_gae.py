@@ -6,25 +6,13 @@ from conftest import DEVICE, IMPLS
 
 import rlhf_fast as rf
 from rlhf_fast.gae import discounted_reverse_cumsum
+from rlhf_fast.reference import gae_reference
 
 
 def gae_f64(rewards, values, mask, gamma, lam):
-    """The recursion one token at a time, in float64, skipping positions with mask == 0."""
+    """The recursion in float64, skipping positions with mask == 0 (rlhf_fast.reference.gae_reference)."""
     r, v = rewards.detach().double().cpu(), values.detach().double().cpu()
-    B, T = r.shape
-    m = torch.ones(B, T, dtype=torch.bool) if mask is None else (mask.cpu() != 0)
-    adv = torch.zeros(B, T, dtype=torch.float64)
-    ret = torch.zeros(B, T, dtype=torch.float64)
-    for b in range(B):
-        next_value, next_adv = 0.0, 0.0  # V and A after the last response token
-        for t in reversed(range(T)):
-            if not m[b, t]:
-                continue
-            delta = r[b, t].item() + gamma * next_value - v[b, t].item()
-            a = delta + gamma * lam * next_adv
-            adv[b, t], ret[b, t] = a, a + v[b, t].item()
-            next_value, next_adv = v[b, t].item(), a
-    return adv, ret
+    return gae_reference(r, v, None if mask is None else mask.cpu(), gamma=gamma, lam=lam)
 
 
 def check_gae(rewards, values, mask, impl, gamma=1.0, lam=0.95, tol=2e-6):

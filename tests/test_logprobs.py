@@ -309,7 +309,7 @@ def test_logp_only_masked_vocab(impl, device):
 
 def _spy_entropy_work(monkeypatch, impl):
     """Record, call by call, whether the forward and the backward do the entropy work: for torch, what the
-    chunk helpers of rlhf_fast/_rowsoftmax.py are asked for; for triton, which ``WITH_ENTROPY``
+    chunk helpers of rlhf_fast/_softmax_torch.py are asked for; for triton, which ``WITH_ENTROPY``
     specialisation the kernels' heuristic picks at each launch."""
     seen = {"forward": [], "backward": []}
     if impl == "torch":

@@ -6,9 +6,9 @@ import json
 import pytest
 from train_utils import close_weights, same_weights, tiny_causal_lm_dir, torchrun
 
-from rlhf_fast import task
+from rlhf_fast.demo import task
 from rlhf_fast.train import best_of_n, sft
-from rlhf_fast.train.common import read_metrics
+from rlhf_fast.train.metrics import read_metrics
 from rlhf_fast.train.models import build_reward_model
 
 

@@ -9,9 +9,9 @@ import torch
 from train_utils import assert_bf16_close, same_weights, tiny_causal_lm_dir
 
 import rlhf_fast as rf
-from rlhf_fast import task
+from rlhf_fast.demo import task
 from rlhf_fast.train import dpo
-from rlhf_fast.train.common import read_metrics
+from rlhf_fast.train.metrics import read_metrics
 from rlhf_fast.train.data import collate_preferences, load_records, tokenize_preferences
 from rlhf_fast.train.models import load_causal_lm, load_tokenizer
 

@@ -97,7 +97,7 @@ def test_fused_and_reference_ops_run_the_same_loop(tmp_path):
         cfg = bandit_config(tmp_path / ops, ops=ops, advantage="gae", steps=1, prompts_per_step=8,
                             minibatch_size=4, max_new_tokens=3, ppo_epochs=2)  # fmt: skip
         ppo.train(cfg, reward_fn=bandit_reward)
-        from rlhf_fast.train.common import read_metrics
+        from rlhf_fast.train.metrics import read_metrics
 
         records[ops] = read_metrics(tmp_path / ops / "run" / "metrics.jsonl")[-1]
     fused, ref = records["fused"], records["reference"]
@@ -108,7 +108,7 @@ def test_fused_and_reference_ops_run_the_same_loop(tmp_path):
 def test_bf16_on_cpu_is_autocast_and_matches_fp32(tmp_path):
     """precision=bf16 on the CPU runs under CPU autocast (sampling, log-probs, the losses): two PPO steps with a
     critic agree with float32 within bf16 tolerance, and ops="fused" with ops="reference" under it."""
-    from rlhf_fast.train.common import read_metrics
+    from rlhf_fast.train.metrics import read_metrics
 
     runs = {}
     for precision, ops in (("fp32", "fused"), ("bf16", "fused"), ("bf16", "reference")):
@@ -133,7 +133,7 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
     ppo.train(ppo.Config(**{**cfg.__dict__, "out_dir": str(resumed), "resume": True}), reward_fn=bandit_reward)
     assert same_weights(tmp_path / "run" / "model", resumed / "model")
     # and the resumed run did start from the checkpoint (its first logged step is 3, not 1)
-    from rlhf_fast.train.common import read_metrics
+    from rlhf_fast.train.metrics import read_metrics
 
     records = read_metrics(resumed / "metrics.jsonl")
     # the copied log of steps 1-4 was cut back to the checkpoint (step 2), then steps 3-4 were logged again
@@ -193,7 +193,7 @@ _DISTRIBUTED_SCRIPT = """
 def test_two_processes_match_one(tmp_path, advantage, samples_per_prompt, layouts):
     """torchrun with 2 gloo processes, each sampling half of every step's prompts and taking half of every
     minibatch, replicated (DDP) or sharded (FSDP2): the same responses, losses and final weights as one process."""
-    from rlhf_fast.train.common import read_metrics
+    from rlhf_fast.train.metrics import read_metrics
 
     prompt_texts = ["a b c d >", "a >", "b c >", "d a b >", "c >", "a b >", "d d c b a >", "b >"]
     prompts = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": p} for p in prompt_texts])
@@ -236,7 +236,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):
         cfg = bandit_config(tmp_path / str(flag), advantage="gae", steps=2, prompts_per_step=8, minibatch_size=4,
                             max_new_tokens=3, log_every=1, gradient_checkpointing=flag)  # fmt: skip
         ppo.train(cfg, reward_fn=bandit_reward)
-        from rlhf_fast.train.common import read_metrics
+        from rlhf_fast.train.metrics import read_metrics
 
         records[flag] = read_metrics(tmp_path / str(flag) / "run" / "metrics.jsonl")
     for plain, ckpt in zip(records[False], records[True], strict=True):

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_fast import task
+from rlhf_fast.demo import task
 from rlhf_fast.cli import main
 from rlhf_fast.train import checkpoint, loop, sft
 from rlhf_fast.train.checkpoint import STATE_FILE, checkpoint_path, latest_checkpoint, prune_checkpoints, save_checkpoint
-from rlhf_fast.train.common import read_metrics
+from rlhf_fast.train.metrics import read_metrics
 from rlhf_fast.train.config import config_to_dict
 from rlhf_fast.train.data import tokenize_prompts, tokenize_sft
 from rlhf_fast.train.errors import UserError

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from rlhf_fast import task
+from rlhf_fast.demo import task
 from rlhf_fast.train import reward, sft
-from rlhf_fast.train.common import read_metrics
+from rlhf_fast.train.metrics import read_metrics
 
 from train_utils import assert_bf16_close, close_weights, same_weights, tiny_causal_lm_dir, torchrun
 

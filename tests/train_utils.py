@@ -1,15 +1,21 @@
-"""Tiny models and data for the trainer tests: a word-level tokenizer and a small Llama built from a config."""
+"""Tiny models and data for the trainer tests: a word-level tokenizer and a small Llama built from a config;
+a character tokenizer fixture and a tiny LM for the model and data tests."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
+import pytest
 import torch
+
+from rlhf_fast.train.models import build_causal_lm, build_char_tokenizer
 
 
 def tiny_causal_lm_dir(path: Path, *, hidden_size: int = 32, num_layers: int = 1, num_heads: int = 2,
                        seed: int = 0) -> str:  # fmt: skip
     """Save the demo task's tokenizer and a randomly initialised tiny Llama to ``path``; returns it."""
-    from rlhf_fast import task
+    from rlhf_fast.demo import task
     from rlhf_fast.train.models import build_causal_lm
 
     tok = task.build_tokenizer()
@@ -83,3 +89,29 @@ def assert_bf16_close(got: list[dict], want: list[dict], keys) -> None:
     for g, w in zip(got, want):
         for key in keys:
             assert g[key] == pytest.approx(w[key], rel=BF16_RTOL, abs=BF16_ATOL), (g["step"], key, g[key], w[key])
+
+
+@dataclass
+class PPOSection:
+    kl_coef: float = 0.1
+    target_kl: Optional[float] = None
+    estimator: Literal["k1", "k3"] = "k1"
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz ?!"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer(CHARS)
+
+
+def _lm(tokenizer, **kw):
+    return build_causal_lm(len(tokenizer), hidden_size=32, num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
+
+
+def _batch(tokenizer, texts, side="right"):
+    from rlhf_fast.train.data import pad_batch
+
+    return pad_batch([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id, side=side)

@@ -17,7 +17,7 @@ ReST, RAFT). Logged per round: the mean score of all samples and of the kept one
 Best-of-n sampling is itself a policy, whose KL to the sampler is at most ``log n - (n - 1) / n`` nats;
 fine-tuning on its samples distills it. ``eval_prompts`` are scored (one sample each, ``eval_fn`` or the
 reward) before the first round and after the last, with the exact KL to the initial policy
-(``rlhf_fast.train.ppo.evaluate``). Checkpoints are taken between rounds (``save_every`` rounds) and a
+(``rollout.evaluate_policy``). Checkpoints are taken between rounds (``save_every`` rounds) and a
 resumed run continues from the last one exactly. Under torchrun each process samples a share of the
 prompts and fine-tunes on a share of every batch (DDP, or FSDP2 with ``parallel="fsdp"``); a run gives the same
 result on any number of processes.
@@ -30,14 +30,13 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .common import MetricsLogger, autocast_context, progress
+from .checkpoint import maybe_save, resume_state
 from .data import IGNORE_INDEX, collate_prompts, collate_sft, tokenize_prompts
-from .loop import finish_run, make_optimizer, maybe_save, micro_batches, optimizer_step, start_run, total_steps
-from .models import build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from .ppo import evaluate
-from .rollout import generate, load_function, row_seeds, score
-from .runtime import peak_memory_mib, reset_peak_memory
+from .loop import finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
+from .metrics import MetricsLogger, progress
+from .models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from .rollout import generate, make_scorers, policy_evaluator, row_seeds
+from .runtime import autocast_context, peak_memory_mib, reset_peak_memory
 
 
 @dataclass
@@ -167,48 +166,35 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     list[float]``) take the place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
     if reward_fn is not None:
         cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
-    distributed.init()
-    cfg.validate()
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
     policy = load_causal_lm(cfg.policy, dtype="fp32", device=device)  # float32 weights: bf16 is autocast
     policy = enable_gradient_checkpointing(policy, cfg.gradient_checkpointing)
     train_policy = distributed.wrap(policy, device, cfg.parallel)  # before the optimizer: FSDP swaps the parameters
-    reward_model = None
-    if cfg.reward_model is not None:
-        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
-        reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
-    reward_function = None if reward_model is not None else (reward_fn or load_function(cfg.reward_fn))
-
-    def reward(ro) -> torch.Tensor:
-        with autocast_context(device, cfg.precision):
-            return score(ro, reward_model=reward_model, reward_fn=reward_function)
-
-    eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
-    scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
+    reward, scorer = make_scorers(cfg, device, reward_fn=reward_fn, eval_fn=eval_fn)
 
     prompts = tokenize_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
     if len(prompts) < max(cfg.prompts_per_round, cfg.batch_size):
         raise ValueError(f"{len(prompts)} prompts are fewer than prompts_per_round ({cfg.prompts_per_round}) "
                          f"or batch_size ({cfg.batch_size})")  # fmt: skip
-    eval_prompts, ref = None, None
+    evaluate = None
     if cfg.eval_prompts:
         eval_prompts = tokenize_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
         eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
         ref = load_causal_lm(cfg.policy, dtype="fp32", device=device).eval().requires_grad_(False)  # for the KL only
         ref = distributed.shard_frozen(ref, cfg.parallel)
+        evaluate = policy_evaluator(cfg, ref, tokenizer, eval_prompts, scorer=scorer, ops=ops)
 
     opt, sched = make_optimizer(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 warmup_steps=cfg.warmup_steps)  # fmt: skip
     saved = {"modules": {"policy": policy}, "optimizers": {"policy": opt}, "schedulers": {"policy": sched}}
     start, summary = 0, {"score_all": [], "score_kept": []}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, **saved)
+    state = resume_state(out, cfg.resume, **saved)
+    if state is not None:
         start, summary = state["step"], state["summary"]
-    elif eval_prompts is not None:
-        summary["before"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+    elif evaluate is not None:
+        summary["before"] = evaluate(policy)
 
     logger = MetricsLogger(out, enabled=distributed.is_main())
     reset_peak_memory(device)
@@ -233,7 +219,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     logger.close()
 
     summary |= {"rounds": cfg.rounds, "n": cfg.n, "ops": cfg.ops, "peak_memory_mib": peak_memory_mib(device)}
-    if eval_prompts is not None:
-        summary["after"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+    if evaluate is not None:
+        summary["after"] = evaluate(policy)
     finish_run(out, policy, tokenizer, summary, title=f"best-of-{cfg.n} ({cfg.ops} ops)")
     return summary

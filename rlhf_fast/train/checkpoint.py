@@ -194,6 +194,30 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return max(found, key=order)
 
 
+def resume_state(out_dir: str | Path, resume: bool, *, modules, optimizers, schedulers) -> dict | None:
+    """With ``resume``, load ``out_dir``'s latest checkpoint (if there is one) into ``modules``, ``optimizers``
+    and ``schedulers`` and return its state (``{"step": ...}`` plus what the loop saved with ``maybe_save``);
+    ``None`` for a fresh run. Every trainer resumes through this."""
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is None:
+        return None
+    return load_checkpoint(ckpt, modules=modules, optimizers=optimizers, schedulers=schedulers)
+
+
+def maybe_save(out_dir, step: int, every: int, keep: int, *, modules, optimizers, schedulers,
+               state: dict | None = None) -> None:  # fmt: skip
+    """A checkpoint every ``every`` steps (every rank gathers what FSDP shards, rank 0 writes, all wait), its
+    state ``{"step": step}`` plus the loop's own ``state`` (PPO's KL coefficient, a running summary...)."""
+    if not every or step % every:
+        return
+    save_checkpoint(checkpoint_path(Path(out_dir), step), modules=modules, optimizers=optimizers,
+                    schedulers=schedulers, state={"step": step, **(state or {})},
+                    write=distributed.is_main())  # fmt: skip
+    if distributed.is_main():
+        prune_checkpoints(out_dir, keep, current=step)
+    distributed.barrier()
+
+
 def prune_checkpoints(out_dir: str | Path, keep: int, *, current: int | None = None) -> list[Path]:
     """Delete all but the ``keep`` most recent ``checkpoint-<step>`` directories; returns those deleted.
 

@@ -31,12 +31,13 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .common import autocast_context, progress
+from .checkpoint import maybe_save
 from .data import collate_preferences, tokenize_preferences
-from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
-                   plan_steps, start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, finish_run, micro_batches, optimizer_step, plan_steps,
+                   start_run)  # fmt: skip
+from .metrics import progress
 from .models import load_causal_lm, load_tokenizer
-from .runtime import peak_memory_mib
+from .runtime import autocast_context, peak_memory_mib
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRICS = ("chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_margin")  # of ops.dpo_loss
@@ -105,7 +106,6 @@ def evaluate(ops, model, data, ref_logp, tokenizer, device, cfg: Config) -> dict
 
 
 def train(cfg: Config) -> dict:
-    cfg.validate()
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -154,7 +154,7 @@ def train(cfg: Config) -> dict:
     tokens = int(distributed.global_sum(torch.tensor(float(tokens))))
     summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
                "pairs_per_s": (steps - start) * cfg.batch_size / seconds if seconds > 0 else None,
-               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
+               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory_mib": peak_memory_mib(device),
                "ops": cfg.ops}  # fmt: skip
     if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
         ev = ev if ev is not None else evaluate(ops, model, eval_data, ref_eval, tokenizer, device, cfg)

@@ -9,14 +9,14 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from .common import MetricsLogger, plot_metrics, resolve_device, seed_everything
+from .checkpoint import resume_state
 from .config import save_config
 from .errors import UserError
+from .metrics import MetricsLogger, plot_metrics, write_json
 from .models import enable_gradient_checkpointing
 from .ops import get_ops
 from .runs import prepare_out_dir, write_dir_atomically
-from .runtime import reset_peak_memory, write_json
+from .runtime import reset_peak_memory, resolve_device, seed_everything, seed_for
 from .validation import check_options
 
 
@@ -25,6 +25,8 @@ def start_run(cfg):
     ``cfg.out_dir`` checked and made ready (``runs.prepare_out_dir``: a used one only with ``resume`` or
     ``overwrite``) with the config saved in it (by rank 0) and the op set: ``(device, out_dir, ops)``."""
     distributed.init()
+    if callable(getattr(cfg, "validate", None)):  # a config's own checks (PPO's need the world size)
+        cfg.validate()
     check_options(cfg)
     seed_everything(cfg.seed)
     device = distributed.device_for_rank(resolve_device(cfg.device))
@@ -83,7 +85,7 @@ def begin_training(model, cfg, out_dir, device, steps: int):
 def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
     """The global batches of one epoch: a permutation seeded by ``(seed, epoch)``, cut into full batches
     (a last partial batch is dropped, so every step sees ``batch_size`` rows and every rank its share)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch))).tolist()
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
@@ -147,7 +149,6 @@ class SupervisedConfig:
     log_every: int = 10
 
 
-
 def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant",
                    total_steps: int | None = None):  # fmt: skip
     """AdamW and a linear warmup to ``lr`` over ``warmup_steps``; then constant, or with
@@ -178,21 +179,5 @@ def optimizer_step(model, opt, sched, max_grad_norm: float) -> float:
 
 def maybe_resume(out_dir, resume: bool, *, modules, optimizers, schedulers) -> int:
     """Load the latest checkpoint of ``out_dir`` when ``resume`` (and one exists); the step to start from."""
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is None:
-        return 0
-    return int(load_checkpoint(ckpt, modules=modules, optimizers=optimizers, schedulers=schedulers)["step"])
-
-
-def maybe_save(out_dir, step: int, every: int, keep: int, *, modules, optimizers, schedulers,
-               state: dict | None = None) -> None:  # fmt: skip
-    """A checkpoint every ``every`` steps (every rank gathers what FSDP shards, rank 0 writes, all wait), its
-    state ``{"step": step}`` plus the loop's own ``state`` (PPO's KL coefficient, a running summary...)."""
-    if not every or step % every:
-        return
-    save_checkpoint(checkpoint_path(Path(out_dir), step), modules=modules, optimizers=optimizers,
-                    schedulers=schedulers, state={"step": step, **(state or {})},
-                    write=distributed.is_main())  # fmt: skip
-    if distributed.is_main():
-        prune_checkpoints(out_dir, keep, current=step)
-    distributed.barrier()
+    state = resume_state(out_dir, resume, modules=modules, optimizers=optimizers, schedulers=schedulers)
+    return 0 if state is None else int(state["step"])

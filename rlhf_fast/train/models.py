@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .common import pick_attn_implementation
 from .errors import UserError
+from .runtime import pick_attn_implementation
 
 __all__ = [
     "CriticModel",

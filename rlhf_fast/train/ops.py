@@ -197,19 +197,14 @@ class ReferenceOps:
         logp, entropy = reference.logprobs_reference(logits, labels, temperature=cfg.temperature,
                                                      mask_zero_probs=False)  # fmt: skip
         m = mask.to(torch.float32)
-        adv = batch["advantages"]
-        adv = adv if adv.dim() == 2 else adv[:, None].expand_as(logp)
-        ratio = torch.exp(logp - batch["old_logp"])
-        high = cfg.clip_low if cfg.clip_high is None else cfg.clip_high
-        clipped = -adv * torch.clamp(ratio, 1 - cfg.clip_low, 1 + high)
-        token = torch.maximum(-adv * ratio, clipped)
-        if cfg.dual_clip is not None:
-            token = torch.where(adv < 0, torch.minimum(token, -adv * cfg.dual_clip), token)
-        token = token - cfg.entropy_coef * entropy
+        surrogate = reference.clipped_surrogate_reference(logp, batch["old_logp"], batch["advantages"],
+                                                          clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                                          dual_clip=cfg.dual_clip)  # fmt: skip
+        adv, ratio, clipped = surrogate.advantages, surrogate.ratio, surrogate.clipped
+        token = surrogate.loss - cfg.entropy_coef * entropy
         metrics = {}
         if cfg.kl_mode == "k3_loss":
-            lr = logp - batch["ref_logp"]
-            kl = torch.exp(-lr) - 1 + lr
+            kl = reference.kl_penalty_reference(logp, batch["ref_logp"], "k3")
             token = token + cfg.kl_coef * kl
             metrics["kl"] = _masked_mean(kl, mask)
         elif cfg.kl_mode == "full_kl_loss":
@@ -241,16 +236,8 @@ class ReferenceOps:
     def gae(self, rewards, values, mask, *, gamma, lam):
         """TRL's / OpenRLHF's loop: padding zeroed, a reverse loop over T on ``[B]`` columns."""
         m = mask.to(torch.float32)
-        values, rewards = values.float() * m, rewards.float() * m
-        T = rewards.shape[1]
-        last = torch.zeros_like(rewards[:, 0])
-        out = []
-        for t in reversed(range(T)):
-            next_v = values[:, t + 1] if t < T - 1 else 0.0
-            last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last
-            out.append(last)
-        adv = torch.stack(out[::-1], dim=1)
-        return adv * m, (adv + values) * m
+        adv, ret = reference.gae_reference(rewards, values, m, gamma=gamma, lam=lam, skip_holes=False)
+        return adv * m, ret * m
 
     def pairwise_loss(self, chosen, rejected):
         return -F.logsigmoid(chosen.float() - rejected.float()).mean()
@@ -259,22 +246,5 @@ class ReferenceOps:
                  label_smoothing=0.0, average_log_prob=False):  # fmt: skip
         logp = self.sequence_logprobs(model, input_ids, attention_mask, labels, average=average_log_prob)
         B = logp.shape[0] // 2
-        pc, pr = logp[:B], logp[B:]
-        delta = (pc - ref_chosen) - (pr - ref_rejected)
-        z = beta * delta
-        if loss_type == "sigmoid":
-            losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-        elif loss_type == "ipo":
-            losses = (delta - 1 / (2 * beta)) ** 2
-        elif loss_type == "hinge":
-            losses = torch.relu(1 - z)
-        else:
-            raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'hinge', got {loss_type!r}")
-        chosen_r, rejected_r = (beta * (pc - ref_chosen)).detach(), (beta * (pr - ref_rejected)).detach()
-        metrics = {
-            "chosen_rewards": chosen_r.mean(),
-            "rejected_rewards": rejected_r.mean(),
-            "reward_accuracy": (chosen_r > rejected_r).float().mean(),
-            "reward_margin": (chosen_r - rejected_r).mean(),
-        }
-        return losses.mean(), metrics
+        return reference.dpo_loss_reference(logp[:B], logp[B:], ref_chosen, ref_rejected, beta=beta,
+                                            loss_type=loss_type, label_smoothing=label_smoothing)  # fmt: skip

@@ -36,14 +36,14 @@ import torch.nn.functional as F
 import rlhf_fast as rf
 
 from . import distributed
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .common import MetricsLogger, autocast_context, progress
+from .checkpoint import maybe_save, resume_state
 from .data import collate_prompts, tokenize_prompts
-from .loop import finish_run, make_optimizer, maybe_save, save_pretrained, start_run
-from .models import CriticModel, build_reward_model, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from .loop import finish_run, make_optimizer, save_pretrained, start_run
+from .metrics import MetricsLogger, progress
+from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
-from .rollout import Rollout, generate, load_function, mean_and_stderr, row_seeds, score
-from .runtime import peak_memory_mib, reset_peak_memory
+from .rollout import generate, make_scorers, policy_evaluator, row_seeds
+from .runtime import autocast_context, peak_memory_mib, reset_peak_memory, seed_for
 
 
 @dataclass
@@ -145,7 +145,7 @@ def step_prompts(n: int, per_step: int, *, seed: int, step: int) -> list[int]:
     picked, position = [], step * per_step
     while len(picked) < per_step:
         epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch))).tolist()
         take = order[offset : offset + per_step - len(picked)]
         picked, position = picked + take, position + len(take)
     return picked
@@ -168,9 +168,6 @@ def sequence_advantages(scores: torch.Tensor, cfg: Config) -> torch.Tensor:
     return rf.group_advantages(scores, G, normalize_std=False) * (G / (G - 1))
 
 
-EVAL_STREAM = -1  # the sampling stream of evaluations (steps are 0, 1, ...): before and after share draws
-
-
 def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: str) -> float:
     """The weight of a micro-batch's ``agg`` loss in its minibatch's: ``sum_micro weight * loss_micro`` is
     the minibatch's ``agg`` loss however the minibatch is cut (over micro-batches and processes)."""
@@ -182,52 +179,23 @@ def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: st
     return float(rows(micro_mask) / rows(minibatch_mask))
 
 
-@torch.no_grad()
-def evaluate(policy, ref, tokenizer, prompt_data, *, scorer, cfg: Config, ops) -> dict:
-    """Mean score (± standard error) of one sample per held-out prompt, and the exact KL to the reference
-    per response (``rf.full_kl`` summed over the response's tokens). Under torchrun each process takes a
-    share of the prompts; every row's draws are keyed by ``(cfg.seed, EVAL_STREAM, row)``, so the result
-    does not depend on the number of processes, and the evaluations before and after training share them."""
-    scores, kls = [], []
-    device = next(policy.parameters()).device
-    n = len(prompt_data)
-    mine = distributed.local_rows(n)
-    for start in range(mine.start, mine.stop, cfg.prompts_per_step):
-        index = list(range(start, min(start + cfg.prompts_per_step, mine.stop)))
-        rows = prompt_data.select([i % n for i in index])
-        ids, mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
-        ro = generate(policy, tokenizer, ids.to(device), mask.to(device), rows["prompt"],
-                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      seeds=row_seeds(cfg.seed, EVAL_STREAM, index), synced=distributed.is_sharded(policy))  # fmt: skip
-        scores += scorer(ro).tolist()
-        R = ro.response_mask.shape[1]
-        with autocast_context(device, cfg.precision):
-            logits = ops.response_logits(policy, ro.input_ids, ro.attention_mask, R)
-            ref_logits = ops.response_logits(ref, ro.input_ids, ro.attention_mask, R)
-        kl = rf.full_kl(logits.float(), ref_logits.float(), temperature=cfg.temperature)
-        kls += (kl * ro.response_mask).sum(1).tolist()
-    scores, kls = distributed.gather_objects(scores, n), distributed.gather_objects(kls, n)
-    mean, se = mean_and_stderr(scores)
-    return {"score": mean, "score_stderr": se, "kl_to_ref": float(torch.tensor(kls).mean()), "n": len(scores)}
-
-
 # -------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
-    """Run PPO; ``reward_fn`` / ``eval_fn`` (callables ``(prompts, completions) -> list[float]``) take the
-    place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
-    if reward_fn is not None:
-        cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
-    distributed.init()
-    cfg.validate()
-    device, out, ops = start_run(cfg)
-    world = distributed.world_size()
+@dataclass
+class Models:
+    """The policy, a frozen reference, a critic (``gae`` only). Under torchrun the trained ones go through DDP
+    (``train_*``: the wrappers the training forwards use) or are sharded in place by FSDP2, with the frozen
+    ones, before the optimizers are built on their parameters."""
 
-    # Models: the policy, a frozen reference, a critic (gae only), a frozen reward model or function. Under
-    # torchrun the trained ones go through DDP (train_*: the wrappers) or are sharded in place by FSDP2, with
-    # the frozen ones, before the optimizers are built on their parameters.
-    tokenizer = load_tokenizer(cfg.policy, padding_side="left")
+    policy: torch.nn.Module
+    train_policy: torch.nn.Module
+    ref: torch.nn.Module
+    critic: torch.nn.Module | None
+    train_critic: torch.nn.Module | None
+
+
+def load_models(cfg: Config, device) -> Models:
     policy = load_causal_lm(cfg.policy, dtype="fp32", device=device)  # float32 weights: bf16 is autocast
     policy = enable_gradient_checkpointing(policy, cfg.gradient_checkpointing)
     train_policy = distributed.wrap(policy, device, cfg.parallel)
@@ -238,45 +206,174 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         critic = CriticModel.from_pretrained(cfg.critic or cfg.policy, dtype="fp32", device=device)
         enable_gradient_checkpointing(critic, cfg.gradient_checkpointing)
     train_critic = distributed.wrap(critic, device, cfg.parallel) if critic else None
-    synced = distributed.is_sharded(policy)  # generate() steps until all processes are done: FSDP forwards are collective
-    if cfg.reward_model is not None:
-        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
-        reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
+    return Models(policy, train_policy, ref, critic, train_critic)
 
-        def reward(ro: Rollout) -> torch.Tensor:
-            with autocast_context(device, cfg.precision):
-                return score(ro, reward_model=reward_model)
-    else:
-        reward_function = reward_fn or load_function(cfg.reward_fn)
 
-        def reward(ro: Rollout) -> torch.Tensor:
-            return score(ro, reward_fn=reward_function)
-
-    eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
-    scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
-
-    prompts = tokenize_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
-    eval_prompts = None
-    if cfg.eval_prompts:
-        eval_prompts = tokenize_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
-        eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
-
+def make_optimizers(models: Models, cfg: Config):
+    """AdamW for the policy (and the critic) with one schedule over all the run's updates: ``(modules,
+    optimizers, schedulers)``, keyed ``"policy"`` / ``"critic"`` (what checkpoints save)."""
     updates = cfg.steps * cfg.ppo_epochs * (cfg.prompts_per_step * cfg.samples_per_prompt // cfg.minibatch_size)
     schedule = {"weight_decay": 0.0, "warmup_steps": cfg.warmup_steps, "schedule": cfg.lr_schedule,
                 "total_steps": updates}  # fmt: skip
-    modules, optimizers, schedulers = {"policy": policy}, {}, {}
-    optimizers["policy"], schedulers["policy"] = make_optimizer(policy.parameters(), lr=cfg.lr, **schedule)
+    modules, optimizers, schedulers = {"policy": models.policy}, {}, {}
+    optimizers["policy"], schedulers["policy"] = make_optimizer(models.policy.parameters(), lr=cfg.lr, **schedule)
+    if models.critic is not None:
+        modules["critic"] = models.critic
+        optimizers["critic"], schedulers["critic"] = make_optimizer(models.critic.parameters(), lr=cfg.critic_lr,
+                                                                    **schedule)  # fmt: skip
+    return modules, optimizers, schedulers
+
+
+def collect_rollout(step: int, prompts, tokenizer, models: Models, reward, ops, cfg: Config, device) -> dict:
+    """One step's batch, the same on every process: this process samples and scores its share of the step's
+    prompts (each repeated ``samples_per_prompt`` times), takes the log-probs of the sampling policy and of
+    the reference and the values (constants for the update), then the rows of all processes are gathered,
+    responses right-padded to the longest. Keys: the tensors of ``ops.policy_loss``'s batch (``input_ids``,
+    ``attention_mask``, ``response_mask``, ``old_logp``, ``ref_logp``), ``values`` (or ``None``), ``scores``,
+    ``finished``."""
+    policy, critic, G = models.policy, models.critic, cfg.samples_per_prompt
+    pick = step_prompts(len(prompts), cfg.prompts_per_step, seed=cfg.seed, step=step)
+    slots = distributed.shard(list(range(cfg.prompts_per_step)), cfg.prompts_per_step)
+    rows = prompts.select([pick[s] for s in slots for _ in range(G)])
+    prompt_ids, prompt_mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
+    P = distributed.global_max(prompt_ids.shape[1])  # one prompt width on every process
+    prompt_ids = F.pad(prompt_ids, (P - prompt_ids.shape[1], 0), value=tokenizer.pad_token_id)
+    prompt_mask = F.pad(prompt_mask, (P - prompt_mask.shape[1], 0), value=0)
+    seeds = row_seeds(cfg.seed, step, [s * G + j for s in slots for j in range(G)])
+    with autocast_context(device, cfg.precision):
+        # generate() steps until all processes are done under FSDP: its forwards are collective
+        ro = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), rows["prompt"],
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds,
+                      synced=distributed.is_sharded(policy))  # fmt: skip
+    scores = reward(ro)
+    if cfg.missing_eos_penalty:
+        scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
+
+    local_mask = ro.response_mask
+    with torch.no_grad(), autocast_context(device, cfg.precision):
+        old_logp, _ = ops.response_logprobs(policy, ro.input_ids, ro.attention_mask, local_mask,
+                                            temperature=cfg.temperature)  # fmt: skip
+        ref_logp, _ = ops.response_logprobs(models.ref, ro.input_ids, ro.attention_mask, local_mask,
+                                            temperature=cfg.temperature)  # fmt: skip
+        values = _values(critic, ro.input_ids, ro.attention_mask, local_mask.shape[1]) if critic else None
+
+    R = distributed.global_max(local_mask.shape[1])
+    return {
+        "input_ids": distributed.gather_rows(ro.input_ids, length=P + R, value=tokenizer.pad_token_id),
+        "attention_mask": distributed.gather_rows(ro.attention_mask, length=P + R),
+        "response_mask": distributed.gather_rows(local_mask, length=R),
+        "old_logp": distributed.gather_rows(old_logp * local_mask, length=R),
+        "ref_logp": distributed.gather_rows(ref_logp * local_mask, length=R),
+        "values": distributed.gather_rows(values * local_mask, length=R) if critic else None,
+        "scores": distributed.gather_rows(scores),
+        "finished": distributed.gather_rows(ro.finished.float()),
+    }
+
+
+def advantages_and_returns(batch: dict, k1: torch.Tensor, kl_coef: float, ops, cfg: Config):
+    """``(advantages, returns)``: GAE over per-token rewards (the score on the last response token, minus
+    ``kl_coef * k1`` with ``kl_mode="reward"``), or critic-free ``grpo`` / ``rloo`` over the sequences' scores
+    (minus ``kl_coef * sum_t k1_t``) with ``returns`` ``None``; whitened with ``cfg.whiten_advantages``."""
+    mask, scores = batch["response_mask"], batch["scores"]
+    if cfg.advantage == "gae":
+        B = mask.shape[0]
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        rewards = torch.zeros_like(mask)
+        rewards[torch.arange(B, device=mask.device), last] = scores
+        if cfg.kl_mode == "reward":
+            rewards = rewards - kl_coef * k1
+        advantages, returns = ops.gae(rewards, batch["values"], mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = rf.masked_whiten(advantages, mask)
+        return advantages, returns
+    seq_reward = scores - kl_coef * k1.sum(1) if cfg.kl_mode == "reward" else scores
+    advantages = sequence_advantages(seq_reward, cfg)
+    if cfg.whiten_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return advantages, None
+
+
+def ppo_epochs(batch: dict, advantages, returns, step: int, models: Models, optimizers, schedulers, ops,
+               loss_cfg: PolicyLossConfig, cfg: Config, device) -> dict[str, list[float]]:  # fmt: skip
+    """``cfg.ppo_epochs`` passes over the batch in minibatches of ``cfg.minibatch_size`` (an order seeded by
+    ``(seed, step, epoch)``): each process takes a ``1/world`` share of every minibatch, in ``grad_accum``
+    micro-batches whose losses are weighted so that the gradient is the minibatch's; one optimizer step per
+    minibatch. Returns each metric's values, one per minibatch (summed over the processes)."""
+    world, critic, mask = distributed.world_size(), models.critic, batch["response_mask"]
+    B, R = mask.shape
+    data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "old_logp", "ref_logp")}
+    data["advantages"] = advantages
     if critic is not None:
-        modules["critic"] = critic
-        optimizers["critic"], schedulers["critic"] = make_optimizer(critic.parameters(), lr=cfg.critic_lr, **schedule)
+        data |= {"old_values": batch["values"], "returns": returns}
+    stats: dict[str, list[float]] = {}
+    share = cfg.minibatch_size // world
+    micro = share // cfg.grad_accum
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.Generator().manual_seed(seed_for(cfg.seed, step, epoch))
+        perm = torch.randperm(B, generator=order).tolist()
+        for mb_start in range(0, B, cfg.minibatch_size):
+            minibatch = perm[mb_start : mb_start + cfg.minibatch_size]
+            mb_mask = mask[minibatch]
+            mine = minibatch[distributed.rank() * share : (distributed.rank() + 1) * share]
+            sums: dict[str, float] = {}
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            for mu_start in range(0, share, micro):
+                idx = torch.tensor(mine[mu_start : mu_start + micro], device=device)
+                mb = {k: v[idx] for k, v in data.items()}
+                weight = micro_weight(mb["response_mask"], mb_mask, cfg.agg)  # of the loss
+                token_share = float(mb["response_mask"].sum() / mb_mask.sum().clamp(min=1))  # of the metrics
+                with autocast_context(device, cfg.precision):
+                    pg_loss, metrics = ops.policy_loss(models.train_policy, mb, loss_cfg, ref_model=models.ref)
+                    loss = pg_loss
+                    if critic is not None:
+                        v = models.train_critic(mb["input_ids"], mb["attention_mask"])[:, -R - 1 : -1]
+                        v_loss = ops.value_loss(v, mb["old_values"], mb["returns"], mb["response_mask"],
+                                                clip=cfg.value_clip, agg=cfg.agg)  # fmt: skip
+                        loss = loss + v_loss
+                # DDP averages over the processes: times world, the sum of the weighted losses
+                (loss * (weight * world)).backward()
+                sums["policy_loss"] = sums.get("policy_loss", 0.0) + weight * float(pg_loss.detach())
+                if critic is not None:
+                    sums["value_loss"] = sums.get("value_loss", 0.0) + weight * float(v_loss.detach())
+                for k, val in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + token_share * float(val)
+            totals = distributed.global_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
+            for k, val in zip(sorted(sums), totals.tolist()):
+                stats.setdefault(k, []).append(val)
+            grad_norm = distributed.clip_grad_norm(models.policy.parameters(), cfg.max_grad_norm)
+            stats.setdefault("grad_norm", []).append(grad_norm)
+            if critic is not None:
+                distributed.clip_grad_norm(critic.parameters(), cfg.max_grad_norm)
+            for opt, sched in zip(optimizers.values(), schedulers.values()):
+                opt.step()
+                sched.step()
+    return stats
+
+
+def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
+    """Run PPO; ``reward_fn`` / ``eval_fn`` (callables ``(prompts, completions) -> list[float]``) take the
+    place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
+    if reward_fn is not None:
+        cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
+    device, out, ops = start_run(cfg)
+    tokenizer = load_tokenizer(cfg.policy, padding_side="left")
+    models = load_models(cfg, device)
+    reward, scorer = make_scorers(cfg, device, reward_fn=reward_fn, eval_fn=eval_fn)
+    prompts = tokenize_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
+    evaluate = None
+    if cfg.eval_prompts:
+        eval_prompts = tokenize_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length)
+        eval_prompts = eval_prompts.select(range(min(cfg.eval_samples, len(eval_prompts))))
+        evaluate = policy_evaluator(cfg, models.ref, tokenizer, eval_prompts, scorer=scorer, ops=ops)
+    modules, optimizers, schedulers = make_optimizers(models, cfg)
 
     start_step, kl_coef, summary = 0, cfg.kl_coef, {}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, modules=modules, optimizers=optimizers, schedulers=schedulers)
+    state = resume_state(out, cfg.resume, modules=modules, optimizers=optimizers, schedulers=schedulers)
+    if state is not None:
         start_step, kl_coef, summary = state["step"], state["kl_coef"], state["summary"]
-    elif eval_prompts is not None:
-        summary["before"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+    elif evaluate is not None:
+        summary["before"] = evaluate(models.policy)
 
     loss_cfg = PolicyLossConfig(temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 dual_clip=cfg.dual_clip, agg=cfg.agg, entropy_coef=cfg.entropy_coef,
@@ -284,133 +381,34 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     logger = MetricsLogger(out, enabled=distributed.is_main())
     reset_peak_memory(device)
     tokens_total, seconds_total, update_seconds = 0, 0.0, 0.0
-    n_prompts, G = len(prompts), cfg.samples_per_prompt
     for step in progress(range(start_step, cfg.steps), desc="ppo", total=cfg.steps - start_step):
         t0 = time.perf_counter()
-        # ---- rollout: this process's share of the step's prompts, each repeated samples_per_prompt times
-        pick = step_prompts(n_prompts, cfg.prompts_per_step, seed=cfg.seed, step=step)
-        slots = distributed.shard(list(range(cfg.prompts_per_step)), cfg.prompts_per_step)
-        rows = prompts.select([pick[s] for s in slots for _ in range(G)])
-        prompt_ids, prompt_mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
-        P = distributed.global_max(prompt_ids.shape[1])  # one prompt width on every process
-        prompt_ids = F.pad(prompt_ids, (P - prompt_ids.shape[1], 0), value=tokenizer.pad_token_id)
-        prompt_mask = F.pad(prompt_mask, (P - prompt_mask.shape[1], 0), value=0)
-        seeds = row_seeds(cfg.seed, step, [s * G + j for s in slots for j in range(G)])
-        with autocast_context(device, cfg.precision):
-            ro = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), rows["prompt"],
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds,
-                          synced=synced)  # fmt: skip
-        scores = reward(ro)
-        if cfg.missing_eos_penalty:
-            scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
-
-        # ---- log-probs of the sampling policy and of the reference, values: constants for the update
-        local_mask = ro.response_mask
-        with torch.no_grad(), autocast_context(device, cfg.precision):
-            old_logp, _ = ops.response_logprobs(policy, ro.input_ids, ro.attention_mask, local_mask,
-                                                temperature=cfg.temperature)  # fmt: skip
-            ref_logp, _ = ops.response_logprobs(ref, ro.input_ids, ro.attention_mask, local_mask,
-                                                temperature=cfg.temperature)  # fmt: skip
-            values = _values(critic, ro.input_ids, ro.attention_mask, local_mask.shape[1]) if critic else None
-
-        # ---- the step's whole batch on every process: responses right-padded to the longest of all
-        R = distributed.global_max(local_mask.shape[1])
-        input_ids = distributed.gather_rows(ro.input_ids, length=P + R, value=tokenizer.pad_token_id)
-        attention_mask = distributed.gather_rows(ro.attention_mask, length=P + R)
-        mask = distributed.gather_rows(local_mask, length=R)
-        old_logp = distributed.gather_rows(old_logp * local_mask, length=R)
-        ref_logp = distributed.gather_rows(ref_logp * local_mask, length=R)
-        values = distributed.gather_rows(values * local_mask, length=R) if critic else None
-        scores = distributed.gather_rows(scores)
-        finished = distributed.gather_rows(ro.finished.float())
-        B = mask.shape[0]
-        k1 = (old_logp - ref_logp) * mask  # per-token KL(pi || pi_ref) sample, for rewards and logging
-        kl_per_seq = k1.sum(1)
-
-        # ---- rewards and advantages
-        if cfg.advantage == "gae":
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            rewards = torch.zeros_like(mask)
-            rewards[torch.arange(B, device=device), last] = scores
-            if cfg.kl_mode == "reward":
-                rewards = rewards - loss_cfg.kl_coef * k1
-            advantages, returns = ops.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = rf.masked_whiten(advantages, mask)
-        else:
-            seq_reward = scores - loss_cfg.kl_coef * kl_per_seq if cfg.kl_mode == "reward" else scores
-            advantages, returns = sequence_advantages(seq_reward, cfg), None
-            if cfg.whiten_advantages:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-        # ---- minibatch epochs: each process a 1/world share of every minibatch, in grad_accum micro-batches
+        batch = collect_rollout(step, prompts, tokenizer, models, reward, ops, cfg, device)
+        mask = batch["response_mask"]
+        k1 = (batch["old_logp"] - batch["ref_logp"]) * mask  # per-token KL(pi || pi_ref) sample
+        advantages, returns = advantages_and_returns(batch, k1, loss_cfg.kl_coef, ops, cfg)
         t_update = time.perf_counter()
-        data = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": mask,
-                "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages}  # fmt: skip
-        if critic is not None:
-            data |= {"old_values": values, "returns": returns}
-        stats: dict[str, list[float]] = {}
-        share = cfg.minibatch_size // world
-        micro = share // cfg.grad_accum
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.Generator().manual_seed(cfg.seed * 100003 + step * 1009 + epoch)
-            perm = torch.randperm(B, generator=order).tolist()
-            for mb_start in range(0, B, cfg.minibatch_size):
-                minibatch = perm[mb_start : mb_start + cfg.minibatch_size]
-                mb_mask = mask[minibatch]
-                mine = minibatch[distributed.rank() * share : (distributed.rank() + 1) * share]
-                sums: dict[str, float] = {}
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                for mu_start in range(0, share, micro):
-                    idx = torch.tensor(mine[mu_start : mu_start + micro], device=device)
-                    mb = {k: v[idx] for k, v in data.items()}
-                    weight = micro_weight(mb["response_mask"], mb_mask, cfg.agg)  # of the loss
-                    token_share = float(mb["response_mask"].sum() / mb_mask.sum().clamp(min=1))  # of the metrics
-                    with autocast_context(device, cfg.precision):
-                        pg_loss, metrics = ops.policy_loss(train_policy, mb, loss_cfg, ref_model=ref)
-                        loss = pg_loss
-                        if critic is not None:
-                            v = train_critic(mb["input_ids"], mb["attention_mask"])[:, -R - 1 : -1]
-                            v_loss = ops.value_loss(v, mb["old_values"], mb["returns"], mb["response_mask"],
-                                                    clip=cfg.value_clip, agg=cfg.agg)  # fmt: skip
-                            loss = loss + v_loss
-                    # DDP averages over the processes: times world, the sum of the weighted losses
-                    (loss * (weight * world)).backward()
-                    sums["policy_loss"] = sums.get("policy_loss", 0.0) + weight * float(pg_loss.detach())
-                    if critic is not None:
-                        sums["value_loss"] = sums.get("value_loss", 0.0) + weight * float(v_loss.detach())
-                    for k, val in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + token_share * float(val)
-                totals = distributed.global_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
-                for k, val in zip(sorted(sums), totals.tolist()):
-                    stats.setdefault(k, []).append(val)
-                grad_norm = distributed.clip_grad_norm(policy.parameters(), cfg.max_grad_norm)
-                stats.setdefault("grad_norm", []).append(grad_norm)
-                if critic is not None:
-                    distributed.clip_grad_norm(critic.parameters(), cfg.max_grad_norm)
-                for opt, sched in zip(optimizers.values(), schedulers.values()):
-                    opt.step()
-                    sched.step()
+        stats = ppo_epochs(batch, advantages, returns, step, models, optimizers, schedulers, ops, loss_cfg, cfg,
+                           device)  # fmt: skip
 
         # ---- KL coefficient, bookkeeping, logging
         seconds = time.perf_counter() - t0
         tokens = int(mask.sum())
         tokens_total, seconds_total = tokens_total + tokens, seconds_total + seconds
         update_seconds += seconds - (t_update - t0)
-        mean_kl = float(kl_per_seq.mean())
+        mean_kl = float(k1.sum(1).mean())
         kl_coef_used = loss_cfg.kl_coef
         loss_cfg = PolicyLossConfig(**{**loss_cfg.__dict__, "kl_coef": kl_controller_update(
-            kl_coef_used, mean_kl, cfg, B)})  # fmt: skip
+            kl_coef_used, mean_kl, cfg, mask.shape[0])})  # fmt: skip
         record = {k: sum(v) / len(v) for k, v in stats.items()}
-        record |= {"score": float(scores.mean()), "kl": mean_kl, "kl_coef": kl_coef_used,
+        record |= {"score": float(batch["scores"].mean()), "kl": mean_kl, "kl_coef": kl_coef_used,
                    "lr": schedulers["policy"].get_last_lr()[0],
-                   "response_length": float(mask.sum(1).mean()), "finished": float(finished.mean()),
+                   "response_length": float(mask.sum(1).mean()), "finished": float(batch["finished"].mean()),
                    "tokens_per_s": tokens / seconds, "rollout_s": t_update - t0,
                    "update_s": seconds - (t_update - t0)}  # fmt: skip
-        if critic is not None:
+        if models.critic is not None:
             on = mask > 0
-            residual = (returns - values)[on]
+            residual = (returns - batch["values"])[on]
             record["explained_variance"] = float(1 - residual.var() / returns[on].var().clamp(min=1e-8))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logger.log(step + 1, record)
@@ -426,12 +424,12 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     summary["update_tokens_per_s"] = tokens_total / update_seconds if update_seconds else None
     summary["peak_memory_mib"] = peak_memory_mib(device)
     summary["ops"] = cfg.ops
-    summary["world_size"] = world
+    summary["world_size"] = distributed.world_size()
     summary["final_kl_coef"] = loss_cfg.kl_coef
-    if eval_prompts is not None:
-        summary["after"] = evaluate(policy, ref, tokenizer, eval_prompts, scorer=scorer, cfg=cfg, ops=ops)
+    if evaluate is not None:
+        summary["after"] = evaluate(models.policy)
     summary["extra"] = cfg.extra
-    if critic is not None:
-        save_pretrained(critic, out / "critic")
-    finish_run(out, policy, tokenizer, summary, title=f"PPO ({cfg.ops} ops)")
+    if models.critic is not None:
+        save_pretrained(models.critic, out / "critic")
+    finish_run(out, models.policy, tokenizer, summary, title=f"PPO ({cfg.ops} ops)")
     return summary

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .common import autocast_context, progress
+from .checkpoint import maybe_save
 from .data import collate_preferences, tokenize_preferences
 from .errors import UserError
-from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
-                   plan_steps, start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, finish_run, micro_batches, optimizer_step, plan_steps,
+                   start_run)  # fmt: skip
+from .metrics import progress
 from .models import build_reward_model, load_tokenizer, reward_scores
-from .runtime import peak_memory_mib
+from .runtime import autocast_context, peak_memory_mib
 
 
 @dataclass
@@ -90,7 +91,7 @@ def train(cfg: Config) -> dict:
     logger.close()
 
     summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
-               "pairs_per_s": pairs / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
+               "pairs_per_s": pairs / seconds if seconds > 0 else None, "peak_memory_mib": peak_memory_mib(device),
                "ops": cfg.ops}  # fmt: skip
     if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
         ev = ev if ev is not None else evaluate(model, eval_data, tokenizer, device, cfg.precision,

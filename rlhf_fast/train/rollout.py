@@ -10,8 +10,8 @@ The draws are Gumbel-max: token ``argmax_v(logits_v / T + g_v)`` with ``g_v`` st
 an exact sample of ``softmax(logits / T)``. The noise is a counter-based hash of ``(row seed, position, v)``,
 not a draw from a stateful RNG, so a row's response depends only on its seed and its prompt: not on the other
 rows of the batch, the batch size or the number of processes. A PPO run on 2 processes samples the same
-responses as on one, and a resumed run the same as an uninterrupted one. On CUDA one Triton kernel
-(``rlhf_fast.kernels.sampling``) hashes, perturbs and takes the argmax in a single read of the logits.
+responses as on one, and a resumed run the same as an uninterrupted one. The draw itself is the public op
+``rf.sample_tokens`` (rlhf_fast/sampling.py; one Triton kernel on CUDA).
 """
 
 import importlib
@@ -22,8 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+import rlhf_fast as rf
+
+from ..sampling import _GOLDEN, _int64, _mix64, sample_tokens
+from . import distributed
+from .data import collate_prompts
 from .errors import UserError
-from .models import reward_scores
+from .models import build_reward_model, reward_scores
+from .runtime import autocast_context
 
 
 @dataclass
@@ -78,65 +84,12 @@ def _import_with_cwd(module_name: str):
             sys.path.remove(cwd)
 
 
-# splitmix64 (Steele et al. 2014) in int64 arithmetic: multiplications wrap modulo 2**64 and ``>>`` is
-# arithmetic, so each logical shift masks off the copied sign bits.
-_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
-_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
-_MIX2 = 0x94D049BB133111EB - 2**64
-
-
-def _int64(x: int) -> int:
-    """A Python int wrapped into int64's range (two's complement), as the tensor arithmetic wraps."""
-    return (x + 2**63) % 2**64 - 2**63
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    z = (z ^ ((z >> 30) & (2**34 - 1))) * _MIX1
-    z = (z ^ ((z >> 27) & (2**37 - 1))) * _MIX2
-    return z ^ ((z >> 31) & (2**33 - 1))
-
-
 def row_seeds(seed: int, stream: int, rows: torch.Tensor | list[int]) -> torch.Tensor:
     """``[B]`` int64 sampling seeds of rows ``rows`` (global indices) of stream ``stream`` (a PPO step, a
     best-of-n round, an evaluation) of a run seeded with ``seed``."""
     rows = torch.as_tensor(rows, dtype=torch.int64)
     base = _mix64(torch.tensor([_int64(seed * 1_000_003 + stream)], dtype=torch.int64))
     return _mix64(base + (rows + 1) * _GOLDEN)
-
-
-def position_keys(seeds: torch.Tensor, position: int) -> torch.Tensor:
-    """``[B]`` int64 keys of response position ``position`` of rows seeded with ``seeds``."""
-    return _mix64(seeds.to(torch.int64) + _int64((position + 1) * _MIX1))
-
-
-def gumbel_noise(seeds: torch.Tensor, position: int, vocab_size: int, *, chunk: int = 1 << 22) -> torch.Tensor:
-    """``[B, V]`` float32 standard Gumbel noise, a pure function of ``(seeds[b], position, v)``."""
-    rows = position_keys(seeds, position)
-    out = torch.empty(rows.shape[0], vocab_size, dtype=torch.float32, device=seeds.device)
-    step = max(1, chunk // max(vocab_size, 1))  # bounds the int64 temporaries to ~chunk elements
-    vocab = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN
-    for start in range(0, rows.shape[0], step):
-        z = _mix64(rows[start : start + step, None] + vocab)
-        # the top 24 bits, centred in their interval: a float32-exact uniform in (0, 1)
-        u = (((z >> 40) & (2**24 - 1)).to(torch.float32) + 0.5) * 2.0**-24
-        out[start : start + step] = -torch.log(-torch.log(u))
-    return out
-
-
-def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, position: int, temperature: float = 1.0, *,
-                  impl: str = "auto") -> torch.Tensor:  # fmt: skip
-    """``[B]`` tokens drawn from ``softmax(logits / temperature)`` (``logits [B, V]``) by Gumbel-max with the
-    noise of ``gumbel_noise``: ``impl="triton"`` (``auto`` on CUDA) in one pass over the logits
-    (``rlhf_fast.kernels.sampling``), ``"torch"`` with ``gumbel_noise``. Both hash the same integers; their
-    ``log``s may differ in the last bit, which decides only between near-exact ties."""
-    from .._dispatch import resolve
-
-    if resolve(impl, logits.device) == "triton":
-        from ..kernels.sampling import gumbel_argmax
-
-        return gumbel_argmax(logits, position_keys(seeds.to(logits.device), position), temperature)
-    noise = gumbel_noise(seeds.to(logits.device), position, logits.shape[-1])
-    return (logits.float() / temperature + noise).argmax(-1)
 
 
 class GumbelSampler:
@@ -223,3 +176,68 @@ def mean_and_stderr(values) -> tuple[float, float]:
     n = x.numel()
     se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
     return float(x.mean()), se
+
+
+def make_scorers(cfg, device, *, reward_fn=None, eval_fn=None):
+    """``(reward, scorer)``, each ``rollout -> [B] float32 scores``. ``reward``: the frozen reward model
+    ``cfg.reward_model`` (under ``cfg.precision``'s autocast; sharded with the others under FSDP), or the
+    function ``reward_fn`` / ``cfg.reward_fn``. ``scorer``, the evaluation's: ``eval_fn`` / ``cfg.eval_fn``
+    (an oracle), or the reward."""
+    if cfg.reward_model is not None:
+        reward_model = build_reward_model(cfg.reward_model, dtype="fp32", device=device).eval().requires_grad_(False)
+        reward_model = distributed.shard_frozen(reward_model, cfg.parallel)
+
+        def reward(ro: Rollout) -> torch.Tensor:
+            with autocast_context(device, cfg.precision):
+                return score(ro, reward_model=reward_model)
+    else:
+        reward_function = reward_fn or load_function(cfg.reward_fn)
+
+        def reward(ro: Rollout) -> torch.Tensor:
+            return score(ro, reward_fn=reward_function)
+
+    eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
+    scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
+    return reward, scorer
+
+
+EVAL_STREAM = -1  # the sampling stream of evaluations (steps and rounds are 0, 1, ...): before and after share draws
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, tokenizer, prompt_data, *, scorer, ops, seed: int, batch_size: int,
+                    max_new_tokens: int, temperature: float, precision: str) -> dict:  # fmt: skip
+    """Mean score (± standard error) of one sample per held-out prompt (``scorer``), and the exact KL to the
+    reference ``ref`` per response (``rf.full_kl`` summed over the response's tokens), ``batch_size`` prompts
+    at a time. Under torchrun each process takes a share of the prompts; every row's draws are keyed by
+    ``(seed, EVAL_STREAM, row)``, so the result does not depend on the number of processes, and the
+    evaluations before and after training share them."""
+    scores, kls = [], []
+    device = next(policy.parameters()).device
+    n = len(prompt_data)
+    mine = distributed.local_rows(n)
+    for start in range(mine.start, mine.stop, batch_size):
+        index = list(range(start, min(start + batch_size, mine.stop)))
+        rows = prompt_data.select([i % n for i in index])
+        ids, mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
+        ro = generate(policy, tokenizer, ids.to(device), mask.to(device), rows["prompt"],
+                      max_new_tokens=max_new_tokens, temperature=temperature,
+                      seeds=row_seeds(seed, EVAL_STREAM, index), synced=distributed.is_sharded(policy))  # fmt: skip
+        scores += scorer(ro).tolist()
+        R = ro.response_mask.shape[1]
+        with autocast_context(device, precision):
+            logits = ops.response_logits(policy, ro.input_ids, ro.attention_mask, R)
+            ref_logits = ops.response_logits(ref, ro.input_ids, ro.attention_mask, R)
+        kl = rf.full_kl(logits.float(), ref_logits.float(), temperature=temperature)
+        kls += (kl * ro.response_mask).sum(1).tolist()
+    scores, kls = distributed.gather_objects(scores, n), distributed.gather_objects(kls, n)
+    mean, se = mean_and_stderr(scores)
+    return {"score": mean, "score_stderr": se, "kl_to_ref": float(torch.tensor(kls).mean()), "n": len(scores)}
+
+
+def policy_evaluator(cfg, ref, tokenizer, prompt_data, *, scorer, ops):
+    """``evaluate(policy) -> dict``: ``evaluate_policy`` with a trainer's sampling options (``cfg.seed``,
+    ``cfg.prompts_per_step`` prompts a batch, ``cfg.max_new_tokens``, ``cfg.temperature``, ``cfg.precision``)."""
+    return lambda policy: evaluate_policy(policy, ref, tokenizer, prompt_data, scorer=scorer, ops=ops, seed=cfg.seed,
+                                          batch_size=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.temperature, precision=cfg.precision)  # fmt: skip

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .common import autocast_context, progress
+from .checkpoint import maybe_save
 from .data import collate_sft, tokenize_sft
 from .errors import UserError
-from .loop import (SupervisedConfig, begin_training, finish_run, maybe_save, micro_batches, optimizer_step,
-                   plan_steps, start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, finish_run, micro_batches, optimizer_step, plan_steps,
+                   start_run)  # fmt: skip
+from .metrics import progress
 from .models import load_causal_lm, load_tokenizer
-from .runtime import peak_memory_mib
+from .runtime import autocast_context, peak_memory_mib
 
 
 @dataclass
@@ -85,7 +86,7 @@ def train(cfg: Config) -> dict:
     logger.close()
 
     summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
-               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory": peak_memory_mib(device),
+               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory_mib": peak_memory_mib(device),
                "ops": cfg.ops}  # fmt: skip
     if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
         done = steps > start and "eval_loss" in record

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhf_fast import task
+from rlhf_fast.demo import task
 
 
 # ----------------------------------------------------------------------------------------------------

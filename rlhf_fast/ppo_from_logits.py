@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from . import _agg, _amp, _checks, _policy
-from ._dispatch import dispatch, register
+from ._dispatch import resolve
 from ._policy import PolicyOptions
-from ._rowsoftmax import as_btv
+from ._softmax_torch import as_btv
 from .logprobs import LogprobsOptions, _Logprobs
-from .ppo import KL_ESTIMATORS, kl_penalty, masked_mean, ppo_policy_loss
+from .rl_losses import KL_ESTIMATORS, kl_penalty, masked_mean, ppo_policy_loss
 
 
 @dataclass(frozen=True)
@@ -74,19 +74,20 @@ class _PPOTriton(torch.autograd.Function):
         from .kernels.ppo import ppo_forward
 
         x = as_btv(logits)
-        flat = [None if t is None else t.reshape(-1).float().contiguous()
-                for t in (old_logp, advantages, weights, ref_logp, rollout_w)]  # fmt: skip
+        old_logp_f, advantages_f, weights_f, ref_logp_f, rollout_w_f = (
+            None if t is None else t.reshape(-1).float().contiguous() for t in (old_logp, advantages, weights, ref_logp, rollout_w)
+        )  # fmt: skip
         labels = labels.reshape(-1).contiguous()
         pol = opts.policy
         logp, entropy, row_max, log_norm, token_loss, dloss_dlogp = ppo_forward(
-            x, labels, *flat[:4], temperature=opts.temperature, ignore_index=opts.ignore_index,
+            x, labels, old_logp_f, advantages_f, weights_f, ref_logp_f, temperature=opts.temperature, ignore_index=opts.ignore_index,
             clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip, kl_coef=opts.kl_coef,
-            kl_estimator=opts.kl_estimator, entropy_coef=opts.entropy_coef, rollout_w=flat[4],
+            kl_estimator=opts.kl_estimator, entropy_coef=opts.entropy_coef, rollout_w=rollout_w_f,
             loss_mode=pol.loss_mode, delta=pol.delta, tau_pos=pol.sapo_tau_pos, tau_neg=pol.sapo_tau_neg,
             kl_bias=opts.kl_bias_correction,
         )  # fmt: skip
-        loss = (flat[2] * token_loss).sum()
-        ctx.save_for_backward(x, labels, row_max, log_norm, entropy, flat[2], dloss_dlogp)
+        loss = (weights_f * token_loss).sum()
+        ctx.save_for_backward(x, labels, row_max, log_norm, entropy, weights_f, dloss_dlogp)
         ctx.opts, ctx.logits_shape = opts, logits.shape
         ctx.mark_non_differentiable(logp, entropy)
         return loss, logp.view(old_logp.shape), entropy.view(old_logp.shape)
@@ -125,18 +126,11 @@ def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollou
     return loss, logp.detach(), entropy.detach()
 
 
-@register("ppo_loss_from_logits", "triton")
-def _ppo_triton(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts):
-    if not opts.fused_kernel:
-        return _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, "triton")
-    loss, logp, entropy = _PPOTriton.apply(logits, labels, old_logp, advantages, weights.reshape(-1), ref_logp,
-                                           rollout_w, opts)  # fmt: skip
-    return loss, logp, entropy
-
-
-@register("ppo_loss_from_logits", "torch")
-def _ppo_torch(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts):
-    return _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, "torch")
+def _policy_step(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl: str):
+    """``(loss, logp, entropy)``: the fused Triton kernel for the token-level modes, else the composition."""
+    if impl == "triton" and opts.fused_kernel:
+        return _PPOTriton.apply(logits, labels, old_logp, advantages, weights.reshape(-1), ref_logp, rollout_w, opts)
+    return _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl)
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -322,7 +316,8 @@ def ppo_loss_from_logits(
     if B * T == 0:
         raise ValueError(f"logits has no tokens (shape {tuple(logits.shape)}): the loss and its metrics are "
                          "means over the batch's tokens")  # fmt: skip
-    fn = dispatch("ppo_loss_from_logits", impl, logits.device)
+    impl = resolve(impl, logits.device)
     _checks.check_labels_in_range(labels, V, p.opts.ignore_index)
-    loss, logp, entropy = fn(logits, labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w, p.opts)
+    loss, logp, entropy = _policy_step(logits, labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w,
+                                       p.opts, impl)  # fmt: skip
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, logits.device)

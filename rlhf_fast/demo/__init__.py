@@ -1,6 +1,6 @@
 """``rlhf-fast demo``: the whole RLHF pipeline from nothing, on a CPU, in minutes.
 
-1. Data: the built-in synthetic task (``rlhf_fast.task``: repeat a word of 4-6 letters), with a sloppy
+1. Data: the built-in synthetic task (``rlhf_fast.demo.task``: repeat a word of 4-6 letters), with a sloppy
    demonstrator for SFT and Bradley-Terry-noisy preference labels drawn from a programmatic oracle that
    plays the human labeler.
 2. A word-level tokenizer and a small ``LlamaForCausalLM`` built from a ``transformers`` config (no download).
@@ -10,7 +10,7 @@
 4. The oracle scores one sampled completion per held-out prompt before PPO (the SFT policy) and after;
    ``<out>/summary.json`` holds the numbers, each stage's ``curves.png`` its training curves.
 
-    rlhf-fast demo                                  # defaults: rlhf_fast.task.DemoDefaults
+    rlhf-fast demo                                  # defaults: rlhf_fast.demo.task.DemoDefaults
     rlhf-fast demo out_dir=runs/demo ppo_steps=50 compare_ops=true
 
 ``compare_ops=true`` runs the PPO stage a second time with ``ops="reference"`` (plain PyTorch, the model's
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from . import task
-from .train import ppo, reward, sft
-from .train.models import build_causal_lm
-from .train.runtime import write_json
+from ..train import ppo, reward, sft
+from ..train.models import build_causal_lm
+from ..train.metrics import write_json
 
 _D = task.DemoDefaults()
 
@@ -74,7 +74,7 @@ class Config:
 def _ppo_config(cfg: Config, out: Path, paths: dict, ops: str) -> ppo.Config:
     return ppo.Config(
         policy=str(out / "sft" / "model"), reward_model=str(out / "rm" / "model"), prompts=paths["prompts"],
-        eval_prompts=paths["eval_prompts"], eval_fn="rlhf_fast.task:reward_fn", out_dir=str(out / f"ppo-{ops}"),
+        eval_prompts=paths["eval_prompts"], eval_fn="rlhf_fast.demo.task:reward_fn", out_dir=str(out / f"ppo-{ops}"),
         ops=ops, steps=cfg.ppo_steps, prompts_per_step=cfg.ppo_prompts_per_step,
         samples_per_prompt=cfg.ppo_samples_per_prompt, advantage=cfg.advantage, clip_low=_D.cliprange,
         minibatch_size=cfg.ppo_prompts_per_step * cfg.ppo_samples_per_prompt // cfg.ppo_minibatches,
@@ -127,7 +127,7 @@ def run(cfg: Config) -> dict:
     if cfg.compare_ops:
         other = "reference" if cfg.ops == "fused" else "fused"
         other_summary = ppo.train(_ppo_config(cfg, out, paths, other))
-        compare = {ops: {"tokens_per_s": s["tokens_per_s"], "peak_memory": s["peak_memory_mib"],
+        compare = {ops: {"tokens_per_s": s["tokens_per_s"], "peak_memory_mib": s["peak_memory_mib"],
                          "oracle_score_after": s["after"]["score"]}
                    for ops, s in ((cfg.ops, ppo_summary), (other, other_summary))}  # fmt: skip
 
@@ -142,7 +142,7 @@ def run(cfg: Config) -> dict:
                 "oracle_score_before_stderr": before["score_stderr"],
                 "oracle_score_after_stderr": after["score_stderr"], "gain_in_stderr": gain_in_se,
                 "eval_prompts": after["n"], "kl_to_ref": after["kl_to_ref"], "tokens_per_s": ppo_summary["tokens_per_s"],
-                "peak_memory": ppo_summary["peak_memory_mib"], "ops": cfg.ops},
+                "peak_memory_mib": ppo_summary["peak_memory_mib"], "ops": cfg.ops},
         "ops_comparison": compare,
         "model_parameters": n_params,
         "demonstrator_score": task.DEMONSTRATOR_MEAN,
@@ -168,7 +168,7 @@ def format_table(s: dict) -> str:
     ]  # fmt: skip
     for ops, c in s["ops_comparison"].items():
         rows.append((f"PPO with {ops} ops", f"{c['tokens_per_s']:.0f} tokens/s, peak "
-                                            f"{c['peak_memory']['peak_mib']:.0f} MiB"))  # fmt: skip
+                                            f"{c['peak_memory_mib']['peak_mib']:.0f} MiB"))  # fmt: skip
     rows.append(("wall time", f"{s['seconds']['total_s']:.0f} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,14 +1,11 @@
-"""What every trainer needs around its loop: seeds, the device, autocast and attention choice, metrics
-(JSONL, TensorBoard when installed), plots of them, and progress bars."""
+"""What a trainer records: metrics (JSONL, TensorBoard when installed), plots of them, progress bars and
+atomic JSON summaries. (Seeds, the device, autocast and memory: runtime.py.)"""
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import math
 import os
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Number
 from pathlib import Path
@@ -17,71 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = [
-    "MetricsLogger",
-    "autocast_context",
-    "pick_attn_implementation",
-    "plot_metrics",
-    "progress",
-    "read_metrics",
-    "resolve_device",
-    "seed_everything",
-]
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # NumPy's legacy seeding takes 32 bits only
-    torch.manual_seed(seed)  # also seeds all CUDA devices
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is CUDA when there is a GPU, else the CPU; any other name is checked and returned."""
-    if isinstance(name, torch.device):
-        device = name
-    elif name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(name)
-        except RuntimeError as e:
-            raise ValueError(f"device {name!r} is not a device name (use 'auto', 'cpu', 'cuda', 'cuda:1')") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but this torch sees no CUDA device")
-    return device
-
-
-def autocast_context(device: str | torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
-    """The mixed precision of a trainer's forward passes and losses:
-
-    - ``"bf16"``: ``torch.autocast(device.type, torch.bfloat16)`` on any device, the CPU included, so that a
-      CPU run (CI) takes the code path a GPU run takes. The weights, their gradients and the optimizer state
-      stay float32; matmuls and linear layers run in bf16 with float32 accumulation; rlhf_fast's ops keep
-      logits statistics (log-sum-exp, log-probs, entropy) and losses in float32.
-    - ``"fp32"``: a context that does nothing: everything in float32.
-    - ``"auto"``: ``"bf16"`` on CUDA, ``"fp32"`` elsewhere (CPU bf16 autocast is slower than float32 there).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def pick_attn_implementation(device: str | torch.device) -> str:
-    """``"flash_attention_2"`` on CUDA when ``flash_attn`` is installed (it needs bf16/fp16 weights),
-    else ``"sdpa"`` (torch's fused attention), or ``"eager"`` where torch has no SDPA."""
-    device = torch.device(device)
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    if hasattr(torch.nn.functional, "scaled_dot_product_attention"):
-        return "sdpa"
-    return "eager"
-
+__all__ = ["MetricsLogger", "plot_metrics", "progress", "read_metrics", "write_json"]
 
 def _scalar(name: str, value: Any) -> float | int:
     if isinstance(value, torch.Tensor):
@@ -225,3 +158,14 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
     disable = True if os.environ.get("RLHF_FAST_NO_PROGRESS", "") not in ("", "0") else None
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
+
+
+def write_json(path, data) -> None:
+    """Write ``data`` as indented JSON atomically (a temporary file renamed over ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
