@@ -252,10 +252,12 @@ def summarize(results: list[dict]) -> list[str]:
         line = f"{where}: rlhf_fast {r['median_ms']:.0f} ms, {r['peak_extra_mib']:.0f} MiB"
         naive = ok.get((shape, "naive"))
         if naive is not None:
-            m = r["peak_extra_mib"] / naive["peak_extra_mib"]
+            # a tiny shape can measure 0 MiB of peak RSS growth (pages the heap already had): no memory ratio then
+            m = r["peak_extra_mib"] / naive["peak_extra_mib"] if naive["peak_extra_mib"] > 0 else None
             line += (f"; naive {naive['median_ms']:.0f} ms, {naive['peak_extra_mib']:.0f} MiB: "
-                     f"{r['median_ms'] / naive['median_ms']:.2f}x its time, {m:.2f}x its peak extra memory")  # fmt: skip
-            if bar:
+                     f"{r['median_ms'] / naive['median_ms']:.2f}x its time"
+                     + ("" if m is None else f", {m:.2f}x its peak extra memory"))  # fmt: skip
+            if bar and m is not None:
                 verdict = "meets" if m <= _CPU_MAX_MEM_VS_NAIVE else "does NOT meet"
                 line += f" ({verdict} the CPU bar <= {_CPU_MAX_MEM_VS_NAIVE}x)"
         lines.append(line)
