@@ -30,9 +30,9 @@ import torch
 
 from . import _amp, _checks, _policy
 from ._dispatch import resolve
-from ._fused_chunk import chunk_grad, chunk_rows, chunk_stats
+from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
-from .linear_logprobs import LinearLogprobsOptions, _chunk_buffer, _LinearLogprobs
+from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs
 from .ppo_from_logits import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
 
 # float32 [rows, V] temporaries a chunk holds at once: the logits and dlogits (as rf.linear_logprobs)
@@ -81,8 +81,8 @@ class _LinearPPOFused(torch.autograd.Function):
         entropy = torch.empty_like(logp)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = chunk_rows(V, _CHUNK_TEMPORARIES)
-        z_buf = _chunk_buffer(step, N, V, hidden.device)  # reused by every chunk (see linear_logprobs.py)
-        g_buf = _chunk_buffer(step, N, V, hidden.device) if grads is not None and impl != "triton" else None
+        z_buf = chunk_buffer(step, N, V, hidden.device)  # reused by every chunk (see chunk_buffer)
+        g_buf = chunk_buffer(step, N, V, hidden.device) if grads is not None and impl != "triton" else None
         for r in range(0, N, step):
             rows = slice(r, r + step)
             z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf)
