@@ -127,7 +127,7 @@ def _bench(name: str | None, extra: Sequence[str]) -> int:
     if not names:
         raise CLIError(f"no benchmarks found: {BENCH_PACKAGE} is missing from this installation of rlhf_fast")
     if name is None:
-        print(f"benchmarks (rlhf-fast bench NAME [--help]); results go to benchmarks/results/<device>/ "
+        print("benchmarks (rlhf-fast bench NAME [--help]); results go to benchmarks/results/<device>/ "
               "under the current directory:")
         for n in names:
             print(f"  {n}" + ("   (the GPU suite: environment, correctness, ops, trainer, summary)"

@@ -244,7 +244,7 @@ def test_cli_bug_keeps_its_traceback(files, tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(sft, "plan_steps", bug)
+    monkeypatch.setattr(sft, "load_data", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["train", "sft", f"model={files['init']}", f"data={files['sft']}", f"out_dir={tmp_path / 'o'}",
               "device=cpu"])  # fmt: skip

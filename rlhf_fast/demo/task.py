@@ -386,24 +386,13 @@ def build_tokenizer():
     tokens with spaces. It carries a ``chat_template`` with ``<|system|>``/``<|user|>``/``<|assistant|>``
     role tokens, and round-trips through ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import decoders, pre_tokenizers
+
+    from ..train.models import word_level_tokenizer
 
     vocab = {w: i for i, w in enumerate(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        additional_special_tokens=list(ROLE_TOKENS.values()),
-        padding_side="left",  # generation appends to the right; trainers may switch for training
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return word_level_tokenizer(vocab, pre_tokenizers.WhitespaceSplit(),
+                                decoders.WordPiece(prefix="##", cleanup=False),  # joins words with single spaces
+                                bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                additional_special_tokens=list(ROLE_TOKENS.values()), chat_template=CHAT_TEMPLATE,
+                                padding_side="left")  # generation appends to the right; trainers may switch  # fmt: skip

@@ -25,14 +25,13 @@ result on any number of processes.
 
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from . import distributed
 from .checkpoint import maybe_save, resume_state
 from .data import IGNORE_INDEX, collate_prompts, collate_sft, tokenize_prompts
-from .loop import finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
+from .loop import RunConfig, finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
 from .metrics import MetricsLogger, progress
 from .models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .rollout import generate, make_scorers, policy_evaluator, row_seeds
@@ -40,7 +39,7 @@ from .runtime import autocast_context, peak_memory_mib, reset_peak_memory
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     # models and data
     policy: str = ""  # causal LM to improve (a local dir or hub name), usually the SFT model
     reward_model: str | None = None  # a scalar-output sequence classifier (rlhf-fast train rm)
@@ -49,8 +48,6 @@ class Config:
     eval_prompts: str | None = None  # held-out prompts, scored before the first round and after the last
     eval_fn: str | None = None  # "module:function" for evaluation (e.g. an oracle); None: the reward
     out_dir: str = "runs/best_of_n"
-    ops: Literal["fused", "reference"] = "fused"
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
     # sampling and selection
     rounds: int = 1  # sample -> select -> fine-tune cycles
     prompts_per_round: int = 0  # 0: every prompt each round; else the next slice of a seeded permutation
@@ -62,21 +59,9 @@ class Config:
     # fine-tuning on the kept completions (each round)
     epochs: int = 1
     batch_size: int = 32  # sequences per optimizer step
-    grad_accum: int = 1
-    lr: float = 1e-5
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # counted over all rounds: the optimizer and its schedule carry over
-    max_grad_norm: float = 1.0
-    # evaluation, checkpoints, runtime
+    # evaluation (checkpoints, resume, seed, device: RunConfig; save_every counts rounds here)
     eval_samples: int = 256
-    save_every: int = 0  # rounds between checkpoints (0: none)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
-    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
     def validate(self) -> None:
         if not self.policy or not self.prompts:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -141,9 +142,22 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 
 def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    """Init fields of a dataclass with their resolved annotations (string annotations included)."""
+    """Init fields of a dataclass with their resolved annotations (string annotations included), in the
+    order of ``_ordered_fields``."""
     hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints.get(f.name, Any)) for f in dataclasses.fields(cls) if f.init}
+    return {f.name: (f, hints.get(f.name, Any)) for f in _ordered_fields(cls) if f.init}
+
+
+def _ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """A config's fields as YAML, ``--print-config`` and ``--help`` list them: the class's own first (in the
+    order written, a redeclared default included), then what it inherits, nearest base first; so every
+    trainer's file starts with its models and data and ends with the shared run options (``RunConfig``).
+    ``dataclasses.fields`` would put the most distant base's fields first."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    order: dict[str, None] = {}
+    for klass in cls.__mro__:
+        order.update((name, None) for name in inspect.get_annotations(klass) if name in by_name)
+    return [by_name[name] for name in order]
 
 
 def _unknown_key(key: str, cls: type, prefix: str) -> ValueError:
@@ -343,7 +357,7 @@ def _plain_copy(data: Mapping) -> dict:
 
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _to_plain(getattr(value, f.name)) for f in _ordered_fields(type(value))}
     if isinstance(value, Mapping):
         return {_to_plain(k): _to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -238,25 +238,26 @@ def tokenize_sft(ds, tokenizer, max_length: int, *, num_proc: int | None = None,
     ``messages`` or ``text`` data; other columns are dropped. ``ds`` is a dataset, or a file, directory or hub
     name for ``load_records``; ``source`` names a dataset in errors and in the warning about rows cut to
     ``max_length`` (a name given as ``ds`` is used by itself)."""
-    ds, source = _records(ds, source)
-    _check_length("max_length", max_length)
-    fmt = detect_format(ds, "sft")
-    out = ds.map(_per_row(lambda row: _sft_row(tokenizer, row, fmt, max_length), fmt, "sft", source),
-                 with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize sft")
-    out = _report_cuts(out, "sft", source, f"max_length={max_length}")
-    return _drop_untrained(out, ["labels"], "sft")
+    return _tokenize_examples(ds, "sft", _sft_row, tokenizer, max_length, num_proc, source, ["labels"])
 
 
 def tokenize_preferences(ds, tokenizer, max_length: int, *, num_proc: int | None = None, source: str | None = None):
     """``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``, ``rejected_labels`` (prompt masked
     with ``-100``) and ``prompt_input_ids``; other columns are dropped."""
+    return _tokenize_examples(ds, "preferences", _preference_row, tokenizer, max_length, num_proc, source,
+                                   ["chosen_labels", "rejected_labels"])  # fmt: skip
+
+
+def _tokenize_examples(ds, kind, make_row, tokenizer, max_length, num_proc, source, labels):
+    """``tokenize_sft`` / ``tokenize_preferences``: each row of ``kind``'s format through ``make_row``, other
+    columns dropped, cut rows reported, rows with a ``labels`` column all -100 (nothing to train on) dropped."""
     ds, source = _records(ds, source)
     _check_length("max_length", max_length)
-    fmt = detect_format(ds, "preferences")
-    out = ds.map(_per_row(lambda row: _preference_row(tokenizer, row, fmt, max_length), fmt, "preferences", source),
-                 with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize preferences")
-    out = _report_cuts(out, "preferences", source, f"max_length={max_length}")
-    return _drop_untrained(out, ["chosen_labels", "rejected_labels"], "preferences")
+    fmt = detect_format(ds, kind)
+    out = ds.map(_per_row(lambda row: make_row(tokenizer, row, fmt, max_length), fmt, kind, source),
+                 with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc=f"tokenize {kind}")
+    out = _report_cuts(out, kind, source, f"max_length={max_length}")
+    return _drop_untrained(out, labels, kind)
 
 
 def tokenize_prompts(ds, tokenizer, max_prompt_length: int, *, num_proc: int | None = None,

@@ -31,13 +31,12 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .checkpoint import maybe_save
 from .data import collate_preferences, tokenize_preferences
-from .loop import (SupervisedConfig, begin_training, finish_run, micro_batches, optimizer_step, plan_steps,
-                   start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, end_step, end_training, eval_due, finish_run, load_data,
+                   micro_batches, optimizer_step, start_run)  # fmt: skip
 from .metrics import progress
 from .models import load_causal_lm, load_tokenizer
-from .runtime import autocast_context, peak_memory_mib
+from .runtime import autocast_context
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRICS = ("chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_margin")  # of ops.dpo_loss
@@ -110,9 +109,7 @@ def train(cfg: Config) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, dtype="fp32", device=device)
-    data = tokenize_preferences(cfg.data, tokenizer, cfg.max_length)
-    eval_data = tokenize_preferences(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
-    steps = plan_steps(len(data), cfg)
+    data, eval_data, steps = load_data(tokenize_preferences, cfg, tokenizer)
 
     # ---- reference log-probs, once per pair, before any update (and before a resumed run loads its
     # checkpoint, so that the initial policy is the reference then too)
@@ -142,20 +139,13 @@ def train(cfg: Config) -> dict:
         record = {k: float(distributed.global_mean(torch.tensor(v))) for k, v in sums.items()}
         record |= {"grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
         ev = None
-        if eval_data is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+        if eval_due(step, cfg, eval_data):
             ev = evaluate(ops, model, eval_data, ref_eval, tokenizer, device, cfg)
             record |= {f"eval_{k}": v for k, v in ev.items() if k != "ref_logp_margin"}
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            logger.log(step + 1, record)
-        maybe_save(out, step + 1, cfg.save_every if step + 1 < steps else 0, cfg.keep_checkpoints, **saved)
-    seconds = time.perf_counter() - t_start
-    logger.close()
-
+        end_step(step, steps, record, cfg, out, logger, saved)
     tokens = int(distributed.global_sum(torch.tensor(float(tokens))))
-    summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
-               "pairs_per_s": (steps - start) * cfg.batch_size / seconds if seconds > 0 else None,
-               "tokens_per_s": tokens / seconds if seconds > 0 else None, "peak_memory_mib": peak_memory_mib(device),
-               "ops": cfg.ops}  # fmt: skip
+    summary = end_training(logger, t_start, cfg, device, steps, record["loss"] if steps > start else None,
+                           pairs=(steps - start) * cfg.batch_size, tokens=tokens)  # fmt: skip
     if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
         ev = ev if ev is not None else evaluate(ops, model, eval_data, ref_eval, tokenizer, device, cfg)
         summary |= {f"eval_{k}": v for k, v in ev.items()} | {"eval_pairs": len(eval_data)}

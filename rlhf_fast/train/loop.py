@@ -2,6 +2,7 @@
 the start and the end of a run, the order of the data, the optimizer with its warmup, a step with gradient
 clipping, checkpoints."""
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -9,14 +10,14 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .checkpoint import resume_state
+from .checkpoint import maybe_save, resume_state
 from .config import save_config
 from .errors import UserError
 from .metrics import MetricsLogger, plot_metrics, write_json
 from .models import enable_gradient_checkpointing
 from .ops import get_ops
 from .runs import prepare_out_dir, write_dir_atomically
-from .runtime import reset_peak_memory, resolve_device, seed_everything, seed_for
+from .runtime import peak_memory_mib, reset_peak_memory, resolve_device, seed_everything, seed_for
 from .validation import check_options
 
 
@@ -82,6 +83,38 @@ def begin_training(model, cfg, out_dir, device, steps: int):
     return ddp_model, opt, sched, saved, start, logger
 
 
+def load_data(tokenize, cfg, tokenizer) -> tuple[list, list | None, int]:
+    """``cfg.data`` and ``cfg.eval_data`` (if any) through ``tokenize(path, tokenizer, cfg.max_length)``, and the
+    run's number of optimizer steps over the training rows (``plan_steps``)."""
+    data = tokenize(cfg.data, tokenizer, cfg.max_length)
+    eval_data = tokenize(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
+    return data, eval_data, plan_steps(len(data), cfg)
+
+
+def eval_due(step: int, cfg, eval_data) -> bool:
+    """Whether optimizer step ``step`` (0-based) ends with an evaluation (every ``cfg.eval_every`` steps)."""
+    return eval_data is not None and cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0
+
+
+def end_step(step: int, steps: int, record: dict, cfg, out_dir, logger, saved: dict) -> None:
+    """After optimizer step ``step`` (0-based) of ``steps``: log ``record`` every ``cfg.log_every`` steps and at
+    the last one, and write the checkpoint ``cfg.save_every`` asks for (none at the last step: the final
+    model follows)."""
+    if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+        logger.log(step + 1, record)
+    maybe_save(out_dir, step + 1, cfg.save_every if step + 1 < steps else 0, cfg.keep_checkpoints, **saved)
+
+
+def end_training(logger, t_start: float, cfg, device, steps: int, final_loss: float | None, **counts) -> dict:
+    """The loop's end: the metrics log closed, and the summary keys the supervised trainers share, with a
+    rate per count (``tokens=n`` -> ``tokens_per_s``) over the loop's time since ``t_start``."""
+    seconds = time.perf_counter() - t_start
+    logger.close()
+    summary = {"steps": steps, "final_loss": final_loss}
+    summary |= {f"{name}_per_s": n / seconds if seconds > 0 else None for name, n in counts.items()}
+    return summary | {"peak_memory_mib": peak_memory_mib(device), "ops": cfg.ops}
+
+
 def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
     """The global batches of one epoch: a permutation seeded by ``(seed, epoch)``, cut into full batches
     (a last partial batch is dropped, so every step sees ``batch_size`` rows and every rank its share)."""
@@ -121,24 +154,19 @@ LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
-class SupervisedConfig:
-    """The options the supervised trainers (sft, rm, dpo) share; each trainer's ``Config`` adds its own
-    (model, data, out_dir and the loss's options) and may override a default (``lr``)."""
+class RunConfig:
+    """The run options every trainer shares (sft, rm, dpo, ppo, best-of-n): which ops, how the processes
+    split the model, the optimizer's step, checkpoints, resume, seeds, device and precision. Each trainer's
+    ``Config`` extends it with its models, data and loss (and may redeclare a default, e.g. ``lr``);
+    config.yaml and ``--print-config`` list a trainer's own options first and these last."""
 
     ops: Literal["fused", "reference"] = "fused"
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimizer steps (0: no limit)
-    batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-5
+    warmup_steps: int = 0  # optimizer steps of linear warmup (counted over the whole run)
     max_grad_norm: float = 1.0
-    max_length: int = 512
-    eval_every: int = 0
-    save_every: int = 0
+    save_every: int = 0  # steps (best-of-n: rounds) between checkpoints (0: none; the final model is always saved)
     keep_checkpoints: int = 2
     resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
     overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
@@ -146,6 +174,20 @@ class SupervisedConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+
+
+@dataclass
+class SupervisedConfig(RunConfig):
+    """The options the supervised trainers (sft, rm, dpo) add to ``RunConfig``; each trainer's ``Config``
+    adds its own (model, data, out_dir and the loss's options) and its ``lr``."""
+
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (0: no limit)
+    batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
+    max_length: int = 512
+    eval_every: int = 0
     log_every: int = 10
 
 

@@ -218,8 +218,7 @@ def build_char_tokenizer(
     """A character-level ``PreTrainedTokenizerFast`` built here (no download): one token per character
     of ``chars``, special tokens ``pad, bos, eos, unk`` first (ids 0-3), one ``<|role|>`` token per chat
     role, a BOS prepended by ``tokenizer(text)``, and a chat template (``CHAR_CHAT_TEMPLATE``)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, decoders, pre_tokenizers
 
     specials = [pad_token, bos_token, eos_token, unk_token] + [f"<|{r}|>" for r in roles]
     vocab = {tok: i for i, tok in enumerate(specials)}
@@ -227,20 +226,31 @@ def build_char_tokenizer(
         if len(ch) != 1:
             raise ValueError(f"chars must be single characters, got {ch!r}")
         vocab.setdefault(ch, len(vocab))
+    return word_level_tokenizer(vocab, pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated"), decoders.Fuse(),
+                                bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token,
+                                additional_special_tokens=specials[4:], chat_template=chat_template)  # fmt: skip
+
+
+def word_level_tokenizer(vocab: dict[str, int], pre_tokenizer, decoder, *, bos_token: str, eos_token: str,
+                         pad_token: str, unk_token: str, additional_special_tokens: Sequence[str] = (),
+                         chat_template: str | None = None, **kwargs):  # fmt: skip
+    """A ``PreTrainedTokenizerFast`` over the token -> id map ``vocab`` (one token per piece that
+    ``pre_tokenizer`` cuts; unknown pieces are ``unk_token``), ``bos_token`` prepended by
+    ``tokenizer(text)``, ``decoder`` joining tokens back, and ``chat_template``; ``kwargs`` go to the
+    tokenizer (e.g. ``padding_side``). The tokenizers built here (``build_char_tokenizer``, the demo's) are
+    this with their own vocab and splitting."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk_token))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoder
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos_token} $A", pair=f"{bos_token} $A $B", special_tokens=[(bos_token, vocab[bos_token])]
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos_token,
-        eos_token=eos_token,
-        pad_token=pad_token,
-        unk_token=unk_token,
-        additional_special_tokens=specials[4:],
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos_token, eos_token=eos_token,
+                                        pad_token=pad_token, unk_token=unk_token,
+                                        additional_special_tokens=list(additional_special_tokens), **kwargs)  # fmt: skip
     tokenizer.chat_template = chat_template
     return tokenizer
 

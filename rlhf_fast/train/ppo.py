@@ -38,7 +38,7 @@ import rlhf_fast as rf
 from . import distributed
 from .checkpoint import maybe_save, resume_state
 from .data import collate_prompts, tokenize_prompts
-from .loop import finish_run, make_optimizer, save_pretrained, start_run
+from .loop import RunConfig, finish_run, make_optimizer, save_pretrained, start_run
 from .metrics import MetricsLogger, progress
 from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig
@@ -47,7 +47,7 @@ from .runtime import autocast_context, peak_memory_mib, reset_peak_memory, seed_
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     # models and data
     policy: str = ""  # causal LM to train (a local dir or hub name), usually the SFT model
     ref_policy: str | None = None  # frozen reference for the KL; None: the initial policy
@@ -59,8 +59,6 @@ class Config:
     eval_fn: str | None = None  # "module:function" for evaluation (e.g. an oracle); None: the reward
     out_dir: str = "runs/ppo"
     # the loop
-    ops: Literal["fused", "reference"] = "fused"
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
     advantage: Literal["gae", "grpo", "rloo"] = "gae"
     steps: int = 50  # PPO iterations (rollout + update)
     prompts_per_step: int = 32
@@ -70,12 +68,8 @@ class Config:
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
     ppo_epochs: int = 2
     minibatch_size: int = 16  # sequences per optimizer step (split into grad_accum micro-batches)
-    grad_accum: int = 1
-    lr: float = 1e-5
-    critic_lr: float = 1e-4
-    warmup_steps: int = 0  # optimizer steps of linear warmup (both optimizers)
+    critic_lr: float = 1e-4  # the critic's optimizer (lr, warmup_steps and lr_schedule: both optimizers)
     lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0 at the end
-    max_grad_norm: float = 1.0
     # the loss
     clip_low: float = 0.2
     clip_high: float | None = None
@@ -91,16 +85,8 @@ class Config:
     target_kl: float | None = None  # adaptive KL coefficient (Ziegler et al.) towards this KL per sequence
     kl_horizon: int = 10000
     missing_eos_penalty: float | None = None  # subtracted from the score of responses cut at max_new_tokens
-    # evaluation, checkpoints, runtime
+    # evaluation and logging (checkpoints, resume, seed, device: RunConfig)
     eval_samples: int = 256  # held-out prompts scored at the start and the end
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
-    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     log_every: int = 1
     extra: dict = field(default_factory=dict)  # free-form notes copied to the summary
 

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .checkpoint import maybe_save
 from .data import collate_preferences, tokenize_preferences
 from .errors import UserError
-from .loop import (SupervisedConfig, begin_training, finish_run, micro_batches, optimizer_step, plan_steps,
-                   start_run)  # fmt: skip
+from .loop import (SupervisedConfig, begin_training, end_step, end_training, eval_due, finish_run, load_data,
+                   micro_batches, optimizer_step, start_run)  # fmt: skip
 from .metrics import progress
 from .models import build_reward_model, load_tokenizer, reward_scores
-from .runtime import autocast_context, peak_memory_mib
+from .runtime import autocast_context
 
 
 @dataclass
@@ -61,9 +60,7 @@ def train(cfg: Config) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     model = build_reward_model(cfg.model, tokenizer=tokenizer, dtype="fp32", device=device)
-    data = tokenize_preferences(cfg.data, tokenizer, cfg.max_length)
-    eval_data = tokenize_preferences(cfg.eval_data, tokenizer, cfg.max_length) if cfg.eval_data else None
-    steps = plan_steps(len(data), cfg)
+    data, eval_data, steps = load_data(tokenize_preferences, cfg, tokenizer)
 
     ddp_model, opt, sched, saved, start, logger = begin_training(model, cfg, out, device, steps)
     t_start, pairs, ev = time.perf_counter(), 0, None
@@ -81,18 +78,12 @@ def train(cfg: Config) -> dict:
                   "accuracy": float(distributed.global_sum(torch.tensor(float(correct)))) / cfg.batch_size,
                   "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}  # fmt: skip
         ev = None
-        if eval_data is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+        if eval_due(step, cfg, eval_data):
             ev = evaluate(model, eval_data, tokenizer, device, cfg.precision, cfg.batch_size)
             record |= {f"eval_{k}": v for k, v in ev.items() if k != "n"}
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            logger.log(step + 1, record)
-        maybe_save(out, step + 1, cfg.save_every if step + 1 < steps else 0, cfg.keep_checkpoints, **saved)
-    seconds = time.perf_counter() - t_start
-    logger.close()
-
-    summary = {"steps": steps, "final_loss": record["loss"] if steps > start else None,
-               "pairs_per_s": pairs / seconds if seconds > 0 else None, "peak_memory_mib": peak_memory_mib(device),
-               "ops": cfg.ops}  # fmt: skip
+        end_step(step, steps, record, cfg, out, logger, saved)
+    summary = end_training(logger, t_start, cfg, device, steps, record["loss"] if steps > start else None,
+                           pairs=pairs)  # fmt: skip
     if eval_data is not None:  # the last step's evaluation when it had one (the model has not changed since)
         ev = ev if ev is not None else evaluate(model, eval_data, tokenizer, device, cfg.precision,
                                                 cfg.batch_size)  # fmt: skip
