@@ -38,6 +38,23 @@ def logprobs_reference(
     return logp, -plogp.sum(-1)
 
 
+def full_kl_reference(logits, ref_logits, *, temperature: float = 1.0, mask_zero_probs: bool = True,
+                      dtype: torch.dtype | None = None):  # fmt: skip
+    """Per row ``KL(softmax(logits / T) || softmax(ref_logits / T))`` over the last dimension, by
+    ``log_softmax`` of both: in ``dtype`` (default: float64 input stays float64, anything else float32, as
+    trainers do). ``mask_zero_probs`` gives the terms of zero-probability entries 0 (``p * log p`` with
+    ``p = 0``) before the product, so neither the value nor autograd meets ``0 * inf``; without it, the
+    plain ``(exp(log_p) * (log_p - log_q)).sum(-1)`` trainers write (the benchmark baseline)."""
+    dtype = dtype or (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    x, y = logits.to(dtype), ref_logits.to(dtype)
+    if temperature != 1.0:
+        x, y = x / temperature, y / temperature
+    log_p, log_q = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    if mask_zero_probs:
+        return (torch.softmax(x, -1) * torch.where(log_p == -float("inf"), 0.0, log_p - log_q)).sum(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def kl_penalty_reference(logp, ref_logp, estimator: str):
     """k1 / k2 / k3 / abs of ``lr = logp - ref_logp``, straight from their definitions."""
     lr = logp - ref_logp

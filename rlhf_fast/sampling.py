@@ -31,6 +31,15 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ ((z >> 31) & (2**33 - 1))
 
 
+def row_seeds(seed: int, stream: int, rows: torch.Tensor | list[int]) -> torch.Tensor:
+    """``[B]`` int64 sampling seeds of rows ``rows`` (global indices) of stream ``stream`` (a PPO step, a
+    best-of-n round, an evaluation) of a run seeded with ``seed``: distinct seeds for distinct
+    ``(seed, stream, row)``, the same on every process, whatever the batch."""
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    base = _mix64(torch.tensor([_int64(seed * 1_000_003 + stream)], dtype=torch.int64))
+    return _mix64(base + (rows + 1) * _GOLDEN)
+
+
 def position_keys(seeds: torch.Tensor, position: int) -> torch.Tensor:
     """``[B]`` int64 keys of response position ``position`` of rows seeded with ``seeds``."""
     return _mix64(seeds.to(torch.int64) + _int64((position + 1) * _MIX1))

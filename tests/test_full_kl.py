@@ -8,15 +8,13 @@ from hypothesis import strategies as st
 from reference import assert_no_worse
 
 import rlhf_fast as rf
+from rlhf_fast.reference import full_kl_reference
 
 
 def kl_reference(logits, ref_logits, temperature=1.0):
     """``(kl, grad_fn)`` by log_softmax in the dtype of ``logits`` (float64 for the ground truth)."""
     x = logits.detach().clone().requires_grad_(True)
-    log_p = torch.log_softmax(x / temperature, -1)
-    log_q = torch.log_softmax(ref_logits.to(x.dtype) / temperature, -1)
-    diff = torch.where(log_p == -float("inf"), 0.0, log_p - log_q)  # before the product: no 0 * inf in autograd
-    kl = (torch.softmax(x / temperature, -1) * diff).sum(-1)
+    kl = full_kl_reference(x, ref_logits, temperature=temperature, dtype=x.dtype)
 
     def grad(g):
         return torch.autograd.grad((kl * g.to(kl.dtype)).sum(), x, retain_graph=True)[0]

@@ -8,6 +8,7 @@ from conftest import IMPLS
 from reference import assert_no_worse
 
 import rlhf_fast as rf
+from rlhf_fast.reference import full_kl_reference
 
 lfk = importlib.import_module("rlhf_fast.linear_full_kl")  # the module (rf.linear_full_kl is the op)
 linear_common = importlib.import_module("rlhf_fast._linear_common")
@@ -33,8 +34,7 @@ def _unfused(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature
     z = torch.nn.functional.linear(leaves[0], leaves[1], b) / temperature
     zr = torch.nn.functional.linear(cast(ref_hidden).to(z.dtype), cast(ref_weight).to(z.dtype),
                                     None if ref_bias is None else cast(ref_bias).to(z.dtype)) / temperature  # fmt: skip
-    log_p, log_q = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl = full_kl_reference(z, zr, mask_zero_probs=False, dtype=z.dtype)
     return kl.detach(), lambda g: torch.autograd.grad((kl * g.to(kl.dtype)).sum(), leaves, retain_graph=True)
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import DEVICE, IMPLS
 
 from rlhf_fast.sampling import gumbel_noise, sample_tokens
-from rlhf_fast.train.rollout import row_seeds
+from rlhf_fast.sampling import row_seeds
 
 
 def test_gumbel_noise_has_the_gumbel_law():

@@ -210,9 +210,7 @@ class ReferenceOps:
         elif cfg.kl_mode == "full_kl_loss":
             with torch.no_grad():
                 ref_logits = self.response_logits(ref_model, batch["input_ids"], batch["attention_mask"], R)
-            log_p = torch.log_softmax(logits.float() / cfg.temperature, -1)
-            log_q = torch.log_softmax(ref_logits.float() / cfg.temperature, -1)
-            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+            kl = reference.full_kl_reference(logits, ref_logits, temperature=cfg.temperature, mask_zero_probs=False)
             token = token + cfg.kl_coef * kl
             metrics["kl"] = _masked_mean(kl, mask)
         loss = reference.aggregate_reference(token, m, cfg.agg)

@@ -24,7 +24,7 @@ import torch
 
 import rlhf_fast as rf
 
-from ..sampling import _GOLDEN, _int64, _mix64, sample_tokens
+from ..sampling import row_seeds, sample_tokens
 from . import distributed
 from .data import collate_prompts
 from .errors import UserError
@@ -82,14 +82,6 @@ def _import_with_cwd(module_name: str):
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)
-
-
-def row_seeds(seed: int, stream: int, rows: torch.Tensor | list[int]) -> torch.Tensor:
-    """``[B]`` int64 sampling seeds of rows ``rows`` (global indices) of stream ``stream`` (a PPO step, a
-    best-of-n round, an evaluation) of a run seeded with ``seed``."""
-    rows = torch.as_tensor(rows, dtype=torch.int64)
-    base = _mix64(torch.tensor([_int64(seed * 1_000_003 + stream)], dtype=torch.int64))
-    return _mix64(base + (rows + 1) * _GOLDEN)
 
 
 class GumbelSampler:
