@@ -14,6 +14,7 @@ import torch
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 
+from rlhf_fast.integrations import count_op_calls  # noqa: E402
 from rlhf_fast.integrations import trl as rft  # noqa: E402
 
 from train_utils import tiny_causal_lm_dir  # noqa: E402
@@ -45,20 +46,15 @@ def _loss_and_grads(trainer, inputs):
     return loss.detach().float(), {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
-def _spy(monkeypatch, *names):
-    """Count the calls of rlhf_fast ops."""
-    import rlhf_fast
-
-    calls = dict.fromkeys(names, 0)
-    for name in names:
-        op = getattr(rlhf_fast, name)
-
-        def counted(*args, _op=op, _name=name, **kwargs):
-            calls[_name] += 1
-            return _op(*args, **kwargs)
-
-        monkeypatch.setattr(rlhf_fast, name, counted)
-    return calls
+def _assert_matches_stock(stock, ours, inputs, rtol=1e-5):
+    """On one batch, our loss and every parameter's gradient equal stock TRL's within ``rtol`` relative."""
+    want_loss, want = _loss_and_grads(stock, inputs)
+    got_loss, got = _loss_and_grads(ours, inputs)
+    assert got.keys() == want.keys() and len(want) > 5
+    assert torch.allclose(got_loss, want_loss, rtol=rtol, atol=1e-7), (got_loss, want_loss)
+    for name in want:
+        assert _rel(got[name], want[name]) < rtol, name
+    return want_loss
 
 
 def _assert_bf16_no_worse_than_stock(ref32, stock, ours, inputs):
@@ -107,21 +103,16 @@ def _grpo_inputs(trainer):
 
 @pytest.mark.parametrize("bias_kl", [True, False])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_grpo_gradients_match_stock_trl_fp32(model_dir, tmp_path, loss_type, bias_kl, monkeypatch):
+def test_grpo_gradients_match_stock_trl_fp32(model_dir, tmp_path, loss_type, bias_kl):
     cfg = dict(bf16=False, beta=0.04, loss_type=loss_type, use_bias_correction_kl=bias_kl, epsilon_high=0.28,
                temperature=0.7)
     stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
     ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
     assert ours._rf_loss_unsupported is None
     inputs = _grpo_inputs(stock)
-    want_loss, want = _loss_and_grads(stock, inputs)
-    calls = _spy(monkeypatch, "linear_logprobs", "ppo_policy_loss")
-    got_loss, got = _loss_and_grads(ours, inputs)
+    with count_op_calls("linear_logprobs", "ppo_policy_loss") as calls:
+        _assert_matches_stock(stock, ours, inputs)
     assert calls == {"linear_logprobs": 1, "ppo_policy_loss": 1}  # our ops did the work
-    assert got.keys() == want.keys() and len(want) > 5
-    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7), (got_loss, want_loss)
-    for name in want:
-        assert _rel(got[name], want[name]) < 1e-5, name
     # the metrics TRL logs, under the same names and values
     for key in ("kl", "entropy", "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean"):
         assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-5, abs=1e-7), key
@@ -134,11 +125,7 @@ def test_grpo_entropy_bonus_and_entropy_mask_match_stock(model_dir, tmp_path, lo
     stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
     ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
     inputs = _grpo_inputs(stock)
-    want_loss, want = _loss_and_grads(stock, inputs)
-    got_loss, got = _loss_and_grads(ours, inputs)
-    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
-    for name in want:
-        assert _rel(got[name], want[name]) < 1e-5, name
+    _assert_matches_stock(stock, ours, inputs)
     for key in ("policy_loss", "entropy_coef", "entropy"):
         assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-5, abs=1e-7), key
 
@@ -158,11 +145,7 @@ def test_grpo_off_policy_mask_and_vllm_is_correction_match_stock(model_dir, tmp_
     inputs["importance_sampling_ratio"] = torch.where(ratio > 1.6, 0.0, ratio)  # some tokens masked out
     for t in (stock, ours):
         t.use_vllm, t.vllm_importance_sampling_correction = True, True
-    want_loss, want = _loss_and_grads(stock, inputs)
-    got_loss, got = _loss_and_grads(ours, inputs)
-    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
-    for name in want:
-        assert _rel(got[name], want[name]) < 1e-5, name
+    _assert_matches_stock(stock, ours, inputs)
 
 
 def test_grpo_unsupported_config_warns_and_runs_stock_loss(model_dir, tmp_path):
@@ -172,11 +155,7 @@ def test_grpo_unsupported_config_warns_and_runs_stock_loss(model_dir, tmp_path):
     with pytest.warns(UserWarning, match="loss_type='cispo'.*stock TRL's loss"):
         ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
     inputs = _grpo_inputs(stock)
-    want_loss, want = _loss_and_grads(stock, inputs)
-    got_loss, got = _loss_and_grads(ours, inputs)  # stock loss on our log-probs
-    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
-    for name in want:
-        assert _rel(got[name], want[name]) < 1e-5, name
+    _assert_matches_stock(stock, ours, inputs)  # stock loss on our log-probs
 
 
 def test_grpo_bf16_default_config_runs_and_is_no_worse_than_stock(model_dir, tmp_path):
@@ -204,11 +183,7 @@ def test_grpo_bf16_with_lm_head_cast_to_fp32_matches_stock(model_dir, tmp_path):
     stock = _grpo(trl.GRPOTrainer, model_dir, tmp_path, **cfg)
     ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
     inputs = _grpo_inputs(stock)
-    want_loss, want = _loss_and_grads(stock, inputs)
-    got_loss, got = _loss_and_grads(ours, inputs)
-    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7)
-    for name in want:
-        assert _rel(got[name], want[name]) < 1e-5, name  # measured: 2e-7
+    _assert_matches_stock(stock, ours, inputs)  # measured: 2e-7
 
 
 # ------------------------------------------------------------------------------------------------- DPO
@@ -243,20 +218,16 @@ def _perturb(trainer, seed=3):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
-def test_dpo_gradients_match_stock_trl_fp32(model_dir, tmp_path, loss_type, monkeypatch):
+def test_dpo_gradients_match_stock_trl_fp32(model_dir, tmp_path, loss_type):
     stock = _dpo(trl.DPOTrainer, model_dir, tmp_path, bf16=False, loss_type=loss_type)
     ours = _dpo(rft.DPOTrainer, model_dir, tmp_path, bf16=False, loss_type=loss_type)
     assert ours._rf_unsupported is None
     _perturb(stock), _perturb(ours)
     inputs = _dpo_batch(stock)
-    want_loss, want = _loss_and_grads(stock, inputs)
-    calls = _spy(monkeypatch, "linear_logprobs", "dpo_loss")
-    got_loss, got = _loss_and_grads(ours, inputs)
+    with count_op_calls("linear_logprobs", "dpo_loss") as calls:
+        want_loss = _assert_matches_stock(stock, ours, inputs)
     assert calls == {"linear_logprobs": 2, "dpo_loss": 1}  # policy and reference heads, our loss
-    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=1e-7), (got_loss, want_loss)
     assert want_loss != pytest.approx(torch.log(torch.tensor(2.0)), abs=1e-4) or loss_type == "hinge"
-    for name in want:
-        assert _rel(got[name], want[name]) < 1e-5, name
     for key in ("rewards/chosen", "rewards/margins", "logps/chosen", "entropy", "logits/chosen", "logits/rejected"):
         assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-5, abs=1e-6), key
 
@@ -307,19 +278,15 @@ def _reward_trainer(cls, model_dir, tmp_path, **cfg):
     return t
 
 
-def test_reward_gradients_match_stock_trl_fp32(model_dir, tmp_path, monkeypatch):
+def test_reward_gradients_match_stock_trl_fp32(model_dir, tmp_path):
     stock = _reward_trainer(trl.RewardTrainer, model_dir, tmp_path, bf16=False)
     ours = _reward_trainer(rft.RewardTrainer, model_dir, tmp_path, bf16=False)
     ours.model.load_state_dict(stock.model.state_dict())
     inputs = _dpo_batch(stock)
     assert "margin" in inputs
-    want_loss, want = _loss_and_grads(stock, inputs)
-    calls = _spy(monkeypatch, "pairwise_sigmoid_loss")
-    got_loss, got = _loss_and_grads(ours, inputs)
+    with count_op_calls("pairwise_sigmoid_loss") as calls:
+        _assert_matches_stock(stock, ours, inputs, rtol=1e-6)
     assert calls == {"pairwise_sigmoid_loss": 1}
-    assert torch.allclose(got_loss, want_loss, rtol=1e-6, atol=1e-7)
-    for name in want:
-        assert _rel(got[name], want[name]) < 1e-5, name
     for key in ("accuracy", "margin", "mean_reward"):
         assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-6), key
 
@@ -343,3 +310,18 @@ def test_unsupported_trl_version_fails_clearly(monkeypatch):
     monkeypatch.setattr(trl, "__version__", "1.17.0")
     with pytest.raises(RuntimeError, match="tested with trl 1.16.x; found trl 1.17.0"):
         rft.GRPOTrainer(model=None)
+
+
+def test_count_op_calls_counts_inside_the_block_only():
+    import rlhf_fast
+
+    op = rlhf_fast.kl_penalty
+    x = torch.zeros(2, 3)
+    with count_op_calls("kl_penalty", "aggregate") as calls:
+        rlhf_fast.kl_penalty(x, x)
+        rlhf_fast.kl_penalty(x, x, estimator="k3")
+    rlhf_fast.kl_penalty(x, x)
+    assert calls == {"kl_penalty": 2, "aggregate": 0} and rlhf_fast.kl_penalty is op
+    with pytest.raises(ValueError, match="no op.*nonexistent"):
+        with count_op_calls("nonexistent"):
+            pass
