@@ -426,10 +426,11 @@ def test_reward_bf16_default_config_runs_and_is_no_worse_than_stock(model_dir, t
     assert torch.isfinite(torch.tensor(ours.state.log_history[0]["loss"]))
 
 
-def test_unsupported_trl_version_fails_clearly(monkeypatch):
+@pytest.mark.parametrize("name", ["GRPOTrainer", "DPOTrainer", "RewardTrainer"])
+def test_unsupported_trl_version_fails_clearly(monkeypatch, name):
     monkeypatch.setattr(trl, "__version__", "1.17.0")
-    with pytest.raises(RuntimeError, match="tested with trl 1.16.x; found trl 1.17.0"):
-        rft.GRPOTrainer(model=None)
+    with pytest.raises(RuntimeError, match=f"trl.{name} replaces TRL internals.*tested with trl 1.16.x; found trl 1.17.0"):
+        getattr(rft, name)(model=None)
 
 
 def test_count_op_calls_counts_inside_the_block_only():

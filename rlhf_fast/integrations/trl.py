@@ -82,6 +82,14 @@ _GRPO_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "se
 _CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's clipped surrogate (and its delta)
 
 
+class _VersionChecked:
+    """Mixed in before a TRL trainer class: checks the TRL version before TRL's constructor runs."""
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version(type(self).__name__)
+        super().__init__(*args, **kwargs)
+
+
 def check_trl_version(what: str) -> None:
     """Raise ``RuntimeError`` unless the installed TRL is a minor version these drop-ins were tested with."""
     v = Version(trl.__version__)
@@ -97,8 +105,9 @@ def check_trl_version(what: str) -> None:
 # ------------------------------------------------------------------------------------------------ GRPO
 
 
-def _first_reason(*checks: tuple[bool, str]) -> str | None:
-    """The reason of the first check that holds (``None`` when none does)."""
+def _first_reason(trainer, *checks: tuple[bool, str]) -> str | None:
+    """The reason of the first check that holds, then the MoE aux loss, which no rf loss adds (``None`` when none)."""
+    checks += ((trainer.aux_loss_enabled, "the MoE aux loss"),)
     return next((why for hit, why in checks if hit), None)
 
 
@@ -107,6 +116,7 @@ def grpo_unsupported(trainer) -> str | None:
     args, lt = trainer.args, trainer.loss_type
     taus = (args.sapo_temperature_pos, args.sapo_temperature_neg)
     return _first_reason(
+        trainer,
         (lt not in _GRPO_AGG, f"loss_type={lt!r} (supported: {', '.join(_GRPO_AGG)})"),
         (lt == "cispo" and trainer.epsilon_high <= 1, f"loss_type='cispo' with epsilon_high={trainer.epsilon_high} "
          "<= 1 (rf's cispo weight clip(r, 1 - clip_low, 1 + clip_high) can only cap the ratio above 1)"),
@@ -114,15 +124,13 @@ def grpo_unsupported(trainer) -> str | None:
         (lt in _CLIPPED and min(trainer.epsilon_low, trainer.epsilon_high) <= 0, "epsilon or epsilon_high <= 0"),
         (lt in _CLIPPED and args.delta is not None and args.delta <= 0, f"delta={args.delta} (not > 0)"),
         (trainer.use_adaptive_entropy, "use_adaptive_entropy (the adaptive entropy bonus)"),
-        (trainer.aux_loss_enabled, "the MoE aux loss"),
     )  # fmt: skip
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with log-probs, entropy and the loss on rlhf_fast (module docstring)."""
 
     def __init__(self, *args, **kwargs):
-        check_trl_version("GRPOTrainer")
         super().__init__(*args, **kwargs)
         install_heads(self, "GRPOTrainer", ("log_probs", "entropy"), self.temperature, self.args.cast_lm_head_to_fp32)
         self._rf_loss_unsupported = grpo_unsupported(self)
@@ -285,20 +293,19 @@ def dpo_unsupported(trainer) -> str | None:
     """Why ``rf.dpo_loss`` cannot compute this DPO config's loss (``None`` when it can)."""
     lts = trainer.loss_types
     return _first_reason(
+        trainer,
         (len(lts) != 1 or lts[0] not in ("sigmoid", "hinge"), f"loss_type={lts!r} (supported: one of 'sigmoid', 'hinge')"),
         (trainer.loss_weights[0] != 1.0, "loss_weights"),
         (trainer.f_divergence_type != "reverse_kl", f"f_divergence_type={trainer.f_divergence_type!r}"),
         (trainer.ld_alpha is not None, "ld_alpha"),
         (trainer.use_weighting, "use_weighting (WPO)"),
-        (trainer.aux_loss_enabled, "the MoE aux loss"),
     )  # fmt: skip
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(_VersionChecked, trl.DPOTrainer):
     """``trl.DPOTrainer`` with log-probs on ``rf.linear_logprobs`` and the loss on ``rf.dpo_loss`` (module docstring)."""
 
     def __init__(self, *args, **kwargs):
-        check_trl_version("DPOTrainer")
         super().__init__(*args, **kwargs)
         self._rf_unsupported = dpo_unsupported(self)
         if self._rf_unsupported is None:
@@ -378,12 +385,9 @@ class DPOTrainer(trl.DPOTrainer):
 # ---------------------------------------------------------------------------------------------- Reward
 
 
-class RewardTrainer(trl.RewardTrainer):
-    """``trl.RewardTrainer`` with the Bradley-Terry loss on ``rf.pairwise_sigmoid_loss`` (module docstring)."""
-
-    def __init__(self, *args, **kwargs):
-        check_trl_version("RewardTrainer")  # compute_loss below keeps TRL 1.16's metrics bookkeeping
-        super().__init__(*args, **kwargs)
+class RewardTrainer(_VersionChecked, trl.RewardTrainer):
+    """``trl.RewardTrainer`` with the Bradley-Terry loss on ``rf.pairwise_sigmoid_loss`` (module docstring;
+    version-checked: its ``compute_loss`` keeps TRL 1.16's metrics bookkeeping)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
