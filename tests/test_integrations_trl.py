@@ -109,6 +109,7 @@ GRPO_CONFIGS = {
     "bnpo": (dict(loss_type="bnpo"), None),
     "dr_grpo": (dict(loss_type="dr_grpo"), None),
     "dapo": (dict(loss_type="dapo"), None),
+    "luspo": (dict(loss_type="luspo"), None),
     "cispo": (dict(loss_type="cispo", epsilon_high=1.3), ("epsilon_high", 5.0)),
     "sapo": (dict(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
              ("args.sapo_temperature_neg", 1.05)),
@@ -218,8 +219,7 @@ def test_grpo_entropy_bonus_and_entropy_mask_match_stock(model_dir, tmp_path, lo
     ours = _grpo(rft.GRPOTrainer, model_dir, tmp_path, **cfg)
     inputs = _grpo_inputs(stock)
     _assert_matches_stock(stock, ours, inputs)
-    for key in ("policy_loss", "entropy_coef", "entropy"):
-        assert ours._metrics["train"][key] == pytest.approx(stock._metrics["train"][key], rel=1e-5, abs=1e-7), key
+    _assert_same_metrics(stock, ours)  # policy_loss and entropy_coef included
 
 
 @pytest.mark.parametrize("is_shape", ["token", "sequence"])
@@ -238,6 +238,7 @@ def test_grpo_off_policy_mask_and_vllm_is_correction_match_stock(model_dir, tmp_
     for t in (stock, ours):
         t.use_vllm, t.vllm_importance_sampling_correction = True, True
     _assert_matches_stock(stock, ours, inputs)
+    _assert_same_metrics(stock, ours)
 
 
 def test_grpo_bf16_default_config_runs_and_is_no_worse_than_stock(model_dir, tmp_path):
