@@ -430,7 +430,7 @@ def test_reward_bf16_default_config_runs_and_is_no_worse_than_stock(model_dir, t
 @pytest.mark.parametrize("name", ["GRPOTrainer", "DPOTrainer", "RewardTrainer"])
 def test_unsupported_trl_version_fails_clearly(monkeypatch, name):
     monkeypatch.setattr(trl, "__version__", "1.17.0")
-    with pytest.raises(RuntimeError, match=f"trl.{name} replaces TRL internals.*tested with trl 1.16.x; found trl 1.17.0"):
+    with pytest.raises(RuntimeError, match=f"trl.{name} replaces TRL.*tested with trl 1.16.x; found trl 1.17.0"):
         getattr(rft, name)(model=None)
 
 

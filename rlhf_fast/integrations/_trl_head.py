@@ -64,8 +64,8 @@ def install_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32:
     """Give the model *instance* a fused LM head on ``rf.linear_logprobs`` with TRL 1.16's calling convention.
 
     ``model(..., labels=labels, fused_lm_head=True)`` returns a ``trl.trainer.utils.FusedCausalLMOutput``
-    whose ``log_probs`` (and ``entropy``, ``mean_logits``, ``is_top1`` when in ``outputs``) score the next-token labels
-    (``-100`` = not scored, 0 there) under ``softmax(logit_scale * logits / temperature)``; a call without
+    whose ``log_probs`` (and ``entropy``, ``mean_logits``, ``is_top1`` when in ``outputs``) score the next-token
+    labels (``-100`` = not scored, 0 there) under ``softmax(logit_scale * logits / temperature)``; a call without
     ``fused_lm_head`` goes to the model's previous forward (generation is unchanged). The instance's
     ``forward`` attribute is replaced, as TRL's own ``add_fused_lm_head`` does; the class is not touched.
     """

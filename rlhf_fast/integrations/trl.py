@@ -101,7 +101,6 @@ def check_trl_version(what: str) -> None:
         )
 
 
-
 # ------------------------------------------------------------------------------------------------ GRPO
 
 
@@ -118,6 +117,8 @@ def grpo_unsupported(trainer) -> str | None:
     return _first_reason(
         trainer,
         (lt not in _GRPO_AGG, f"loss_type={lt!r} (supported: {', '.join(_GRPO_AGG)})"),
+        (trainer.importance_sampling_level not in ("token", "sequence"),  # TRL's loss raises ValueError for it
+         f"importance_sampling_level={trainer.importance_sampling_level!r}"),
         (lt == "cispo" and trainer.epsilon_high <= 1, f"loss_type='cispo' with epsilon_high={trainer.epsilon_high} "
          "<= 1 (rf's cispo weight clip(r, 1 - clip_low, 1 + clip_high) can only cap the ratio above 1)"),
         (lt == "sapo" and min(taus) <= 0, f"loss_type='sapo' with sapo_temperature_pos / _neg = {taus} (not > 0)"),
@@ -147,7 +148,8 @@ class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
         sequence = self.importance_sampling_level == "sequence"
         if sequence and advantages.dim() == 2 and self.loss_type != "cispo":
             warn_once("rlhf_fast.integrations.trl.GRPOTrainer: importance_sampling_level='sequence' with per-token "
-                      "advantages is not supported by rlhf_fast's policy loss; stock TRL's loss for these batches.")  # fmt: skip
+                      "advantages is not supported by rlhf_fast's policy loss; stock TRL's loss for these "
+                      "batches.")  # fmt: skip
             return super()._compute_loss(model, inputs)
         completion_ids = inputs["completion_ids"]
         mask = inputs["completion_mask"]
@@ -234,12 +236,13 @@ class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
             loss = loss - self.entropy_coef * rf.aggregate(entropy, effective, agg="token-mean") / accumulation
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        self._log_grpo_metrics(mode, coef.detach(), advantages, m, entropy.detach(), None if kl is None else kl.detach())
+        kl = None if kl is None else kl.detach()
+        self._log_grpo_metrics(mode, coef.detach(), advantages, m, entropy.detach(), kl)
         return loss
 
     def _rf_policy_options(self) -> dict:
         """TRL's ``loss_type`` and its parameters as ``rf.ppo_policy_loss`` arguments."""
-        if self.loss_type == "cispo":  # TRL: -sg(min(r, epsilon_high)) A logp = rf's clip(r, 1 - 1, 1 + (epsilon_high - 1))
+        if self.loss_type == "cispo":  # TRL: -sg(min(r, epsilon_high)) A logp; rf: clip(r, 1 - 1, 1 + (epsilon_high - 1))
             return dict(loss_mode="cispo", clip_low=1.0, clip_high=self.epsilon_high - 1.0)
         if self.loss_type == "sapo":  # TRL: -A (4 / tau) sigmoid(tau (r - 1)), tau by the sign of A
             return dict(loss_mode="sapo", sapo_tau_pos=self.args.sapo_temperature_pos,
@@ -294,7 +297,8 @@ def dpo_unsupported(trainer) -> str | None:
     lts = trainer.loss_types
     return _first_reason(
         trainer,
-        (len(lts) != 1 or lts[0] not in ("sigmoid", "hinge"), f"loss_type={lts!r} (supported: one of 'sigmoid', 'hinge')"),
+        (len(lts) != 1 or lts[0] not in ("sigmoid", "hinge"),
+         f"loss_type={lts!r} (supported: one of 'sigmoid', 'hinge')"),
         (trainer.loss_weights[0] != 1.0, "loss_weights"),
         (trainer.f_divergence_type != "reverse_kl", f"f_divergence_type={trainer.f_divergence_type!r}"),
         (trainer.ld_alpha is not None, "ld_alpha"),
