@@ -95,27 +95,12 @@ class _Timer:
             torch.cuda.synchronize()
 
 
-def _count_calls(names) -> dict:
-    """Count the calls of these rlhf_fast ops (the integration calls them as ``rf.<name>``): which run used them."""
-    import rlhf_fast
-
-    calls = dict.fromkeys(names, 0)
-    for name in names:
-        op = getattr(rlhf_fast, name)
-
-        def counted(*args, _op=op, _name=name, **kwargs):
-            calls[_name] += 1
-            return _op(*args, **kwargs)
-
-        setattr(rlhf_fast, name, counted)
-    return calls
-
-
 def run_one(workdir: Path, p: dict, which: str, device: str) -> dict:
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
 
+    from rlhf_fast.integrations import count_op_calls
     from rlhf_fast.integrations import trl as rft
     from rlhf_fast.train.runtime import peak_memory_mib, reset_peak_memory
 
@@ -153,10 +138,10 @@ def run_one(workdir: Path, p: dict, which: str, device: str) -> dict:
             step_s.append(time.perf_counter() - self.t0)
 
     trainer.add_callback(Clock())
-    rf_calls = _count_calls(("linear_logprobs", "ppo_policy_loss", "kl_penalty"))
-    reset_peak_memory(dev)
-    trainer.train()
-    peak = peak_memory_mib(dev)
+    with count_op_calls("linear_logprobs", "ppo_policy_loss", "kl_penalty") as rf_calls:
+        reset_peak_memory(dev)
+        trainer.train()
+        peak = peak_memory_mib(dev)
     logs = [r for r in trainer.state.log_history if "loss" in r and "grad_norm" in r]
     if len(step_s) != p["steps"] or not logs:
         raise RuntimeError(f"{which}: {len(step_s)} steps timed and {len(logs)} logged, expected {p['steps']}")

@@ -11,59 +11,83 @@ Each class subclasses TRL's and takes the same arguments; what changes:
 - **Log-probs and entropy** (GRPO, DPO): TRL 1.16 scores completions through the fused LM head that
   ``trl.trainer.utils.add_fused_lm_head`` puts on the model *instance* (``model(..., labels=...,
   fused_lm_head=True)``), not through ``selective_log_softmax``. After TRL's constructor has done so, these
-  trainers put their own fused head on the same instances (policy and reference; the model class is
-  untouched): the backbone's last hidden states go through ``rf.linear_logprobs`` with the temperature
-  (``logit_scale`` folded into it), the logits never built and kept float32 under bf16 autocast (TRL's
-  chunked path rounds them to bf16: the bf16 results differ by that rounding, ~1e-3).
-- **GRPO loss**: ``rf.ppo_policy_loss`` (``epsilon``/``epsilon_high`` as ``clip_low``/``clip_high``) and
-  ``rf.kl_penalty(estimator="k3")`` (times the ratio for ``use_bias_correction_kl``), aggregated with
-  TRL's normalisation per ``loss_type`` (``_GRPO_AGG`` below). The entropy mask (``top_entropy_quantile``),
-  the off-policy sequence mask and vLLM's importance-sampling correction (all four modes: TRL computes
-  the truncated / masked ratio while scoring, it reaches the loss as a constant per-token weight) enter as
-  ``is_weights``. A static ``entropy_coef`` bonus is supported.
+  trainers put their own fused head on the same instances (``rlhf_fast/integrations/_trl_head.py``; policy
+  and reference, the model class untouched): the backbone's last hidden states go through
+  ``rf.linear_logprobs`` with the temperature (``logit_scale`` folded into it), the logits never built and
+  kept float32 under bf16 autocast (TRL's chunked path rounds them to bf16: the bf16 results differ by
+  that rounding, ~1e-3).
+- **GRPO loss**: ``rf.ppo_policy_loss`` and ``rf.kl_penalty(estimator="k3")`` (times TRL's importance
+  ratio for ``use_bias_correction_kl``), aggregated with TRL's normalisation per ``loss_type``
+  (``_GRPO_AGG`` below). Each TRL option onto the op's arguments (``_rf_policy_options``):
+
+  - ``grpo`` / ``bnpo`` / ``dr_grpo`` / ``dapo`` / ``luspo``: ``loss_mode="vanilla"``, ``epsilon`` /
+    ``epsilon_high`` as ``clip_low`` / ``clip_high``, ``delta`` (the two-sided clip) as ``delta``;
+  - ``cispo``: ``loss_mode="cispo"``; TRL's weight ``sg(min(r, epsilon_high))`` is the op's
+    ``clip(r, 1 - clip_low, 1 + clip_high)`` with ``clip_low=1``, ``clip_high=epsilon_high - 1``;
+  - ``sapo``: ``loss_mode="sapo"``, ``sapo_temperature_pos`` / ``_neg`` as ``sapo_tau_pos`` / ``_neg``;
+  - ``importance_sampling_level="sequence"`` (GSPO): ``loss_mode="gspo"`` for the clipped losses, whose
+    token ratio ``s_t = exp(sg(S) + logp_t - sg(logp_t))`` has the value of TRL's row ratio ``S`` and, summed
+    over the row, its gradient; for ``cispo`` and ``sapo`` (no sequence mode in the op) ``S`` enters through
+    ``old_logp`` (the same ``s_t``). Per-token weights then enter as their row mean (see ``_compute_loss``).
+
+  The entropy mask (``top_entropy_quantile``), the off-policy sequence mask and vLLM's importance-sampling
+  correction (all four modes: TRL computes the truncated / masked ratio while scoring, it reaches the loss
+  as a constant per-token weight) enter as ``is_weights``. A static ``entropy_coef`` bonus is supported.
 - **DPO loss**: ``rf.dpo_loss`` on the sequence sums of the ``rf.linear_logprobs`` log-probs
   (``loss_type`` ``sigmoid`` or ``hinge``).
 - **Reward loss**: ``rf.pairwise_sigmoid_loss`` (with TRL's ``margin`` column and
   ``center_rewards_coefficient``).
 
-What is not supported yet keeps stock TRL, never a silently different loss: for a config outside the
-lists above (GRPO: ``loss_type`` cispo / sapo / luspo / vespo, ``importance_sampling_level="sequence"``,
-``delta``, the adaptive entropy bonus, MoE aux loss — they wait for the loss modes of issue 14; DPO: the
-other loss types, ``ld_alpha``, ``use_weighting``, f-divergences, several loss types; models with
-logit soft-capping or router logits; DeepSpeed ZeRO-3, whose sharded lm_head our backward cannot
-gather), the trainer warns once, saying what it keeps stock, and runs TRL's own code for that part.
+Each trainer logs TRL's metrics under TRL's names with TRL's values. DPO's ``mean_token_accuracy`` needs
+the argmax over the vocabulary, which ``rf.linear_logprobs`` does not compute: our head adds a matmul
+through the lm_head without gradient for it (``_trl_head.py``); ``logits/chosen`` / ``logits/rejected`` are
+``hidden . mean_v(W_v)``, one matrix-vector product.
+
+What is not supported keeps stock TRL, never a silently different loss: for a config outside the lists
+above (GRPO: ``loss_type="vespo"``; ``cispo`` with ``epsilon_high <= 1`` (TRL's default 0.2: set the
+recommended 5.0); non-positive clips, ``delta`` or SAPO temperatures; sequence-level ratios with
+per-token advantages (the batch's stock loss); the adaptive entropy bonus; the MoE aux loss; DPO: the
+other loss types, ``ld_alpha``, ``use_weighting``, f-divergences, several loss types; models with logit
+soft-capping or router logits; DeepSpeed ZeRO-3, whose sharded lm_head our backward cannot gather), the
+trainer warns once, naming what it keeps stock, and runs TRL's own code for that part.
 
 The GRPO and DPO trainers replace TRL internals (the fused-head calling convention, ``_compute_loss``),
 so they check the TRL version: tested with ``trl`` 1.16; another minor version raises ``RuntimeError``.
-Two DPO metrics need the argmax over the vocabulary, which ``rf.linear_logprobs`` does not compute:
-``mean_token_accuracy`` is not logged; ``logits/chosen`` / ``logits/rejected`` are exact (the mean logit
-is ``hidden . mean_v(W_v)``, one matrix-vector product).
 """
-
-import functools
-import types
-import warnings
-from contextlib import nullcontext
 
 import torch
 import trl
 from packaging.version import Version
-from trl.trainer.utils import FusedCausalLMOutput
 
 import rlhf_fast as rf
+
+from ._trl_head import install_fused_head, install_heads, warn_once
+
+__all__ = ["GRPOTrainer", "DPOTrainer", "RewardTrainer", "install_fused_head", "check_trl_version"]
 
 TESTED_TRL = ("1.16",)
 
 # TRL's loss_type -> (rf agg mode, factor that turns the rf aggregate into TRL's normalisation).
 # With per-token loss L, mask m [B, T], TRL 1.16 (trl/trainer/grpo_trainer.py, _compute_loss):
-#   grpo:    mean over all B rows of sum_t(m L) / max(sum_t m, 1)
-#            = rf "seq-mean-token-mean" (mean over the rows with a token) * rows_with_a_token / B
-#   bnpo:    sum(m L) / max(sum m, 1)                      = rf "token-mean"
-#   dr_grpo: sum(m L) / (B * max_completion_length)        = rf "seq-mean-token-sum-norm" * T / max_completion_length
-#   dapo:    sum(m L) / normalizer (the generation batch's token count, per accumulation window)
-#                                                          = rf "seq-mean-token-sum-norm" * B * T / normalizer
+#   grpo, sapo: mean over all B rows of sum_t(m L) / max(sum_t m, 1)
+#               = rf "seq-mean-token-mean" (mean over the rows with a token) * rows_with_a_token / B
+#   luspo:      mean over all B rows of sum_t(m L)          = rf "seq-mean-token-sum" * rows_with_a_token / B
+#   bnpo:       sum(m L) / max(sum m, 1)                    = rf "token-mean"
+#   dr_grpo:    sum(m L) / (B * max_completion_length)      = rf "seq-mean-token-sum-norm" * T / max_completion_length
+#   dapo, cispo: sum(m L) / normalizer (the generation batch's token count, per accumulation window)
+#                                                           = rf "seq-mean-token-sum-norm" * B * T / normalizer
 _GRPO_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-             "dapo": "seq-mean-token-sum-norm"}  # fmt: skip
+             "dapo": "seq-mean-token-sum-norm", "luspo": "seq-mean-token-sum", "cispo": "seq-mean-token-sum-norm",
+             "sapo": "seq-mean-token-mean"}  # fmt: skip
+_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's clipped surrogate (and its delta)
+
+
+class _VersionChecked:
+    """Mixed in before a TRL trainer class: checks the TRL version before TRL's constructor runs."""
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version(type(self).__name__)
+        super().__init__(*args, **kwargs)
 
 
 def check_trl_version(what: str) -> None:
@@ -77,162 +101,55 @@ def check_trl_version(what: str) -> None:
         )
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
-
-# ------------------------------------------------------------------------------------- the fused head
-
-
-def _head_unsupported(model) -> str | None:
-    """Why our fused head cannot serve ``model`` (``None`` when it can)."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    cfg = model.config.get_text_config()
-    if getattr(cfg, "final_logit_softcapping", None) is not None:
-        return "the model soft-caps its logits (final_logit_softcapping), which rf.linear_logprobs does not do"
-    if getattr(cfg, "output_router_logits", False):
-        return "the model returns router logits (MoE aux loss)"
-    if is_deepspeed_zero3_enabled():
-        return "DeepSpeed ZeRO-3 shards the lm_head, which rf.linear_logprobs' backward cannot gather"
-    if _logit_scale(cfg) <= 0:
-        return "the model's logit scale is not positive"
-    return None
-
-
-def _logit_scale(cfg) -> float:
-    """The factor the model multiplies its logits by, read as TRL 1.16's ``add_fused_lm_head`` reads it."""
-    scale = getattr(cfg, "logit_scale", None)
-    if scale is None:
-        scale = getattr(cfg, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(cfg, "lm_head_multiplier", None)
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
-    return 1.0 if scale is None else float(scale)
-
-
-def install_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                       outputs: tuple[str, ...] = ("log_probs",)) -> None:  # fmt: skip
-    """Give the model *instance* a fused LM head on ``rf.linear_logprobs`` with TRL 1.16's calling convention.
-
-    ``model(..., labels=labels, fused_lm_head=True)`` returns a ``trl.trainer.utils.FusedCausalLMOutput``
-    whose ``log_probs`` (and ``entropy``, ``mean_logits`` when in ``outputs``) score the next-token labels
-    (``-100`` = not scored, 0 there) under ``softmax(logit_scale * logits / temperature)``; a call without
-    ``fused_lm_head`` goes to the model's previous forward (generation is unchanged). The instance's
-    ``forward`` attribute is replaced, as TRL's own ``add_fused_lm_head`` does; the class is not touched.
-    """
-    unknown = set(outputs) - {"log_probs", "entropy", "mean_logits"}
-    if unknown:
-        raise ValueError(f"outputs: rf.linear_logprobs computes log_probs, entropy and mean_logits, not {sorted(unknown)}")
-    previous_forward = model.forward
-    text_config = model.config.get_text_config()
-    # temperature / logit_scale: softmax(scale * z / T) = softmax(z / (T / scale))
-    effective_temperature = temperature / _logit_scale(text_config)
-    from transformers import __version__ as transformers_version
-
-    backbone_attr = "base_model"
-    if text_config is not model.config and Version(transformers_version) < Version("5.0.0"):
-        backbone_attr = "model"
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
-            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
-            return previous_forward(*args, **{k: v for k, v in extra.items() if v is not None}, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = getattr(self, backbone_attr)(*args, **kwargs).last_hidden_state
-        if shift_labels is None:
-            hidden, labels = hidden[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
-        lm_head = self.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
-        mask = labels != -100
-        h, y = hidden[mask], labels[mask]  # only the scored positions go through the head
-        ctx = nullcontext()
-        if cast_lm_head_to_fp32:
-            h, weight, bias = h.float(), weight.float(), None if bias is None else bias.float()
-            ctx = torch.autocast(h.device.type, enabled=False)
-        elif not torch.is_autocast_enabled(h.device.type) and weight.dtype != h.dtype:
-            # as TRL's chunked head: the projection runs in the hidden states' dtype
-            weight, bias = weight.to(h.dtype), None if bias is None else bias.to(h.dtype)
-        with ctx:
-            out = rf.linear_logprobs(h, weight, y, bias=bias, temperature=effective_temperature,
-                                     return_entropy="entropy" in outputs)  # fmt: skip
-        logp, entropy = out if "entropy" in outputs else (out, None)
-        mean_logits = None
-        if "mean_logits" in outputs:
-            with torch.no_grad():  # mean_v(h . W_v + b_v) = h . mean_v(W_v) + mean(b): one matrix-vector product
-                z = h.detach().float() @ weight.detach().float().mean(0)
-                if bias is not None:
-                    z = z + bias.detach().float().mean()
-                mean_logits = z / effective_temperature
-
-        def scatter(x):  # masked_scatter keeps an all-masked batch connected to the graph, as TRL does
-            return None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
-
-        log_probs = scatter(logp)
-        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=scatter(entropy),
-                                   mean_logits=scatter(mean_logits), label_mask=mask)  # fmt: skip
-
-    model.forward = types.MethodType(forward, model)
-
-
-def _install_heads(trainer, name: str, policy_outputs: tuple[str, ...], temperature: float, cast_fp32: bool) -> bool:
-    """Our fused head on the trainer's policy and reference models; ``False`` (with a warning) if one cannot take it."""
-    from accelerate.utils import is_peft_model
-
-    policy = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
-    models = [(policy, policy_outputs)]
-    if getattr(trainer, "ref_model", None) is not None:
-        models.append((trainer.accelerator.unwrap_model(trainer.ref_model), ("log_probs",)))
-    for model, _ in models:
-        why = _head_unsupported(model)
-        if why is not None:
-            _warn_once(f"rlhf_fast.integrations.trl.{name}: {why}; the log-probs come from TRL's own fused head.")
-            return False
-    for model, outputs in models:
-        install_fused_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_fp32, outputs=outputs)
-    return True
-
-
 # ------------------------------------------------------------------------------------------------ GRPO
 
 
+def _first_reason(trainer, *checks: tuple[bool, str]) -> str | None:
+    """The reason of the first check that holds, then the MoE aux loss, which no rf loss adds (``None`` when none)."""
+    checks += ((trainer.aux_loss_enabled, "the MoE aux loss"),)
+    return next((why for hit, why in checks if hit), None)
+
+
 def grpo_unsupported(trainer) -> str | None:
-    """Why ``rf.ppo_policy_loss`` cannot compute this GRPO config's loss today (``None`` when it can)."""
-    args = trainer.args
-    if trainer.loss_type not in _GRPO_AGG:
-        return f"loss_type={trainer.loss_type!r} (rf.ppo_policy_loss has grpo, bnpo, dr_grpo, dapo)"
-    if trainer.importance_sampling_level != "token":
-        return f"importance_sampling_level={trainer.importance_sampling_level!r} (GSPO)"
-    if args.delta is not None:
-        return "delta (the two-sided clip)"
-    if trainer.use_adaptive_entropy:
-        return "use_adaptive_entropy"
-    if trainer.aux_loss_enabled:
-        return "the MoE aux loss"
-    return None
+    """Why ``rf.ppo_policy_loss`` cannot compute this GRPO config's loss (``None`` when it can)."""
+    args, lt = trainer.args, trainer.loss_type
+    taus = (args.sapo_temperature_pos, args.sapo_temperature_neg)
+    return _first_reason(
+        trainer,
+        (lt not in _GRPO_AGG, f"loss_type={lt!r} (supported: {', '.join(_GRPO_AGG)})"),
+        (trainer.importance_sampling_level not in ("token", "sequence"),  # TRL's loss raises ValueError for it
+         f"importance_sampling_level={trainer.importance_sampling_level!r}"),
+        (lt == "cispo" and trainer.epsilon_high <= 1, f"loss_type='cispo' with epsilon_high={trainer.epsilon_high} "
+         "<= 1 (rf's cispo weight clip(r, 1 - clip_low, 1 + clip_high) can only cap the ratio above 1)"),
+        (lt == "sapo" and min(taus) <= 0, f"loss_type='sapo' with sapo_temperature_pos / _neg = {taus} (not > 0)"),
+        (lt in _CLIPPED and min(trainer.epsilon_low, trainer.epsilon_high) <= 0, "epsilon or epsilon_high <= 0"),
+        (lt in _CLIPPED and args.delta is not None and args.delta <= 0, f"delta={args.delta} (not > 0)"),
+        (trainer.use_adaptive_entropy, "use_adaptive_entropy (the adaptive entropy bonus)"),
+    )  # fmt: skip
 
 
-class GRPOTrainer(trl.GRPOTrainer):
+class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with log-probs, entropy and the loss on rlhf_fast (module docstring)."""
 
     def __init__(self, *args, **kwargs):
-        check_trl_version("GRPOTrainer")
         super().__init__(*args, **kwargs)
-        _install_heads(self, "GRPOTrainer", ("log_probs", "entropy"), self.temperature, self.args.cast_lm_head_to_fp32)
+        install_heads(self, "GRPOTrainer", ("log_probs", "entropy"), self.temperature, self.args.cast_lm_head_to_fp32)
         self._rf_loss_unsupported = grpo_unsupported(self)
         if self._rf_loss_unsupported is not None:
-            _warn_once(f"rlhf_fast.integrations.trl.GRPOTrainer: {self._rf_loss_unsupported} is not supported by "
-                       "rlhf_fast's policy loss yet (issue 14); this trainer computes stock TRL's loss for this config.")  # fmt: skip
+            warn_once(f"rlhf_fast.integrations.trl.GRPOTrainer: {self._rf_loss_unsupported} is not supported by "
+                      "rlhf_fast's policy loss; this trainer computes stock TRL's loss for this config.")  # fmt: skip
 
     def _compute_loss(self, model, inputs):
         if self._rf_loss_unsupported is not None:
+            return super()._compute_loss(model, inputs)
+        advantages = inputs["advantages"]
+        if advantages.dim() == 2 and advantages.shape[1] == 1:
+            advantages = advantages[:, 0]
+        sequence = self.importance_sampling_level == "sequence"
+        if sequence and advantages.dim() == 2 and self.loss_type != "cispo":
+            warn_once("rlhf_fast.integrations.trl.GRPOTrainer: importance_sampling_level='sequence' with per-token "
+                      "advantages is not supported by rlhf_fast's policy loss; stock TRL's loss for these "
+                      "batches.")  # fmt: skip
             return super()._compute_loss(model, inputs)
         completion_ids = inputs["completion_ids"]
         mask = inputs["completion_mask"]
@@ -249,11 +166,14 @@ class GRPOTrainer(trl.GRPOTrainer):
                                           "mm_token_type_ids", "image_position_ids")},
         )  # fmt: skip
         B, T = logp.shape
+        m = mask.to(torch.float32)
         old_logp = inputs.get("old_per_token_logps")
         old_logp = logp.detach() if old_logp is None else old_logp
-        advantages = inputs["advantages"]
-        if advantages.dim() == 2 and advantages.shape[1] == 1:
-            advantages = advantages[:, 0]
+        # TRL's importance ratio, differentiable: per token [B, T], or GSPO's row geometric mean [B, 1]
+        log_ratio = torch.where(m != 0, logp - old_logp, 0.0)
+        if sequence:
+            log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        coef = torch.exp(log_ratio)
 
         # Per-token weights on the policy term only (TRL applies them before adding the KL term)
         weights = []
@@ -272,62 +192,101 @@ class GRPOTrainer(trl.GRPOTrainer):
             w = w.to(torch.float32).expand(B, T)
             is_weights = w if is_weights is None else is_weights * w
 
+        loss_old_logp, options = old_logp, self._rf_policy_options()
+        if sequence and self.loss_type in ("cispo", "sapo"):
+            # rf has no sequence-level cispo / sapo mode: the row's ratio S enters through old_logp, which makes
+            # the token ratio GSPO's s_t = exp(sg(S) + logp_t - sg(logp_t)) (the value S, the gradient of a token
+            # through its own log-prob)
+            loss_old_logp = logp.detach() - log_ratio.detach()
+        if sequence and self.loss_type != "cispo" and is_weights is not None:
+            # With a per-token loss L(s_t) of value L(S) on every token of a row, TRL's sum_t m_t w_t L(S) (the
+            # gradient of S spread as m_t / n over the row) has the value and gradient of rf's sum_t m_t u L(s_t)
+            # with u the row's mean weight sum_t(m_t w_t) / n.
+            is_weights = ((is_weights * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand(B, T)
+
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         agg = _GRPO_AGG[self.loss_type]
-        m = mask.to(torch.float32)
-        if self.loss_type == "grpo":
-            factor = (m.sum(1) > 0).sum().item() / B / accumulation
+        if self.loss_type in ("grpo", "sapo", "luspo"):
+            factor = (m.sum(1) > 0).sum().item() / B
         elif self.loss_type == "bnpo":
-            factor = 1.0 / accumulation
+            factor = 1.0
         elif self.loss_type == "dr_grpo":
-            factor = T / self.max_completion_length / accumulation
-        else:  # dapo: TRL's normalizer already spans the accumulation window
+            factor = T / self.max_completion_length
+        else:  # dapo, cispo: TRL's normalizer (it already spans the accumulation window)
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
             factor = B * T / normalizer
-        policy_loss, metrics = rf.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=self.epsilon_low,
-                                                  clip_high=self.epsilon_high, agg=agg, is_weights=is_weights)  # fmt: skip
+        policy_loss, _ = rf.ppo_policy_loss(logp, loss_old_logp, advantages, mask, agg=agg, is_weights=is_weights,
+                                            **options)  # fmt: skip
         loss = policy_loss * factor
+        kl = None
         if self.beta != 0.0:
             kl = rf.kl_penalty(logp, inputs["ref_per_token_logps"], estimator="k3")
             if self.args.use_bias_correction_kl:  # TRL: the KL estimate times the (differentiable) ratio
-                kl = kl * torch.exp(torch.where(m != 0, logp - old_logp, 0.0))
+                kl = kl * coef
             loss = loss + self.beta * rf.aggregate(kl, mask, agg=agg) * factor
+        policy_metric = loss.detach()  # TRL's policy_loss: before the division by the accumulation steps
+        if self.loss_type not in ("dapo", "cispo"):
+            loss = loss / accumulation
         if self._entropy_bonus_enabled:
-            # TRL logs the policy term per micro-batch: before the accumulation divisor (dapo's normaliser has it)
-            policy_metric = loss.detach() * (1.0 if self.loss_type == "dapo" else accumulation)
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_metric).nanmean().item())
             effective = m if entropy_mask is None else m * entropy_mask
             loss = loss - self.entropy_coef * rf.aggregate(entropy, effective, agg="token-mean") / accumulation
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        self._log_grpo_metrics(mode, logp, old_logp, advantages, m, entropy, kl if self.beta != 0.0 else None)
+        kl = None if kl is None else kl.detach()
+        self._log_grpo_metrics(mode, coef.detach(), advantages, m, entropy.detach(), kl)
         return loss
 
+    def _rf_policy_options(self) -> dict:
+        """TRL's ``loss_type`` and its parameters as ``rf.ppo_policy_loss`` arguments."""
+        if self.loss_type == "cispo":  # TRL: -sg(min(r, epsilon_high)) A logp; rf: clip(r, 1 - 1, 1 + (epsilon_high - 1))
+            return dict(loss_mode="cispo", clip_low=1.0, clip_high=self.epsilon_high - 1.0)
+        if self.loss_type == "sapo":  # TRL: -A (4 / tau) sigmoid(tau (r - 1)), tau by the sign of A
+            return dict(loss_mode="sapo", sapo_tau_pos=self.args.sapo_temperature_pos,
+                        sapo_tau_neg=self.args.sapo_temperature_neg)  # fmt: skip
+        # the clipped surrogate, with delta (TRL's two-sided clip) on the unclipped ratio
+        return dict(loss_mode="gspo" if self.importance_sampling_level == "sequence" else "vanilla",
+                    clip_low=self.epsilon_low, clip_high=self.epsilon_high, delta=self.args.delta)  # fmt: skip
+
     @torch.no_grad()
-    def _log_grpo_metrics(self, mode, logp, old_logp, advantages, m, entropy, kl):
-        """TRL's GRPO metric names, each a token mean over all processes."""
+    def _log_grpo_metrics(self, mode, coef, advantages, m, entropy, kl):
+        """TRL's GRPO metric names and values: means over all processes, of the tokens, or of the rows for a
+        sequence-level ``[B, 1]`` ratio (as TRL takes them)."""
         from trl.trainer.utils import nanmax, nanmin
 
         def global_mean(x):
-            totals = self.accelerator.reduce(torch.stack([(x * m).sum(), m.sum()]), reduction="sum")
+            if x.shape[1] == 1:
+                local = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+            else:
+                local = torch.stack([(x * m).sum(), m.sum()])
+            totals = self.accelerator.reduce(local, reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
+        metrics = self._metrics[mode]
         if kl is not None:
-            self._metrics[mode]["kl"].append(global_mean(kl.detach()))
-        self._metrics[mode]["entropy"].append(global_mean(entropy.detach()))
-        ratio = torch.exp(torch.where(m != 0, logp.detach() - old_logp, 0.0))
+            metrics["kl"].append(global_mean(kl))
+        metrics["entropy"].append(global_mean(entropy))
         adv = advantages if advantages.dim() == 2 else advantages[:, None]
-        low = ((ratio < 1 - self.epsilon_low) & (adv < 0)).float()
-        high = ((ratio > 1 + self.epsilon_high) & (adv > 0)).float()
-        self._metrics[mode]["clip_ratio/low_mean"].append(global_mean(low))
-        self._metrics[mode]["clip_ratio/high_mean"].append(global_mean(high))
-        self._metrics[mode]["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
-        per_seq = lambda x: (x * m).sum(-1) / m.sum(-1)  # noqa: E731  (NaN for empty rows: nanmin/nanmax skip them)
-        self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(per_seq(low))).item())
-        self._metrics[mode]["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(per_seq(high))).item())
+        if self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(global_mean(((coef > self.epsilon_high) & (adv > 0)).float()))
+        if self.loss_type not in _CLIPPED:
+            return
+        if self.args.delta is not None:  # TRL counts the clips on the ratio capped at delta
+            coef = coef.clamp(max=self.args.delta)
+        low = ((coef < 1 - self.epsilon_low) & (adv < 0)).float()
+        high = ((coef > 1 + self.epsilon_high) & (adv > 0)).float()
+        metrics["clip_ratio/low_mean"].append(global_mean(low))
+        metrics["clip_ratio/high_mean"].append(global_mean(high))
+        metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high)))
+
+        def per_seq(x):  # NaN for empty rows: nanmin / nanmax skip them
+            return x[:, 0] if x.shape[1] == 1 else (x * m).sum(-1) / m.sum(-1)
+
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(per_seq(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(per_seq(high))).item())
 
 
 # ------------------------------------------------------------------------------------------------- DPO
@@ -335,33 +294,29 @@ class GRPOTrainer(trl.GRPOTrainer):
 
 def dpo_unsupported(trainer) -> str | None:
     """Why ``rf.dpo_loss`` cannot compute this DPO config's loss (``None`` when it can)."""
-    if len(trainer.loss_types) != 1 or trainer.loss_types[0] not in ("sigmoid", "hinge"):
-        return f"loss_type={trainer.loss_types!r} (supported: one of 'sigmoid', 'hinge')"
-    if trainer.loss_weights[0] != 1.0:
-        return "loss_weights"
-    if trainer.f_divergence_type != "reverse_kl":
-        return f"f_divergence_type={trainer.f_divergence_type!r}"
-    if trainer.ld_alpha is not None:
-        return "ld_alpha"
-    if trainer.use_weighting:
-        return "use_weighting (WPO)"
-    if trainer.aux_loss_enabled:
-        return "the MoE aux loss"
-    return None
+    lts = trainer.loss_types
+    return _first_reason(
+        trainer,
+        (len(lts) != 1 or lts[0] not in ("sigmoid", "hinge"),
+         f"loss_type={lts!r} (supported: one of 'sigmoid', 'hinge')"),
+        (trainer.loss_weights[0] != 1.0, "loss_weights"),
+        (trainer.f_divergence_type != "reverse_kl", f"f_divergence_type={trainer.f_divergence_type!r}"),
+        (trainer.ld_alpha is not None, "ld_alpha"),
+        (trainer.use_weighting, "use_weighting (WPO)"),
+    )  # fmt: skip
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(_VersionChecked, trl.DPOTrainer):
     """``trl.DPOTrainer`` with log-probs on ``rf.linear_logprobs`` and the loss on ``rf.dpo_loss`` (module docstring)."""
 
     def __init__(self, *args, **kwargs):
-        check_trl_version("DPOTrainer")
         super().__init__(*args, **kwargs)
         self._rf_unsupported = dpo_unsupported(self)
         if self._rf_unsupported is None:
-            if not _install_heads(self, "DPOTrainer", ("log_probs", "entropy", "mean_logits"), 1.0, False):
+            if not install_heads(self, "DPOTrainer", ("log_probs", "entropy", "mean_logits", "is_top1"), 1.0, False):
                 self._rf_unsupported = "the model"
         else:
-            _warn_once(f"rlhf_fast.integrations.trl.DPOTrainer: {self._rf_unsupported} is not supported by "
+            warn_once(f"rlhf_fast.integrations.trl.DPOTrainer: {self._rf_unsupported} is not supported by "
                        "rf.dpo_loss; this trainer runs stock TRL (log-probs and loss) for this config.")  # fmt: skip
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -401,38 +356,42 @@ class DPOTrainer(trl.DPOTrainer):
 
     @torch.no_grad()
     def _log_dpo_metrics(self, mode, inputs, outputs, shift_mask, chosen, rejected, ref_chosen, ref_rejected):
-        """TRL's DPO metric names (all but ``mean_token_accuracy``), reduced over all processes."""
+        """TRL's DPO metric names and values, reduced over all processes."""
         acc = self.accelerator
         T = shift_mask.size(1)
         m = shift_mask.float()
-        ent = acc.gather_for_metrics(torch.stack([(outputs.entropy[:, -T:] * m).sum(), m.sum()]).reshape(1, 2)).sum(0)
-        self._metrics[mode]["entropy"].append((ent[0] / ent[1]).item() if ent[1] > 0 else 0.0)
+        metrics = self._metrics[mode]
+
+        def global_ratio(num, den):  # sum over processes of num / of den (0 without any token)
+            s = acc.gather_for_metrics(torch.stack([num.float(), den.float()]).reshape(1, 2)).sum(0)
+            return (s[0] / s[1]).item() if s[1] > 0 else 0.0
+
+        metrics["entropy"].append(global_ratio((outputs.entropy[:, -T:] * m).sum(), m.sum()))
         if mode == "train":
             tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        metrics["num_tokens"] = [self._total_train_tokens]
         for name, part, mask in zip(("chosen", "rejected"), outputs.mean_logits[:, -T:].chunk(2), m.chunk(2)):
-            s = acc.gather_for_metrics(torch.stack([(part * mask).sum(), mask.sum()]).reshape(1, 2)).sum(0)
-            self._metrics[mode][f"logits/{name}"].append((s[0] / s[1]).item() if s[1] > 0 else 0.0)
+            metrics[f"logits/{name}"].append(global_ratio((part * mask).sum(), mask.sum()))
+        chosen_mask = m.chunk(2)[0]  # token accuracy: the chosen completions' labels that are the argmax
+        hits = outputs.is_top1[:, -T:].chunk(2)[0] & chosen_mask.bool()
+        metrics["mean_token_accuracy"].append(global_ratio(hits.sum(), chosen_mask.sum()))
         chosen_rewards = self.beta * (chosen - ref_chosen)
         rejected_rewards = self.beta * (rejected - ref_rejected)
-        self._metrics[mode]["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
-        self._metrics[mode]["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
-        self._metrics[mode]["rewards/accuracies"].append(acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        self._metrics[mode]["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
-        self._metrics[mode]["logps/chosen"].append(acc.gather(chosen).mean().item())
-        self._metrics[mode]["logps/rejected"].append(acc.gather(rejected).mean().item())
+        metrics["rewards/chosen"].append(acc.gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(acc.gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(acc.gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(acc.gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(acc.gather(chosen).mean().item())
+        metrics["logps/rejected"].append(acc.gather(rejected).mean().item())
 
 
 # ---------------------------------------------------------------------------------------------- Reward
 
 
-class RewardTrainer(trl.RewardTrainer):
-    """``trl.RewardTrainer`` with the Bradley-Terry loss on ``rf.pairwise_sigmoid_loss`` (module docstring)."""
-
-    def __init__(self, *args, **kwargs):
-        check_trl_version("RewardTrainer")  # compute_loss below keeps TRL 1.16's metrics bookkeeping
-        super().__init__(*args, **kwargs)
+class RewardTrainer(_VersionChecked, trl.RewardTrainer):
+    """``trl.RewardTrainer`` with the Bradley-Terry loss on ``rf.pairwise_sigmoid_loss`` (module docstring;
+    version-checked: its ``compute_loss`` keeps TRL 1.16's metrics bookkeeping)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
