@@ -4,13 +4,16 @@ Layout. With a process group of size ``P``, the last dimension of the logits (``
 an lm_head ``weight`` (and ``bias``), hold this rank's contiguous slice of the vocabulary; rank ``r`` holds
 ids ``[offset_r, offset_r + V_r)`` with ``offset_r = V_0 + ... + V_{r-1}``: the slices in rank order, of any
 sizes (each call exchanges the ``V_r`` with one all-reduce of a ``[P]`` vector). Labels are global ids, the
-same tensor on every rank. This is Megatron-LM's layout (``VocabParallelEmbedding`` / the ``lm_head``
-``ColumnParallelLinear`` with ``gather_output=False``, ``vocab_parallel_cross_entropy``) and verl's (its
-vocab-parallel log-prob and its Triton entropy kernel take the tensor-parallel process group). Megatron pads
-the vocabulary to a multiple of ``make_vocab_size_divisible_by x TP size``, so every rank holds the same
-number of rows: to us padded rows are ordinary vocabulary entries. Give them logits ``-inf`` (they then have
-probability 0 and add nothing) or labels that never point at them; a padded row left at an ordinary value
-takes probability mass as any other entry would.
+same tensor on every rank. Megatron-LM's layout is this one with equal slices: rank ``r`` owns
+``[r V/P, (r+1) V/P)`` (``VocabUtility`` in megatron/core/tensor_parallel/utils.py; the lm_head is a
+``ColumnParallelLinear`` with ``gather_output=False``, the loss ``vocab_parallel_cross_entropy``), and so is
+verl's: its fused linear cross-entropy / entropy kernel takes the tensor-parallel process group and matches
+labels at ``rank * V_local + column`` (verl/utils/kernel/kernels.py, commit fe3b96ba). Megatron pads the
+vocabulary to a multiple of ``make_vocab_size_divisible_by x TP size`` so that the slices are equal. To us
+padded rows are ordinary vocabulary entries (as they are to Megatron's own cross-entropy): a padded row at a
+finite logit takes probability mass like any other entry. To get the unpadded model's distribution, give
+padded entries the logit ``-inf`` (for the linear ops: a ``bias`` of ``-inf`` on those rows, any finite
+weight): they then have probability 0, add nothing to the entropy or KL and get gradient 0.
 
 What each rank computes. Its shard's row statistics, with the op's own implementation (Triton kernels or
 the chunked PyTorch twins, unchanged): the max ``m_r``, the log-normalizer ``log s_r`` (``s_r = sum e^(z -
@@ -160,16 +163,41 @@ class LogprobsShardOptions:
     with_entropy: bool = True
 
 
+def shard_partials(o: LogprobsShardOptions, labels: torch.Tensor, ins):
+    """This shard's ``(local, owned, (logp, entropy | None, row_max, log_norm))``: shard-local labels, the
+    rows whose label it owns, and its row statistics ``[N]`` (``ins``: ``(x [B, T, V_r],)`` or ``(hidden,
+    weight, bias)``). Stage one of :class:`_LogprobsShard`; an in-process simulation of ``P`` shards runs it
+    per shard and stacks the statistics for :func:`combine_logprobs` (benchmarks/gpu_tp.py)."""
+    local, owned = o.shard.localize(labels, o.ignore_index)
+    if o.linear:
+        return local, owned, o.forward(*ins, local, o.temperature, o.with_entropy)
+    return local, owned, o.forward(ins[0], local, o.temperature, _NO_IGNORE, o.with_entropy)
+
+
+def shard_grads(o: LogprobsShardOptions, ins, local, owned, stats, g_logp, g_entropy, needs=(True, True, True)):
+    """The gradients of this shard's ``ins`` from the combined ``stats = (row_max, log_norm, entropy)``, with
+    ``g_logp`` (0 on ignored rows) and ``g_entropy`` (``None``: no entropy terms): ``grad`` of the logits, or
+    ``(d_hidden, d_weight, d_bias)`` with ``d_hidden`` this shard's part only (the caller sums the parts)."""
+    # Every row gets -g_logp p_v on its shard; only the rank owning the label adds g_logp at it. The kernels
+    # add it where the column equals the label, so a row owned elsewhere gets an id past the shard; the
+    # PyTorch twins gather at the label, so they take it in range and a separate label gradient.
+    if o.impl == "triton":
+        labels, extra = torch.where(owned, local, o.shard.size), {}
+    else:
+        labels, extra = local, {"label_grad": g_logp.masked_fill(~owned, 0.0)}
+    row_max, log_norm, entropy = stats
+    args = (row_max, log_norm, None if g_entropy is None else entropy, g_logp, g_entropy, o.temperature)
+    if not o.linear:
+        return o.backward(ins[0], labels, *args, _NO_IGNORE, **extra)
+    return o.backward(*ins, labels, *args, *needs, **extra)
+
+
 class _LogprobsShard(torch.autograd.Function):
     @staticmethod
     @_amp.float32_op
     def forward(ctx, o: LogprobsShardOptions, labels, *inputs):
-        local, owned = o.shard.localize(labels, o.ignore_index)
         ins = inputs if o.linear else (as_btv(inputs[0]),)
-        if o.linear:
-            stats = o.forward(*ins, local, o.temperature, o.with_entropy)
-        else:
-            stats = o.forward(ins[0], local, o.temperature, _NO_IGNORE, o.with_entropy)
+        local, owned, stats = shard_partials(o, labels, ins)
         logp, entropy, row_max, log_norm = (None if t is None else t.unsqueeze(0) for t in stats)
         logp, entropy, row_max, log_norm = combine_logprobs(logp, entropy, row_max, log_norm, owned[None],
                                                             o.shard.group)  # fmt: skip
@@ -188,19 +216,11 @@ class _LogprobsShard(torch.autograd.Function):
         n = local.numel()
         g_logp = grad_or_zeros(grad_logp, n, local.device).masked_fill(ignored, 0.0)
         g_entropy = None if grad_entropy is None else grad_or_zeros(grad_entropy, n, local.device)
-        entropy = None if grad_entropy is None else entropy
-        # Every row gets -g_logp p_v on its shard; only the rank owning the label adds g_logp at it. The
-        # kernels add it where the column equals the label, so a row owned elsewhere gets an id past the
-        # shard; the PyTorch twins gather at the label, so they take it in range and a separate label gradient.
-        if o.impl == "triton":
-            labels, extra = torch.where(owned, local, o.shard.size), {}
-        else:
-            labels, extra = local, {"label_grad": g_logp.masked_fill(~owned, 0.0)}
-        stats = (row_max, log_norm, entropy, g_logp, g_entropy, o.temperature)
+        grads = shard_grads(o, ins, local, owned, (row_max, log_norm, entropy), g_logp, g_entropy,
+                            ctx.needs_input_grad[2:5])  # fmt: skip
         if not o.linear:
-            grad = o.backward(ins[0], labels, *stats, _NO_IGNORE, **extra)
-            return None, None, grad.reshape(ctx.input_shape)
-        d_hidden, d_weight, d_bias = o.backward(*ins, labels, *stats, *ctx.needs_input_grad[2:5], **extra)
+            return None, None, grads.reshape(ctx.input_shape)
+        d_hidden, d_weight, d_bias = grads
         if d_hidden is not None:  # hidden is replicated: its gradient sums every shard's part
             _reduce_(d_hidden, dist.ReduceOp.SUM, o.shard.group)
         return None, None, d_hidden, d_weight, d_bias

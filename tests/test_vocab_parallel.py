@@ -205,6 +205,39 @@ def test_a_group_of_one_equals_no_group(impl):
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padded_rows_at_minus_inf_bias_change_nothing(impl):
+    """Megatron pads the vocabulary; padded lm_head rows whose bias is -inf leave the outputs and gradients of
+    the real vocabulary as they are, and get gradient 0 themselves."""
+    d, pad = _case(1), 3
+    h, w, b = _leaf(d["hidden"]), _leaf(d["weight"]), _leaf(d["bias"])
+    logp, ent = rf.linear_logprobs(h, w, d["labels"], bias=b, return_entropy=True, impl=impl)
+    (d["g1"] * logp + d["g2"] * ent).sum().backward()
+    hp = _leaf(d["hidden"])
+    wp = _leaf(torch.cat([d["weight"], torch.randn(pad, H)]))
+    bp = _leaf(torch.cat([d["bias"], torch.full((pad,), -float("inf"))]))
+    logp_p, ent_p = rf.linear_logprobs(hp, wp, d["labels"], bias=bp, return_entropy=True, impl=impl,
+                                       process_group=_group_of_one())  # fmt: skip
+    (d["g1"] * logp_p + d["g2"] * ent_p).sum().backward()
+    V = d["weight"].shape[0]
+    for got, want in ((logp_p, logp), (ent_p, ent), (hp.grad, h.grad), (wp.grad[:V], w.grad), (bp.grad[:V], b.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not wp.grad[V:].any() and not bp.grad[V:].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["logprobs", "linear_logprobs"])
+def test_slices_simulated_in_one_process_match(op, impl):
+    """The GPU suite's tp item on CPU: three slices' statistics combined in this process (the all-reduces'
+    arithmetic, without a group) give the one-process outputs and gradients."""
+    from benchmarks import gpu_tp
+
+    shape = dict((c[0], c[2]) for c in gpu_tp.CASES)[op]
+    result = gpu_tp.run_case(op, shape, 3, torch.float32, torch.device("cpu"), repeats=1, impl=impl)
+    assert result["status"] == "PASS", result["diffs"]
+    assert len(set(result["slices"])) > 1  # unequal slices
+
+
 @pytest.mark.parametrize("group", ["tp", 2, object()])
 def test_a_bad_process_group_is_a_value_error(group):
     d = _case(1)
