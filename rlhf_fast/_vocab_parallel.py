@@ -104,6 +104,14 @@ def _reduce_(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
+def _sum_hidden_grad_(d_hidden: torch.Tensor | None, group) -> torch.Tensor | None:
+    """Sum the shards' parts of a replicated ``hidden``'s gradient over the group, in float32 for bf16/fp16 (each
+    part was rounded to the dtype once; the sum is rounded once more, not once per addition)."""
+    if d_hidden is None or d_hidden.dtype == torch.float32:
+        return None if d_hidden is None else _reduce_(d_hidden, dist.ReduceOp.SUM, group)
+    return d_hidden.copy_(_reduce_(d_hidden.float(), dist.ReduceOp.SUM, group))
+
+
 # ------------------------------------------------------------------------------------ exact combination
 # Partials are [R, N]: R shards held by this process (1 under a process group; P when shards are simulated
 # in one process with group=None), reduced over dim 0 here and then across the group.
@@ -221,9 +229,7 @@ class _LogprobsShard(torch.autograd.Function):
         if not o.linear:
             return None, None, grads.reshape(ctx.input_shape)
         d_hidden, d_weight, d_bias = grads
-        if d_hidden is not None:  # hidden is replicated: its gradient sums every shard's part
-            _reduce_(d_hidden, dist.ReduceOp.SUM, o.shard.group)
-        return None, None, d_hidden, d_weight, d_bias
+        return None, None, _sum_hidden_grad_(d_hidden, o.shard.group), d_weight, d_bias  # hidden is replicated
 
 
 def logprobs(o: LogprobsShardOptions, labels: torch.Tensor, *inputs):
@@ -273,9 +279,7 @@ class _FullKLShard(torch.autograd.Function):
         if not o.linear:
             return None, o.backward(*ins, kl, stats, g, o.temperature).reshape(ctx.input_shape), None
         d_hidden, d_weight, d_bias = o.backward(*ins, kl, stats, g, o.temperature, o.impl, *ctx.needs_input_grad[1:4])
-        if d_hidden is not None:  # hidden is replicated: its gradient sums every shard's part
-            _reduce_(d_hidden, dist.ReduceOp.SUM, o.group)
-        return None, d_hidden, d_weight, d_bias, None, None, None
+        return None, _sum_hidden_grad_(d_hidden, o.group), d_weight, d_bias, None, None, None  # hidden is replicated
 
 
 def full_kl(o: FullKLShardOptions, *inputs) -> torch.Tensor:
