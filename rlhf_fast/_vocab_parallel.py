@@ -35,7 +35,11 @@ rank; ``d_weight`` and ``d_bias`` are the rank's own shard's. So do not all-redu
 second time (do not feed ``hidden`` through Megatron's ``copy_to_tensor_model_parallel_region``, whose
 backward would sum the already summed gradient again).
 
-``process_group=None`` never reaches this module: the ops run exactly as without tensor parallelism.
+Under bf16/fp16 the shards' parts of ``d_hidden`` are summed in float32 and rounded once. Any
+``torch.distributed`` group works (NCCL for CUDA tensors, gloo for CPU ones; the tests run gloo).
+
+With ``process_group=None`` the ops do no work here (``shard_of`` returns ``None``) and no collective: they
+run exactly as without tensor parallelism.
 """
 
 from dataclasses import dataclass
@@ -108,13 +112,13 @@ def _sum_hidden_grad_(d_hidden: torch.Tensor | None, group) -> torch.Tensor | No
     """Sum the shards' parts of a replicated ``hidden``'s gradient over the group, in float32 for bf16/fp16 (each
     part was rounded to the dtype once; the sum is rounded once more, not once per addition)."""
     if d_hidden is None or d_hidden.dtype == torch.float32:
-        return None if d_hidden is None else _reduce_(d_hidden, dist.ReduceOp.SUM, group)
+        return d_hidden if d_hidden is None else _reduce_(d_hidden, dist.ReduceOp.SUM, group)
     return d_hidden.copy_(_reduce_(d_hidden.float(), dist.ReduceOp.SUM, group))
 
 
 # ------------------------------------------------------------------------------------ exact combination
 # Partials are [R, N]: R shards held by this process (1 under a process group; P when shards are simulated
-# in one process with group=None), reduced over dim 0 here and then across the group.
+# in one process with group=None, benchmarks/gpu_tp.py), reduced over R here and then across the group.
 
 
 def _global_max(row_max, log_norm, group):

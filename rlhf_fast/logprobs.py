@@ -196,8 +196,8 @@ def logprobs(
             backward through the same graph (``retain_graph=True``) raises ``RuntimeError``.
         process_group: tensor parallelism (``None``: none). ``logits`` is this rank's contiguous slice of
             the vocabulary, slices in rank order (any sizes); ``labels`` are global ids. Every rank returns
-            the outputs of the whole vocabulary and gets the gradient of its slice; two small all-reduces per
-            forward, none in backward. Layout and method: rlhf_fast/_vocab_parallel.py. Not with
+            the outputs of the whole vocabulary and gets the gradient of its slice; three small all-reduces
+            per forward (the slice sizes, then a MAX and a SUM over ``[N]`` vectors), none in backward. Layout and method: rlhf_fast/_vocab_parallel.py. Not with
             ``inplace_backward``.
 
     Returns:
