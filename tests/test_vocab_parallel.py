@@ -135,7 +135,14 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, impls: list[str
                 errors.append("")
             except ValueError as exc:
                 errors.append(str(exc))
-        torch.save({"results": results, "errors": errors, "slice": (sl.start, sl.stop)}, f"{out_dir}/rank{rank}.pt")
+        saved = {"results": results, "errors": errors, "slice": (sl.start, sl.stop)}
+        if world == 4:  # two TP groups of 2 (as beside data parallelism): each splits the 2-rank case
+            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+            sub, d2 = rank % 2, _case(2)
+            lo = sum(d2["sizes"][:sub])
+            saved["subgroup"] = _run_ops(d2, "torch", slice(lo, lo + d2["sizes"][sub]), groups[rank // 2])
+            saved["subgroup_slice"] = (lo, lo + d2["sizes"][sub])
+        torch.save(saved, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -189,6 +196,21 @@ def test_outputs_are_identical_on_every_rank(spawned, impl):
         for key, value in saved["results"][impl].items():
             if key.rsplit("/", 1)[1] not in ("d_logits", "d_weight", "d_bias"):
                 assert torch.equal(value, first[key]), key
+
+
+def test_tensor_parallel_subgroups(spawned):
+    """World 4 as two TP groups of 2: each group's ranks get the 2-rank split's results (group-local ranks)."""
+    world, ranks, _ = spawned
+    if world != 4:
+        pytest.skip("the subgroups run in the 4-process spawn")
+    ref = _run_ops(_case(2), "torch", slice(None), None)
+    for saved in ranks:
+        got, sl = saved["subgroup"], slice(*saved["subgroup_slice"])
+        for key, full in ref.items():
+            if key.startswith("linear_logprobs_bf16/"):
+                continue  # bf16 rounding: checked with its own bar in test_every_op_matches_the_whole_vocabulary
+            torch.testing.assert_close(got[key], _expected(key, full, sl), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, key=key: f"{key}: {m}")  # fmt: skip
 
 
 def test_labels_outside_the_whole_vocabulary_raise(spawned):
