@@ -56,7 +56,6 @@ from ._softmax_torch import as_btv, grad_or_zeros
 # ignored rows itself.
 _NO_IGNORE = -1
 
-_GROUP_TYPES = (dist.ProcessGroup, torch._C._distributed_c10d.Backend)
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -79,8 +78,16 @@ class Shard:
         return local.masked_fill(~owned, 0).contiguous(), owned
 
 
+def _group_types() -> tuple:
+    """A ``dist.new_group`` / ``init_process_group`` group, or a backend built directly (``ProcessGroupGloo``);
+    none where this PyTorch build has no ``torch.distributed``."""
+    if not dist.is_available():
+        return ()
+    return (dist.ProcessGroup, torch._C._distributed_c10d.Backend)
+
+
 def check_group(process_group) -> None:
-    if not isinstance(process_group, _GROUP_TYPES):
+    if not isinstance(process_group, _group_types()):
         raise ValueError(
             "process_group must be None or a torch.distributed process group (the tensor-parallel group over "
             f"which the vocabulary is split), got {type(process_group).__name__}"
