@@ -100,7 +100,7 @@ def full_kl(
     *,
     temperature: float = 1.0,
     impl: str = "auto",
-    process_group=None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """Exact ``KL(softmax(logits / T) || softmax(ref_logits / T))`` at every position, float32 ``[...]``.
 

@@ -48,7 +48,7 @@ def linear_dpo_loss(
     bias: torch.Tensor | None = None,
     impl: str = "auto",
     reduction: str = "mean",
-    process_group=None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``dpo_loss`` on the sequence log-probs of ``hidden @ weight.T + bias``, never building the logits.
 

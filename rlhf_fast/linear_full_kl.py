@@ -108,7 +108,7 @@ def linear_full_kl(
     ref_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     impl: str = "auto",
-    process_group=None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """``rf.full_kl(hidden @ weight.T + bias, ref_hidden @ ref_weight.T + ref_bias)`` without either logits tensor.
 

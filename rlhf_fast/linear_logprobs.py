@@ -182,7 +182,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     impl: str = "auto",
-    process_group=None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """``rf.logprobs(hidden @ weight.T + bias, labels, ...)`` without materializing the ``[N, V]`` logits.
 

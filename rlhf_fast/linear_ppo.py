@@ -171,7 +171,7 @@ def linear_ppo_loss(
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
     kl_bias_correction: bool = False,
-    process_group=None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """``rf.ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without building the logits.
 

@@ -179,7 +179,7 @@ def logprobs(
     return_entropy: bool = False,
     impl: str = "auto",
     inplace_backward: bool = False,
-    process_group=None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """Per-token log-probs ``log_softmax(logits / temperature)[labels]`` and, optionally, the entropy.
 

@@ -276,7 +276,7 @@ def ppo_loss_from_logits(
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
     kl_bias_correction: bool = False,
-    process_group=None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """The policy loss straight from ``[B, T, V]`` logits, and the metrics a trainer logs.
 

@@ -29,7 +29,7 @@ def sequence_logprobs(
     ignore_index: int = -100,
     average: bool = False,
     impl: str = "auto",
-    process_group=None,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """Per-sequence log-prob: ``sum_t log_softmax(logits / T)[t, labels[t]]`` over tokens not ignored.
 
