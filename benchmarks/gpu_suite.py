@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from . import harness
+from . import gpu_tp, harness
 from .gpu_report import _header, _read, _write, correctness_table, write_summary  # noqa: F401 (re-exported)
 
 MODULE = harness.module_name("benchmarks.gpu_suite")
@@ -302,10 +302,11 @@ def run_trainer(ctx: Context) -> None:
 
 SECTIONS: list[Section] = [
     Section("environment", "Environment and measured ceilings", 15, run_environment),
-    Section("correctness", "Native correctness of every kernel against float64", 150, run_correctness),
+    Section("correctness", "Native correctness of every kernel against float64", 140, run_correctness),
     Section("ops", "Op benchmarks at the peers' headline shapes", sum(op.planned_s for op in OPS), run_ops),
     Section("trainer", "Qwen2.5-0.5B shape: a PPO step, fused vs reference ops; a TRL GRPO step, stock vs rlhf_fast",
             sum(TRAINER_PLANNED_S.values()), run_trainer),
+    Section("tp", "Tensor parallel: TP=1 vs simulated vocabulary slices (benchmarks/gpu_tp.py)", 10, gpu_tp.run),
 ]
 
 

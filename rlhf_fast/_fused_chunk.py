@@ -111,7 +111,7 @@ def _stats(x: torch.Tensor, labels: torch.Tensor, inv_t: torch.Tensor, with_entr
     return d_label - log_s, log_s - u / s, m.squeeze(-1), log_s
 
 
-def _grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor):
+def _grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor, label_grad=None):
     """``dL/dx`` for ``z = x * inv_t``; the twin of ``softmax_grad_`` (``entropy`` None: of ``logp_grad_``)."""
     logp_all = x * inv_t - row_max.unsqueeze(-1) - log_norm.unsqueeze(-1)
     p = torch.exp(logp_all)
@@ -121,14 +121,15 @@ def _grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch
         g = -p * (g_logp.unsqueeze(-1) + g_entropy.unsqueeze(-1) * (logp_all + entropy.unsqueeze(-1)))
         g = torch.where(p == 0, torch.zeros_like(g), g)  # masked vocabulary: p = 0, log p = -inf
     one_hot = torch.arange(x.shape[-1], device=x.device).unsqueeze(0) == labels.unsqueeze(-1)
-    g = torch.where(one_hot, g + g_logp.unsqueeze(-1), g)
+    g = torch.where(one_hot, g + (g_logp if label_grad is None else label_grad).unsqueeze(-1), g)
     return g * inv_t
 
 
-def _grad_into(out, x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor) -> None:
+def _grad_into(out, x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor,
+               label_grad=None) -> None:  # fmt: skip
     """``_grad`` stored into ``out``: Inductor writes a mutated input in place, so a caller that reuses one
     buffer for every chunk allocates (and page-faults) nothing per chunk."""
-    out.copy_(_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t))
+    out.copy_(_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t, label_grad))
 
 
 _compiled: dict[str, object] = {}
@@ -170,14 +171,14 @@ def chunk_stats(x: torch.Tensor, labels: torch.Tensor, temperature: float, with_
 
 
 def chunk_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+               out: torch.Tensor | None = None, label_grad=None) -> torch.Tensor:  # fmt: skip
     """``dL/dx`` for the float32 chunk ``x [rows, V]`` (overwritten) of ``softmax(x / temperature)``, with
     ``L = sum(g_logp * logp + g_entropy * entropy)``; ``entropy`` None: the log-prob terms alone.
 
     ``out``: a ``[rows, V]`` float32 buffer the compiled body writes the result into (returned); the eager
-    twins ignore it and return ``x``, overwritten."""
+    twins ignore it and return ``x``, overwritten. ``label_grad``: see ``softmax_grad_``."""
     if _use_compiled(x):
-        args = (x, row_max, log_norm, entropy, g_logp, g_entropy, labels, _inv(temperature))
+        args = (x, row_max, log_norm, entropy, g_logp, g_entropy, labels, _inv(temperature), label_grad)
         name = f"grad{int(entropy is not None)}"
         if out is None:
             ok, result = _run_compiled(name, _grad, *args)
@@ -187,8 +188,8 @@ def chunk_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, tempera
             return result
     z = x if temperature == 1.0 else x.div_(temperature)
     if entropy is None:
-        return logp_grad_(z, row_max, log_norm, g_logp, labels, temperature)
-    return softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature)
+        return logp_grad_(z, row_max, log_norm, g_logp, labels, temperature, label_grad)
+    return softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature, label_grad)
 
 
 def _inv(temperature: float) -> torch.Tensor:

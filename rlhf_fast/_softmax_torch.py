@@ -81,7 +81,7 @@ def softmax_stats_(z: torch.Tensor, labels: torch.Tensor, with_entropy: bool = T
     return d_label - log_s, log_s - u / s, m.squeeze(-1), log_s
 
 
-def softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature: float):
+def softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature: float, label_grad=None):
     """``dL/dx`` for ``z = x / temperature`` and ``L = sum(g_logp * logp + g_entropy * entropy)``.
 
     Same formula as the Triton backward (derived in kernels/logprobs.py)::
@@ -89,17 +89,19 @@ def softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temp
         dL/dz_v = g_logp * ([v == y] - p_v) - g_H * p_v * (log p_v + H),    dL/dx = dL/dz / T
 
     ``g_logp`` must already be 0 on ignored rows. ``z`` is overwritten; the result is a new tensor.
+    ``label_grad`` (default ``g_logp``) is what the ``[v == y]`` term adds at the label: a vocabulary shard
+    passes 0 for rows whose label another rank owns (rlhf_fast/_vocab_parallel.py).
     """
     logp_all = z.sub_(row_max.unsqueeze(-1)).sub_(log_norm.unsqueeze(-1))
     p = logp_all.exp()
     coef = logp_all.add_(entropy.unsqueeze(-1)).mul_(g_entropy.unsqueeze(-1))
     g = coef.add_(g_logp.unsqueeze(-1)).mul_(p).neg_()
     g.masked_fill_(p == 0, 0.0)  # masked vocabulary: p = 0 and log p = -inf
-    g.scatter_add_(-1, labels.unsqueeze(-1), g_logp.unsqueeze(-1))
+    g.scatter_add_(-1, labels.unsqueeze(-1), (g_logp if label_grad is None else label_grad).unsqueeze(-1))
     return g if temperature == 1.0 else g.div_(temperature)
 
 
-def logp_grad_(z, row_max, log_norm, g_logp, labels, temperature: float):
+def logp_grad_(z, row_max, log_norm, g_logp, labels, temperature: float, label_grad=None):
     """``dL/dx`` for ``z = x / temperature`` and ``L = sum(g_logp * logp)``: ``softmax_grad_`` without the
     entropy terms (what it computes with ``g_entropy = 0``, up to rounding)::
 
@@ -107,9 +109,11 @@ def logp_grad_(z, row_max, log_norm, g_logp, labels, temperature: float):
 
     with ``1 / T`` folded into ``g_logp`` (a ``[rows]`` vector) rather than a pass over the chunk. A masked
     vocabulary entry gets ``p_v = e^-inf = 0`` and so 0 without a mask. ``g_logp`` must already be 0 on
-    ignored rows. ``z`` is overwritten and returned as the result.
+    ignored rows. ``z`` is overwritten and returned as the result. ``label_grad``: as in ``softmax_grad_``.
     """
     g_row = g_logp if temperature == 1.0 else g_logp / temperature
     p = z.sub_(row_max.unsqueeze(-1)).sub_(log_norm.unsqueeze(-1)).exp_()
     g = p.mul_(g_row.neg().unsqueeze(-1))
+    if label_grad is not None:
+        g_row = label_grad if temperature == 1.0 else label_grad / temperature
     return g.scatter_add_(-1, labels.unsqueeze(-1), g_row.unsqueeze(-1))

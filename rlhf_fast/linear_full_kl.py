@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _amp, _checks
+from . import _amp, _checks, _vocab_parallel
 from ._dispatch import resolve
 from ._fused_chunk import chunk_rows
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
@@ -108,6 +108,7 @@ def linear_full_kl(
     ref_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     impl: str = "auto",
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """``rf.full_kl(hidden @ weight.T + bias, ref_hidden @ ref_weight.T + ref_bias)`` without either logits tensor.
 
@@ -119,6 +120,11 @@ def linear_full_kl(
             ``ref_hidden``'s dtype (which may differ from the policy's). Constants: no gradient.
         temperature: positive divisor of both logits.
         impl: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
+        process_group: tensor parallelism (``None``: none). ``weight``/``bias`` and ``ref_weight``/``ref_bias``
+            hold this rank's contiguous slice of the vocabulary's rows (the same slice), slices in rank
+            order; ``hidden`` and ``ref_hidden`` are the same on every rank. Every rank returns the KL over
+            the whole vocabulary; ``weight``/``bias`` get their slice's gradient, ``hidden`` the full one,
+            all-reduced (SUM) in backward (rlhf_fast/_vocab_parallel.py).
 
     Returns float32 ``KL(pi || pi_ref)`` ``[...]`` per position, differentiable in ``hidden``, ``weight`` and
     ``bias`` (gradients in their dtypes). Under autocast both sides' matmul operands take the autocast
@@ -138,7 +144,13 @@ def linear_full_kl(
     lead = hidden.shape[:-1]
     N = hidden[..., 0].numel()
     detach = [None if t is None else t.detach() for t in (ref_hidden, ref_weight, ref_bias)]
+    args = (hidden.reshape(N, hidden.shape[-1]), weight, bias, detach[0].reshape(N, ref_hidden.shape[-1]), *detach[1:])
     with _amp.no_autocast():
-        kl = _LinearFullKL.apply(hidden.reshape(N, hidden.shape[-1]), weight, bias,
-                                 detach[0].reshape(N, ref_hidden.shape[-1]), detach[1], detach[2], opts, impl)  # fmt: skip
+        if process_group is None:
+            kl = _LinearFullKL.apply(*args, opts, impl)
+        else:
+            _vocab_parallel.check_group(process_group)
+            o = _vocab_parallel.FullKLShardOptions(process_group, impl, _forward, _backward, linear=True,
+                                                   temperature=opts.temperature)  # fmt: skip
+            kl = _vocab_parallel.full_kl(o, *args)
     return kl.view(lead)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _amp, _checks
+from . import _amp, _checks, _vocab_parallel
 from ._dispatch import resolve
 from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
 from ._softmax_torch import grad_or_zeros
@@ -82,11 +82,12 @@ def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entrop
 
 
 def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_logp, g_entropy,
-                    temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool):  # fmt: skip
+                    temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool, label_grad=None):  # fmt: skip
     """``(d_hidden, d_weight, d_bias)`` with recomputed chunk logits; the twin of ``linear_logprobs_backward``.
 
     ``entropy`` and ``g_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms). The weight
-    gradient accumulates in float32 and is cast once at the end.
+    gradient accumulates in float32 and is cast once at the end. ``label_grad``: as in ``rf.logprobs``'
+    ``_torch_backward`` (a vocabulary shard's label term).
     """
     N, V = hidden.shape[0], weight.shape[0]
     w32 = weight.float()
@@ -102,7 +103,8 @@ def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_
         n = h32.shape[0]
         z = _chunk_logits(h32, w32, b32, out=z_buf[:n])
         g = chunk_grad(z, row_max[rows], log_norm[rows], None if entropy is None else entropy[rows], g_logp[rows],
-                       None if g_entropy is None else g_entropy[rows], labels[rows], temperature, out=g_buf[:n])  # fmt: skip
+                       None if g_entropy is None else g_entropy[rows], labels[rows], temperature, out=g_buf[:n],
+                       label_grad=None if label_grad is None else label_grad[rows])  # fmt: skip
         if need_hidden:
             if d_hidden.dtype == torch.float32:
                 torch.mm(g, w32, out=d_hidden[rows])
@@ -160,6 +162,16 @@ class _LinearLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None
 
 
+def vocab_parallel(hidden, weight, bias, labels, opts: LinearLogprobsOptions, impl: str, shard):
+    """``_LinearLogprobs.apply`` with ``weight [V_r, H]`` (``bias [V_r]``) a vocabulary shard and ``hidden``
+    replicated (rlhf_fast/_vocab_parallel.py): ``(logp, entropy | None)`` ``[N]`` of the whole vocabulary;
+    gradients to the shard's weight and bias and, all-reduced, to ``hidden``."""
+    forward, backward = _backend(impl)
+    o = _vocab_parallel.LogprobsShardOptions(shard, impl, forward, backward, linear=True, temperature=opts.temperature,
+                                             ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)  # fmt: skip
+    return _vocab_parallel.logprobs(o, labels, hidden, weight, bias)
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -170,6 +182,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     impl: str = "auto",
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """``rf.logprobs(hidden @ weight.T + bias, labels, ...)`` without materializing the ``[N, V]`` logits.
 
@@ -179,6 +192,12 @@ def linear_logprobs(
         labels: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]``, same dtype as ``hidden``.
         temperature, ignore_index, return_entropy, impl: as in :func:`rlhf_fast.logprobs`.
+        process_group: tensor parallelism (``None``: none). ``weight`` (and ``bias``) hold this rank's
+            contiguous slice of the vocabulary's rows, slices in rank order (Megatron's vocab-parallel
+            lm_head, ``gather_output=False``); ``hidden`` and ``labels`` (global ids) are the same on every
+            rank. Every rank returns the outputs of the whole vocabulary; ``weight``/``bias`` get their
+            slice's gradient and ``hidden`` the full gradient, all-reduced (SUM) over the group in backward:
+            do not all-reduce it again. See rlhf_fast/_vocab_parallel.py.
 
     Returns:
         float32 ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``; differentiable
@@ -218,10 +237,11 @@ def linear_logprobs(
         with_entropy=bool(return_entropy),
     )
     impl = resolve(impl, hidden.device)
-    _checks.check_labels_in_range(labels, V, opts.ignore_index)
+    shard = _vocab_parallel.shard_of(process_group, V, hidden.device)
+    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     with _amp.no_autocast():
-        logp, entropy = _LinearLogprobs.apply(hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias,
-                                              labels.reshape(-1), opts, impl)  # fmt: skip
+        args = (hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias, labels.reshape(-1), opts, impl)
+        logp, entropy = _LinearLogprobs.apply(*args) if shard is None else vocab_parallel(*args, shard)
     if not opts.with_entropy:
         return logp.view(labels.shape)
     return logp.view(labels.shape), entropy.view(labels.shape)

@@ -28,11 +28,11 @@ ordinary route: ``rf.linear_logprobs`` (statistics forward, a recomputing backwa
 
 import torch
 
-from . import _amp, _checks, _policy
+from . import _amp, _checks, _policy, _vocab_parallel
 from ._dispatch import resolve
 from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
-from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs
+from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs, vocab_parallel
 from .ppo_from_logits import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
 
 # float32 [rows, V] temporaries a chunk holds at once: the logits and dlogits (as rf.linear_logprobs)
@@ -120,18 +120,20 @@ class _LinearPPOFused(torch.autograd.Function):
         return (*out, None, None, None, None, None, None, None, None, None, None)
 
 
-def _ordinary(hidden, weight, bias, labels, B, T, p, impl):
-    """``rf.linear_logprobs`` (statistics forward, recomputing backward) then the ``[B, T]`` loss."""
+def _ordinary(hidden, weight, bias, labels, B, T, p, impl, shard=None):
+    """``rf.linear_logprobs`` (statistics forward, recomputing backward; vocabulary-parallel on a ``shard``)
+    then the ``[B, T]`` loss."""
     lp_opts = LinearLogprobsOptions(temperature=p.opts.temperature, ignore_index=p.opts.ignore_index, with_entropy=True)
-    logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, labels, lp_opts, impl)
+    args = (hidden, weight, bias, labels, lp_opts, impl)
+    logp, entropy = _LinearLogprobs.apply(*args) if shard is None else vocab_parallel(*args, shard)
     logp, entropy = logp.view(B, T), entropy.view(B, T)
     loss = weighted_token_loss(logp, entropy, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w, p.opts)
     return loss, logp.detach(), entropy.detach()
 
 
-def _linear_ppo(hidden, weight, bias, labels, B, T, p, impl):
-    if not _gradient_in_forward(p.opts):
-        return _ordinary(hidden, weight, bias, labels, B, T, p, impl)
+def _linear_ppo(hidden, weight, bias, labels, B, T, p, impl, shard=None):
+    if shard is not None or not _gradient_in_forward(p.opts):
+        return _ordinary(hidden, weight, bias, labels, B, T, p, impl, shard)
     ignored = labels == p.opts.ignore_index
     safe = labels.masked_fill(ignored, 0).contiguous()
     flat = [None if t is None else t.reshape(-1) for t in (p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w)]
@@ -169,6 +171,7 @@ def linear_ppo_loss(
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
     kl_bias_correction: bool = False,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """``rf.ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without building the logits.
 
@@ -178,6 +181,13 @@ def linear_ppo_loss(
     and ``bias`` (in their dtypes). Under autocast the matmul operands take the autocast dtype as
     ``F.linear``'s do; logits and statistics stay float32. See the module docstring for how each
     implementation computes it (the gradient in the forward for the token-level modes).
+
+    ``process_group`` (tensor parallelism; ``None``: none): ``weight``/``bias`` hold this rank's contiguous
+    slice of the vocabulary's rows, slices in rank order; ``hidden``, ``labels`` (global ids) and the other
+    inputs are the same on every rank. Under a group the op takes the composed route, exact in its
+    gradients: ``rf.linear_logprobs``' vocabulary-parallel log-probs and entropy, then the ``[B, T]`` loss by
+    autograd (the gradient is not formed in the forward); ``hidden``'s gradient is all-reduced over the
+    group (rlhf_fast/_vocab_parallel.py).
     """
     _checks.check_float_tensor(hidden, "hidden", min_dim=1)
     if hidden.dim() != 3:
@@ -193,7 +203,9 @@ def linear_ppo_loss(
         raise ValueError(f"hidden has no tokens (shape {tuple(hidden.shape)}): the loss and its metrics are "
                          "means over the batch's tokens")  # fmt: skip
     impl = resolve(impl, hidden.device)
-    _checks.check_labels_in_range(labels, V, p.opts.ignore_index)
+    shard = _vocab_parallel.shard_of(process_group, V, hidden.device)
+    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, p.opts.ignore_index)
     with _amp.no_autocast():
-        loss, logp, entropy = _linear_ppo(hidden.reshape(B * T, H), weight, bias, labels.reshape(-1), B, T, p, impl)
+        loss, logp, entropy = _linear_ppo(hidden.reshape(B * T, H), weight, bias, labels.reshape(-1), B, T, p, impl,
+                                          shard)  # fmt: skip
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, hidden.device)

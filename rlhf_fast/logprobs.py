@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _amp, _checks
+from . import _amp, _checks, _vocab_parallel
 from ._dispatch import resolve
 from ._softmax_torch import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
 
@@ -65,11 +65,13 @@ def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ig
 
 
 def _torch_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature: float,
-                    ignore_index: int, grad_logits: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                    ignore_index: int, grad_logits: torch.Tensor | None = None, label_grad=None) -> torch.Tensor:  # fmt: skip
     """Gradient with respect to ``[B, T, V]`` logits, chunk by chunk, into ``grad_logits`` when given.
 
     The PyTorch twin of ``kernels.logprobs.logprobs_backward``; ``grad_logits`` may be ``x`` (in place).
     ``entropy`` and ``grad_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms).
+    ``label_grad`` ``[B*T]``: what the label term adds at the label, when not ``grad_logp`` (a vocabulary
+    shard's rows whose label another rank owns: rlhf_fast/_vocab_parallel.py).
     """
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0)
@@ -78,11 +80,12 @@ def _torch_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entro
     for r, (chunk, out_chunk) in row_chunks([x, out], _chunk_rows(x.shape[-1])):
         rows = slice(r, r + chunk.shape[0])
         z = scaled_float_copy(chunk, temperature)
+        lg = None if label_grad is None else label_grad[rows]
         if entropy is None:
-            g = logp_grad_(z, row_max[rows], log_norm[rows], g_logp[rows], safe_labels[rows], temperature)
+            g = logp_grad_(z, row_max[rows], log_norm[rows], g_logp[rows], safe_labels[rows], temperature, lg)
         else:
             g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], grad_entropy[rows],
-                              safe_labels[rows], temperature)  # fmt: skip
+                              safe_labels[rows], temperature, lg)  # fmt: skip
         out_chunk.copy_(g)
     return out
 
@@ -153,6 +156,16 @@ class _Logprobs(torch.autograd.Function):
         return grad.reshape(ctx.logits_shape), None, None, None
 
 
+def vocab_parallel(logits, labels, opts: LogprobsOptions, impl: str, shard):
+    """``_Logprobs.apply`` on a vocabulary shard ``logits [..., V_r]`` (rlhf_fast/_vocab_parallel.py): the
+    ``(logp, entropy | None)`` of the whole vocabulary, shaped like ``labels``; the gradient of the shard."""
+    forward, backward = _backend(impl)
+    o = _vocab_parallel.LogprobsShardOptions(shard, impl, forward, backward, linear=False, temperature=opts.temperature,
+                                             ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)  # fmt: skip
+    logp, entropy = _vocab_parallel.logprobs(o, labels, logits)
+    return logp.view(labels.shape), None if entropy is None else entropy.view(labels.shape)
+
+
 # ---------------------------------------------------------------------------------------------- public
 
 
@@ -166,6 +179,7 @@ def logprobs(
     return_entropy: bool = False,
     impl: str = "auto",
     inplace_backward: bool = False,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """Per-token log-probs ``log_softmax(logits / temperature)[labels]`` and, optionally, the entropy.
 
@@ -180,6 +194,11 @@ def logprobs(
         inplace_backward: write the gradient over the ``logits`` buffer (saves one ``[N, V]`` tensor).
             Only when nothing else reads these logits after the forward: they are overwritten. A second
             backward through the same graph (``retain_graph=True``) raises ``RuntimeError``.
+        process_group: tensor parallelism (``None``: none). ``logits`` is this rank's contiguous slice of
+            the vocabulary, slices in rank order (any sizes); ``labels`` are global ids. Every rank returns
+            the outputs of the whole vocabulary and gets the gradient of its slice; three small all-reduces
+            per forward (the slice sizes, then a MAX and a SUM over ``[N]`` vectors), none in backward. Layout and method: rlhf_fast/_vocab_parallel.py. Not with
+            ``inplace_backward``.
 
     Returns:
         float32 ``logp`` of shape ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``.
@@ -206,6 +225,12 @@ def logprobs(
         with_entropy=bool(return_entropy),
     )
     impl = resolve(impl, logits.device)
-    _checks.check_labels_in_range(labels, V, opts.ignore_index)
-    logp, entropy = _Logprobs.apply(logits, labels, opts, impl)
+    shard = _vocab_parallel.shard_of(process_group, V, logits.device)
+    if shard is not None and opts.inplace_backward:
+        raise ValueError("inplace_backward=True is not supported with a process_group")
+    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
+    if shard is None:
+        logp, entropy = _Logprobs.apply(logits, labels, opts, impl)
+    else:
+        logp, entropy = vocab_parallel(logits, labels, opts, impl, shard)
     return (logp, entropy) if opts.with_entropy else logp

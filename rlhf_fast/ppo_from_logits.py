@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _agg, _amp, _checks, _policy
+from . import _agg, _amp, _checks, _policy, _vocab_parallel
 from ._dispatch import resolve
 from ._policy import PolicyOptions
 from ._softmax_torch import as_btv
-from .logprobs import LogprobsOptions, _Logprobs
+from .logprobs import LogprobsOptions, _Logprobs, vocab_parallel
 from .rl_losses import KL_ESTIMATORS, kl_penalty, masked_mean, ppo_policy_loss
 
 
@@ -117,20 +117,24 @@ def weighted_token_loss(logp, entropy, old_logp, advantages, m, weights, ref_log
     return (weights * token_losses(*inputs, m, ref, rollout_w, opts)).sum()
 
 
-def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl):
-    """``rf.logprobs`` (``impl``) then the ``[B, T]`` per-token loss by autograd: two passes over the logits
-    (the log-probs' forward and backward), like the fused kernel."""
+def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl, shard=None):
+    """``rf.logprobs`` (``impl``; vocabulary-parallel on a ``shard``) then the ``[B, T]`` per-token loss by
+    autograd: two passes over the logits (the log-probs' forward and backward), like the fused kernel."""
     logprobs_opts = LogprobsOptions(temperature=opts.temperature, ignore_index=opts.ignore_index)
-    logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, impl)
+    if shard is None:
+        logp, entropy = _Logprobs.apply(logits, labels, logprobs_opts, impl)
+    else:
+        logp, entropy = vocab_parallel(logits, labels, logprobs_opts, impl, shard)
     loss = weighted_token_loss(logp, entropy, old_logp, advantages, m, weights, ref_logp, rollout_w, opts)
     return loss, logp.detach(), entropy.detach()
 
 
-def _policy_step(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl: str):
-    """``(loss, logp, entropy)``: the fused Triton kernel for the token-level modes, else the composition."""
-    if impl == "triton" and opts.fused_kernel:
+def _policy_step(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl: str, shard=None):
+    """``(loss, logp, entropy)``: the fused Triton kernel for the token-level modes, else the composition
+    (always on a vocabulary shard)."""
+    if impl == "triton" and opts.fused_kernel and shard is None:
         return _PPOTriton.apply(logits, labels, old_logp, advantages, weights.reshape(-1), ref_logp, rollout_w, opts)
-    return _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl)
+    return _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl, shard)
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -272,6 +276,7 @@ def ppo_loss_from_logits(
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
     kl_bias_correction: bool = False,
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """The policy loss straight from ``[B, T, V]`` logits, and the metrics a trainer logs.
 
@@ -291,6 +296,12 @@ def ppo_loss_from_logits(
     Triton kernels and the per-token loss on ``[B, T]`` tensors by autograd, which is the same two passes
     over the logits. ``impl="torch"`` is that composition on ``rf.logprobs``' chunked PyTorch
     implementation, for every mode.
+
+    ``process_group`` (tensor parallelism; ``None``: none): ``logits`` is this rank's contiguous slice of the
+    vocabulary, slices in rank order, ``labels`` global ids and every other input the same on every rank.
+    Under a group the op takes the composed route, exact in its gradients: ``rf.logprobs``' vocabulary-
+    parallel log-probs and entropy (rlhf_fast/_vocab_parallel.py) and the ``[B, T]`` loss by autograd; every
+    rank returns the same loss and metrics and gets its slice's gradient.
 
     ``mask`` (``[B, T]`` tensor or ``None``) holds non-negative token weights, as in every op: ``0`` = not a
     token, ``"token-mean"`` is ``sum(m * L) / sum(m)``; negative entries raise ``ValueError``. Tokens of
@@ -317,7 +328,8 @@ def ppo_loss_from_logits(
         raise ValueError(f"logits has no tokens (shape {tuple(logits.shape)}): the loss and its metrics are "
                          "means over the batch's tokens")  # fmt: skip
     impl = resolve(impl, logits.device)
-    _checks.check_labels_in_range(labels, V, p.opts.ignore_index)
+    shard = _vocab_parallel.shard_of(process_group, V, logits.device)
+    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, p.opts.ignore_index)
     loss, logp, entropy = _policy_step(logits, labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w,
-                                       p.opts, impl)  # fmt: skip
+                                       p.opts, impl, shard)  # fmt: skip
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, logits.device)

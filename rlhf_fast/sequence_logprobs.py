@@ -29,6 +29,7 @@ def sequence_logprobs(
     ignore_index: int = -100,
     average: bool = False,
     impl: str = "auto",
+    process_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> torch.Tensor:
     """Per-sequence log-prob: ``sum_t log_softmax(logits / T)[t, labels[t]]`` over tokens not ignored.
 
@@ -38,6 +39,9 @@ def sequence_logprobs(
         temperature, ignore_index, impl: as in :func:`rlhf_fast.logprobs`.
         average: the mean over the valid tokens instead of the sum (DPO's ``average_log_prob``, IPO's
             length normalisation).
+        process_group: tensor parallelism, as in :func:`rlhf_fast.logprobs` (``logits`` the rank's slice of
+            the vocabulary): the composed route, ``rf.logprobs``' vocabulary-parallel log-probs summed over
+            ``T``, exact in its gradient.
 
     Returns:
         float32 ``[...]``, differentiable with respect to ``logits`` (the gradient in their dtype). A
@@ -47,5 +51,6 @@ def sequence_logprobs(
     """
     if isinstance(logits, torch.Tensor) and logits.dim() < 2:
         raise ValueError(f"logits must have shape [..., T, V], got {tuple(logits.shape)}")
-    token_logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, impl=impl)
+    token_logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, impl=impl,
+                          process_group=process_group)  # fmt: skip
     return sum_over_tokens(token_logp, _checks.as_labels(labels) != ignore_index, bool(average))
