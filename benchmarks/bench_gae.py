@@ -17,6 +17,8 @@ Results go to ``benchmarks/results/<device>/gae.{json,md,png}``; the harness (``
 describes how time and memory are measured.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -162,7 +164,6 @@ def summarize(results: list[dict]) -> list[str]:
 
 BENCHMARK = harness.Benchmark(
     name="gae",
-    module="benchmarks.bench_gae",
     title=f"`rf.gae(rewards [B, T], values [B, T], mask, gamma={GAMMA}, lam={LAM})`: generalized advantage "
     "estimation without a loop over T, against the Python reverse loop of TRL / OpenRLHF and verl's masked loop.",
     methods=METHODS,
@@ -183,8 +184,7 @@ BENCHMARK = harness.Benchmark(
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":
