@@ -168,8 +168,7 @@ BENCHMARK = harness.Benchmark(
     "estimation without a loop over T, against the Python reverse loop of TRL / OpenRLHF and verl's masked loop.",
     methods=METHODS,
     make_inputs=make_inputs,
-    grad_inputs=(),
-    modes=("forward",),
+    grad_inputs=(),  # no gradient: forward mode only
     bytes_moved=bytes_moved,
     bytes_formula="B·T·(2·s + 4) read (rewards and values, s bytes each; float32 mask) + 8·B·T written (float32 "
     "advantages and returns)",

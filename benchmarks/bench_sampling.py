@@ -82,8 +82,7 @@ BENCHMARK = harness.Benchmark(
     "trainers use against `softmax` + `torch.multinomial`.",
     methods=METHODS,
     make_inputs=make_inputs,
-    grad_inputs=(),
-    modes=("forward",),
+    grad_inputs=(),  # no gradient: forward mode only
     bytes_moved=bytes_moved,
     bytes_formula="B·V·s read (the logits, s bytes each)",
     default_shapes={"cpu": ((16, 32000), (64, 32000)), "cuda": ((64, 151936), (256, 151936))},

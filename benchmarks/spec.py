@@ -114,8 +114,9 @@ class Benchmark:
     flops_formula: str = ""  # that formula in words, for the markdown
     # Extra table columns after "method": (header, cell text from a result dict), e.g. the work a method does.
     extra_columns: tuple[tuple[str, Callable[[dict], str]], ...] = ()
-    # The modes the op has: all of MODES for a differentiable op, ("forward",) for one without a gradient.
-    modes: tuple[str, ...] = MODES
+    # The modes the op has: all of MODES for a differentiable op, ("forward",) for one without a gradient (the
+    # default when grad_inputs is empty).
+    modes: tuple[str, ...] | None = None
     # Per device type, overrides of DEFAULT_REPEATS / DEFAULT_WARMUP: an op of a few milliseconds needs more
     # repeats than the seconds-long default cases (the --repeats / --warmup flags override both).
     repeats: dict[str, int] | None = None
@@ -129,6 +130,8 @@ class Benchmark:
     def __post_init__(self):
         if not self.module:
             object.__setattr__(self, "module", f"benchmarks.bench_{self.name}")
+        if self.modes is None:
+            object.__setattr__(self, "modes", MODES if self.grad_inputs else ("forward",))
         if not self.modes or any(m not in MODES for m in self.modes):
             raise ValueError(f"{self.name}: modes must be a non-empty subset of {MODES}, got {self.modes}")
         if not self.grad_inputs and self.modes != ("forward",):
