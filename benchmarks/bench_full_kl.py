@@ -9,6 +9,8 @@ reference 0.5 standard deviations from the policy. No peer library ships a full-
 Results go to ``benchmarks/results/<device>/full_kl.{json,md,png}``.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -53,7 +55,6 @@ def bytes_moved(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
 
 BENCHMARK = harness.Benchmark(
     name="full_kl",
-    module="benchmarks.bench_full_kl",
     title="`rf.full_kl(logits [N, V], ref_logits [N, V])`: per-row KL over the whole vocabulary, against eager "
     "PyTorch and torch.compile.",
     methods=METHODS,
@@ -62,12 +63,10 @@ BENCHMARK = harness.Benchmark(
     bytes_moved=bytes_moved,
     bytes_formula="forward 2·N·V·s + 4·N, backward 3·N·V·s + 16·N, full the sum; s = element size",
     default_shapes={"cpu": ((2048, 50000),), "cuda": ((8192, 151936),)},
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

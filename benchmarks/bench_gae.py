@@ -17,6 +17,8 @@ Results go to ``benchmarks/results/<device>/gae.{json,md,png}``; the harness (``
 describes how time and memory are measured.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -162,13 +164,11 @@ def summarize(results: list[dict]) -> list[str]:
 
 BENCHMARK = harness.Benchmark(
     name="gae",
-    module="benchmarks.bench_gae",
     title=f"`rf.gae(rewards [B, T], values [B, T], mask, gamma={GAMMA}, lam={LAM})`: generalized advantage "
     "estimation without a loop over T, against the Python reverse loop of TRL / OpenRLHF and verl's masked loop.",
     methods=METHODS,
     make_inputs=make_inputs,
-    grad_inputs=(),
-    modes=("forward",),
+    grad_inputs=(),  # no gradient: forward mode only
     bytes_moved=bytes_moved,
     bytes_formula="B·T·(2·s + 4) read (rewards and values, s bytes each; float32 mask) + 8·B·T written (float32 "
     "advantages and returns)",
@@ -183,8 +183,7 @@ BENCHMARK = harness.Benchmark(
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

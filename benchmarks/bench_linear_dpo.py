@@ -27,6 +27,8 @@ log-probs); a mismatch fails the method. Work is counted in matmul passes of ``2
 (``benchmarks/harness.py``) describes how time and memory are measured.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -95,11 +97,6 @@ def _make_naive():
     return _checked(_naive)
 
 
-def _make_torch_compile():
-    # Compilation happens on the first call (the harness's untimed warmup), and is reported apart.
-    return _checked(torch.compile(_naive, dynamic=False))
-
-
 def _make_liger(use_ref_model: bool):
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -136,13 +133,7 @@ METHODS = (
         "metrics (detached): the way TRL-style trainers compose DPO. Keeps the [N, V] logits and their float32 "
         "log-softmax for backward.",
     ),
-    harness.Method(
-        "torch_compile",
-        _make_torch_compile,
-        "`torch.compile(naive, dynamic=False)`; compile time is excluded from the timing and shown as the first "
-        "call's time.",
-        first_call_note="compile",
-    ),
+    harness.torch_compile_method(_naive, of="naive", wrap=_checked),
     harness.Method(
         "liger_dpo",
         lambda: _make_liger(use_ref_model=True),
@@ -284,17 +275,13 @@ def _passes_cell(r: dict) -> str:
 
 BENCHMARK = harness.Benchmark(
     name="linear_dpo",
-    module="benchmarks.bench_linear_dpo",
     title="`rf.linear_dpo_loss(hidden [2P, T, H], weight [V, H], labels [2P, T], ref_chosen_logp [P], "
     "ref_rejected_logp [P], beta=0.1)`: the sigmoid DPO loss from hidden states without the [N, V] logits, "
     "against naive PyTorch DPO (TRL-style), torch.compile of it and Liger-Kernel's LigerFusedLinearDPOLoss.",
     methods=METHODS,
     make_inputs=make_inputs,
     grad_inputs=("hidden", "weight"),
-    bytes_moved=None,  # compute-bound: reported in TFLOP/s
-    bytes_formula="",
     default_shapes={"cpu": ((8, 512, 256, 32000),), "cuda": ((8, 512, 4096, 128256),)},
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
     shape_format="PxTxHxV",
     baseline="naive",
     summarize=summarize,
@@ -306,8 +293,7 @@ BENCHMARK = harness.Benchmark(
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

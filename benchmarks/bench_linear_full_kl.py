@@ -11,6 +11,8 @@ memory: at most 0.1x the peak extra memory of the methods that build the two log
 ``benchmarks/results/<device>/linear_full_kl.{json,md,png}``.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -61,43 +63,33 @@ def make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 def summarize(results: list[dict]) -> list[str]:
     """rlhf_fast's peak extra memory against the methods that build both logits tensors (bar: <= 0.1x)."""
-    ok = {(tuple(r["shape"]), r["mode"], r["method"]): r for r in results if r["status"] == "ok"}
     lines = []
-    for (shape, mode, method), r in ok.items():
-        if method != "rlhf_fast":
+    for r, peer, p in harness.versus(results, ("materialised", "eager")):
+        if p["peak_extra_mib"] <= 0:
             continue
-        for peer in ("materialised", "eager"):
-            p = ok.get((shape, mode, peer))
-            if p is None or p["peak_extra_mib"] <= 0:
-                continue
-            m = r["peak_extra_mib"] / p["peak_extra_mib"]
-            lines.append(f"{harness.format_shape(shape)} {mode}: rlhf_fast {r['peak_extra_mib']:.0f} MiB, {r['median_ms']:.0f} "
-                         f"ms = {m:.3f}x {peer}'s peak extra memory ({p['peak_extra_mib']:.0f} MiB), "
-                         f"{r['median_ms'] / p['median_ms']:.2f}x its time: "
-                         f"{'meets' if m <= 0.1 else 'does NOT meet'} the bar (<= 0.1x memory)")  # fmt: skip
+        m = r["peak_extra_mib"] / p["peak_extra_mib"]
+        lines.append(f"{harness.format_shape(r['shape'])} {r['mode']}: rlhf_fast {r['peak_extra_mib']:.0f} MiB, "
+                     f"{r['median_ms']:.0f} ms = {m:.3f}x {peer}'s peak extra memory ({p['peak_extra_mib']:.0f} MiB), "
+                     f"{r['median_ms'] / p['median_ms']:.2f}x its time: "
+                     f"{'meets' if m <= 0.1 else 'does NOT meet'} the bar (<= 0.1x memory)")  # fmt: skip
     return lines
 
 
 BENCHMARK = harness.Benchmark(
     name="linear_full_kl",
-    module="benchmarks.bench_linear_full_kl",
     title="`rf.linear_full_kl(hidden [N, H], weight [V, H], ref_hidden, ref_weight)`: the exact KL over the "
     "vocabulary from two hidden-state / lm_head pairs, against the KL of the two materialised logits tensors.",
     methods=METHODS,
     make_inputs=make_inputs,
     grad_inputs=("hidden", "weight"),
-    bytes_moved=None,
-    bytes_formula="",
     default_shapes={"cpu": ((4096, 256, 50000),), "cuda": ((8192, 4096, 131072),)},
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
     shape_format="NxHxV",
     baseline="materialised",
     summarize=summarize,
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

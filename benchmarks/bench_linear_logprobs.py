@@ -18,6 +18,8 @@ Results go to ``benchmarks/results/<device>/linear_logprobs.{json,md,png}``; the
 (``benchmarks/harness.py``) describes how time and memory are measured.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -48,11 +50,6 @@ def _make_naive():
 def _naive_logp(hidden, weight, labels):
     # Log-probs only, as SFT and DPO trainers write it: log_softmax of the lm_head's logits, gathered.
     return torch.log_softmax((hidden @ weight.t()).float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def _make_torch_compile():
-    # Compilation happens on the first call (the harness's untimed warmup), and is reported apart.
-    return torch.compile(_naive, dynamic=False)
 
 
 def _make_liger():
@@ -120,13 +117,7 @@ METHODS = (
         "`log_softmax(logits.float()).gather` and entropy from `exp(logp) * logp` (the tests' baseline). Log-probs "
         "and entropy; keeps the [N, V] logits and their float32 intermediates for backward.",
     ),
-    harness.Method(
-        "torch_compile",
-        _make_torch_compile,
-        "`torch.compile(naive, dynamic=False)`; compile time is excluded from the timing and shown as the first "
-        "call's time. Log-probs and entropy.",
-        first_call_note="compile",
-    ),
+    harness.torch_compile_method(_naive, of="naive", more=" Log-probs and entropy."),
     harness.Method(
         "liger_flce",
         _make_liger,
@@ -277,20 +268,16 @@ def summarize(results: list[dict]) -> list[str]:
 
 BENCHMARK = harness.Benchmark(
     name="linear_logprobs",
-    module="benchmarks.bench_linear_logprobs",
     title="`rf.linear_logprobs(hidden [N, H], weight [V, H], labels [N], return_entropy=True)`: per-token "
     "log-probs and entropy of the lm_head's softmax without the [N, V] logits, against the naive lm_head + "
     "log-softmax, torch.compile, Liger-Kernel, cut-cross-entropy and TRL.",
     methods=METHODS,
     make_inputs=make_inputs,
     grad_inputs=("hidden", "weight"),
-    bytes_moved=None,  # compute-bound: reported in TFLOP/s
-    bytes_formula="",
     default_shapes={
         "cpu": ((4096, 256, 50000),),
         "cuda": ((8192, 4096, 151936), (8192, 4096, 32000)),
     },
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
     shape_format="NxHxV",
     baseline="naive",
     summarize=summarize,
@@ -303,8 +290,7 @@ BENCHMARK = harness.Benchmark(
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ the composition recomputes the logits in backward (four), naive keeps them (thre
 Results go to ``benchmarks/results/<device>/linear_ppo.{json,md,png}``.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -144,42 +146,31 @@ def make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 def summarize(results: list[dict]) -> list[str]:
     """rlhf_fast against the composition and naive, forward + backward; on CPU the bar of issue 14:
     at most 0.8x the composition's time (cold and warm) with no more peak memory."""
-    ok = {(tuple(r["shape"]), r["method"]): r for r in results if r.get("mode") == "full" and r["status"] == "ok"}
     lines = []
-    for (shape, method), r in ok.items():
-        if method != "rlhf_fast":
-            continue
-        for peer in ("composition", "naive"):
-            p = ok.get((shape, peer))
-            if p is None:
-                continue
-            t = r["median_ms"] / p["median_ms"]
-            w = r["warm_median_ms"] / p["warm_median_ms"] if r.get("warm_median_ms") and p.get("warm_median_ms") else None
-            m = r["peak_extra_mib"] / p["peak_extra_mib"] if p["peak_extra_mib"] > 0 else None
-            line = (f"{harness.format_shape(shape)} {r['dtype']} forward+backward: rlhf_fast {r['median_ms']:.0f} ms, "
-                    f"{r['peak_extra_mib']:.0f} MiB = {t:.2f}x {peer}'s time cold"
-                    + (f", {w:.2f}x warm" if w is not None else "")
-                    + (f", {m:.2f}x its peak extra memory" if m is not None else ""))  # fmt: skip
-            if peer == "composition" and r["device"] == "cpu":
-                met = t <= 0.8 and (w is None or w <= 0.8) and (m is None or m <= 1.0)
-                line += f": {'meets' if met else 'does NOT meet'} the CPU bar (<= 0.8x time, <= 1x memory)"
-            lines.append(line)
+    for r, peer, p in harness.versus(results, ("composition", "naive"), mode="full"):
+        t = r["median_ms"] / p["median_ms"]
+        w = r["warm_median_ms"] / p["warm_median_ms"] if r.get("warm_median_ms") and p.get("warm_median_ms") else None
+        m = r["peak_extra_mib"] / p["peak_extra_mib"] if p["peak_extra_mib"] > 0 else None
+        line = (f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: rlhf_fast {r['median_ms']:.0f} ms, "
+                f"{r['peak_extra_mib']:.0f} MiB = {t:.2f}x {peer}'s time cold"
+                + (f", {w:.2f}x warm" if w is not None else "")
+                + (f", {m:.2f}x its peak extra memory" if m is not None else ""))  # fmt: skip
+        if peer == "composition" and r["device"] == "cpu":
+            met = t <= 0.8 and (w is None or w <= 0.8) and (m is None or m <= 1.0)
+            line += f": {'meets' if met else 'does NOT meet'} the CPU bar (<= 0.8x time, <= 1x memory)"
+        lines.append(line)
     return lines
 
 
 BENCHMARK = harness.Benchmark(
     name="linear_ppo",
-    module="benchmarks.bench_linear_ppo",
     title="`rf.linear_ppo_loss(hidden [B, T, H], weight [V, H], labels, old_logp, advantages, mask, ref_logp=...)`: "
     "the PPO policy loss from hidden states, its gradient computed in the forward, against the composition of "
     "our earlier ops and the naive lm_head + log-softmax loss.",
     methods=METHODS,
     make_inputs=make_inputs,
     grad_inputs=("hidden", "weight"),
-    bytes_moved=None,  # compute-bound: reported in TFLOP/s
-    bytes_formula="",
     default_shapes={"cpu": ((8, 512, 256, 50000),), "cuda": ((16, 512, 4096, 131072),)},
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
     shape_format="BxTxHxV",
     baseline="composition",
     summarize=summarize,
@@ -189,8 +180,7 @@ BENCHMARK = harness.Benchmark(
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Every method gets the same ``[N, V]`` logits (requiring grad) and ``[N]`` int64 
 how time and memory are measured.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -35,11 +37,6 @@ def _eager(logits, labels):
 
 def _make_eager():
     return _eager
-
-
-def _make_torch_compile():
-    # Compilation happens on the first call (the harness's untimed warmup), and is reported apart.
-    return torch.compile(_eager, dynamic=False)
 
 
 def _make_trl_selective_log_softmax():
@@ -77,13 +74,7 @@ METHODS = (
         "`rlhf_fast.reference.logprobs_reference(logits, labels, mask_zero_probs=False)`: "
         "`log_softmax(x.float()).gather` and entropy from `exp(logp) * logp` (the tests' baseline).",
     ),
-    harness.Method(
-        "torch_compile",
-        _make_torch_compile,
-        "`torch.compile(eager, dynamic=False)`; compile time is excluded from the timing and shown as the "
-        "first call's time.",
-        first_call_note="compile",
-    ),
+    harness.torch_compile_method(_eager),
     harness.Method(
         "trl_selective_log_softmax",
         _make_trl_selective_log_softmax,
@@ -153,7 +144,6 @@ def summarize(results: list[dict]) -> list[str]:
 
 BENCHMARK = harness.Benchmark(
     name="logprobs",
-    module="benchmarks.bench_logprobs",
     title="`rf.logprobs(logits [N, V], labels [N], return_entropy=True)`: per-token log-probs and entropy, "
     "against eager PyTorch, torch.compile and TRL.",
     methods=METHODS,
@@ -166,13 +156,11 @@ BENCHMARK = harness.Benchmark(
         "cpu": ((4096, 50000),),
         "cuda": ((8192, 32000), (8192, 128256), (8192, 151936)),
     },
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
     summarize=summarize,
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

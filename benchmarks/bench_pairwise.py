@@ -63,11 +63,6 @@ def _make_eager():
     return eager_pairwise
 
 
-def _make_torch_compile():
-    # Compilation happens on the first call (the harness's untimed warmup), and is reported apart.
-    return torch.compile(eager_pairwise, dynamic=False)
-
-
 METHODS = (
     harness.Method(
         "rlhf_fast",
@@ -88,13 +83,7 @@ METHODS = (
         "margin).mean()`, the tests' reference), then `(chosen > rejected).float().mean()` and "
         "`(chosen - rejected).mean()` under `no_grad`: TRL's `RewardTrainer.compute_loss`.",
     ),
-    harness.Method(
-        "torch_compile",
-        _make_torch_compile,
-        "`torch.compile(eager, dynamic=False)`; compile time is excluded from the timing and shown as the first "
-        "call's time.",
-        first_call_note="compile",
-    ),
+    harness.torch_compile_method(eager_pairwise),
 )
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -179,30 +168,23 @@ def _ops_cell(r: dict) -> str:
 
 def summarize(results: list[dict]) -> list[str]:
     """rlhf_fast against eager (and torch.compile), per shape and mode: time and ops per call."""
-    ok = {(tuple(r["shape"]), r["mode"], r["method"]): r for r in results if r.get("mode") and r["status"] == "ok"}
     lines = []
-    for (shape, mode, method), r in ok.items():
-        if method != "rlhf_fast":
-            continue
-        for peer in ("eager", "torch_compile"):
-            p = ok.get((shape, mode, peer))
-            if p is None:
-                continue
-            overlap = r["p20_ms"] <= p["p80_ms"] and p["p20_ms"] <= r["p80_ms"]
-            ops = ""
-            if r.get("ops_per_call") is not None and p.get("ops_per_call") is not None:
-                if r["device"] == "cuda":
-                    ops = f"; {r['ops_per_call']} vs {p['ops_per_call']} kernels per call"
-                else:
-                    ops = (f"; {r['ops_per_call']} vs {p['ops_per_call']} ops per call (top-level aten ops + compiled "
-                           f"kernels), {r['aten_events_per_call']} vs {p['aten_events_per_call']} aten events")
-            lines.append(
-                f"{harness.format_shape(shape)} pairs {r['dtype']} {mode}: rlhf_fast {1e3 * r['median_ms']:.0f} µs vs "
-                f"{peer} {1e3 * p['median_ms']:.0f} µs: {r['median_ms'] / p['median_ms']:.2f}x its time"
-                + (" (p20–p80 ranges overlap: within the run-to-run spread)" if overlap else "")
-                + ops
-            )
-    if any(r["device"] == "cpu" for r in ok.values()):
+    for r, peer, p in harness.versus(results, ("eager", "torch_compile")):
+        overlap = r["p20_ms"] <= p["p80_ms"] and p["p20_ms"] <= r["p80_ms"]
+        ops = ""
+        if r.get("ops_per_call") is not None and p.get("ops_per_call") is not None:
+            if r["device"] == "cuda":
+                ops = f"; {r['ops_per_call']} vs {p['ops_per_call']} kernels per call"
+            else:
+                ops = (f"; {r['ops_per_call']} vs {p['ops_per_call']} ops per call (top-level aten ops + compiled "
+                       f"kernels), {r['aten_events_per_call']} vs {p['aten_events_per_call']} aten events")
+        lines.append(
+            f"{harness.format_shape(r['shape'])} pairs {r['dtype']} {r['mode']}: rlhf_fast "
+            f"{1e3 * r['median_ms']:.0f} µs vs {peer} {1e3 * p['median_ms']:.0f} µs: {r['median_ms'] / p['median_ms']:.2f}x its time"
+            + (" (p20–p80 ranges overlap: within the run-to-run spread)" if overlap else "")
+            + ops
+        )
+    if any(r.get("mode") and r["status"] == "ok" and r["device"] == "cpu" for r in results):
         lines.append(
             "CPU: the arithmetic of 4096 pairs takes microseconds. The harness runs gc.collect() before each "
             "timed call, so every call starts cold (caches, the Python and dispatcher paths): that, per-op "
@@ -215,7 +197,6 @@ def summarize(results: list[dict]) -> list[str]:
 
 BENCHMARK = harness.Benchmark(
     name="pairwise",
-    module="benchmarks.bench_pairwise",
     title="`rf.pairwise_sigmoid_loss(chosen [P], rejected [P], margin=margin [P], beta=1.0)`: the Bradley-Terry "
     "loss of reward-model training with TRL's accuracy and margin statistics, against TRL's eager expression and "
     "torch.compile of it. A tiny op: time is launch cost; ops/call counts the work one call dispatches.",
@@ -223,9 +204,7 @@ BENCHMARK = harness.Benchmark(
     make_inputs=make_inputs,
     grad_inputs=("chosen", "rejected"),
     bytes_moved=None,  # 12 bytes a pair: at 4096 pairs no method comes near any bandwidth; not reported
-    bytes_formula="",
     default_shapes={"cpu": ((4096,),), "cuda": ((4096,),)},
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
     shape_format="P",
     baseline="eager",
     summarize=summarize,
@@ -237,8 +216,7 @@ BENCHMARK = harness.Benchmark(
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Results go to ``benchmarks/results/<device>/ppo.{json,md,png}``; the harness (``
 describes how time and memory are measured.
 """
 
+import functools
+
 import torch
 
 import rlhf_fast as rf
@@ -57,11 +59,6 @@ def _eager(logits, labels, old_logp, advantages, mask, ref_logp):
 
 def _make_eager():
     return _eager
-
-
-def _make_torch_compile():
-    # Compilation happens on the first call (the harness's untimed warmup), and is reported apart.
-    return torch.compile(_eager, dynamic=False)
 
 
 def _make_logprobs_floor():
@@ -113,13 +110,7 @@ METHODS = (
         "surrogate -> k3 -> entropy from `exp(logp_all) * logp_all` -> token-mean; every [N, V] float32 "
         "intermediate kept for backward.",
     ),
-    harness.Method(
-        "torch_compile",
-        _make_torch_compile,
-        "`torch.compile(eager, dynamic=False)`; compile time is excluded from the timing and shown as the first "
-        "call's time.",
-        first_call_note="compile",
-    ),
+    harness.torch_compile_method(_eager),
     harness.Method(
         "logprobs_floor",
         _make_logprobs_floor,
@@ -256,7 +247,6 @@ def summarize(results: list[dict]) -> list[str]:
 
 BENCHMARK = harness.Benchmark(
     name="ppo",
-    module="benchmarks.bench_ppo",
     title="`rf.ppo_loss_from_logits(logits [B, T, V], labels, old_logp, advantages, mask, ref_logp=..., "
     "kl_coef=0.05, kl_estimator='k3', entropy_coef=0.01)`: the fused PPO policy loss, against the eager "
     "composition (TRL / verl / OpenRLHF), torch.compile, and rf.logprobs alone (the floor).",
@@ -269,14 +259,12 @@ BENCHMARK = harness.Benchmark(
     "dloss/dlogp), backward 2·N·V·s + 20·N (read the logits and per-token label, lse, entropy, dloss/dlogp; "
     "write dlogits), full the sum",
     default_shapes={"cpu": ((8, 512, 50000),), "cuda": ((16, 512, 151936),)},
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
     shape_format="BxTxV",
     summarize=summarize,
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

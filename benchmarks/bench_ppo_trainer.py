@@ -89,11 +89,15 @@ def run_one(workdir: Path, p: dict, ops: str, device: str) -> dict:
             "peak_memory": s["peak_memory_mib"]}  # fmt: skip
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu, or qwen0.5b on CUDA")
+def parse_args(argv, description: str, presets: dict, child: str, **extra: dict):
+    """The command line of a trainer benchmark (this one, ``bench_trl_grpo``): ``(args, preset, p, cuda)``, ``p``
+    the preset's shape with ``--steps`` applied. ``extra``: more options after ``--device``, ``{"--name": kwargs}``;
+    ``--_child WORKDIR <child> DEVICE`` runs one configuration (the parent starts one such process per run)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--preset", choices=sorted(presets), default=None, help="default: cpu, or qwen0.5b on CUDA")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--ops", default="fused,reference")
+    for name, kwargs in extra.items():
+        ap.add_argument(name, **kwargs)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads per run (default 1: two OpenMP threads collapse when another process shares a "
@@ -101,37 +105,58 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device> under the current "
                     "directory)")
-    ap.add_argument("--_child", nargs=3, metavar=("WORKDIR", "OPS", "DEVICE"), help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=3, metavar=("WORKDIR", child, "DEVICE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     preset = args.preset or ("qwen0.5b" if cuda else "cpu")
-    p = dict(PRESETS[preset])
+    p = dict(presets[preset])
     if args.steps:
         p["steps"] = args.steps
+    return args, preset, p, cuda
+
+
+def run_child(args, p: dict, run_one) -> list:
+    """The ``--_child`` process: ``run_one(workdir, p, which, device)``, printed as the ``RESULT`` line the parent
+    reads."""
+    workdir, which, device = args._child
+    if device == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print("RESULT " + json.dumps(run_one(Path(workdir), p, which, device)))
+    return []
+
+
+def spawn(module: str, preset: str, p: dict, threads: int, workdir: str, which: str, device: str):
+    """One run in a fresh ``python -m <module> --_child`` process: ``(result, None)``, or ``(None, reason)`` when it
+    failed (its stderr's tail printed)."""
+    cmd = [sys.executable, "-m", module, "--preset", preset, "--steps", str(p["steps"]),
+           "--threads", str(threads), "--_child", workdir, which, device]  # fmt: skip
+    env = {**os.environ, "RLHF_FAST_NO_PROGRESS": "1"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=harness.module_cwd())
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(out.stderr[-3000:], file=sys.stderr)
+        tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
+        return None, f"exit {out.returncode}: {tail}"[:300]
+    return json.loads(line[7:]), None
+
+
+def main(argv=None) -> list[dict]:
+    args, preset, p, cuda = parse_args(argv, __doc__.splitlines()[0], PRESETS, "OPS",
+                                       **{"--ops": dict(default="fused,reference")})
     if args._child:
-        workdir, ops, device = args._child
-        if device == "cpu" and args.threads > 0:
-            torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(run_one(Path(workdir), p, ops, device)))
-        return []
+        return run_child(args, p, run_one)
     device = "cuda" if cuda else "cpu"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp), p, device)
         for ops in args.ops.split(","):
-            cmd = [sys.executable, "-m", MODULE, "--preset", preset, "--steps", str(p["steps"]),
-                   "--threads", str(args.threads), "--_child", tmp, ops, device]  # fmt: skip
-            env = {**os.environ, "RLHF_FAST_NO_PROGRESS": "1"}
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=harness.module_cwd())
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(out.stderr[-3000:], file=sys.stderr)
-                tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
-                results.append({"ops": ops, "status": "failed", "reason": f"exit {out.returncode}: {tail}"[:300]})
+            r, reason = spawn(MODULE, preset, p, args.threads, tmp, ops, device)
+            if r is None:
+                results.append({"ops": ops, "status": "failed", "reason": reason})
                 if not args.no_save:
                     save(results, preset, p, device, args.threads, args.out)
                 continue
-            results.append({**json.loads(line[7:]), "status": "ok"})
+            results.append({**r, "status": "ok"})
             r = results[-1]
             print(f"{ops:10s} {r['tokens_per_s']:9.1f} tok/s (whole steps)  {r['update_tokens_per_s']:9.1f} tok/s "
                   f"(update)  peak extra {r['peak_memory']['peak_extra_mib']:8.1f} MiB", flush=True)  # fmt: skip

@@ -13,6 +13,8 @@ Results go to ``benchmarks/results/<device>/sampling.{json,md,png}``; the harnes
 describes how time and memory are measured.
 """
 
+import functools
+
 import torch
 
 from rlhf_fast.sampling import sample_tokens
@@ -76,17 +78,14 @@ def bytes_moved(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
 
 BENCHMARK = harness.Benchmark(
     name="sampling",
-    module="benchmarks.bench_sampling",
     title=f"One sampling step at T = {TEMPERATURE} over `[B, V]` logits: the counter-based Gumbel-max sampler the "
     "trainers use against `softmax` + `torch.multinomial`.",
     methods=METHODS,
     make_inputs=make_inputs,
-    grad_inputs=(),
-    modes=("forward",),
+    grad_inputs=(),  # no gradient: forward mode only
     bytes_moved=bytes_moved,
     bytes_formula="B·V·s read (the logits, s bytes each)",
     default_shapes={"cpu": ((16, 32000), (64, 32000)), "cuda": ((64, 151936), (256, 151936))},
-    default_dtype={"cpu": torch.float32, "cuda": torch.bfloat16},
     shape_format="BxV",
     baseline="multinomial",
     repeats={"cpu": 10},
@@ -94,8 +93,7 @@ BENCHMARK = harness.Benchmark(
 )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    return harness.main(BENCHMARK, argv)
+main = functools.partial(harness.main, BENCHMARK)  # main(argv=None): the command line (python -m, rlhf-fast bench)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,9 @@ float32, 5e-2 under bf16): otherwise the benchmark fails, naming the difference.
 Results: ``benchmarks/results/<device>/trl_grpo.{json,md}``.
 """
 
-import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -180,45 +177,19 @@ def check_same_start(results: list[dict], bf16: bool) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu, or qwen0.5b on CUDA")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads per run (default 1: two OpenMP threads collapse when another process shares a "
-                         "2-core machine, and the two runs would not see the same machine)")
-    ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device> under the current "
-                    "directory)")
-    ap.add_argument("--_child", nargs=3, metavar=("WORKDIR", "TRAINER", "DEVICE"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    preset = args.preset or ("qwen0.5b" if cuda else "cpu")
-    p = dict(PRESETS[preset])
-    if args.steps:
-        p["steps"] = args.steps
+    args, preset, p, cuda = bench_ppo_trainer.parse_args(argv, __doc__.splitlines()[0], PRESETS, "TRAINER")
     if args._child:
-        workdir, which, device = args._child
-        if device == "cpu" and args.threads > 0:
-            torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(run_one(Path(workdir), p, which, device)))
-        return []
+        return bench_ppo_trainer.run_child(args, p, run_one)
     device = "cuda" if cuda else "cpu"
     results, check = [], None
     with tempfile.TemporaryDirectory() as tmp:
         bench_ppo_trainer.build(Path(tmp), p, device)
         for which in TRAINERS:
-            cmd = [sys.executable, "-m", MODULE, "--preset", preset, "--steps", str(p["steps"]),
-                   "--threads", str(args.threads), "--_child", tmp, which, device]  # fmt: skip
-            env = {**os.environ, "RLHF_FAST_NO_PROGRESS": "1"}
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=harness.module_cwd())
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                print(out.stderr[-3000:], file=sys.stderr)
-                tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
-                results.append({"trainer": which, "status": "failed", "reason": f"exit {out.returncode}: {tail}"[:300]})
+            r, reason = bench_ppo_trainer.spawn(MODULE, preset, p, args.threads, tmp, which, device)
+            if r is None:
+                results.append({"trainer": which, "status": "failed", "reason": reason})
             else:
-                results.append({**json.loads(line[7:]), "status": "ok"})
+                results.append({**r, "status": "ok"})
                 r = results[-1]
                 print(f"{which:10s} step {r['step_s']:8.3f} s  compute_loss {r['compute_loss_s']:8.3f} s  backward "
                       f"{r['backward_s']:8.3f} s  peak extra {r['peak_memory']['peak_extra_mib']:8.1f} MiB",

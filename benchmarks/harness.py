@@ -15,9 +15,9 @@ Modes
                   backward overwrites its inputs (in-place gradients) get a real forward every time.
     ``full``      forward + backward, timed together.
 
-    An op without a gradient (say GAE) sets ``Benchmark.modes = ("forward",)`` and ``grad_inputs = ()``:
-    ``forward`` is then the call alone, on inputs that do not require grad, and the other modes are not
-    offered.
+    An op without a gradient (say GAE) sets ``grad_inputs = ()``, and its ``Benchmark.modes`` defaults to
+    ``("forward",)``: ``forward`` is then the call alone, on inputs that do not require grad, and the other
+    modes are not offered.
 
     Gradients come from ``torch.autograd.grad``, not ``.backward()``: in a model the gradient of the
     logits flows on into the lm_head backward and is never accumulated into a ``.grad``, and

@@ -62,6 +62,20 @@ def table_rows(bench: Benchmark, results: list[dict], gpu: bool) -> tuple[list[s
     return headers, rows
 
 
+def versus(results: list[dict], peers: tuple[str, ...], method: str = "rlhf_fast", mode: str | None = None):
+    """For a benchmark's summary: ``(r, peer, p)``, each successful measurement ``r`` of ``method`` with the successful
+    measurement ``p`` of each of ``peers`` at its shape and mode (``mode``: that mode only), in the results' order."""
+    ok = {(tuple(r["shape"]), r["mode"], r["method"]): r for r in results
+          if r.get("mode") and r["status"] == "ok" and mode in (None, r["mode"])}  # fmt: skip
+    for (shape, m, name), r in ok.items():
+        if name != method:
+            continue
+        for peer in peers:
+            p = ok.get((shape, m, peer))
+            if p is not None:
+                yield r, peer, p
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """A plain aligned text table for the terminal."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]

@@ -3,7 +3,7 @@ options (``RunConfig``) and the paths and constants the harness shares. Part of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,21 +73,37 @@ class Method:
     first_call_note: str = ""  # e.g. "compile": show the first call's time (one-off cost) in the table
 
 
-@dataclass(frozen=True)
+def torch_compile_method(fn: Callable[..., Any], of: str = "eager", more: str = "",
+                         wrap: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> Method:
+    """The ``torch_compile`` method the op benchmarks compare: ``torch.compile(fn, dynamic=False)``. Compilation
+    happens on the first call (the harness's untimed warmup), and is reported apart. ``of`` names ``fn`` in the
+    description, ``more`` adds to it; ``wrap`` wraps the compiled function (a benchmark's check of its output)."""
+
+    def make():
+        compiled = torch.compile(fn, dynamic=False)
+        return compiled if wrap is None else wrap(compiled)
+
+    return Method("torch_compile", make, f"`torch.compile({of}, dynamic=False)`; compile time is excluded from the "
+                  "timing and shown as the first call's time." + more, first_call_note="compile")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
 class Benchmark:
     """An op to benchmark: its inputs, the methods compared and the bytes it must move."""
 
     name: str  # results file stem
-    module: str  # importable module defining it, run as ``python -m <module>`` for CPU workers
     title: str  # one line for the markdown header
     methods: tuple[Method, ...]
     make_inputs: Callable[[tuple[int, ...], torch.dtype, torch.device], dict[str, torch.Tensor]]
     grad_inputs: tuple[str, ...]  # inputs differentiated in the backward and full modes
-    # Minimum traffic of the op per mode (GB/s column), or None for an op whose bound is compute (see flops).
-    bytes_moved: Callable[[tuple[int, ...], torch.dtype, str], int] | None
-    bytes_formula: str  # that formula in words, for the markdown ("" without bytes_moved)
     default_shapes: dict[str, tuple[tuple[int, ...], ...]]  # per device type
-    default_dtype: dict[str, torch.dtype]  # per device type
+    # importable module defining it, run as ``python -m <module>`` for CPU workers ("": benchmarks.bench_<name>)
+    module: str = ""
+    # Minimum traffic of the op per mode (GB/s column), or None for an op whose bound is compute (see flops).
+    bytes_moved: Callable[[tuple[int, ...], torch.dtype, str], int] | None = None
+    bytes_formula: str = ""  # that formula in words, for the markdown ("" without bytes_moved)
+    # per device type: float32 on CPU, bfloat16 on CUDA unless the op says otherwise
+    default_dtype: dict[str, torch.dtype] = field(default_factory=lambda: {"cpu": torch.float32, "cuda": torch.bfloat16})
     shape_format: str = "NxV"
     baseline: str = "eager"
     summarize: Callable[[list[dict]], list[str]] | None = None  # extra lines for the report
@@ -98,8 +114,9 @@ class Benchmark:
     flops_formula: str = ""  # that formula in words, for the markdown
     # Extra table columns after "method": (header, cell text from a result dict), e.g. the work a method does.
     extra_columns: tuple[tuple[str, Callable[[dict], str]], ...] = ()
-    # The modes the op has: all of MODES for a differentiable op, ("forward",) for one without a gradient.
-    modes: tuple[str, ...] = MODES
+    # The modes the op has: all of MODES for a differentiable op, ("forward",) for one without a gradient (the
+    # default when grad_inputs is empty).
+    modes: tuple[str, ...] | None = None
     # Per device type, overrides of DEFAULT_REPEATS / DEFAULT_WARMUP: an op of a few milliseconds needs more
     # repeats than the seconds-long default cases (the --repeats / --warmup flags override both).
     repeats: dict[str, int] | None = None
@@ -111,6 +128,10 @@ class Benchmark:
     cpu_matmul_rates: Callable[[tuple[int, ...], torch.dtype], dict[str, float]] | None = None
 
     def __post_init__(self):
+        if not self.module:
+            object.__setattr__(self, "module", f"benchmarks.bench_{self.name}")
+        if self.modes is None:
+            object.__setattr__(self, "modes", MODES if self.grad_inputs else ("forward",))
         if not self.modes or any(m not in MODES for m in self.modes):
             raise ValueError(f"{self.name}: modes must be a non-empty subset of {MODES}, got {self.modes}")
         if not self.grad_inputs and self.modes != ("forward",):

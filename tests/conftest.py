@@ -6,7 +6,10 @@ machine the same tests run the compiled kernels natively, and the GPU-only cases
 """
 
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -14,7 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 # CI draws the same hypothesis examples every run (a submission must not pass or fail by luck); local
 # runs keep drawing new ones, which is how new cases get found.
@@ -25,11 +29,28 @@ if os.environ.get("CI"):
 import rlhf_fast  # noqa: E402,F401
 from rlhf_fast._dispatch import triton_status  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_OK, INTERPRETED, _ = triton_status()
 
 # impl values every op test runs through; triton needs a GPU or the interpreter
 IMPLS = ["torch"] + (["triton"] if TRITON_OK and (DEVICE.type == "cuda" or INTERPRETED) else [])
+
+# the property tests' draws: the dtypes every op takes, and a seed for the inputs built from it
+FLOAT_DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+def random_cases(max_examples: int):
+    """A hypothesis property test, once per impl of IMPLS: ``max_examples`` draws each, no deadline (the Triton
+    interpreter is slow), function-scoped fixtures allowed (the autouse seed, ``device``: no draw depends on them)."""
+
+    def decorate(test):
+        test = settings(max_examples=max_examples, deadline=None,
+                        suppress_health_check=[HealthCheck.function_scoped_fixture])(test)  # fmt: skip
+        return pytest.mark.parametrize("impl", IMPLS)(test)
+
+    return decorate
 
 
 def pytest_configure(config):
@@ -50,6 +71,25 @@ def native_env() -> dict:
     """This process's environment without ``TRITON_INTERPRET``, for subprocesses that must compile kernels
     or run as a user would (this file sets it for the tests themselves)."""
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run_native(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``python <args>`` from the checkout's root in :func:`native_env`, its output captured as text."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=native_env(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def check_native(code: str, timeout: float = 60) -> None:
+    """``code`` in a fresh ``python -c`` (:func:`run_native`) must exit 0 having printed ``ok``."""
+    proc = run_native(["-c", code], timeout)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def run_bench(name: str, args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.bench_<name> <args>`` (:func:`run_native`), which must exit 0; the finished process."""
+    proc = run_native(["-m", f"benchmarks.bench_{name}", *args], timeout)
+    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
 
 
 @pytest.fixture(autouse=True)

@@ -6,14 +6,10 @@ what the forward-only option adds, with every measurement in one process to stay
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import native_env
+from conftest import check_native, run_bench, run_native
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("rlhf_fast", "rlhf_fast_torch", "python_loop", "verl_loop")
 SHAPES = ((8, 64), (8, 96, 2))  # right padding; 2 holes per row
 
@@ -38,18 +34,14 @@ print("ok")
 
 
 def test_loops_match_rf_gae():
-    proc = subprocess.run([sys.executable, "-c", _CHECK], cwd=REPO, env=native_env(), capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    check_native(_CHECK)
 
 
 def test_bench_gae_forward_only(tmp_path):
     pytest.importorskip("matplotlib")  # the results' plot (the "bench" extra)
     shapes = ",".join("x".join(map(str, s)) for s in SHAPES)
-    cmd = [sys.executable, "-m", "benchmarks.bench_gae", "--device", "cpu", "--shapes", shapes, "--repeats", "2",
-           "--warmup", "1", "--in-process", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    proc = run_bench("gae", ["--device", "cpu", "--shapes", shapes, "--repeats", "2", "--warmup", "1", "--in-process",
+                             "--out", str(tmp_path)])  # fmt: skip
 
     data = json.loads((tmp_path / "gae.json").read_text())
     assert data["metadata"]["modes"] == ["forward"] and data["metadata"]["repeats"] == 2
@@ -71,6 +63,5 @@ def test_bench_gae_forward_only(tmp_path):
 
 
 def test_bench_gae_rejects_backward():
-    cmd = [sys.executable, "-m", "benchmarks.bench_gae", "--modes", "full", "--no-save"]
-    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=60)
+    proc = run_native(["-m", "benchmarks.bench_gae", "--modes", "full", "--no-save"], timeout=60)
     assert proc.returncode == 2 and "choose from forward" in proc.stderr

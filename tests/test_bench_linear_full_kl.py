@@ -2,17 +2,12 @@
 measured, the same KL from each, and the memory summary against the materialised logits."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import native_env
+from conftest import run_bench
 
 from benchmarks import bench_linear_full_kl as bench
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_methods_agree():
@@ -25,10 +20,8 @@ def test_methods_agree():
 
 def test_bench_linear_full_kl_runs(tmp_path):
     pytest.importorskip("matplotlib")
-    cmd = [sys.executable, "-m", "benchmarks.bench_linear_full_kl", "--device", "cpu", "--shapes", "64x32x1000",
-           "--modes", "full", "--repeats", "1", "--in-process", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_bench("linear_full_kl", ["--device", "cpu", "--shapes", "64x32x1000", "--modes", "full", "--repeats",
+                                        "1", "--in-process", "--out", str(tmp_path)], timeout=300)  # fmt: skip
     results = json.loads((tmp_path / "linear_full_kl.json").read_text())["results"]
     assert {r["method"] for r in results} == {"rlhf_fast", "materialised", "eager"}
     assert all(r["status"] == "ok" for r in results)

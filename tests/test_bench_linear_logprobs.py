@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import native_env
+from conftest import native_env, run_bench
 
 REPO = Path(__file__).resolve().parents[1]
 N, H, V = 64, 32, 1000
@@ -59,10 +59,9 @@ def test_cold_and_warm_timings(tmp_path):
     """Isolated (cold: a fresh subprocess per case) timings, then warm ones in one process, with their ratios."""
     pytest.importorskip("matplotlib")
     methods = ("rlhf_fast_logp", "naive_logp")
-    cmd = [sys.executable, "-m", "benchmarks.bench_linear_logprobs", "--device", "cpu", "--shapes", f"{N}x{H}x{V}",
-           "--methods", ",".join(methods), "--modes", "full", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    proc = run_bench("linear_logprobs", ["--device", "cpu", "--shapes", f"{N}x{H}x{V}", "--methods", ",".join(methods),
+                                         "--modes", "full", "--repeats", "1", "--out", str(tmp_path)],
+                     timeout=300)  # fmt: skip
     results = {r["method"]: r for r in json.loads((tmp_path / "linear_logprobs.json").read_text())["results"]}
     assert set(results) == set(methods)
     for r in results.values():

@@ -6,14 +6,10 @@ PPO benchmark adds, with every measurement in one process to stay fast (torch_co
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import native_env
+from conftest import check_native, run_bench
 
-REPO = Path(__file__).resolve().parents[1]
 B, T, V = 2, 32, 500
 METHODS = ("rlhf_fast", "eager", "logprobs_floor")
 MODES = ("forward", "backward", "full")
@@ -39,17 +35,13 @@ print("ok")
 
 
 def test_methods_agree_on_the_inputs():
-    proc = subprocess.run([sys.executable, "-c", _CHECK], cwd=REPO, env=native_env(), capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    check_native(_CHECK)
 
 
 def test_bench_ppo(tmp_path):
     pytest.importorskip("matplotlib")  # the results' plot (the "bench" extra)
-    cmd = [sys.executable, "-m", "benchmarks.bench_ppo", "--device", "cpu", "--shapes", f"{B}x{T}x{V}",
-           "--methods", ",".join(METHODS), "--repeats", "1", "--in-process", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    run_bench("ppo", ["--device", "cpu", "--shapes", f"{B}x{T}x{V}", "--methods", ",".join(METHODS), "--repeats", "1",
+                      "--in-process", "--out", str(tmp_path)])  # fmt: skip
 
     data = json.loads((tmp_path / "ppo.json").read_text())
     results = [r for r in data["results"] if "mode" in r]

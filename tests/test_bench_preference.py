@@ -10,12 +10,10 @@ benchmarks add, with every measurement in one process to stay fast (torch_compil
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import native_env
+from conftest import check_native, run_bench, run_native
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = ("forward", "backward", "full")
 P_PAIRS = 64
 PAIRWISE_METHODS = ("rlhf_fast", "eager")
@@ -86,27 +84,20 @@ print("ok")
 """
 
 
-def _run(code: str):
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=native_env(), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
-
-
 def test_pairwise_methods_agree():
-    _run(_CHECK_PAIRWISE)
+    check_native(_CHECK_PAIRWISE, timeout=300)
 
 
 def test_linear_dpo_methods_agree():
-    _run(_CHECK_DPO.format(liger=HAS_LIGER))
+    check_native(_CHECK_DPO.format(liger=HAS_LIGER), timeout=300)
 
 
 def _bench(tmp_path, name: str, shape: str, methods, repeats: int = 1) -> tuple[dict, str, str]:
     """Run ``python -m benchmarks.bench_<name>`` in one process; its JSON, markdown and stdout."""
     pytest.importorskip("matplotlib")  # the results' plot (the "bench" extra)
-    cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--device", "cpu", "--shapes", shape, "--methods", ",".join(methods),
-           "--repeats", str(repeats), "--warmup", "1", "--in-process", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    proc = run_bench(name, ["--device", "cpu", "--shapes", shape, "--methods", ",".join(methods), "--repeats",
+                            str(repeats), "--warmup", "1", "--in-process", "--out", str(tmp_path)],
+                     timeout=600)  # fmt: skip
     return json.loads((tmp_path / f"{name}.json").read_text()), (tmp_path / f"{name}.md").read_text(), proc.stdout
 
 
@@ -127,9 +118,8 @@ def test_bench_pairwise(tmp_path):
     assert "ops per call" in md and "x its time" in stdout  # the summary
 
     # --report-only redraws the table from the JSON: the saved counts, nothing profiled again
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_pairwise", "--device", "cpu", "--report-only",
-                           "--out", str(tmp_path)], cwd=REPO, env=native_env(), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = run_native(["-m", "benchmarks.bench_pairwise", "--device", "cpu", "--report-only", "--out", str(tmp_path)],
+                      timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "pairwise.md").read_text() == md
 

@@ -3,14 +3,10 @@ logits', and the methods it times draw from the same distribution (the sampler's
 tests/test_rollout.py)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import native_env
+from conftest import run_bench
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("rlhf_fast", "rlhf_fast_torch", "multinomial")
 
 
@@ -32,10 +28,8 @@ def test_bench_methods_sample_the_same_law():
 
 def test_bench_sampling_forward_only(tmp_path):
     pytest.importorskip("matplotlib")  # the results' plot (the "bench" extra)
-    cmd = [sys.executable, "-m", "benchmarks.bench_sampling", "--device", "cpu", "--shapes", "4x1000,8x3000",
-           "--repeats", "2", "--warmup", "1", "--in-process", "--out", str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=native_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    run_bench("sampling", ["--device", "cpu", "--shapes", "4x1000,8x3000", "--repeats", "2", "--warmup", "1",
+                           "--in-process", "--out", str(tmp_path)])  # fmt: skip
     data = json.loads((tmp_path / "sampling.json").read_text())
     results = data["results"]
     assert {(tuple(r["shape"]), r["method"]) for r in results} == {(s, m) for s in ((4, 1000), (8, 3000)) for m in METHODS}

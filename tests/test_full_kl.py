@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import DEVICE, IMPLS
-from hypothesis import HealthCheck, given, settings
+from conftest import DEVICE, FLOAT_DTYPES, IMPLS, SEEDS, random_cases
+from hypothesis import given
 from hypothesis import strategies as st
 from reference import assert_no_worse
 
@@ -93,15 +93,14 @@ def test_no_gradient_to_reference(impl, device):
     assert logits.grad is not None and ref.grad is None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@random_cases(max_examples=10)
 @given(
     n=st.integers(1, 8),
     V=st.integers(1, 2600),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dtype=FLOAT_DTYPES,
     temperature=st.floats(0.3, 3.0),
     spread=st.sampled_from([0.01, 1.0, 10.0]),
-    seed=st.integers(0, 2**31 - 1),
+    seed=SEEDS,
 )
 def test_random_cases(impl, n, V, dtype, temperature, spread, seed):
     gen = torch.Generator().manual_seed(seed)

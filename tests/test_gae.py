@@ -30,6 +30,12 @@ def check_gae(rewards, values, mask, impl, gamma=1.0, lam=0.95, tol=2e-6):
     return adv, ret
 
 
+def assert_identical(got, want):
+    """Two ``(advantages, returns)`` pairs equal to the bit."""
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _right_padded(B, T, device, min_len=1):
     lengths = torch.randint(min_len, T + 1, (B,), device=device)
     return torch.arange(T, device=device)[None, :] < lengths[:, None]
@@ -110,10 +116,7 @@ def test_rewards_on_masked_positions_are_dropped(impl, device):
     mask[:, 5:8] = False
     moved = rewards.clone()
     moved[:, 5:8] = 100.0
-    a1, r1 = rf.gae(rewards, values, mask, impl=impl)
-    a2, r2 = rf.gae(moved, values, mask, impl=impl)
-    torch.testing.assert_close(a1, a2, rtol=0, atol=0)
-    torch.testing.assert_close(r1, r2, rtol=0, atol=0)
+    assert_identical(rf.gae(rewards, values, mask, impl=impl), rf.gae(moved, values, mask, impl=impl))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -124,9 +127,7 @@ def test_empty_rows_and_mask_dtypes(impl, device):
     adv, ret = check_gae(rewards, values, mask, impl)
     assert (adv[1] == 0).all() and (ret[1] == 0).all()
     for m in (mask.float(), mask.long(), mask.to(torch.int32), mask.to(torch.uint8)):
-        a, r = rf.gae(rewards, values, m, impl=impl)
-        torch.testing.assert_close(a, adv, rtol=0, atol=0)
-        torch.testing.assert_close(r, ret, rtol=0, atol=0)
+        assert_identical(rf.gae(rewards, values, m, impl=impl), (adv, ret))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -191,8 +192,7 @@ def test_garbage_in_padding_never_leaks(impl, device):
     r[mask == 0] = float("nan")
     v[mask == 0] = float("inf")
     dirty = rf.gae(r, v, mask, impl=impl)
-    for a, b in zip(clean, dirty):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_identical(clean, dirty)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

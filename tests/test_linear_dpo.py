@@ -7,8 +7,8 @@ formulas; the same path in the input dtype is the bar for bf16/fp16.
 
 import pytest
 import torch
-from conftest import DEVICE, IMPLS
-from hypothesis import HealthCheck, given, settings
+from conftest import DEVICE, FLOAT_DTYPES, IMPLS, SEEDS, random_cases
+from hypothesis import given
 from hypothesis import strategies as st
 from reference import assert_no_worse
 
@@ -117,17 +117,16 @@ def test_no_gradient_to_reference_log_probs(impl):
     assert hidden.grad is not None and rc.grad is None
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@random_cases(max_examples=6)
 @given(
     B=st.integers(1, 3),
     T=st.integers(1, 6),
     H=st.integers(1, 20),
     V=st.integers(1, 90),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dtype=FLOAT_DTYPES,
     bias=st.booleans(),
     loss_type=st.sampled_from(["sigmoid", "ipo", "hinge"]),
-    seed=st.integers(0, 2**31 - 1),
+    seed=SEEDS,
 )
 def test_random_cases(impl, B, T, H, V, dtype, bias, loss_type, seed):
     torch.manual_seed(seed)

@@ -4,8 +4,8 @@ import importlib
 
 import pytest
 import torch
-from conftest import DEVICE, IMPLS
-from hypothesis import HealthCheck, given, settings
+from conftest import DEVICE, FLOAT_DTYPES, IMPLS, SEEDS, random_cases
+from hypothesis import given
 from hypothesis import strategies as st
 from reference import assert_no_worse
 
@@ -119,16 +119,15 @@ def test_non_contiguous_hidden(impl, device):
     check_linear(hidden.transpose(0, 1), weight, b, labels.t(), impl)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@random_cases(max_examples=8)
 @given(
     n=st.integers(1, 70),
     H=st.integers(1, 70),
     V=st.integers(1, 1100),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dtype=FLOAT_DTYPES,
     bias=st.booleans(),
     temperature=st.floats(0.3, 3.0),
-    seed=st.integers(0, 2**31 - 1),
+    seed=SEEDS,
 )
 def test_random_cases(impl, n, H, V, dtype, bias, temperature, seed):
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import IMPLS
 from reference import assert_no_worse
-from test_policy_modes import MODES
+from test_policy_modes import MODES, clean_then_garbage
 from test_policy_verl import _verl_loss, verl_agg
 
 import rlhf_fast as rf
@@ -168,11 +168,7 @@ def test_backward_scales_by_the_incoming_gradient_and_no_grad_runs(impl):
 def test_masked_tokens_contribute_nothing(impl, mode):
     hidden, weight, bias, labels, old, ref, rollout, adv, m = _case(seed=6)
     outs = []
-    for garbage in (False, True):
-        o, a, r, ro = old.clone(), adv.clone(), ref.clone(), rollout.clone()
-        if garbage:
-            off = m == 0
-            o[off], a[off], r[off], ro[off] = float("nan"), float("inf"), -float("inf"), float("nan")
+    for o, a, r, ro in clean_then_garbage(m, old, adv, ref, rollout):
         outs.append(_ours(hidden, weight, bias, labels, o, a, m, impl, ref_logp=r, kl_coef=0.1, loss_mode=mode,
                           rollout_logp=ro, rollout_is="token_truncate", kl_bias_correction=True))  # fmt: skip
     torch.testing.assert_close(outs[0][0], outs[1][0])

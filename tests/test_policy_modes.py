@@ -35,6 +35,17 @@ def _batch(B=3, T=6, V=41, seed=0, dtype=torch.float32):
     return logits, labels, old, ref, rollout, adv, m
 
 
+def clean_then_garbage(m, old, adv, ref, rollout):
+    """Copies of the per-token inputs ``(old, adv, ref, rollout)`` twice: as they are, then with garbage (NaN, inf)
+    at every token of weight 0 (``m == 0``), where a loss must not look."""
+    for garbage in (False, True):
+        o, a, r, ro = old.clone(), adv.clone(), ref.clone(), rollout.clone()
+        if garbage:
+            off = m == 0
+            o[off], a[off], r[off], ro[off] = float("nan"), float("inf"), -float("inf"), float("nan")
+        yield o, a, r, ro
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode,kw", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -74,11 +85,7 @@ def test_masked_tokens_contribute_nothing(impl, mode, kw, rollout_is):
     logits, labels, old, ref, rollout, adv, m = _batch(seed=2)
     extra = dict(rollout_logp=rollout, rollout_is=rollout_is) if rollout_is else {}
     outs = []
-    for garbage in (False, True):
-        o, a, r, ro = old.clone(), adv.clone(), ref.clone(), rollout.clone()
-        if garbage:
-            off = m == 0
-            o[off], a[off], r[off], ro[off] = float("nan"), float("inf"), -float("inf"), float("nan")
+    for o, a, r, ro in clean_then_garbage(m, old, adv, ref, rollout):
         if rollout_is:
             extra["rollout_logp"] = ro
         x = logits.clone().requires_grad_(True)

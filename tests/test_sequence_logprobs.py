@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import DEVICE, IMPLS
-from hypothesis import HealthCheck, given, settings
+from conftest import DEVICE, FLOAT_DTYPES, IMPLS, SEEDS, random_cases
+from hypothesis import given
 from hypothesis import strategies as st
 from reference import assert_no_worse, logprobs_f64, logprobs_plain_same_dtype
 
@@ -94,16 +94,15 @@ def test_reference_matches_float64():
         torch.testing.assert_close(sequence_logprobs_reference(logits, labels, temperature=0.8, average=average), ref)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@random_cases(max_examples=10)
 @given(
     B=st.integers(1, 4),
     T=st.integers(1, 12),
     V=st.integers(1, 300),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dtype=FLOAT_DTYPES,
     average=st.booleans(),
     ignore_frac=st.sampled_from([0.0, 0.5, 1.0]),
-    seed=st.integers(0, 2**31 - 1),
+    seed=SEEDS,
 )
 def test_random_cases(impl, B, T, V, dtype, average, ignore_frac, seed):
     torch.manual_seed(seed)
