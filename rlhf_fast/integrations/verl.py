@@ -47,6 +47,7 @@ A verl user adds (PPO/GRPO trainer, Hydra overrides)::
 import torch
 
 import rlhf_fast as rf
+from rlhf_fast.rl_losses import masked_mean
 
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
@@ -96,10 +97,6 @@ _DEFAULT_AGG = {"vanilla": "token-mean", "gspo": "seq-mean-token-mean", "cispo":
                 "sapo": "seq-mean-token-mean", "geo_mean": "token-mean"}  # fmt: skip
 
 
-def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return torch.where(m != 0, m * x, 0.0).sum() / m.sum().clamp(min=torch.finfo(torch.float32).tiny)
-
-
 @torch.no_grad()
 def _geo_mean_extras(old_log_prob, log_prob, advantages, m, lo, hi, rollout_is_weights):
     """What verl's ``geo_mean`` computes outside the GMPO loss itself: its two clip fractions (tokens whose
@@ -110,7 +107,7 @@ def _geo_mean_extras(old_log_prob, log_prob, advantages, m, lo, hi, rollout_is_w
     lr = torch.where(on, log_prob.float() - old_log_prob.float(), 0.0)
     adv = torch.where(on, advantages.float(), 0.0)
     outside = ((lr < -lo) | (lr > hi)).float()
-    fracs = _masked_mean(outside * (adv > 0), m).item(), _masked_mean(outside * (adv < 0), m).item()
+    fracs = masked_mean(outside * (adv > 0), m).item(), masked_mean(outside * (adv < 0), m).item()
     if rollout_is_weights is None:
         return fracs, None
     log_w = torch.where(on, torch.log(rollout_is_weights.float() + 1e-10), 0.0)
@@ -166,7 +163,8 @@ def _verl_policy_loss(mode: str):
 
 
 POLICY_LOSSES = {f"rlhf_fast_{mode}": _verl_policy_loss(mode) for mode in _DEFAULT_AGG}
-policy_loss_vanilla, policy_loss_gspo, policy_loss_cispo, policy_loss_sapo, policy_loss_geo_mean = POLICY_LOSSES.values()
+(policy_loss_vanilla, policy_loss_gspo, policy_loss_cispo, policy_loss_sapo,
+ policy_loss_geo_mean) = POLICY_LOSSES.values()  # fmt: skip
 LOSS_NAMES = tuple(POLICY_LOSSES)
 
 
