@@ -15,6 +15,7 @@ import torch
 from peer_wheels import package_dir
 import torch.nn.functional as F
 
+from rlhf_fast.integrations import count_op_calls
 from rlhf_fast.integrations import openrlhf as rfo
 
 OPENRLHF_VERSION = "0.11.2"
@@ -97,7 +98,9 @@ def test_policy_loss_matches_openrlhf(cfg, global_info):
     want = NS["PolicyLoss"](**cfg)(lp64, old, adv, mask, rollout, **global_info)
     want[0].backward()
     lp = logp.float().requires_grad_()
-    got = rfo.PolicyLoss(**cfg)(lp, old.float(), adv.float(), mask.float(), rollout.float(), **global_info)
+    with count_op_calls("ppo_policy_loss") as calls:
+        got = rfo.PolicyLoss(**cfg)(lp, old.float(), adv.float(), mask.float(), rollout.float(), **global_info)
+    assert calls["ppo_policy_loss"] == 1  # the loss is rlhf_fast's op
     got[0].backward()
     torch.testing.assert_close(got[0].double(), want[0].detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)

@@ -19,6 +19,7 @@ import torch
 from peer_wheels import package_dir
 
 import rlhf_fast as rf
+from rlhf_fast.integrations import count_op_calls
 from rlhf_fast.integrations import verl as rfv
 
 VERL_VERSION = "0.9.1"
@@ -96,7 +97,9 @@ def test_policy_loss_matches_verl(mode, agg, global_info, bool_mask):
     want, want_m = verl_loss(old.double(), lp64, adv.double(), m64, agg, cfg, is_w.double())
     want.backward()
     lp = logp.clone().requires_grad_()
-    got, got_m = rfv.POLICY_LOSSES[f"rlhf_fast_{mode}"](old, lp, adv, mask, agg, cfg, is_w)
+    with count_op_calls("ppo_policy_loss") as calls:
+        got, got_m = rfv.POLICY_LOSSES[f"rlhf_fast_{mode}"](old, lp, adv, mask, agg, cfg, is_w)
+    assert calls["ppo_policy_loss"] == 1  # the loss is rlhf_fast's op
     got.backward()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-7)
