@@ -15,6 +15,7 @@ import torch
 from peer_wheels import package_dir
 import torch.nn.functional as F
 
+from rlhf_fast.integrations import count_op_calls
 from rlhf_fast.integrations import openrlhf as rfo
 
 OPENRLHF_VERSION = "0.11.2"
@@ -60,6 +61,7 @@ def _batch(B=5, T=8, seed=0):
     mask[0, :3] = 1
     old[0, :3] = logp[0, :3] - 1.5  # ratio e^1.5 ...
     adv[0, :3] = -1.0  # ... with A < 0: the dual clip at 3 is active
+    mask[3] = 0  # a response without any token
     return logp, old, rollout, adv, mask
 
 
@@ -71,6 +73,18 @@ CONFIGS = [
     {"is_correction_level": "token", "is_correction_mode": "clip", "is_correction_threshold": (0.5, 2.0)},
     {"is_correction_level": "token", "is_correction_mode": "mask", "is_correction_threshold": (0.5, 1.5),
      "token_level_loss": False},
+    # sequence-level correction: the gate reads each row's geometric-mean ratio, or its mean divergence
+    {"is_correction_level": "seq", "is_correction_threshold": (0.8, 1.25), "dual_clip": 3.0},
+    {"is_correction_level": "seq", "is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.12),
+     "token_level_loss": False},
+    # divergence gates per token
+    {"is_correction_level": "token", "is_correction_gating": "binary_kl", "is_correction_threshold": (0.0, 0.02)},
+    {"is_correction_level": "token", "is_correction_gating": "tv", "is_correction_threshold": (-1.0, 0.05),
+     "clip_eps_high": 0.28},
+    # GSPO (one advantage per sequence), alone, with the dual clip, and against the rollout policy
+    {"policy_loss_type": "gspo", "clip_eps_low": 0.05, "clip_eps_high": 0.05, "token_level_loss": True},  # (ignored)
+    {"policy_loss_type": "gspo", "clip_eps_low": 0.1, "clip_eps_high": 0.15, "dual_clip": 1.2},
+    {"policy_loss_type": "gspo", "is_correction_level": "token", "clip_eps_low": 0.1, "clip_eps_high": 0.15},
 ]  # fmt: skip
 
 
@@ -78,11 +92,15 @@ CONFIGS = [
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_policy_loss_matches_openrlhf(cfg, global_info):
     logp, old, rollout, adv, mask = _batch()
+    if cfg.get("policy_loss_type") == "gspo":
+        adv = adv[:, :1].expand_as(adv).clone()  # GSPO's (and GRPO's) one advantage per sequence
     lp64 = logp.clone().requires_grad_()
     want = NS["PolicyLoss"](**cfg)(lp64, old, adv, mask, rollout, **global_info)
     want[0].backward()
     lp = logp.float().requires_grad_()
-    got = rfo.PolicyLoss(**cfg)(lp, old.float(), adv.float(), mask.float(), rollout.float(), **global_info)
+    with count_op_calls("ppo_policy_loss") as calls:
+        got = rfo.PolicyLoss(**cfg)(lp, old.float(), adv.float(), mask.float(), rollout.float(), **global_info)
+    assert calls["ppo_policy_loss"] == 1  # the loss is rlhf_fast's op
     got[0].backward()
     torch.testing.assert_close(got[0].double(), want[0].detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)
@@ -91,15 +109,36 @@ def test_policy_loss_matches_openrlhf(cfg, global_info):
         if b is not None:
             torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-7)
     assert want[1] > 0
-    if cfg.get("is_correction_level") == "token":
-        assert want[4] > 0  # the gate does drop or clamp tokens
+    if want[4] is not None:
+        assert 0 < want[4] < 1  # the gate does drop or clamp some tokens (rows), not all
 
 
-@pytest.mark.parametrize("cfg", [{"policy_loss_type": "gspo"}, {"is_correction_level": "seq"},
-                                 {"is_correction_gating": "tv", "is_correction_threshold": (0.0, 0.3)}])  # fmt: skip
-def test_policy_loss_options_not_supported_yet_are_a_clear_error(cfg):
-    NS["PolicyLoss"](**cfg)  # valid for OpenRLHF
-    with pytest.raises(ValueError, match=next(iter(cfg))):
+def test_gspo_inputs_it_cannot_match_are_a_clear_error():
+    """OpenRLHF's GSPO gradient differs from rf's gspo for per-token advantages and weighted masks: refused."""
+    logp, old, _, adv, mask = _batch()
+    loss = rfo.PolicyLoss(policy_loss_type="gspo")
+    with pytest.raises(ValueError, match="advantages"):
+        loss(logp.float(), old.float(), adv.float(), mask.float())
+    row_adv = adv[:, :1].expand_as(adv).float()
+    with pytest.raises(ValueError, match="action_mask"):
+        loss(logp.float(), old.float(), row_adv, mask.float() * 0.5)
+    adv_off_mask = torch.where(mask.bool(), row_adv, 7.0)  # what the advantages hold outside the mask is free
+    loss(logp.float(), old.float(), adv_off_mask, mask.float())
+    with pytest.raises(ValueError, match="rollout_log_probs"):
+        rfo.PolicyLoss(policy_loss_type="gspo", is_correction_level="seq")(logp, old, row_adv, mask)
+
+
+@pytest.mark.parametrize("cfg", [{"policy_loss_type": "grpo"}, {"is_correction_level": "sequence"},
+                                 {"is_correction_gating": "kl"}, {"is_correction_mode": "drop"},
+                                 {"dual_clip": 1.0},
+                                 {"is_correction_level": "seq", "is_correction_mode": "clip"},
+                                 {"is_correction_level": "token", "is_correction_gating": "tv",
+                                  "is_correction_mode": "clip"},
+                                 {"is_correction_level": "token", "is_correction_gating": "tv"}])  # fmt: skip
+def test_policy_loss_rejects_what_openrlhf_rejects(cfg):
+    with pytest.raises((ValueError, AssertionError)):  # OpenRLHF: its constructor, or forward for the loss type
+        NS["PolicyLoss"](**cfg)(*_batch()[:2], _batch()[3], _batch()[4])
+    with pytest.raises(ValueError, match="is_correction|policy_loss_type|dual_clip"):
         rfo.PolicyLoss(**cfg)
 
 

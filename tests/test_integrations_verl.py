@@ -2,7 +2,7 @@
 
 ``import verl`` pulls in Ray, so these tests do not import the package: they load the functions they
 compare with from the installed verl files themselves (``verl/trainer/ppo/core_algos.py``: ``agg_loss``,
-``compute_policy_loss_vanilla``, ``kl_penalty``, ``kl_penalty_forward``; ``verl/utils/torch_functional.py``:
+``compute_policy_loss_vanilla`` / ``_gspo`` / ``_cispo`` / ``_sapo`` / ``_geo_mean``, ``kl_penalty``, ``kl_penalty_forward``; ``verl/utils/torch_functional.py``:
 ``masked_sum``, ``masked_mean``) by parsing the source and compiling those functions alone, and
 ``verl/utils/experimental/torch_functional.py`` (which imports only torch) as a module. The verl side
 runs in float64.
@@ -10,6 +10,7 @@ runs in float64.
 
 import ast
 import importlib.util
+import inspect
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ import torch
 from peer_wheels import package_dir
 
 import rlhf_fast as rf
+from rlhf_fast.integrations import count_op_calls
 from rlhf_fast.integrations import verl as rfv
 
 VERL_VERSION = "0.9.1"
@@ -42,11 +44,12 @@ class _AlgoConfig:  # core_algos asserts the config is not an AlgoConfig
     pass
 
 
+MODES = ("vanilla", "gspo", "cispo", "sapo", "geo_mean")  # verl's loss_modes that rlhf_fast registers
 _F = _functions("utils/torch_functional.py", ["masked_sum", "masked_mean"], {"torch": torch})
 VERL = _functions(
     "trainer/ppo/core_algos.py",
-    ["agg_loss", "compute_policy_loss_vanilla", "kl_penalty", "kl_penalty_forward"],
-    {"torch": torch, "Optional": Optional, "Any": Any, "ActorConfig": object, "AlgoConfig": _AlgoConfig,
+    ["agg_loss", "kl_penalty", "kl_penalty_forward", *(f"compute_policy_loss_{m}" for m in MODES)],
+    {"torch": torch, "Optional": Optional, "Any": Any, "ActorConfig": object, "AlgoConfig": _AlgoConfig, "DictConfig": object,
      "verl_F": SimpleNamespace(**{k: _F[k] for k in ("masked_sum", "masked_mean")})},
 )  # fmt: skip
 
@@ -81,25 +84,51 @@ GLOBAL = [
 @pytest.mark.parametrize("bool_mask", [False, True])  # verl's ppo_loss passes response_mask.to(bool)
 @pytest.mark.parametrize("global_info", GLOBAL)
 @pytest.mark.parametrize("agg", rfv.VERL_AGG_MODES)
-def test_policy_loss_matches_verl_vanilla(agg, global_info, bool_mask):
+@pytest.mark.parametrize("mode", MODES)
+def test_policy_loss_matches_verl(mode, agg, global_info, bool_mask):
     logp, old, adv, mask, is_w = _batch()
     if bool_mask:
         mask = mask.bool()
-    cfg = _Config(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, global_batch_info=global_info)
+    cfg = _Config(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.3,
+                  tau_neg=0.8, global_batch_info=global_info)  # fmt: skip
     lp64 = logp.double().requires_grad_()
     m64 = mask if bool_mask else mask.double()
-    want, want_m = VERL["compute_policy_loss_vanilla"](old.double(), lp64, adv.double(), m64, agg, cfg, is_w.double())
+    verl_loss = VERL[f"compute_policy_loss_{mode}"]
+    want, want_m = verl_loss(old.double(), lp64, adv.double(), m64, agg, cfg, is_w.double())
     want.backward()
     lp = logp.clone().requires_grad_()
-    got, got_m = rfv.policy_loss_vanilla(old, lp, adv, mask, agg, cfg, is_w)
+    with count_op_calls("ppo_policy_loss") as calls:
+        got, got_m = rfv.POLICY_LOSSES[f"rlhf_fast_{mode}"](old, lp, adv, mask, agg, cfg, is_w)
+    assert calls["ppo_policy_loss"] == 1  # the loss is rlhf_fast's op
     got.backward()
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)
     assert got_m.keys() == want_m.keys()
     for k in want_m:
         assert got_m[k] == pytest.approx(want_m[k], rel=1e-5, abs=1e-7), k
-    assert want_m["actor/pg_clipfrac"] > 0 and want_m["actor/pg_clipfrac_lower"] > 0
+    if mode != "sapo":  # the batch does clip (and, for vanilla and geo_mean, on the negative side too)
+        assert want_m["actor/pg_clipfrac"] > 0
+        assert (want_m["actor/pg_clipfrac_lower"] > 0) == (mode in ("vanilla", "geo_mean"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_policy_loss_defaults_and_no_rollout_weights_match_verl(mode):
+    """verl's own defaults (the function's loss_agg_mode, ActorConfig's clip_ratio_c / tau_pos / tau_neg),
+    no global figures and no rollout weights."""
+    logp, old, adv, mask, _ = _batch(seed=7)
+    adv = adv[:, :1].expand_as(adv)  # one advantage per sequence, as GRPO's
+    cfg = _Config(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_ratio_c=3.0, tau_pos=1.0,
+                  tau_neg=1.05, global_batch_info={})  # fmt: skip
+    lp64 = logp.double().requires_grad_()
+    want, want_m = VERL[f"compute_policy_loss_{mode}"](old.double(), lp64, adv.double(), mask.bool(), config=cfg)
+    want.backward()
+    lp = logp.clone().requires_grad_()
+    got, got_m = getattr(rfv, f"policy_loss_{mode}")(old, lp, adv, mask.bool(), config=cfg)
+    got.backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)
+    assert got_m == pytest.approx(want_m, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("agg", rfv.VERL_AGG_MODES)
@@ -196,5 +225,9 @@ def test_register_puts_the_loss_in_a_verl_style_registry():
         return decorator
 
     rfv.register(register_policy_loss)
-    assert registry == {"rlhf_fast_vanilla": rfv.policy_loss_vanilla}
+    assert registry == {f"rlhf_fast_{m}": getattr(rfv, f"policy_loss_{m}") for m in MODES}
     assert tuple(registry) == rfv.LOSS_NAMES
+    for name, fn in registry.items():  # verl's signature, names and defaults
+        verl_fn = VERL[f"compute_policy_loss_{name[len('rlhf_fast_'):]}"]
+        assert inspect.signature(fn).parameters.keys() == inspect.signature(verl_fn).parameters.keys()
+        assert fn.__defaults__ == verl_fn.__defaults__, name

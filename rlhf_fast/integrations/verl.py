@@ -1,18 +1,28 @@
-"""verl on rlhf_fast: a policy loss, a fused log-prob + entropy head and the full KL, as verl calls them.
+"""verl on rlhf_fast: policy losses, a fused log-prob + entropy head and the full KL, as verl calls them.
 
 Tested against verl 0.9.1 (``pip install --no-deps verl``: its package imports Ray, so the tests run the
 functions of the installed verl files, not ``import verl``; see tests/test_integrations_verl.py).
 
-- ``policy_loss_vanilla`` has the signature of verl's registered policy losses
-  (``verl/trainer/ppo/core_algos.py``: ``(old_log_prob, log_prob, advantages, response_mask,
-  loss_agg_mode, config, rollout_is_weights) -> (loss, metrics)``) and verl's ``vanilla`` semantics: the
-  clipped objective with ``clip_ratio_low`` / ``clip_ratio_high``, the dual clip at ``clip_ratio_c``
-  (default 3), the rollout-correction weights multiplying the per-token loss, and verl's global-batch
-  normalisation (``agg_loss`` with ``config.global_batch_info``: ``dp_size``, ``batch_num_tokens``,
-  ``global_batch_size``, ``loss_scale_factor``; see ``agg_scale``). The loss is ``rf.ppo_policy_loss``.
-  ``register()`` puts it in verl's registry as ``rlhf_fast_vanilla`` (done on import when verl imports).
-  One difference: verl clamps the log-ratio to [-20, 20] before ``exp``; we do not (a ratio beyond
-  e^20 is clipped by the trust region either way; only its unclipped side differs).
+- ``policy_loss_vanilla``, ``policy_loss_gspo``, ``policy_loss_cispo``, ``policy_loss_sapo``,
+  ``policy_loss_geo_mean``: verl's registered policy losses of those names (``verl/trainer/ppo/core_algos.py``:
+  signature ``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)
+  -> (loss, metrics)``, the same config keys, defaults and metrics) on ``rf.ppo_policy_loss`` with its
+  ``loss_mode`` of the same name, and verl's global-batch normalisation (``agg_loss`` with
+  ``config.global_batch_info``: ``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
+  ``loss_scale_factor``; see ``agg_scale``). Per mode, as verl: ``vanilla`` clips at ``clip_ratio_low`` /
+  ``clip_ratio_high`` (``clip_ratio`` when unset) with the dual clip at ``clip_ratio_c`` (default 3);
+  ``gspo`` and ``cispo`` clip the same way without a dual clip; ``sapo`` reads ``tau_pos`` / ``tau_neg``
+  (defaults 1.0 / 1.05) and always aggregates by ``seq-mean-token-mean``; ``geo_mean`` ignores
+  ``loss_agg_mode`` and the global figures (the plain mean of the row losses over every row, empty ones
+  included), takes a row's rollout weight as the geometric mean of its tokens' weights, and splits its clip
+  fraction by the advantage's sign. ``rollout_is_weights`` multiply the per-token loss: verl computes them
+  (and its rejection sampling, ``rollout_rs``, which edits ``response_mask``) on the driver
+  (``verl/trainer/ppo/rollout_corr_helper.py``) and hands them to the loss, so they pass through as given.
+  ``register()`` puts them in verl's registry as ``rlhf_fast_vanilla``, ``rlhf_fast_gspo``,
+  ``rlhf_fast_cispo``, ``rlhf_fast_sapo``, ``rlhf_fast_geo_mean`` (``LOSS_NAMES``; done on import when verl
+  imports). Differences: verl clamps the log-ratio to [-20, 20] before ``exp`` (vanilla, cispo, sapo, and
+  in their ``actor/ppo_kl``) and GSPO's log-ratio at 10; we do not (a ratio beyond e^10 is clipped by the
+  trust region either way; only its unclipped side differs).
 - ``FusedLinearForPPO``: the module interface of ``verl.utils.experimental.torch_functional.FusedLinearForPPO``
   (``forward(hidden_states, vocab_weights, input_ids, temperature=1.0) -> (log_probs, entropy)``), one
   pass through ``rf.linear_logprobs`` (Triton on CUDA); entropy comes back float32 (verl's torch backend
@@ -22,7 +32,7 @@ functions of the installed verl files, not ``import verl``; see tests/test_integ
   unimplemented: the exact ``KL(pi || pi_ref)`` over the vocabulary from ``logits`` / ``ref_logits`` by
   ``rf.full_kl``.
 
-Where they plug in: the loss through verl's registry (below; ``verl/workers/utils/losses.py`` calls it with
+Where they plug in: the losses through verl's registry (below; ``verl/workers/utils/losses.py`` calls it with
 a bool ``response_mask`` and fills ``config.global_batch_info``). verl has no switch for the other two:
 verl builds its own ``FusedLinearForPPO`` inside its patched model forwards
 (``verl/models/transformers/dense_common.py``, ``impl_backend`` torch | liger), and calls ``kl_penalty``
@@ -30,15 +40,15 @@ with per-token log-probs only, so ``"full"`` needs a caller that has both models
 
 A verl user adds (PPO/GRPO trainer, Hydra overrides)::
 
-    VERL_USE_EXTERNAL_MODULES=rlhf_fast.integrations.verl  # every verl process imports it: registers the loss
-    actor_rollout_ref.actor.policy_loss.loss_mode=rlhf_fast_vanilla
+    VERL_USE_EXTERNAL_MODULES=rlhf_fast.integrations.verl  # every verl process imports it: registers the losses
+    actor_rollout_ref.actor.policy_loss.loss_mode=rlhf_fast_vanilla  # or rlhf_fast_gspo / _cispo / _sapo / _geo_mean
 """
 
 import torch
 
 import rlhf_fast as rf
+from rlhf_fast.rl_losses import masked_mean
 
-LOSS_NAMES = ("rlhf_fast_vanilla",)
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
 
@@ -82,21 +92,80 @@ def _get(config, name, default=None):
     return default if value is None else value
 
 
-def policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
-                        rollout_is_weights=None):  # fmt: skip
-    """verl's ``vanilla`` policy loss on ``rf.ppo_policy_loss`` (module docstring); ``(loss, metrics)`` with
-    verl's metric names ``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (floats)."""
+# verl's loss_agg_mode default per loss_mode (the functions' own defaults in core_algos.py)
+_DEFAULT_AGG = {"vanilla": "token-mean", "gspo": "seq-mean-token-mean", "cispo": "token-mean",
+                "sapo": "seq-mean-token-mean", "geo_mean": "token-mean"}  # fmt: skip
+
+
+@torch.no_grad()
+def _geo_mean_extras(old_log_prob, log_prob, advantages, m, lo, hi, rollout_is_weights):
+    """What verl's ``geo_mean`` computes outside the GMPO loss itself: its two clip fractions (tokens whose
+    log-ratio lies outside ``[-lo, hi]``, split by the advantage's sign) and the rollout weight of each row,
+    the geometric mean of its tokens' weights, ``exp(sum_t(m log(w + 1e-10)) / (sum_t m + 1e-8))``
+    (``compute_policy_loss_geo_mean`` in verl 0.9.1's ``verl/trainer/ppo/core_algos.py``)."""
+    on = m != 0
+    lr = torch.where(on, log_prob.float() - old_log_prob.float(), 0.0)
+    adv = torch.where(on, advantages.float(), 0.0)
+    outside = ((lr < -lo) | (lr > hi)).float()
+    fracs = masked_mean(outside * (adv > 0), m).item(), masked_mean(outside * (adv < 0), m).item()
+    if rollout_is_weights is None:
+        return fracs, None
+    log_w = torch.where(on, torch.log(rollout_is_weights.float() + 1e-10), 0.0)
+    row_w = torch.exp((m * log_w).sum(-1, keepdim=True) / (m.sum(-1, keepdim=True) + 1e-8))
+    return fracs, row_w.expand_as(m)
+
+
+def _policy_loss(mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights):
+    """verl's policy loss ``mode`` on ``rf.ppo_policy_loss`` (see ``policy_loss``'s docstring)."""
     if config is None:
-        raise ValueError("config (verl's ActorConfig: clip_ratio, clip_ratio_low/high, clip_ratio_c) is required")
-    clip = _get(config, "clip_ratio")
-    clip_c = _get(config, "clip_ratio_c", 3.0)
-    agg, factor = agg_scale(response_mask, loss_agg_mode, **(_get(config, "global_batch_info", {}) or {}))
-    loss, metrics = rf.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
-                                       clip_low=_get(config, "clip_ratio_low", clip),
-                                       clip_high=_get(config, "clip_ratio_high", clip), dual_clip=clip_c, agg=agg,
-                                       is_weights=rollout_is_weights)  # fmt: skip
-    return loss * factor, {"actor/pg_clipfrac": metrics["clipfrac"].item(), "actor/ppo_kl": metrics["approx_kl"].item(),
-                           "actor/pg_clipfrac_lower": metrics["dual_clipfrac"].item()}  # fmt: skip
+        raise ValueError("config (verl's ActorConfig: clip_ratio, clip_ratio_low/high, clip_ratio_c, tau_pos/neg) "
+                         "is required")  # fmt: skip
+    options = {"loss_mode": mode}
+    if mode == "sapo":  # verl's SAPO reads its temperatures only
+        options.update(sapo_tau_pos=_get(config, "tau_pos", 1.0), sapo_tau_neg=_get(config, "tau_neg", 1.05))
+    else:
+        clip = _get(config, "clip_ratio")
+        options.update(clip_low=_get(config, "clip_ratio_low", clip), clip_high=_get(config, "clip_ratio_high", clip))
+    if mode == "vanilla":
+        options["dual_clip"] = _get(config, "clip_ratio_c", 3.0)
+    is_weights = rollout_is_weights
+    if mode == "geo_mean":
+        # verl ignores loss_agg_mode and the global figures here: the plain mean of the row losses over all B
+        # rows (empty ones add 0); ours is their mean over the R rows with a token, times R / B
+        m = response_mask.to(torch.float32)
+        clipfracs, is_weights = _geo_mean_extras(old_log_prob, log_prob, advantages, m, options["clip_low"],
+                                                 options["clip_high"], rollout_is_weights)  # fmt: skip
+        agg, factor = "seq-mean-token-mean", (m.sum(-1) > 0).sum() / m.shape[0]
+    else:  # verl's SAPO always aggregates by seq-mean-token-mean (with the global figures)
+        info = _get(config, "global_batch_info", {}) or {}
+        agg, factor = agg_scale(response_mask, "seq-mean-token-mean" if mode == "sapo" else loss_agg_mode, **info)
+    loss, metrics = rf.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask, agg=agg,
+                                       is_weights=is_weights, **options)  # fmt: skip
+    if mode != "geo_mean":  # verl reports 0 for what a mode has not got (sapo: no clip; only vanilla: dual clip)
+        clipfracs = metrics["clipfrac"].item(), metrics["dual_clipfrac"].item() if mode == "vanilla" else 0.0
+    return loss * factor, {"actor/pg_clipfrac": clipfracs[0], "actor/ppo_kl": metrics["approx_kl"].item(),
+                           "actor/pg_clipfrac_lower": clipfracs[1]}  # fmt: skip
+
+
+def _verl_policy_loss(mode: str):
+    """The function verl's registry holds for ``rlhf_fast_<mode>``: verl's signature and defaults."""
+
+    def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=_DEFAULT_AGG[mode], config=None,
+                    rollout_is_weights=None):  # fmt: skip
+        return _policy_loss(mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                            rollout_is_weights)  # fmt: skip
+
+    policy_loss.__name__ = policy_loss.__qualname__ = f"policy_loss_{mode}"
+    policy_loss.__doc__ = (f"verl's ``{mode}`` policy loss on ``rf.ppo_policy_loss`` (module docstring): ``(loss, "
+                           "metrics)`` with verl's metric names ``actor/pg_clipfrac``, ``actor/ppo_kl``, "
+                           "``actor/pg_clipfrac_lower`` (floats).")  # fmt: skip
+    return policy_loss
+
+
+POLICY_LOSSES = {f"rlhf_fast_{mode}": _verl_policy_loss(mode) for mode in _DEFAULT_AGG}
+(policy_loss_vanilla, policy_loss_gspo, policy_loss_cispo, policy_loss_sapo,
+ policy_loss_geo_mean) = POLICY_LOSSES.values()  # fmt: skip
+LOSS_NAMES = tuple(POLICY_LOSSES)
 
 
 class FusedLinearForPPO(torch.nn.Module):
@@ -136,11 +205,12 @@ def kl_penalty(logprob, ref_logprob, kl_penalty: str, *, logits=None, ref_logits
 
 
 def register(register_policy_loss=None) -> None:
-    """Put ``policy_loss_vanilla`` into verl's policy-loss registry as ``rlhf_fast_vanilla``
+    """Put the losses into verl's policy-loss registry under ``LOSS_NAMES`` (``rlhf_fast_vanilla``, ...)
     (``register_policy_loss``: verl's decorator factory; default: imported from verl)."""
     if register_policy_loss is None:
         from verl.trainer.ppo.core_algos import register_policy_loss
-    register_policy_loss("rlhf_fast_vanilla")(policy_loss_vanilla)
+    for name, fn in POLICY_LOSSES.items():
+        register_policy_loss(name)(fn)
 
 
 try:  # inside a verl process (VERL_USE_EXTERNAL_MODULES), registering is what importing this module is for
