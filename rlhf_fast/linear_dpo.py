@@ -48,6 +48,7 @@ def linear_dpo_loss(
     bias: torch.Tensor | None = None,
     impl: str = "auto",
     reduction: str = "mean",
+    skip_ignored: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``dpo_loss`` on the sequence log-probs of ``hidden @ weight.T + bias``, never building the logits.
 
@@ -64,6 +65,9 @@ def linear_dpo_loss(
             sequence without valid tokens has log-prob 0, see :func:`rlhf_fast.sequence_logprobs`).
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the pairs, as in ``dpo_loss``.
+        skip_ignored: ``True``: the prompt and padding rows (label ``ignore_index``) are dropped before the
+            matmul (as in :func:`rlhf_fast.linear_logprobs`); they count for nothing in the sequence
+            log-probs either way, so the loss is the same, for the labeled rows' work only.
 
     Under ``torch.autocast`` the matmul follows ``rf.linear_logprobs``' policy (operands in the autocast
     dtype, float32 logits); everything after the token log-probs is float32.
@@ -78,7 +82,8 @@ def linear_dpo_loss(
     check_dpo_options(beta, loss_type, label_smoothing, reduction)  # before the expensive part
     # weight, bias, ignore_index and impl are checked by linear_logprobs
     # linear_logprobs follows autocast for the matmul (rlhf_fast/_amp.py); the rest is float32 [2B, T] work.
-    token_logp = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, impl=impl)
+    token_logp = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, impl=impl,
+                                 skip_ignored=skip_ignored)  # fmt: skip
     with _amp.no_autocast():
         seq_logp = sum_over_tokens(token_logp, labels != ignore_index, bool(average_log_prob))
         chosen, rejected = seq_logp[:B], seq_logp[B:]

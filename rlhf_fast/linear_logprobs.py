@@ -20,6 +20,7 @@ import torch
 from . import _amp, _checks
 from ._dispatch import resolve
 from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
+from ._skip_rows import check_skip_ignored, labeled_rows, scatter_rows
 from ._softmax_torch import grad_or_zeros
 
 # float32 [rows, V] temporaries a chunk of the PyTorch implementation holds at once: the logits and, in
@@ -170,6 +171,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     impl: str = "auto",
+    skip_ignored: bool = False,
 ):
     """``rf.logprobs(hidden @ weight.T + bias, labels, ...)`` without materializing the ``[N, V]`` logits.
 
@@ -179,6 +181,10 @@ def linear_logprobs(
         labels: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]``, same dtype as ``hidden``.
         temperature, ignore_index, return_entropy, impl: as in :func:`rlhf_fast.logprobs`.
+        skip_ignored: ``True``: rows whose label is ``ignore_index`` are dropped (``index_select``) before
+            any matmul and get log-prob 0, entropy 0 and no gradient; the other rows' results are those of
+            ``skip_ignored=False``. Worth it when many rows are ignored (prompts, padding): see
+            rlhf_fast/_skip_rows.py for the cost of the gather.
 
     Returns:
         float32 ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``; differentiable
@@ -219,9 +225,14 @@ def linear_logprobs(
     )
     impl = resolve(impl, hidden.device)
     _checks.check_labels_in_range(labels, V, opts.ignore_index)
+    flat_hidden, flat_labels = hidden.reshape(labels.numel(), hidden.shape[-1]), labels.reshape(-1)
+    keep = labeled_rows(flat_labels, opts.ignore_index) if check_skip_ignored(skip_ignored) else None
+    if keep is not None:  # compute the labeled rows only; the others get 0 (rlhf_fast/_skip_rows.py)
+        flat_hidden, flat_labels = flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep)
     with _amp.no_autocast():
-        logp, entropy = _LinearLogprobs.apply(hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias,
-                                              labels.reshape(-1), opts, impl)  # fmt: skip
+        logp, entropy = _LinearLogprobs.apply(flat_hidden, weight, bias, flat_labels, opts, impl)
+    if keep is not None:
+        logp, entropy = scatter_rows(logp, keep, labels.numel()), scatter_rows(entropy, keep, labels.numel())
     if not opts.with_entropy:
         return logp.view(labels.shape)
     return logp.view(labels.shape), entropy.view(labels.shape)
