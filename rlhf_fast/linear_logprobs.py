@@ -19,7 +19,7 @@ import torch
 
 from . import _amp, _checks
 from ._dispatch import resolve
-from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
+from ._fused_chunk import MIN_CHUNK_ROWS, chunk_buffer, chunk_grad, chunk_rows, chunk_stats, pad_rows
 from ._skip_rows import check_skip_ignored, labeled_rows, scatter_rows
 from ._softmax_torch import grad_or_zeros
 
@@ -71,12 +71,16 @@ def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entrop
     row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
     step = chunk_rows(V, _CHUNK_TEMPORARIES)
-    z_buf = chunk_buffer(step, N, V, hidden.device)
+    # chunks of at least MIN_CHUNK_ROWS rows (short ones padded): a row's results do not depend on the batch
+    z_buf = chunk_buffer(max(step, MIN_CHUNK_ROWS), max(N, MIN_CHUNK_ROWS), V, hidden.device)
     for r in range(0, N, step):
         rows = slice(r, r + step)
         h = hidden[rows] if native else hidden[rows].float()
+        n = h.shape[0]
+        h, chunk_labels = pad_rows(h, MIN_CHUNK_ROWS), pad_rows(labels[rows], MIN_CHUNK_ROWS)
         z = _chunk_logits(h, w_mm, b32, out=z_buf[: h.shape[0]])
-        logp[rows], ent, row_max[rows], log_norm[rows] = chunk_stats(z, labels[rows], temperature, with_entropy)
+        stats = chunk_stats(z, chunk_labels, temperature, with_entropy)
+        logp[rows], ent, row_max[rows], log_norm[rows] = (None if t is None else t[:n] for t in stats)
         if with_entropy:
             entropy[rows] = ent
     return logp, entropy, row_max, log_norm
@@ -195,6 +199,12 @@ def linear_logprobs(
     to the autocast dtype as ``F.linear`` casts them (so an fp32 lm_head runs the bf16 matmul, not an
     fp32 one); the products accumulate in float32 and the logits and softmax statistics stay float32
     (never rounded to bf16). Gradients come back in each input's own dtype, through the casts.
+
+    Batch invariant (Triton on a GPU, PyTorch on CPU): a row's ``logp`` and ``entropy`` are bitwise the same
+    whatever the batch around it: its size, order, neighbours, padding (README "Batch invariance": fixed
+    vocabulary splits in the kernel; chunks of at least 16 rows and a compile choice by ``V`` alone in the
+    PyTorch path). So ``skip_ignored=True`` leaves the labeled rows' outputs bitwise unchanged. Gradients
+    are not claimed.
     """
     _checks.check_float_tensor(hidden, "hidden", min_dim=1)
     _checks.check_float_tensor(weight, "weight", min_dim=2)
