@@ -6,7 +6,9 @@ float32) across its share of the vocabulary, and keeps per-row online statistics
 ``rf.logprobs`` kernel does (running max from ``-inf``, ``s = sum e^(z-m)``, ``u = sum e^(z-m)(z-m)``)
 plus the label logit, picked up from the tile that holds it. The splits' partial statistics
 (``[SPLITS, N]`` each) are merged exactly afterwards (``merge_partials``): splitting the vocabulary gives
-the GPU enough programs when ``N / BLOCK_N`` alone is smaller than the number of SMs.
+the GPU more programs than ``N / BLOCK_N``. The splits are fixed spans of the vocabulary, chosen without
+looking at ``N``, and every tile size is a constant of the dtype: a row's log-prob and entropy are bitwise
+the same whatever the batch around it (its size, order, neighbours; see README "Batch invariance").
 
 Backward: per chunk of rows, a kernel recomputes the logit tiles and writes ``dlogits`` (same formula as
 ``rf.logprobs``) into a bounded ``[chunk, V]`` buffer in the input dtype; cuBLAS then forms
@@ -210,28 +212,44 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _num_splits(N: int, V: int, block_n: int, block_v: int, device: torch.device) -> int:
-    """Vocabulary splits so that the grid has a few programs per SM (4 under the interpreter)."""
-    row_blocks = max(1, triton.cdiv(N, block_n))  # N = 0 launches nothing, but must not divide by 0
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(V, block_v), triton.cdiv(target, row_blocks)))
+# Vocabulary columns per split of the forward on CUDA. A function of nothing but the device type, never of N:
+# a row's statistics are merged from the same splits, in the same order, whatever the batch (batch invariance,
+# README "Batch invariance"). 8192 gives V = 131072 16 splits: 1024 programs at N = 8192 (bf16 row blocks of
+# 128), 128 at N = 1024; the merge is one short elementwise loop per split. Under the interpreter two
+# vocabulary tiles a split, so that the tests' small vocabularies still exercise the merge.
+_SPLIT_COLUMNS_CUDA = 8192
+
+
+def _split_columns(V: int, block_v: int, device: torch.device) -> int:
+    """Vocabulary columns per split (a multiple of ``block_v``), independent of the number of rows."""
+    columns = _SPLIT_COLUMNS_CUDA if device.type == "cuda" else 2 * block_v
+    return min(triton.cdiv(V, block_v), triton.cdiv(columns, block_v)) * block_v
 
 
 def merge_partials(part_max, part_sum, part_ent, part_label):
     """Exact merge of per-split statistics ``[SPLITS, N]`` into ``(logp, entropy, row_max, log_norm)``.
 
-    ``part_ent`` ``None`` (a log-probs-only forward): ``entropy`` is ``None``.
+    ``part_ent`` ``None`` (a log-probs-only forward): ``entropy`` is ``None``. The sums over the splits run in
+    split order, one elementwise step per split: each row's result is the same whatever ``N`` (a reduction
+    kernel over ``dim=0`` may change its order with the number of outputs on CUDA).
     """
-    M = part_max.amax(0)
+    M = part_max.amax(0)  # exact: a maximum does not depend on the order
     M_ref = torch.where(M == -float("inf"), 0.0, M)
     alpha = torch.exp(part_max - M_ref)  # 0 for a split whose entries were all -inf (then s = u = 0)
-    S = (alpha * part_sum).sum(0)
+    scaled_sum = alpha * part_sum
+    S, z_label = scaled_sum[0].clone(), part_label[0].clone()
+    for i in range(1, part_max.shape[0]):
+        S += scaled_sum[i]
+        z_label += part_label[i]
     log_norm = torch.log(S)
-    logp = (part_label.sum(0) - M_ref) - log_norm
+    logp = (z_label - M_ref) - log_norm
     if part_ent is None:
         return logp, None, M_ref, log_norm
     shift = torch.where(part_max == -float("inf"), 0.0, part_max - M_ref)
-    U = (alpha * (part_ent + shift * part_sum)).sum(0)
+    scaled_ent = alpha * (part_ent + shift * part_sum)
+    U = scaled_ent[0].clone()
+    for i in range(1, part_max.shape[0]):
+        U += scaled_ent[i]
     entropy = log_norm - U / S
     return logp, entropy, M_ref, log_norm
 
@@ -245,8 +263,7 @@ def linear_logprobs_forward(hidden, weight, bias, labels, temperature: float, wi
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = matmul_config(hidden.dtype)
-    splits = _num_splits(N, V, cfg.BLOCK_N, cfg.BLOCK_V, hidden.device)
-    v_per_split = triton.cdiv(triton.cdiv(V, cfg.BLOCK_V), splits) * cfg.BLOCK_V
+    v_per_split = _split_columns(V, cfg.BLOCK_V, hidden.device)
     splits = triton.cdiv(V, v_per_split)
     parts = torch.empty((4 if with_entropy else 3, splits, N), dtype=torch.float32, device=hidden.device)
     part_max, part_sum, part_label = parts[0], parts[1], parts[2]

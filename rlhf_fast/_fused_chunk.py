@@ -10,9 +10,9 @@ compiled, against ~180 ms for the chunk's matmul). Compiled, each body is one lo
 statistics read it (twice, the second time from cache) and write ``[rows]`` vectors; the gradient reads it
 once and writes ``dlogits``.
 
-- Compilation costs seconds (Inductor writes and builds C++), so small chunks run the eager twins in
-  ``_softmax_torch.py`` and the compiled bodies are built on the first chunk of at least
-  :data:`COMPILE_MIN_ELEMENTS` logits: a test or a toy model never compiles. ``dynamic=True``: one build
+- Compilation costs seconds (Inductor writes and builds C++), so small vocabularies run the eager twins in
+  ``_softmax_torch.py`` and the compiled bodies are built on the first chunk of a vocabulary of at least
+  ``COMPILE_MIN_ELEMENTS / COMPILE_RULE_ROWS`` (16384) entries: a test or a toy model never compiles. ``dynamic=True``: one build
   serves every row count and vocabulary size. Where compilation fails (no C++ compiler, an unsupported
   platform) the eager twins run, after one warning. ``RLHF_FAST_COMPILE=0`` turns it off.
 - The chunk size comes from a memory budget (:func:`chunk_budget_mib`, default :data:`DEFAULT_CHUNK_MIB`):
@@ -80,6 +80,21 @@ def chunk_budget(mib: float):
 def chunk_rows(V: int, temporaries: int) -> int:
     """Rows per chunk so that ``temporaries`` float32 ``[rows, V]`` tensors fit in the budget."""
     return max(1, int(chunk_budget_mib() * (1 << 20)) // (4 * V * temporaries))
+
+
+# Fewest rows a chunk of ``rf.linear_logprobs``' PyTorch forward multiplies and reduces: a shorter chunk (the
+# last one, or a small call) is padded with zero rows, dropped afterwards. On CPU a row of ``h[:m] @ w.T`` is
+# rounded differently when m < 12 (measured with this torch's MKL at H = 256, V = 50000 and H = 64, V = 2000:
+# the rows past the last multiple of 4 differ from the same rows in a bigger product), and a reduction over a
+# single row is split over the threads; from 12 rows on, every row comes out bitwise the same whatever m, its
+# position and its neighbours. Padding costs at most 15 rows of work a call. See README "Batch invariance".
+MIN_CHUNK_ROWS = 16
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` rows (``x`` itself when it has as many)."""
+    n = x.shape[0]
+    return x if n >= rows else torch.cat([x, x.new_zeros((rows - n, *x.shape[1:]))])
 
 
 def chunk_buffer(step: int, N: int, V: int, device: torch.device) -> torch.Tensor:
@@ -155,8 +170,15 @@ def _run_compiled(name: str, fn, *args) -> tuple[bool, object]:
         return False, None
 
 
+# The compiled bodies run for every chunk of a vocabulary of at least COMPILE_MIN_ELEMENTS / COMPILE_RULE_ROWS
+# entries (16384), the eager twins for smaller ones: the choice depends on V alone, never on the rows of the
+# call, because the two round differently (a row must not change with the batch around it). Any LM vocabulary
+# (32k-256k) compiles; the tests' toy vocabularies never do.
+COMPILE_RULE_ROWS = 64
+
+
 def _use_compiled(x: torch.Tensor) -> bool:
-    return x.numel() >= COMPILE_MIN_ELEMENTS and x.device.type == "cpu" and _compile_enabled()
+    return x.shape[-1] * COMPILE_RULE_ROWS >= COMPILE_MIN_ELEMENTS and x.device.type == "cpu" and _compile_enabled()
 
 
 def chunk_stats(x: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool):

@@ -15,6 +15,7 @@ import torch
 
 from . import _amp, _checks, _vocab_parallel
 from ._dispatch import resolve
+from ._fused_chunk import pad_rows
 from ._softmax_torch import as_btv, grad_or_zeros, row_chunks, scaled_float_copy
 
 # ~2M elements per chunk and per input (8 MiB float32 temporaries), as rf.logprobs.
@@ -41,14 +42,17 @@ def _torch_forward(x, ref, temperature: float):
     kl = torch.empty(B * T, dtype=torch.float32, device=x.device)
     stats = torch.empty((4, B * T), dtype=torch.float32, device=x.device)
     for r, (cx, cr) in row_chunks([x, ref], max(1, _TORCH_CHUNK_ELEMENTS // V)):
-        rows = slice(r, r + cx.shape[0])
-        log_p, m_p, log_sp = _log_softmax_parts(scaled_float_copy(cx, temperature))
-        log_q, m_q, log_sq = _log_softmax_parts(scaled_float_copy(cr, temperature))
+        n = cx.shape[0]
+        rows = slice(r, r + n)
+        # a single row is reduced with a zero one, as in rf.logprobs: alone, its sums would be split over the
+        # threads and round differently from the same row in a bigger chunk (README "Batch invariance")
+        log_p, m_p, log_sp = _log_softmax_parts(pad_rows(scaled_float_copy(cx, temperature), 2))
+        log_q, m_q, log_sq = _log_softmax_parts(pad_rows(scaled_float_copy(cr, temperature), 2))
         terms = log_p.exp().mul_(log_p.sub(log_q))
         terms.masked_fill_(log_p == -float("inf"), 0.0)  # p_v = 0 adds nothing, whatever q_v is
-        kl[rows] = terms.sum(-1)
+        kl[rows] = terms.sum(-1)[:n]
         for i, v in enumerate((m_p, log_sp, m_q, log_sq)):
-            stats[i, rows] = v.squeeze(-1)
+            stats[i, rows] = v.squeeze(-1)[:n]
     return kl, stats
 
 
@@ -117,6 +121,9 @@ def full_kl(
 
     Entries where ``logits`` is ``-inf`` (masked vocabulary) add nothing; an entry where only
     ``ref_logits`` is ``-inf`` makes the KL ``+inf``. Computed in float32 whatever autocast says.
+
+    Batch invariant (both impls; PyTorch on CPU): a row's KL is bitwise the same whatever the batch around it
+    (README "Batch invariance").
     """
     _checks.check_float_tensor(logits, "logits", min_dim=1)
     _checks.check_float_tensor(ref_logits, "ref_logits", min_dim=1)

@@ -48,6 +48,7 @@ def linear_dpo_loss(
     bias: torch.Tensor | None = None,
     impl: str = "auto",
     reduction: str = "mean",
+    skip_ignored: bool = False,
     process_group: "torch.distributed.ProcessGroup | None" = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``dpo_loss`` on the sequence log-probs of ``hidden @ weight.T + bias``, never building the logits.
@@ -65,6 +66,9 @@ def linear_dpo_loss(
             sequence without valid tokens has log-prob 0, see :func:`rlhf_fast.sequence_logprobs`).
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the pairs, as in ``dpo_loss``.
+        skip_ignored: ``True``: the prompt and padding rows (label ``ignore_index``) are dropped before the
+            matmul (as in :func:`rlhf_fast.linear_logprobs`); they count for nothing in the sequence
+            log-probs either way, so the loss is the same, for the labeled rows' work only.
         process_group: tensor parallelism, as in :func:`rlhf_fast.linear_logprobs` (``weight``/``bias`` the
             rank's slice of the vocabulary's rows, ``hidden`` replicated, its gradient all-reduced): the
             composed route, vocabulary-parallel token log-probs then the DPO loss, exact in its gradients.
@@ -83,7 +87,7 @@ def linear_dpo_loss(
     # weight, bias, ignore_index and impl are checked by linear_logprobs
     # linear_logprobs follows autocast for the matmul (rlhf_fast/_amp.py); the rest is float32 [2B, T] work.
     token_logp = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, impl=impl,
-                                 process_group=process_group)  # fmt: skip
+                                 skip_ignored=skip_ignored, process_group=process_group)  # fmt: skip
     with _amp.no_autocast():
         seq_logp = sum_over_tokens(token_logp, labels != ignore_index, bool(average_log_prob))
         chosen, rejected = seq_logp[:B], seq_logp[B:]

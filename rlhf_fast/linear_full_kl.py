@@ -129,6 +129,13 @@ def linear_full_kl(
     Returns float32 ``KL(pi || pi_ref)`` ``[...]`` per position, differentiable in ``hidden``, ``weight`` and
     ``bias`` (gradients in their dtypes). Under autocast both sides' matmul operands take the autocast
     dtype as ``F.linear``'s do; the logits and the KL stay float32.
+
+    No ``skip_ignored`` (unlike the other linear ops): this op takes no labels, so it cannot tell which rows
+    are prompt or padding. To compute the KL of response rows only, select them before the call
+    (``hidden[mask]``, ``ref_hidden[mask]``), which is exactly what ``skip_ignored`` does inside the others.
+
+    Not batch invariant (README "Batch invariance"): its chunk matmuls are not padded, and a one-row product
+    rounds unlike the same row of a bigger one (MKL on CPU; cuBLAS picks kernels by the row count).
     """
     hidden, weight, bias = check_linear_operands(hidden, weight, bias)
     ref_hidden, ref_weight, ref_bias = check_linear_operands(ref_hidden, ref_weight, ref_bias,

@@ -19,7 +19,8 @@ import torch
 
 from . import _amp, _checks, _vocab_parallel
 from ._dispatch import resolve
-from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
+from ._fused_chunk import MIN_CHUNK_ROWS, chunk_buffer, chunk_grad, chunk_rows, chunk_stats, pad_rows
+from ._skip_rows import check_skip_ignored, labeled_rows, scatter_rows
 from ._softmax_torch import grad_or_zeros
 
 # float32 [rows, V] temporaries a chunk of the PyTorch implementation holds at once: the logits and, in
@@ -70,12 +71,16 @@ def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entrop
     row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
     step = chunk_rows(V, _CHUNK_TEMPORARIES)
-    z_buf = chunk_buffer(step, N, V, hidden.device)
+    # chunks of at least MIN_CHUNK_ROWS rows (short ones padded): a row's results do not depend on the batch
+    z_buf = chunk_buffer(max(step, MIN_CHUNK_ROWS), max(N, MIN_CHUNK_ROWS), V, hidden.device)
     for r in range(0, N, step):
         rows = slice(r, r + step)
         h = hidden[rows] if native else hidden[rows].float()
+        n = h.shape[0]
+        h, chunk_labels = pad_rows(h, MIN_CHUNK_ROWS), pad_rows(labels[rows], MIN_CHUNK_ROWS)
         z = _chunk_logits(h, w_mm, b32, out=z_buf[: h.shape[0]])
-        logp[rows], ent, row_max[rows], log_norm[rows] = chunk_stats(z, labels[rows], temperature, with_entropy)
+        stats = chunk_stats(z, chunk_labels, temperature, with_entropy)
+        logp[rows], ent, row_max[rows], log_norm[rows] = (None if t is None else t[:n] for t in stats)
         if with_entropy:
             entropy[rows] = ent
     return logp, entropy, row_max, log_norm
@@ -182,6 +187,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     impl: str = "auto",
+    skip_ignored: bool = False,
     process_group: "torch.distributed.ProcessGroup | None" = None,
 ):
     """``rf.logprobs(hidden @ weight.T + bias, labels, ...)`` without materializing the ``[N, V]`` logits.
@@ -192,6 +198,10 @@ def linear_logprobs(
         labels: ``[...]`` integer token ids in ``[0, V)``, or ``ignore_index``.
         bias: optional ``[V]``, same dtype as ``hidden``.
         temperature, ignore_index, return_entropy, impl: as in :func:`rlhf_fast.logprobs`.
+        skip_ignored: ``True``: rows whose label is ``ignore_index`` are dropped (``index_select``) before
+            any matmul and get log-prob 0, entropy 0 and no gradient; the other rows' results are those of
+            ``skip_ignored=False``. Worth it when many rows are ignored (prompts, padding): see
+            rlhf_fast/_skip_rows.py for the cost of the gather.
         process_group: tensor parallelism (``None``: none). ``weight`` (and ``bias``) hold this rank's
             contiguous slice of the vocabulary's rows, slices in rank order (Megatron's vocab-parallel
             lm_head, ``gather_output=False``); ``hidden`` and ``labels`` (global ids) are the same on every
@@ -208,6 +218,12 @@ def linear_logprobs(
     to the autocast dtype as ``F.linear`` casts them (so an fp32 lm_head runs the bf16 matmul, not an
     fp32 one); the products accumulate in float32 and the logits and softmax statistics stay float32
     (never rounded to bf16). Gradients come back in each input's own dtype, through the casts.
+
+    Batch invariant (Triton on a GPU, PyTorch on CPU): a row's ``logp`` and ``entropy`` are bitwise the same
+    whatever the batch around it: its size, order, neighbours, padding (README "Batch invariance": fixed
+    vocabulary splits in the kernel; chunks of at least 16 rows and a compile choice by ``V`` alone in the
+    PyTorch path). So ``skip_ignored=True`` leaves the labeled rows' outputs bitwise unchanged. Gradients
+    are not claimed.
     """
     _checks.check_float_tensor(hidden, "hidden", min_dim=1)
     _checks.check_float_tensor(weight, "weight", min_dim=2)
@@ -239,9 +255,16 @@ def linear_logprobs(
     impl = resolve(impl, hidden.device)
     shard = _vocab_parallel.shard_of(process_group, V, hidden.device)
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
+    flat_hidden, flat_labels = hidden.reshape(labels.numel(), hidden.shape[-1]), labels.reshape(-1)
+    # the same labels on every rank of a group: every rank keeps the same rows
+    keep = labeled_rows(flat_labels, opts.ignore_index) if check_skip_ignored(skip_ignored) else None
+    if keep is not None:  # compute the labeled rows only; the others get 0 (rlhf_fast/_skip_rows.py)
+        flat_hidden, flat_labels = flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep)
     with _amp.no_autocast():
-        args = (hidden.reshape(labels.numel(), hidden.shape[-1]), weight, bias, labels.reshape(-1), opts, impl)
+        args = (flat_hidden, weight, bias, flat_labels, opts, impl)
         logp, entropy = _LinearLogprobs.apply(*args) if shard is None else vocab_parallel(*args, shard)
+    if keep is not None:
+        logp, entropy = scatter_rows(logp, keep, labels.numel()), scatter_rows(entropy, keep, labels.numel())
     if not opts.with_entropy:
         return logp.view(labels.shape)
     return logp.view(labels.shape), entropy.view(labels.shape)

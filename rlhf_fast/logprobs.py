@@ -20,6 +20,7 @@ import torch
 
 from . import _amp, _checks, _vocab_parallel
 from ._dispatch import resolve
+from ._fused_chunk import pad_rows
 from ._softmax_torch import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
 
 # Rows per chunk of the PyTorch implementation: about 2M elements, so each float32 temporary is 8 MiB
@@ -56,9 +57,13 @@ def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ig
     row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
     for r, (chunk,) in row_chunks([x], _chunk_rows(x.shape[-1])):
-        rows = slice(r, r + chunk.shape[0])
-        z = scaled_float_copy(chunk, temperature)
-        logp[rows], ent, row_max[rows], log_norm[rows] = softmax_stats_(z, safe_labels[rows], with_entropy)
+        n = chunk.shape[0]
+        rows = slice(r, r + n)
+        # A single row is reduced with a second (zero) one: alone, PyTorch would split its sums over the threads
+        # and round them differently from the same row in a bigger chunk (README "Batch invariance").
+        z, chunk_labels = pad_rows(scaled_float_copy(chunk, temperature), 2), pad_rows(safe_labels[rows], 2)
+        stats = softmax_stats_(z, chunk_labels, with_entropy)
+        logp[rows], ent, row_max[rows], log_norm[rows] = (None if t is None else t[:n] for t in stats)
         if with_entropy:
             entropy[rows] = ent
     return logp.masked_fill_(ignored, 0.0), entropy, row_max, log_norm
@@ -210,6 +215,9 @@ def logprobs(
 
     Under ``torch.autocast`` the op computes in float32 all the same (rlhf_fast/_amp.py), forward and
     backward. ``labels`` may have any integer dtype.
+
+    Batch invariant (both impls; PyTorch on CPU): a row's ``logp`` and ``entropy`` are bitwise the same
+    whatever the batch around it (README "Batch invariance"); gradients are not claimed.
     """
     _checks.check_float_tensor(logits, "logits", min_dim=1)
     labels = _checks.as_labels(labels)

@@ -47,7 +47,8 @@ def sequence_logprobs(
         float32 ``[...]``, differentiable with respect to ``logits`` (the gradient in their dtype). A
         sequence whose labels are all ``ignore_index`` has log-prob 0 (sum of nothing), also with
         ``average=True`` (0 rather than 0 / 0), and gets no gradient. Computed in float32 whatever
-        autocast says.
+        autocast says. Batch invariant (both impls; PyTorch on CPU): a sequence's log-prob is bitwise the
+        same whatever the other sequences of the batch (README "Batch invariance").
     """
     if isinstance(logits, torch.Tensor) and logits.dim() < 2:
         raise ValueError(f"logits must have shape [..., T, V], got {tuple(logits.shape)}")
