@@ -107,6 +107,13 @@ def _run_ops(d: dict, impl: str, sl: slice, group) -> dict:
     out.update({"linear_ppo_loss/loss": loss, **{f"linear_ppo_loss/{k}": m[k] for k in ("entropy", "kl")}})
     grads("linear_ppo_loss", loss, hidden=h, weight=w, bias=b)
 
+    # skip_ignored under a group: every rank drops the same rows (the labels are the same on every rank)
+    h, (w, b) = _leaf(d["hidden"]), shard("weight", "bias")
+    loss, m = rf.linear_ppo_loss(h, w, labels, d["old_logp"], d["advantages"], d["mask"], bias=b, skip_ignored=True,
+                                 **ppo)  # fmt: skip
+    out.update({"linear_ppo_loss_skip/loss": loss, "linear_ppo_loss_skip/entropy": m["entropy"]})
+    grads("linear_ppo_loss_skip", loss, hidden=h, weight=w, bias=b)
+
     (x,) = shard("logits")
     seq = rf.sequence_logprobs(x, labels, temperature=TEMPERATURE, **kw)
     out["sequence_logprobs/logp"] = seq
@@ -173,7 +180,7 @@ def test_every_op_matches_the_whole_vocabulary(spawned, impl):
     ref = reference[impl]
     assert {k.split("/")[0] for k in ref} == {
         "logprobs", "logprobs_only", "linear_logprobs", "full_kl", "linear_full_kl", "ppo_loss_from_logits",
-        "linear_ppo_loss", "sequence_logprobs", "linear_dpo_loss", "linear_logprobs_bf16",
+        "linear_ppo_loss", "sequence_logprobs", "linear_dpo_loss", "linear_logprobs_bf16", "linear_ppo_loss_skip",
     }  # fmt: skip
     for rank, saved in enumerate(ranks):
         got, sl = saved["results"][impl], slice(*saved["slice"])
