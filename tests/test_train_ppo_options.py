@@ -102,7 +102,7 @@ OPTION_SETS = {
 
 @pytest.mark.parametrize("ops", [FusedOps(), ReferenceOps()], ids=["fused", "reference"])
 @pytest.mark.parametrize("name", list(OPTION_SETS))
-def test_trainer_loss_equals_the_op_on_materialised_logits(models, ops, name):
+def test_trainer_loss_equals_the_op_on_materialised_logits(models, ops, name, monkeypatch):
     """A trainer loss call with each option: the loss and every parameter's gradient are those of
     ``rf.ppo_loss_from_logits`` (and ``rf.full_kl``, with ``full_kl_loss``) on the model's logits."""
     model, ref_model = models
@@ -110,8 +110,11 @@ def test_trainer_loss_equals_the_op_on_materialised_logits(models, ops, name):
     cfg = PolicyLossConfig(**OPTION_SETS[name])
     want = _direct(model, ref_model, batch, cfg)
     want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
-    if isinstance(ops, FusedOps):  # the fused path builds no logits: the lm_head never runs
+    if isinstance(ops, FusedOps):  # the fused path builds no logits: neither the lm_head nor a logits product runs
         hook = model.lm_head.register_forward_hook(lambda *a: pytest.fail("the lm_head ran: logits were built"))
+        for fn in ("response_logits", "_logits"):
+            monkeypatch.setattr(FusedOps, fn, lambda *a, **k: pytest.fail("logits were built"), raising=False)
+        monkeypatch.setattr(rf, "full_kl", lambda *a, **k: pytest.fail("rf.full_kl on materialised logits"))
     try:
         got, metrics = ops.policy_loss(model, batch, cfg, ref_model=ref_model)
     finally:
