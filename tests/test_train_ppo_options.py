@@ -15,20 +15,15 @@
 
 import pytest
 import torch
-from test_policy_trl import _run_trl
-from test_train_ppo import bandit_config, bandit_reward, next_token_probs, optimum, tv
-from train_utils import tiny_causal_lm_dir
 
 import rlhf_fast as rf
 from rlhf_fast.train import ppo
 from rlhf_fast.train.models import load_causal_lm
-from rlhf_fast.train.ops import (
-    LOSS_TYPES,
-    FusedOps,
-    PolicyLossConfig,
-    ReferenceOps,
-    micro_aggregation,
-)
+from rlhf_fast.train.ops import LOSS_TYPES, FusedOps, PolicyLossConfig, ReferenceOps, micro_aggregation
+
+from test_policy_trl import _run_trl
+from test_train_ppo import bandit_config, bandit_reward, next_token_probs, optimum, tv
+from train_utils import tiny_causal_lm_dir
 
 B, P, R = 4, 3, 5
 

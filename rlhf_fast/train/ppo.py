@@ -46,19 +46,8 @@ from .checkpoint import maybe_save, resume_state
 from .data import collate_prompts, tokenize_prompts
 from .loop import finish_run, make_optimizer, save_pretrained, start_run
 from .metrics import MetricsLogger, progress
-from .models import (
-    CriticModel,
-    enable_gradient_checkpointing,
-    load_causal_lm,
-    load_tokenizer,
-)
-from .ops import (
-    KL_MODES,
-    PolicyLossConfig,
-    check_loss_options,
-    micro_aggregation,
-    micro_weight,
-)
+from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from .ops import KL_MODES, PolicyLossConfig, check_loss_options, micro_aggregation, micro_weight
 from .rollout import generate, make_scorers, policy_evaluator, row_seeds
 from .runtime import autocast_context, peak_memory_mib, reset_peak_memory, seed_for
 
