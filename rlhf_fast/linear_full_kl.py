@@ -15,9 +15,9 @@ that every chunk reuses (``chunk_buffer``: no per-chunk allocation).
   ``dKL/dlogits = p (log p - log q - KL) g / T`` over the reference's buffer and multiplies it into
   ``d_hidden[rows]``, ``d_weight`` and ``d_bias``. Extra memory: the two chunk buffers, the scratch, the
   ``[N, H]`` hidden gradient and the float32 ``[V, H]`` weight-gradient accumulator (and a float32 copy of
-  a bf16/fp16 weight): at N=4096, H=256, V=50000 float32, 193 MiB peak for forward + backward on the
-  CPU, 0.08x the 2462 MiB of ``rf.full_kl`` on the two materialised logits
-  (benchmarks/results/cpu/linear_full_kl.md).
+  a bf16/fp16 weight): at N=4096, H=256, V=50000 float32, 190 MiB peak for forward + backward on the
+  CPU, 0.078x the 2438 MiB of ``rf.full_kl`` on the two materialised logits, in 1.12x its time
+  (benchmarks/results/cpu/linear_full_kl.md; 367 MiB and 1.49x before the buffers and the in-place work).
 - ``triton``: per chunk, ``rf.full_kl``'s kernels (``kernels/kl.py``) on the two buffers; the matmuls are
   cuBLAS (torch) calls; a single fused kernel over vocabulary tiles is future work.
 
