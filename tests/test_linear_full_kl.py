@@ -128,3 +128,32 @@ def test_real_shape_cuda(impl):
     """H = 4096, V = 151936 in bf16 on 300 rows, against float64 on the materialised logits."""
     case = [t.cuda() if t is not None else None for t in _case((300,), 4096, 2048, 151936, torch.bfloat16, seed=3)]
     check(case, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_vocabulary_in_softmax_parts(impl, monkeypatch):
+    """``-inf`` bias entries (a masked vocabulary), with the in-place softmax work in parts of 3 rows of each
+    chunk: an entry masked on both sides or on the policy's alone adds nothing (the KL and its gradients
+    equal ``rf.full_kl``'s on the materialised logits, finite); one masked on the reference's alone makes the
+    KL ``+inf``."""
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = _case((11,), 8, 8, 50, torch.float32, seed=3)
+    bias, ref_bias = bias.clone(), ref_bias.clone()
+    bias[[3, 7]] = -float("inf")  # 3 masked on both sides, 7 on the policy's alone
+    ref_bias[3] = -float("inf")
+    monkeypatch.setattr(lfk, "_SOFTMAX_ELEMENTS", 3 * 50)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    with rf.chunk_budget(4 * 50 * lfk._CHUNK_TEMPORARIES * 8 / (1 << 20)):  # 8 rows a chunk: parts 3 + 3 + 2
+        kl = rf.linear_full_kl(leaves[0], leaves[1], ref_hidden, ref_weight, bias=leaves[2], ref_bias=ref_bias,
+                               impl=impl)  # fmt: skip
+    grads = torch.autograd.grad(kl.sum(), leaves)
+    plain = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    want = rf.full_kl(torch.nn.functional.linear(*plain), torch.nn.functional.linear(ref_hidden, ref_weight, ref_bias),
+                      impl="torch")  # fmt: skip
+    want_grads = torch.autograd.grad(want.sum(), plain)
+    assert torch.isfinite(kl).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(kl, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    ref_bias[9] = -float("inf")  # masked on the reference's side alone
+    kl = rf.linear_full_kl(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, impl=impl)
+    assert torch.isposinf(kl).all()

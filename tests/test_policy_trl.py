@@ -55,8 +55,11 @@ def _trl_vllm_is_ratio(old, rollout, mask, mode, clip_min, clip_max):
 
 
 def _run_trl(logits, labels, old, ref, adv, mask, *, loss_type, epsilon=0.2, epsilon_high=None, beta=0.0,
-             delta=None, level="token", bias_kl=False, is_ratio=None, entropy_coef=0.0, max_len=None):  # fmt: skip
-    """TRL's loss (float64), its gradient with respect to ``logits``, and its logged metrics."""
+             delta=None, level="token", bias_kl=False, is_ratio=None, entropy_coef=0.0, max_len=None, grad_accum=1,
+             num_items=None):  # fmt: skip
+    """TRL's loss (float64), its gradient with respect to ``logits``, and its logged metrics; ``grad_accum``:
+    the batch is one of that many micro-batches of an accumulation window holding ``num_items`` tokens
+    (``steps_per_generation == grad_accum``, TRL's default)."""
     x = logits.detach().clone().requires_grad_(True)
 
     def per_token(model, input_ids, attention_mask, logits_to_keep, **kw):
@@ -75,16 +78,16 @@ def _run_trl(logits, labels, old, ref, adv, mask, *, loss_type, epsilon=0.2, eps
         importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=epsilon,
         epsilon_high=epsilon if epsilon_high is None else epsilon_high, use_vllm=is_ratio is not None,
         vllm_importance_sampling_correction=is_ratio is not None, model=types.SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, accelerator=ident, aux_loss_enabled=False,
+        current_gradient_accumulation_steps=grad_accum, accelerator=ident, aux_loss_enabled=False,
         _entropy_bonus_enabled=entropy_coef != 0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
         max_completion_length=max_len or T, _metrics=defaultdict(lambda: defaultdict(list)),
         args=types.SimpleNamespace(use_bias_correction_kl=bias_kl, delta=delta, sapo_temperature_pos=1.0,
-                                   sapo_temperature_neg=1.05, steps_per_generation=1),
+                                   sapo_temperature_neg=1.05, steps_per_generation=grad_accum),
     )  # fmt: skip
     inputs = {
         "prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
         "completion_ids": labels, "completion_mask": mask, "advantages": adv, "old_per_token_logps": old,
-        "ref_per_token_logps": ref, "num_items_in_batch": mask.sum().double(),
+        "ref_per_token_logps": ref, "num_items_in_batch": mask.sum().double() if num_items is None else torch.tensor(float(num_items)),
     }  # fmt: skip
     if is_ratio is not None:
         inputs["importance_sampling_ratio"] = is_ratio

@@ -186,11 +186,12 @@ _DISTRIBUTED_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("advantage, samples_per_prompt, layouts", [
-    ("gae", 1, ("ddp", "fsdp")),  # a critic trained beside the policy; FSDP2 also shards the reference
-    ("rloo", 2, ("ddp",)),  # the samples of a prompt stay on one process
+@pytest.mark.parametrize("advantage, samples_per_prompt, layouts, loss_type", [
+    ("gae", 1, ("ddp", "fsdp"), None),  # a critic trained beside the policy; FSDP2 also shards the reference
+    ("rloo", 2, ("ddp",), None),  # the samples of a prompt stay on one process
+    ("grpo", 2, ("ddp",), "dapo"),  # DAPO's normaliser: the minibatch's tokens over both processes
 ])  # fmt: skip
-def test_two_processes_match_one(tmp_path, advantage, samples_per_prompt, layouts):
+def test_two_processes_match_one(tmp_path, advantage, samples_per_prompt, layouts, loss_type):
     """torchrun with 2 gloo processes, each sampling half of every step's prompts and taking half of every
     minibatch, replicated (DDP) or sharded (FSDP2): the same responses, losses and final weights as one process."""
     from rlhf_fast.train.metrics import read_metrics
@@ -203,7 +204,8 @@ def test_two_processes_match_one(tmp_path, advantage, samples_per_prompt, layout
         cfg = bandit_config(tmp_path, out_dir=str(out), prompts=prompts, advantage=advantage, parallel=parallel,
                             samples_per_prompt=samples_per_prompt, steps=2, prompts_per_step=4, max_new_tokens=4,
                             minibatch_size=4 * samples_per_prompt, grad_accum=2, ppo_epochs=2, whiten_advantages=True,
-                            lr=1e-3, log_every=1, eval_prompts=prompts, eval_samples=5, save_every=1)  # fmt: skip
+                            lr=1e-3, log_every=1, eval_prompts=prompts, eval_samples=5, save_every=1,
+                            loss_type=loss_type)  # fmt: skip
         torchrun(_DISTRIBUTED_SCRIPT, cfg, nproc, tmp_path)
         runs[nproc, parallel] = read_metrics(out / "metrics.jsonl"), json.loads((out / "summary.json").read_text())
     (records1, summary1), keys = runs[1, "ddp"], ("value_loss", "explained_variance") if advantage == "gae" else ()

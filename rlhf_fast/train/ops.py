@@ -7,11 +7,33 @@ entropy from the softmax, the PPO formulas as separate ops, GAE as a Python loop
 runs' tokens/s and peak memory measures what the fused ops buy, one to one.
 
 - ``FusedOps``: ``rf.linear_logprobs`` from the final hidden states and the lm_head weight (the logits are
-  never built; ``skip_ignored=True`` except in ``sft_nll``: prompt and padding rows cost no lm_head work),
-  ``rf.ppo_policy_loss`` / ``rf.kl_penalty`` on the result, or with the exact KL in the loss,
-  ``rf.ppo_loss_from_logits`` + ``rf.full_kl`` on the response positions' logits; ``rf.gae``,
-  ``rf.value_loss``, ``rf.pairwise_sigmoid_loss``, ``rf.linear_dpo_loss`` (also ``skip_ignored=True``).
-- ``ReferenceOps``: ``rlhf_fast.reference`` and plain PyTorch.
+  never built; ``skip_ignored=True`` except in ``sft_nll``: prompt and padding rows cost no lm_head work)
+  for the rollout's log-probs; the policy loss by ``rf.linear_ppo_loss`` from the hidden states (the
+  gradient computed in its forward for the token-level loss modes), with the exact KL in the loss by
+  ``rf.linear_full_kl`` (neither model's logits built); ``rf.gae``, ``rf.value_loss``,
+  ``rf.pairwise_sigmoid_loss``, ``rf.linear_dpo_loss`` (also ``skip_ignored=True``).
+- ``ReferenceOps``: ``rlhf_fast.reference`` and plain PyTorch (the loss modes other than ``vanilla`` and
+  ``delta`` by the ``[B, T]`` float32 arithmetic of ``rlhf_fast/_policy.py``).
+
+The aggregation presets of TRL's ``GRPOTrainer`` (``loss_type``, TRL 1.16's ``_compute_loss``) over the
+trainer's minibatch of ``S`` sequences (one optimizer step) cut into ``n`` micro-batches (``grad_accum``
+times the number of processes) of ``s = S / n`` sequences: :func:`micro_aggregation` gives each
+micro-batch's ``(agg, agg_norm, weight)`` so that the sum of ``weight * loss_micro`` over the micro-batches
+(what the trainer backpropagates) is
+
+- ``"grpo"``: ``sum over the S rows of [sum_t(m L) / max(sum_t(m), 1)] / S`` (``agg="seq-mean-token-mean"``,
+  ``agg_norm=S``: TRL's mean over each micro-batch's rows, empty rows counted, divided by the accumulation
+  steps and averaged over processes);
+- ``"bnpo"``: ``(1 / n) * sum over micro-batches of [sum(m L) / max(sum(m), 1)]`` (``agg="token-mean"`` with the
+  micro-batch's own token count times ``n``: TRL's local token mean);
+- ``"dr_grpo"``: ``sum(m L) / (S * max_new_tokens)`` (``agg="seq-mean-token-sum-norm"``,
+  ``agg_norm=max_new_tokens``: TRL's ``max_completion_length``, weight ``s / S``);
+- ``"dapo"``: ``sum(m L) / max(sum(m), 1)`` over the whole minibatch on every process (``agg="token-mean"``,
+  ``agg_norm`` = the minibatch's global token count: TRL's ``num_items_in_batch`` of one accumulation window,
+  which TRL's rescaling gives exactly when ``steps_per_generation == gradient_accumulation_steps``, its
+  default).
+
+``loss_type=None`` keeps ``agg`` with the weights of :func:`micro_weight`.
 
 Position convention: ``input_ids [B, L]`` holds ``P`` prompt tokens (left-padded) then ``R`` response tokens;
 response token ``t`` (column ``P + t``) is predicted at column ``P + t - 1``, so the response's predicting
@@ -25,11 +47,15 @@ import torch.nn.functional as F
 
 import rlhf_fast as rf
 
-from .. import reference
+from .. import _agg, _policy, reference
 from .models import lm_hidden_states
 
 OPS = ("fused", "reference")
 KL_MODES = ("reward", "k3_loss", "full_kl_loss")
+# TRL's loss_type -> the agg it sets (see micro_aggregation for the normalisers)
+LOSS_TYPE_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                 "dapo": "token-mean"}  # fmt: skip
+LOSS_TYPES = tuple(LOSS_TYPE_AGG)
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,70 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0
     kl_mode: str = "reward"  # "reward": the KL is in the rewards; "k3_loss" / "full_kl_loss": in the loss
     kl_coef: float = 0.0
+    loss_mode: str = "vanilla"  # rf.ppo_policy_loss's loss modes
+    delta: float | None = None  # TRL's two-sided clip
+    kl_bias_correction: bool = False  # k3 in the loss weighted by the ratio (TRL's use_bias_correction_kl)
+    agg_norm: float | None = None  # the aggregation's denominator (set per micro-batch by micro_aggregation)
+
+
+def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: str) -> float:
+    """The weight of a micro-batch's ``agg`` loss in its minibatch's: ``sum_micro weight * loss_micro`` is
+    the minibatch's ``agg`` loss however the minibatch is cut (over micro-batches and processes)."""
+    if agg == "token-mean":
+        return float(micro_mask.sum() / minibatch_mask.sum().clamp(min=1))
+    if agg == "seq-mean-token-sum-norm":  # sum / (B * T): every micro-batch has the minibatch's T
+        return micro_mask.shape[0] / minibatch_mask.shape[0]
+    rows = lambda m: (m.sum(1) > 0).sum().clamp(min=1)  # noqa: E731 -- rows with a token, as rf.aggregate
+    return float(rows(micro_mask) / rows(minibatch_mask))
+
+
+def micro_aggregation(loss_type: str | None, agg: str, micro_mask: torch.Tensor, minibatch_mask: torch.Tensor,
+                      max_new_tokens: int) -> tuple[str, float | None, float]:  # fmt: skip
+    """``(agg, agg_norm, weight)`` of a micro-batch's policy loss for TRL's ``loss_type`` (module docstring):
+    ``sum_micro weight * loss_micro(agg, agg_norm)`` is the minibatch's loss. ``minibatch_mask`` is the whole
+    minibatch's (every process's rows); ``loss_type=None``: ``(agg, None, micro_weight(...))``."""
+    if loss_type is None:
+        return agg, None, micro_weight(micro_mask, minibatch_mask, agg)
+    S, s = minibatch_mask.shape[0], micro_mask.shape[0]
+    if loss_type == "grpo":
+        return "seq-mean-token-mean", float(S), 1.0
+    if loss_type == "bnpo":
+        return "token-mean", max(float(micro_mask.sum()), 1.0) * (S // s), 1.0
+    if loss_type == "dr_grpo":
+        return "seq-mean-token-sum-norm", float(max_new_tokens), s / S
+    if loss_type == "dapo":
+        return "token-mean", max(float(minibatch_mask.sum()), 1.0), 1.0
+    raise ValueError(f"loss_type must be None or one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def _policy_options(cfg) -> _policy.PolicyOptions:
+    """The validated ``rlhf_fast/_policy.py`` options of a PPO ``Config`` or ``PolicyLossConfig`` (rf's
+    default SAPO temperatures, no rollout correction)."""
+    return _policy.check_policy_options(
+        loss_mode=cfg.loss_mode, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        delta=cfg.delta, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_logp=None, rollout_is=None, rollout_is_cap=2.0,
+        rollout_is_lower=None,
+    )  # fmt: skip
+
+
+def check_loss_options(cfg) -> None:
+    """``ValueError`` naming the PPO config key (``agg``, ``loss_mode``, ``loss_type``, ``delta``,
+    ``kl_bias_correction``, the clips) whose value the policy loss cannot take, before a model is loaded."""
+    if cfg.agg not in _agg.AGG_MODES:
+        raise ValueError(f"agg must be one of {_agg.AGG_MODES}, got {cfg.agg!r}")
+    if cfg.loss_type is not None:
+        if cfg.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be None or one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+        preset = LOSS_TYPE_AGG[cfg.loss_type]
+        if cfg.agg not in ("token-mean", preset):  # token-mean: the default, left as it is
+            raise ValueError(f"loss_type={cfg.loss_type!r} sets agg={preset!r} (and its normaliser); "
+                             f"agg={cfg.agg!r} contradicts it: leave agg unset")  # fmt: skip
+    _policy_options(cfg)
+    if not isinstance(cfg.kl_bias_correction, bool):
+        raise ValueError(f"kl_bias_correction must be true or false, got {cfg.kl_bias_correction!r}")
+    if cfg.kl_bias_correction and cfg.kl_mode != "k3_loss":
+        raise ValueError(f"kl_bias_correction weights the k3 KL term of the loss by the ratio: it needs "
+                         f"kl_mode='k3_loss', got kl_mode={cfg.kl_mode!r}")  # fmt: skip
 
 
 def get_ops(name: str):
@@ -102,40 +192,36 @@ class FusedOps:
         return -logp.sum(), (labels[:, 1:] != -100).sum()
 
     def policy_loss(self, model, batch: dict, cfg: PolicyLossConfig, ref_model=None):
-        """PPO policy loss of a minibatch and its metrics (``clipfrac``, ``approx_kl``, ``entropy``, ...).
+        """PPO policy loss of a minibatch and its metrics (``clipfrac``, ``approx_kl``, ``entropy``, ...), by
+        ``rf.linear_ppo_loss`` from the final hidden states (no logits built), and with
+        ``kl_mode="full_kl_loss"`` ``kl_coef * agg(rf.linear_full_kl(...))`` against ``ref_model``'s hidden states.
 
         ``batch``: ``input_ids``, ``attention_mask``, ``response_mask [B, R]``, ``old_logp``, ``advantages``,
         and ``ref_logp`` (for ``kl_mode="k3_loss"``).
         """
         mask = batch["response_mask"]
         R = mask.shape[1]
+        hidden, weight, bias = lm_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        hidden = hidden[:, -R - 1 : -1]
+        labels = _response_labels(batch["input_ids"][:, -R:], mask)
+        k3 = cfg.kl_mode == "k3_loss"
+        loss, metrics = rf.linear_ppo_loss(
+            hidden, weight, labels, batch["old_logp"], batch["advantages"], mask, bias=bias,
+            ref_logp=batch["ref_logp"] if k3 else None, kl_coef=cfg.kl_coef if k3 else 0.0, kl_estimator="k3",
+            entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg, agg_norm=cfg.agg_norm,
+            loss_mode=cfg.loss_mode, delta=cfg.delta, kl_bias_correction=cfg.kl_bias_correction,
+        )  # fmt: skip
         if cfg.kl_mode == "full_kl_loss":
-            # The exact KL needs both rows' logits: build them at the response positions only.
-            logits = self.response_logits(model, batch["input_ids"], batch["attention_mask"], R)
             with torch.no_grad():
-                ref_logits = self.response_logits(ref_model, batch["input_ids"], batch["attention_mask"], R)
-            labels = _response_labels(batch["input_ids"][:, -R:], mask)
-            loss, metrics = rf.ppo_loss_from_logits(
-                logits, labels, batch["old_logp"], batch["advantages"], mask,
-                entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, clip_low=cfg.clip_low,
-                clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg,
-            )  # fmt: skip
-            kl = rf.full_kl(logits, ref_logits, temperature=cfg.temperature)
-            loss = loss + cfg.kl_coef * rf.aggregate(kl, mask, agg=cfg.agg)
+                ref_hidden, ref_weight, ref_bias = lm_hidden_states(ref_model, batch["input_ids"],
+                                                                    batch["attention_mask"])  # fmt: skip
+            kl = rf.linear_full_kl(hidden, weight, ref_hidden[:, -R - 1 : -1], ref_weight, bias=bias, ref_bias=ref_bias,
+                                   temperature=cfg.temperature)  # fmt: skip
+            loss = loss + cfg.kl_coef * _agg.aggregate(kl, mask, cfg.agg, cfg.agg_norm)
             metrics["kl"] = _masked_mean(kl, mask)
-            return loss, metrics
-        logp, entropy = self.response_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
-                                               temperature=cfg.temperature, return_entropy=True)  # fmt: skip
-        loss, metrics = rf.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], mask,
-                                           clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                           dual_clip=cfg.dual_clip, agg=cfg.agg)  # fmt: skip
-        if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * rf.aggregate(entropy, mask, agg=cfg.agg)
-        if cfg.kl_mode == "k3_loss":
-            kl = rf.kl_penalty(logp, batch["ref_logp"], estimator="k3")
-            loss = loss + cfg.kl_coef * rf.aggregate(kl, mask, agg=cfg.agg)
-            metrics["kl"] = _masked_mean(kl, mask)
-        metrics["entropy"] = _masked_mean(entropy, mask)
+        elif not k3:
+            del metrics["kl"]  # the KL is in the rewards: the trainer logs it from there
         return loss, metrics
 
     def value_loss(self, values, old_values, returns, mask, *, clip=None, agg="token-mean"):
@@ -201,15 +287,13 @@ class ReferenceOps:
         logp, entropy = reference.logprobs_reference(logits, labels, temperature=cfg.temperature,
                                                      mask_zero_probs=False)  # fmt: skip
         m = mask.to(torch.float32)
-        surrogate = reference.clipped_surrogate_reference(logp, batch["old_logp"], batch["advantages"],
-                                                          clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                                          dual_clip=cfg.dual_clip)  # fmt: skip
-        adv, ratio, clipped = surrogate.advantages, surrogate.ratio, surrogate.clipped
+        surrogate, clipfrac = _reference_surrogate(logp, batch["old_logp"], batch["advantages"], m, cfg)
+        ratio = surrogate.ratio
         token = surrogate.loss - cfg.entropy_coef * entropy
         metrics = {}
         if cfg.kl_mode == "k3_loss":
             kl = reference.kl_penalty_reference(logp, batch["ref_logp"], "k3")
-            token = token + cfg.kl_coef * kl
+            token = token + cfg.kl_coef * (kl * ratio if cfg.kl_bias_correction else kl)
             metrics["kl"] = _masked_mean(kl, mask)
         elif cfg.kl_mode == "full_kl_loss":
             with torch.no_grad():
@@ -217,10 +301,14 @@ class ReferenceOps:
             kl = reference.full_kl_reference(logits, ref_logits, temperature=cfg.temperature, mask_zero_probs=False)
             token = token + cfg.kl_coef * kl
             metrics["kl"] = _masked_mean(kl, mask)
-        loss = reference.aggregate_reference(token, m, cfg.agg)
+        if cfg.agg_norm is None:
+            loss = reference.aggregate_reference(token, m, cfg.agg)
+        else:
+            loss = _agg.aggregate(token, m, cfg.agg, cfg.agg_norm)
+        ratio = torch.exp(logp - batch["old_logp"])  # the token ratio (GSPO's s_t has the row's value)
         with torch.no_grad():
             metrics.update(
-                clipfrac=_masked_mean((clipped > -adv * ratio).float(), mask),
+                clipfrac=clipfrac,
                 approx_kl=_masked_mean(batch["old_logp"] - logp, mask),
                 ratio_mean=_masked_mean(ratio, mask),
                 ratio_max=torch.where(mask > 0, ratio, 0.0).max(),
@@ -250,3 +338,20 @@ class ReferenceOps:
         B = logp.shape[0] // 2
         return reference.dpo_loss_reference(logp[:B], logp[B:], ref_chosen, ref_rejected, beta=beta,
                                             loss_type=loss_type, label_smoothing=label_smoothing)  # fmt: skip
+
+
+def _reference_surrogate(logp, old_logp, advantages, m, cfg: PolicyLossConfig):
+    """``(Surrogate, clipfrac)`` of the reference op set: the textbook clipped surrogate for ``vanilla``
+    without ``delta`` (``rlhf_fast.reference``), else ``rlhf_fast/_policy.py``'s per-token loss of
+    ``cfg.loss_mode`` on the ``[B, T]`` float32 tensors (the log-probs are 0 off the mask)."""
+    if cfg.loss_mode == "vanilla" and cfg.delta is None:
+        s = reference.clipped_surrogate_reference(logp, old_logp, advantages, clip_low=cfg.clip_low,
+                                                  clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)  # fmt: skip
+        return s, _masked_mean((s.clipped > -s.advantages * s.ratio).float(), m)
+    opts = _policy_options(cfg)
+    on = m != 0
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logp)
+    lp, old, adv0 = (torch.where(on, t.float(), 0.0) for t in (logp, old_logp, adv))
+    tl = _policy.token_loss(lp, old, adv0, m, opts)
+    surrogate = reference.Surrogate(tl.loss, tl.ratio, adv, None)
+    return surrogate, _masked_mean(tl.clipped.float(), m)

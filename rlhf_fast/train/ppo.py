@@ -21,13 +21,19 @@ whose loss is weighted so that the gradient is the one process's (``token-mean``
 Responses are drawn with counter-based noise keyed by ``(seed, step, row)`` (``rollout.generate``), and the
 minibatch order by ``(seed, step, epoch)``: the run is the same on any number of processes.
 
-``ops="fused"`` computes log-probs and entropy with ``rf.linear_logprobs`` from the hidden states (the
-``[B, T, V]`` logits are never built) and the losses with ``rf.ppo_policy_loss`` / ``rf.value_loss`` /
-``rf.gae``; ``ops="reference"`` runs the same loop on plain PyTorch (``rlhf_fast.train.ops``).
+The policy loss takes ``rf.ppo_policy_loss``'s ``loss_mode`` (vanilla, gspo, cispo, sapo, geo_mean) and
+``delta``, and ``kl_bias_correction`` for ``kl_mode="k3_loss"``; ``loss_type`` (TRL's grpo / bnpo / dr_grpo /
+dapo) sets ``agg`` and its normaliser over the minibatch as TRL's ``GRPOTrainer`` does
+(``rlhf_fast.train.ops.micro_aggregation``).
+
+``ops="fused"`` computes the rollout's log-probs with ``rf.linear_logprobs`` and the policy loss with
+``rf.linear_ppo_loss`` from the hidden states (the ``[B, T, V]`` logits are never built; the exact KL of
+``full_kl_loss`` by ``rf.linear_full_kl``), and ``rf.value_loss`` / ``rf.gae``; ``ops="reference"`` runs the
+same loop on plain PyTorch (``rlhf_fast.train.ops``).
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -41,7 +47,7 @@ from .data import collate_prompts, tokenize_prompts
 from .loop import RunConfig, finish_run, make_optimizer, save_pretrained, start_run
 from .metrics import MetricsLogger, progress
 from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from .ops import KL_MODES, PolicyLossConfig
+from .ops import KL_MODES, PolicyLossConfig, check_loss_options, micro_aggregation, micro_weight
 from .rollout import generate, make_scorers, policy_evaluator, row_seeds
 from .runtime import autocast_context, peak_memory_mib, reset_peak_memory, seed_for
 
@@ -77,6 +83,10 @@ class Config(RunConfig):
     value_clip: float | None = 0.2
     agg: str = "token-mean"
     entropy_coef: float = 0.0
+    loss_mode: Literal["vanilla", "gspo", "cispo", "sapo", "geo_mean"] = "vanilla"  # rf.ppo_policy_loss's
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] | None = None  # TRL's aggregation presets (set agg)
+    delta: float | None = None  # TRL's two-sided clip: the unclipped ratio capped at delta (vanilla / gspo)
+    kl_bias_correction: bool = False  # kl_mode="k3_loss": k3 weighted by the ratio (TRL's use_bias_correction_kl)
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -114,6 +124,7 @@ class Config(RunConfig):
                              f"processes ({distributed.world_size()})")  # fmt: skip
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_loss_options(self)
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -150,19 +161,8 @@ def sequence_advantages(scores: torch.Tensor, cfg: Config) -> torch.Tensor:
     G = cfg.samples_per_prompt
     if cfg.advantage == "grpo":
         return rf.group_advantages(scores, G, normalize_std=True)
-    # RLOO: s_i - mean_{j != i} s_j = G / (G - 1) * (s_i - mean_j s_j)
-    return rf.group_advantages(scores, G, normalize_std=False) * (G / (G - 1))
-
-
-def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: str) -> float:
-    """The weight of a micro-batch's ``agg`` loss in its minibatch's: ``sum_micro weight * loss_micro`` is
-    the minibatch's ``agg`` loss however the minibatch is cut (over micro-batches and processes)."""
-    if agg == "token-mean":
-        return float(micro_mask.sum() / minibatch_mask.sum().clamp(min=1))
-    if agg == "seq-mean-token-sum-norm":  # sum / (B * T): every micro-batch has the minibatch's T
-        return micro_mask.shape[0] / minibatch_mask.shape[0]
-    rows = lambda m: (m.sum(1) > 0).sum().clamp(min=1)  # noqa: E731 -- rows with a token, as rf.aggregate
-    return float(rows(micro_mask) / rows(minibatch_mask))
+    # RLOO: s_i - mean_{j != i} s_j
+    return rf.group_advantages(scores, G, normalize_std=False, baseline="loo")
 
 
 # -------------------------------------------------------------------------------------------- train
@@ -307,21 +307,25 @@ def ppo_epochs(batch: dict, advantages, returns, step: int, models: Models, opti
             for mu_start in range(0, share, micro):
                 idx = torch.tensor(mine[mu_start : mu_start + micro], device=device)
                 mb = {k: v[idx] for k, v in data.items()}
-                weight = micro_weight(mb["response_mask"], mb_mask, cfg.agg)  # of the loss
+                # the weights of the micro-batch's losses in the minibatch's (of the policy loss: TRL's loss_type)
+                agg, agg_norm, weight = micro_aggregation(cfg.loss_type, cfg.agg, mb["response_mask"], mb_mask,
+                                                          cfg.max_new_tokens)  # fmt: skip
+                v_weight = micro_weight(mb["response_mask"], mb_mask, agg)
                 token_share = float(mb["response_mask"].sum() / mb_mask.sum().clamp(min=1))  # of the metrics
+                mb_cfg = loss_cfg if cfg.loss_type is None else replace(loss_cfg, agg=agg, agg_norm=agg_norm)
                 with autocast_context(device, cfg.precision):
-                    pg_loss, metrics = ops.policy_loss(models.train_policy, mb, loss_cfg, ref_model=models.ref)
-                    loss = pg_loss
+                    pg_loss, metrics = ops.policy_loss(models.train_policy, mb, mb_cfg, ref_model=models.ref)
+                    loss = pg_loss if cfg.loss_type is None else pg_loss * weight
                     if critic is not None:
                         v = models.train_critic(mb["input_ids"], mb["attention_mask"])[:, -R - 1 : -1]
                         v_loss = ops.value_loss(v, mb["old_values"], mb["returns"], mb["response_mask"],
-                                                clip=cfg.value_clip, agg=cfg.agg)  # fmt: skip
-                        loss = loss + v_loss
+                                                clip=cfg.value_clip, agg=agg)  # fmt: skip
+                        loss = loss + (v_loss if cfg.loss_type is None else v_loss * v_weight)
                 # DDP averages over the processes: times world, the sum of the weighted losses
-                (loss * (weight * world)).backward()
+                (loss * ((weight if cfg.loss_type is None else 1.0) * world)).backward()
                 sums["policy_loss"] = sums.get("policy_loss", 0.0) + weight * float(pg_loss.detach())
                 if critic is not None:
-                    sums["value_loss"] = sums.get("value_loss", 0.0) + weight * float(v_loss.detach())
+                    sums["value_loss"] = sums.get("value_loss", 0.0) + v_weight * float(v_loss.detach())
                 for k, val in metrics.items():
                     sums[k] = sums.get(k, 0.0) + token_share * float(val)
             totals = distributed.global_sum(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
@@ -363,7 +367,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
 
     loss_cfg = PolicyLossConfig(temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 dual_clip=cfg.dual_clip, agg=cfg.agg, entropy_coef=cfg.entropy_coef,
-                                kl_mode=cfg.kl_mode, kl_coef=kl_coef)  # fmt: skip
+                                kl_mode=cfg.kl_mode, kl_coef=kl_coef, loss_mode=cfg.loss_mode, delta=cfg.delta,
+                                kl_bias_correction=cfg.kl_bias_correction)  # fmt: skip
     logger = MetricsLogger(out, enabled=distributed.is_main())
     reset_peak_memory(device)
     tokens_total, seconds_total, update_seconds = 0, 0.0, 0.0
