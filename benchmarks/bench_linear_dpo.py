@@ -52,15 +52,15 @@ _LOSS_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rto
 # ------------------------------------------------------------------------------------------- methods
 
 
-def _rlhf_fast_loss(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, impl="auto"):
+def _rlhf_fast_loss(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, impl="auto", skip_ignored=False):
     # (loss, metrics): the metrics (rewards, accuracy, margin) are part of the op's cost
     return rf.linear_dpo_loss(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, beta=BETA,
-                              ignore_index=IGNORE_INDEX, impl=impl)  # fmt: skip
+                              ignore_index=IGNORE_INDEX, impl=impl, skip_ignored=skip_ignored)  # fmt: skip
 
 
-def _rlhf_fast(impl: str = "auto"):
+def _rlhf_fast(impl: str = "auto", skip_ignored: bool = False):
     def run(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, ref_hidden, ref_weight):
-        return _rlhf_fast_loss(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, impl)
+        return _rlhf_fast_loss(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, impl, skip_ignored)
 
     return run
 
@@ -123,6 +123,13 @@ METHODS = (
         "`rf.linear_dpo_loss(hidden, weight, labels, ref_chosen_logp, ref_rejected_logp, beta=0.1)`, impl auto "
         "(Triton on CUDA, the chunked PyTorch implementation on CPU), on top of `rf.linear_logprobs`. Returns the "
         "loss and the metrics a trainer logs.",
+    ),
+    harness.Method(
+        "rlhf_fast_skip",
+        lambda: _rlhf_fast(skip_ignored=True),
+        "the same with `skip_ignored=True` (what `rlhf-fast train dpo` uses): the prompt and padding rows (about 40% "
+        "of the rows here) are dropped before any matmul. The same loss and gradients; TFLOP/s counts every row.",
+        note="skip_ignored=True",
     ),
     harness.Method(
         "naive",
@@ -206,6 +213,7 @@ def make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 # Matmul passes (2·N·H·V FLOPs each) per method: (forward, backward); full is the sum. The op needs (1, 2).
 MATMUL_PASSES = {
     "rlhf_fast": (1, 3),  # rf.linear_logprobs: backward recomputes the logits, then d_hidden, d_weight
+    "rlhf_fast_skip": (1, 3),  # the same on the labeled rows only (counted over every row)
     "naive": (1, 2),  # the logits are kept: backward is d_hidden, d_weight
     "torch_compile": (1, 2),
     "liger_dpo": (4, 0),  # forward: logits, reference logits, d_hidden, d_weight; backward scales stored gradients
@@ -231,16 +239,19 @@ _CPU_BAR_SHAPE = (8, 512, 256, 32000)
 _CPU_MAX_MEM_VS_NAIVE = 0.3
 
 
+OURS = ("rlhf_fast", "rlhf_fast_skip")
+
+
 def summarize(results: list[dict]) -> list[str]:
     """rlhf_fast against naive and each peer, forward + backward; the CPU bars of issue 5 at their shape."""
     ok = {(tuple(r["shape"]), r["method"]): r for r in results if r.get("mode") == "full" and r["status"] == "ok"}
     lines = []
     for (shape, method), r in ok.items():
-        if method != "rlhf_fast":
+        if method not in OURS:
             continue
         where = f"{harness.format_shape(shape)} {r['dtype']} forward+backward"
-        bar = r["device"] == "cpu" and shape == _CPU_BAR_SHAPE and r["dtype"] == "float32"
-        line = f"{where}: rlhf_fast {r['median_ms']:.0f} ms, {r['peak_extra_mib']:.0f} MiB"
+        bar = r["device"] == "cpu" and shape == _CPU_BAR_SHAPE and r["dtype"] == "float32" and method == "rlhf_fast"
+        line = f"{where}: {method} {r['median_ms']:.0f} ms, {r['peak_extra_mib']:.0f} MiB"
         naive = ok.get((shape, "naive"))
         if naive is not None:
             # a tiny shape can measure 0 MiB of peak RSS growth (pages the heap already had): no memory ratio then
@@ -253,11 +264,11 @@ def summarize(results: list[dict]) -> list[str]:
                 line += f" ({verdict} the CPU bar <= {_CPU_MAX_MEM_VS_NAIVE}x)"
         lines.append(line)
         for (shape2, peer), p in ok.items():
-            if shape2 != shape or peer in ("rlhf_fast", "naive"):
+            if shape2 != shape or peer in (*OURS, "naive"):
                 continue
             t = r["median_ms"] / p["median_ms"]
             overlap = r["p20_ms"] <= p["p80_ms"] and p["p20_ms"] <= r["p80_ms"]
-            line = (f"{where} vs {peer}: rlhf_fast takes {t:.2f}x its time ({p['median_ms']:.0f} ms) and "
+            line = (f"{where} vs {peer}: {method} takes {t:.2f}x its time ({p['median_ms']:.0f} ms) and "
                     f"{r['peak_extra_mib'] / max(p['peak_extra_mib'], 1e-9):.2f}x its peak extra memory "
                     f"({p['peak_extra_mib']:.0f} MiB)")  # fmt: skip
             if overlap:

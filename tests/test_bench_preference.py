@@ -47,7 +47,7 @@ x = BENCHMARK.make_inputs((3, 40, 16, 300), torch.float32, torch.device("cpu"))
 labels = x["labels"]
 valid = labels != IGNORE_INDEX
 assert (~valid[:, 0]).all() and valid.any(1).all() and valid[0, -1] and (~valid[:, -1]).any()  # prompt, padding
-names = ["rlhf_fast", "naive"] + (["liger_dpo", "liger_dpo_noref"] if {liger} else [])
+names = ["rlhf_fast", "rlhf_fast_skip", "naive"] + (["liger_dpo", "liger_dpo_noref"] if {liger} else [])
 losses, grads = {{}}, {{}}
 for name in names:
     out = BENCHMARK.method(name).make()(**x)  # the first call checks the loss against rf.linear_dpo_loss
