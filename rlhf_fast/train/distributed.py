@@ -17,6 +17,7 @@ which stay gathered after the forward (FSDP2 does not reshard the root), so the 
 ``rf.linear_logprobs`` is the full one and its gradient is reduce-scattered at the end of the backward.
 """
 
+import atexit
 import os
 
 import torch
@@ -34,6 +35,10 @@ def init() -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # The group this call made is torn down at exit, before the interpreter's own teardown: a gloo group left
+        # alive then can abort a finished run ("terminate called without an active exception", seen in CI on a
+        # 2-process test). A group the caller made stays the caller's.
+        atexit.register(destroy)
     return dist.get_rank(), dist.get_world_size()
 
 
