@@ -15,11 +15,13 @@ def triton_status() -> tuple[bool, bool, str]:
     """``(available, interpreted, reason)``: can the Triton kernels run, and are they interpreted?"""
     try:
         import triton  # noqa: F401
-
-        from . import kernels
     except ImportError as exc:  # no triton on this platform
-        return False, False, f"Triton cannot be imported ({exc}); install triton>=3.2 (Linux)"
-    return True, kernels.INTERPRET, ""
+        return False, False, f"Triton cannot be imported ({exc}); install triton>=3.6 (Linux)"
+    try:
+        from .kernels import INTERPRET
+    except ImportError as exc:  # Triton imports, our kernel package does not: a broken install, not Triton
+        return False, False, f"rlhf_fast.kernels cannot be imported ({exc}); reinstall rlhf_fast"
+    return True, INTERPRET, ""
 
 
 def resolve(impl: str, device: torch.device) -> str:
