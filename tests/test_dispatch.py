@@ -1,7 +1,9 @@
 """The impl switch shared by every op."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,3 +76,16 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 def test_public_api_is_top_level():
     assert callable(rf.logprobs) and rf.IMPLS == ("auto", "triton", "torch")
+
+
+@pytest.mark.parametrize("missing, blamed", [("triton", "Triton cannot be imported"),
+                                             ("rlhf_fast.kernels", "rlhf_fast.kernels cannot be imported")])  # fmt: skip
+def test_triton_status_names_what_failed_to_import(monkeypatch, missing, blamed):
+    """A broken rlhf_fast.kernels is not blamed on Triton, and the Triton hint names the version setup.py needs."""
+    monkeypatch.setitem(sys.modules, missing, None)  # None in sys.modules: the next import raises ImportError
+    available, interpreted, reason = _dispatch.triton_status()
+    assert (available, interpreted) == (False, False)
+    assert reason.startswith(blamed), reason
+    if missing == "triton":
+        setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+        assert re.search(r'"triton(>=[\d.]+)', setup).group(1) in reason, reason
