@@ -36,7 +36,8 @@ setup(
     entry_points={"console_scripts": ["rlhf-fast=rlhf_fast.cli:main"]},
     extras_require={
         # the harness tests run a benchmark end to end: its plot and its memory probe
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "psutil"],
+        # TRL: the drop-in and policy-loss tests compare against stock TRL itself (skipped without it)
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "psutil", "trl>=1.16,<1.17"],
         "bench": ["matplotlib", "pytest-benchmark", "psutil"],
         "peers": ["liger-kernel", "trl", "cut-cross-entropy"],
         # rlhf_fast.integrations: drop-ins for these trainers (the versions their tests ran against)

@@ -37,7 +37,7 @@ def logprobs_plain_same_dtype(logits, labels, *, temperature=1.0, ignore_index=-
     return logp.detach(), ent.detach(), grad
 
 
-def assert_no_worse(name, ours, plain, ref, *, rel_margin=2e-6, input_rounding=0.0):
+def assert_no_worse(name, ours, plain, ref, *, rel_margin=2e-6, input_rounding=0.0, abs_margin=0.0):
     """Error of ``ours`` against float64 ``ref`` at most 1.25x plain PyTorch's (``plain``), plus a margin.
 
     The margin is ``rel_margin`` of the scale for float32 results, and half an ulp at the largest value
@@ -46,9 +46,10 @@ def assert_no_worse(name, ours, plain, ref, *, rel_margin=2e-6, input_rounding=0
     ``input_rounding`` (relative) widens the margin by the rounding of the scaled input itself: where
     ``x / T`` rounds by more than the bar (large logits, ``T != 1``), which of two equally good float32
     computations of it lands closer to float64 is a coin toss, not a property of the implementation.
+    ``abs_margin`` adds an absolute amount the caller derives (e.g. an intermediate's own float32 rounding).
     """
     scale = 1.0 + (ref.abs().max().item() if ref.numel() else 0.0)
-    margin = (rel_margin + input_rounding) * scale
+    margin = (rel_margin + input_rounding) * scale + abs_margin
     if ours.dtype in (torch.bfloat16, torch.float16):
         margin += 0.5 * torch.finfo(ours.dtype).eps * scale
     err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
