@@ -10,6 +10,8 @@ touched. ``is_top1`` (TRL's ``mean_token_accuracy``) needs the argmax over the v
 chunks of at most 2^24 logits.
 """
 
+import contextlib
+import contextvars
 import functools
 import types
 import warnings
@@ -138,19 +140,59 @@ def _is_top1(h: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor) 
     return torch.cat(hits) if hits else labels.new_zeros(0, dtype=torch.bool)
 
 
-def install_heads(trainer, name: str, policy_outputs: tuple[str, ...], temperature: float, cast_fp32: bool) -> bool:
-    """Our fused head on the trainer's policy and reference models; ``False`` (with a warning) if one cannot take it."""
-    from accelerate.utils import is_peft_model
-
-    policy = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
-    models = [(policy, policy_outputs)]
-    if getattr(trainer, "ref_model", None) is not None:
-        models.append((trainer.accelerator.unwrap_model(trainer.ref_model), ("log_probs",)))
-    for model, _ in models:
+def heads_unsupported(trainer, name: str) -> str | None:
+    """Why our head cannot serve the trainer's policy or reference model (warned once; ``None`` when it can)."""
+    for model in _policy_and_reference(trainer):
         why = _head_unsupported(model)
         if why is not None:
             warn_once(f"rlhf_fast.integrations.trl.{name}: {why}; the log-probs come from TRL's own fused head.")
-            return False
-    for model, outputs in models:
-        install_fused_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_fp32, outputs=outputs)
+            return why
+    return None
+
+
+def _policy_and_reference(trainer) -> list:
+    from accelerate.utils import is_peft_model
+
+    policy = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+    ref = getattr(trainer, "ref_model", None)
+    return [policy] if ref is None else [policy, trainer.accelerator.unwrap_model(ref)]
+
+
+def install_heads(trainer, name: str, policy_outputs: tuple[str, ...], temperature: float, cast_fp32: bool) -> bool:
+    """Our fused head on the trainer's policy and reference models; ``False`` (with a warning) if one cannot take it."""
+    if heads_unsupported(trainer, name) is not None:
+        return False
+    for i, model in enumerate(_policy_and_reference(trainer)):
+        install_fused_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_fp32,
+                           outputs=policy_outputs if i == 0 else ("log_probs",))  # fmt: skip
     return True
+
+
+# Set while one of our trainers' constructors runs: what to do with each model TRL has just put its head on
+_AFTER_TRL_HEAD: contextvars.ContextVar = contextvars.ContextVar("rlhf_fast_after_trl_head", default=None)
+
+
+@contextlib.contextmanager
+def after_trl_heads(trl_module, callback):
+    """While the block runs (in this context only), each ``add_fused_lm_head(model, ...)`` call made by TRL's
+    trainer module ``trl_module`` is followed by ``callback(model)``: our head goes on a model exactly where TRL's
+    constructor puts its own, before TRL hashes the model, precomputes with it or lets accelerate wrap its forward
+    (the mixed-precision autocast of the reference model). Outside such a block (stock TRL's trainers, other
+    threads) TRL's function runs alone, unchanged."""
+    trl_add = trl_module.add_fused_lm_head
+    if not getattr(trl_add, "_rf_hooked", False):
+
+        @functools.wraps(trl_add)
+        def add_fused_lm_head(model, *args, **kwargs):
+            trl_add(model, *args, **kwargs)
+            after = _AFTER_TRL_HEAD.get()
+            if after is not None:
+                after(model)
+
+        add_fused_lm_head._rf_hooked = True
+        trl_module.add_fused_lm_head = add_fused_lm_head
+    token = _AFTER_TRL_HEAD.set(callback)
+    try:
+        yield
+    finally:
+        _AFTER_TRL_HEAD.reset(token)

@@ -15,7 +15,13 @@ Each class subclasses TRL's and takes the same arguments; what changes:
   and reference, the model class untouched): the backbone's last hidden states go through
   ``rf.linear_logprobs`` with the temperature (``logit_scale`` folded into it), the logits never built and
   kept float32 under bf16 autocast (TRL's chunked path rounds them to bf16: the bf16 results differ by
-  that rounding, ~1e-3).
+  that rounding, ~1e-3). DPO puts its head on each model inside TRL's constructor, right after TRL's own
+  ``add_fused_lm_head`` call on it (``after_trl_heads``: while our constructor runs, that TRL function is
+  followed by ours; outside, it runs alone), so that what TRL does next uses ours: the reference log-probs
+  it precomputes (``precompute_ref_log_probs``, cached under a key of their own, never stock TRL's cache
+  file) and the mixed-precision autocast accelerate wraps the reference model's forward in. The reference
+  is then scored as stock TRL scores it: at the first step (policy = reference) the rewards, margins and
+  accuracies are exactly stock's 0, in float32 and bf16.
 - **GRPO loss**: ``rf.ppo_policy_loss`` and ``rf.kl_penalty(estimator="k3")`` (times TRL's importance
   ratio for ``use_bias_correction_kl``), aggregated with TRL's normalisation per ``loss_type``
   (``_GRPO_AGG`` below). Each TRL option onto the op's arguments (``_rf_policy_options``):
@@ -58,10 +64,12 @@ so they check the TRL version: tested with ``trl`` 1.16; another minor version r
 import torch
 import trl
 from packaging.version import Version
+from trl.trainer import dpo_trainer as trl_dpo_trainer
 
 import rlhf_fast as rf
 
-from ._trl_head import install_fused_head, install_heads, warn_once
+from ._trl_head import (HEAD_OUTPUTS, after_trl_heads, heads_unsupported, install_fused_head, install_heads,
+                        warn_once)
 
 __all__ = ["GRPOTrainer", "DPOTrainer", "RewardTrainer", "install_fused_head", "check_trl_version"]
 
@@ -310,14 +318,41 @@ class DPOTrainer(_VersionChecked, trl.DPOTrainer):
     """``trl.DPOTrainer`` with log-probs on ``rf.linear_logprobs`` and the loss on ``rf.dpo_loss`` (module docstring)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._rf_unsupported = dpo_unsupported(self)
-        if self._rf_unsupported is None:
-            if not install_heads(self, "DPOTrainer", ("log_probs", "entropy", "mean_logits", "is_top1"), 1.0, False):
+        # Our head goes on each model where TRL's constructor puts its own, so that what the constructor does next
+        # applies to ours: accelerate's mixed-precision autocast around the reference model's forward, and the
+        # precomputed reference log-probs (precompute_ref_log_probs)
+        with after_trl_heads(trl_dpo_trainer, self._rf_head_on):
+            super().__init__(*args, **kwargs)
+        if not hasattr(self, "_rf_unsupported"):  # TRL's constructor added no fused head: nothing of ours runs
+            self._rf_unsupported = "a DPOTrainer whose constructor adds no fused LM head"
+            warn_once(f"rlhf_fast.integrations.trl.DPOTrainer: trl {trl.__version__}'s DPOTrainer added no fused LM "
+                      "head; this trainer runs stock TRL.")  # fmt: skip
+
+    def _rf_head_on(self, model):
+        """Called right after TRL's ``add_fused_lm_head(model)``: the policy first (the reference model, if any, is
+        set by then), then the reference model."""
+        if not hasattr(self, "_rf_unsupported"):
+            self._rf_unsupported = dpo_unsupported(self)
+            if self._rf_unsupported is not None:
+                warn_once(f"rlhf_fast.integrations.trl.DPOTrainer: {self._rf_unsupported} is not supported by "
+                          "rf.dpo_loss; this trainer runs stock TRL (log-probs and loss) for this config.")  # fmt: skip
+            elif heads_unsupported(self, "DPOTrainer") is not None:
                 self._rf_unsupported = "the model"
-        else:
-            warn_once(f"rlhf_fast.integrations.trl.DPOTrainer: {self._rf_unsupported} is not supported by "
-                       "rf.dpo_loss; this trainer runs stock TRL (log-probs and loss) for this config.")  # fmt: skip
+        if self._rf_unsupported is None:
+            policy = model is not self.ref_model
+            install_fused_head(model, outputs=HEAD_OUTPUTS if policy else ("log_probs",))
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self._rf_unsupported is not None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        # TRL caches the precomputed log-probs under the hash of the dataset and the weights: ours come from another
+        # head, so they get their own cache file (stock TRL's never read as ours, nor ours as stock's)
+        stock_hash = self._precompute_model_hash
+        self._precompute_model_hash = f"{stock_hash}+rlhf_fast.linear_logprobs"
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self._precompute_model_hash = stock_hash
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self._rf_unsupported is not None:
