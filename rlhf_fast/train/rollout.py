@@ -188,8 +188,8 @@ def check_finite_scores(scores: torch.Tensor, completions: list[str], source: st
 
 
 def _as_numbers(values, n: int, name: str) -> list[float]:
-    """``values`` as ``n`` Python floats: a list or tuple of real numbers (NumPy and 0-d tensor scalars too), or
-    a 1-D tensor or array of ``n``; else ``UserError`` naming ``name`` and what it returned."""
+    """``values`` as ``n`` Python floats: a list or tuple of real numbers (bools, NumPy and 0-d tensor scalars
+    too), or a 1-D tensor or array of ``n``; else ``UserError`` naming ``name`` and what it returned."""
     want = f"one real number per completion (a list of {n})"
     if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:  # a tensor or NumPy array
         values = values.tolist()
@@ -201,7 +201,7 @@ def _as_numbers(values, n: int, name: str) -> list[float]:
     for i, v in enumerate(values):
         if hasattr(v, "ndim") and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # 0-d tensor / array
             v = v.item()
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        if not isinstance(v, numbers.Real):  # bools too: a check's pass / fail is a reward of 1 / 0
             raise UserError(f"{name} returned {reprlib.repr(v)} ({type(v).__name__}) as the score of completion {i}; "
                             f"it must return {want}")  # fmt: skip
         out.append(float(v))
