@@ -66,9 +66,9 @@ def inf_at_0(prompts, completions):
 
 
 @pytest.mark.parametrize("advantage, samples, reward_fn, shown", [
-    ("rloo", 2, nan_at_1, "nan for completion 1"),
-    ("grpo", 2, nan_at_1, "nan for completion 1"),
-    ("gae", 1, inf_at_0, "inf for completion 0"),
+    ("rloo", 2, nan_at_1, "nan in float32 for completion 1"),
+    ("grpo", 2, nan_at_1, "nan in float32 for completion 1"),
+    ("gae", 1, inf_at_0, "inf in float32 for completion 0"),
 ])  # fmt: skip
 def test_non_finite_reward_stops_before_any_update(tmp_path, advantage, samples, reward_fn, shown):
     cfg = _tiny(tmp_path, advantage=advantage, samples_per_prompt=samples, minibatch_size=2 * samples)
@@ -85,7 +85,7 @@ def test_non_finite_reward_is_one_cli_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _tiny(tmp_path)
     line = _cli(capsys, cfg, "reward_fn=issue22_rewards:score", "advantage=grpo", "samples_per_prompt=2")
-    assert "reward_fn 'issue22_rewards:score'" in line and "nan for completion 0" in line, line
+    assert "reward_fn 'issue22_rewards:score'" in line and "nan in float32 for completion 0" in line, line
     _nothing_trained(tmp_path / "run")
 
 
@@ -135,13 +135,14 @@ def test_score_takes_lists_tuples_arrays_and_tensors():
         got = score(ro, reward_fn=lambda p, c, form=form: form)
         assert got.dtype == torch.float32 and torch.equal(got, want), form
     assert score(ro, reward_fn=lambda p, c: [True, False, True]).tolist() == [1.0, 0.0, 1.0]  # pass / fail
-    for bad, shown in ((torch.ones(3, 1), "returned tensor"), ([1.0, 2.0, 1e39], "inf for completion 2"),
+    for bad, shown in ((torch.ones(3, 1), "returned tensor"), ([1.0, 2.0, 1e39], "inf in float32 for completion 2"),
                        ({"a": 1.0}, "returned {'a': 1.0} (dict)")):  # fmt: skip
         with pytest.raises(UserError, match=f"^reward_fn .*{re.escape(shown)}"):
             score(ro, reward_fn=lambda p, c, bad=bad: bad)
 
 
-@pytest.mark.parametrize("reward_fn, shown", [(nan_at_1, "nan for completion 1"), (returns_none, "returned None")])
+@pytest.mark.parametrize("reward_fn, shown", [(nan_at_1, "nan in float32 for completion 1"),
+                                               (returns_none, "returned None")])  # fmt: skip
 def test_best_of_n_refuses_the_same_rewards(tmp_path, reward_fn, shown):
     init = tiny_causal_lm_dir(tmp_path / "init", seed=1)
     cfg = best_of_n.Config(policy=init, prompts=_tiny(tmp_path).prompts, out_dir=str(tmp_path / "bon"), n=2,

@@ -182,9 +182,9 @@ def check_finite_scores(scores: torch.Tensor, completions: list[str], source: st
     bad = (~torch.isfinite(scores)).nonzero()
     if len(bad):
         i = int(bad[0])
-        raise UserError(f"{source} a non-finite score ({float(scores[i])} for completion {i} of {len(scores)}, "
-                        f"{reprlib.repr(completions[i])}; {len(bad)} in all) in float32: scores must be finite "
-                        "numbers, and none reached an update")  # fmt: skip
+        raise UserError(f"{source} a non-finite score ({float(scores[i])} in float32 for completion {i} of "
+                        f"{len(scores)}, {reprlib.repr(completions[i])}; {len(bad)} in all): scores must be finite "
+                        "numbers; stopped before any update with them")  # fmt: skip
 
 
 def _as_numbers(values, n: int, name: str) -> list[float]:
@@ -233,10 +233,11 @@ def make_scorers(cfg, device, *, reward_fn=None, eval_fn=None):
         def reward(ro: Rollout) -> torch.Tensor:
             return score(ro, reward_fn=reward_function, name=f"reward_fn {cfg.reward_fn!r}")
 
-    eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
-    eval_name = f"eval_fn {cfg.eval_fn or function_spec(eval_fn)!r}"
-    scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn, name=eval_name))
-    return reward, scorer
+    if eval_fn is None and not cfg.eval_fn:
+        return reward, reward
+    eval_name = f"eval_fn {function_spec(eval_fn) if eval_fn else cfg.eval_fn!r}"
+    eval_fn = eval_fn or load_function(cfg.eval_fn)
+    return reward, lambda ro: score(ro, reward_fn=eval_fn, name=eval_name)
 
 
 EVAL_STREAM = -1  # the sampling stream of evaluations (steps and rounds are 0, 1, ...): before and after share draws
