@@ -34,7 +34,7 @@ from .data import IGNORE_INDEX, collate_prompts, collate_sft, tokenize_prompts
 from .loop import RunConfig, finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
 from .metrics import MetricsLogger, progress
 from .models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from .rollout import generate, make_scorers, policy_evaluator, row_seeds
+from .rollout import function_spec, generate, make_scorers, policy_evaluator, row_seeds
 from .runtime import autocast_context, peak_memory_mib, reset_peak_memory
 
 
@@ -150,7 +150,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     """Run best-of-n fine-tuning; ``reward_fn`` / ``eval_fn`` (callables ``(prompts, completions) ->
     list[float]``) take the place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
     if reward_fn is not None:
-        cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
+        cfg.reward_fn = function_spec(reward_fn)
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")

@@ -38,8 +38,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from . import distributed
+from .errors import UserError
 
 __all__ = [
+    "check_finite_state",
     "checkpoint_path",
     "checkpoint_step",
     "latest_checkpoint",
@@ -87,6 +89,9 @@ def save_checkpoint(
         full_optim[name] = distributed.full_optimizer_state_dict(modules[name], optimizers[name])
     if not write:
         return ckpt_dir
+    for name, module in modules.items():  # before anything is written: the latest checkpoint stays a finite one
+        check_finite_state(gathered[name] if name in gathered else _unwrap(module).state_dict(),
+                           f"module {name!r} to {str(ckpt_dir)!r}")  # fmt: skip
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     recover(ckpt_dir)
     for stale in ckpt_dir.parent.glob(".*"):  # temporaries of dead processes, pruning cut short
@@ -243,6 +248,16 @@ def prune_checkpoints(out_dir: str | Path, keep: int, *, current: int | None = N
     if doomed:
         fsync(out_dir)
     return doomed
+
+
+def check_finite_state(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``UserError`` (``"refusing to save <what>: ..."``) when a floating tensor of the state dict ``state``
+    holds a NaN or an infinity: a model that cannot be used is never written over a good one."""
+    bad = [k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"refusing to save {what}: {len(bad)} of its {len(state)} tensors hold NaN or inf (first: "
+                        f"{bad[0]!r}). The training diverged (try a lower lr or max_grad_norm, and check the data "
+                        "and rewards); nothing was written")  # fmt: skip
 
 
 def checkpoint_step(ckpt_dir: str | Path) -> int:

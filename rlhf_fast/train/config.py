@@ -224,13 +224,18 @@ def _coerce(raw: Any, tp: Any, key: str) -> Any:
         if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
             return None
         options = [a for a in args if a is not type(None)]
+        errors = []
         # str last: "3" for int | str is the int 3, but a str field is never tried before the others
         for option in sorted(options, key=lambda a: a is str):
             try:
                 return _coerce(raw, option, key)
-            except ValueError:
-                pass
-        raise ValueError(f"config key {key!r}: {value!r} is not a {_type_name(tp)}")
+            except ValueError as e:
+                errors.append(e)
+        words = [_wanted(a) for a in args]
+        if len(options) == 1 and None in words:
+            raise errors[0]  # Optional[a list, mapping or section]: its own error names the item at fault
+        described = " or ".join(w or f"a {_type_name(a)}" for w, a in zip(words, args))
+        raise ValueError(f"config key {key!r}: {value!r} is not {described}")
     if origin is Literal:
         for choice in args:
             candidate = text if isinstance(choice, str) and text is not None else value
@@ -299,6 +304,17 @@ def _coerce(raw: Any, tp: Any, key: str) -> Any:
             return value
         raise ValueError(f"config key {key!r} wants a {tp.__name__}, got {value!r}")
     return value  # an annotation we do not know how to check (a TypeVar, a Protocol): taken as given
+
+
+def _wanted(tp: Any) -> str | None:
+    """What a value of the scalar annotation ``tp`` is, in words (``"a float"``, ``"one of 'a', 'b'"``,
+    ``"null"``) for the error of a union; None for a container or a section."""
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return f"one of {', '.join(map(repr, typing.get_args(tp)))}"
+    words = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string", Path: "a path"}
+    return words.get(tp)
 
 
 def _as_number(value: Any) -> float | int | None:

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from . import distributed
-from .checkpoint import maybe_save, resume_state
+from .checkpoint import check_finite_state, maybe_save, resume_state
 from .config import save_config
 from .errors import UserError
 from .metrics import MetricsLogger, plot_metrics, write_json
@@ -53,8 +53,10 @@ def save_pretrained(model, path, *, tokenizer=None) -> None:
     """``model.save_pretrained(path)`` (and ``tokenizer.save_pretrained(path)``) by rank 0, with the whole
     state dict of an FSDP2-sharded model (gathered by every rank). Written into a hidden temporary directory
     and renamed into place, as checkpoints are: a kill while writing leaves the previous ``path`` or none,
-    never a half-written model."""
+    never a half-written model; nor one with a NaN or inf (``UserError``, nothing written)."""
     state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    if distributed.is_main():
+        check_finite_state(state if state is not None else model.state_dict(), f"the model to {str(path)!r}")
 
     def write(tmp):
         model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))

@@ -287,7 +287,7 @@ class ReferenceOps:
         logp, entropy = reference.logprobs_reference(logits, labels, temperature=cfg.temperature,
                                                      mask_zero_probs=False)  # fmt: skip
         m = mask.to(torch.float32)
-        surrogate, clipfrac = _reference_surrogate(logp, batch["old_logp"], batch["advantages"], m, cfg)
+        surrogate, clip_metrics = _reference_surrogate(logp, batch["old_logp"], batch["advantages"], m, cfg)
         ratio = surrogate.ratio
         token = surrogate.loss - cfg.entropy_coef * entropy
         metrics = {}
@@ -308,7 +308,7 @@ class ReferenceOps:
         ratio = torch.exp(logp - batch["old_logp"])  # the token ratio (GSPO's s_t has the row's value)
         with torch.no_grad():
             metrics.update(
-                clipfrac=clipfrac,
+                **clip_metrics,
                 approx_kl=_masked_mean(batch["old_logp"] - logp, mask),
                 ratio_mean=_masked_mean(ratio, mask),
                 ratio_max=torch.where(mask > 0, ratio, 0.0).max(),
@@ -341,17 +341,26 @@ class ReferenceOps:
 
 
 def _reference_surrogate(logp, old_logp, advantages, m, cfg: PolicyLossConfig):
-    """``(Surrogate, clipfrac)`` of the reference op set: the textbook clipped surrogate for ``vanilla``
+    """``(Surrogate, clip metrics)`` of the reference op set: the textbook clipped surrogate for ``vanilla``
     without ``delta`` (``rlhf_fast.reference``), else ``rlhf_fast/_policy.py``'s per-token loss of
-    ``cfg.loss_mode`` on the ``[B, T]`` float32 tensors (the log-probs are 0 off the mask)."""
+    ``cfg.loss_mode`` on the ``[B, T]`` float32 tensors (the log-probs are 0 off the mask). The metrics are
+    ``rf.ppo_policy_loss``'s: ``clipfrac``, and ``dual_clipfrac`` with ``dual_clip`` (the tokens with ``A < 0``
+    whose clipped loss exceeded the cap ``-A * dual_clip``)."""
     if cfg.loss_mode == "vanilla" and cfg.delta is None:
         s = reference.clipped_surrogate_reference(logp, old_logp, advantages, clip_low=cfg.clip_low,
                                                   clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)  # fmt: skip
-        return s, _masked_mean((s.clipped > -s.advantages * s.ratio).float(), m)
+        metrics = {"clipfrac": _masked_mean((s.clipped > -s.advantages * s.ratio).float(), m)}
+        if cfg.dual_clip is not None:
+            capped = torch.maximum(-s.advantages * s.ratio, s.clipped) > -s.advantages * cfg.dual_clip
+            metrics["dual_clipfrac"] = _masked_mean(((s.advantages < 0) & capped).float(), m)
+        return s, metrics
     opts = _policy_options(cfg)
     on = m != 0
     adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logp)
     lp, old, adv0 = (torch.where(on, t.float(), 0.0) for t in (logp, old_logp, adv))
     tl = _policy.token_loss(lp, old, adv0, m, opts)
     surrogate = reference.Surrogate(tl.loss, tl.ratio, adv, None)
-    return surrogate, _masked_mean(tl.clipped.float(), m)
+    metrics = {"clipfrac": _masked_mean(tl.clipped.float(), m)}
+    if tl.dual_clipped is not None:
+        metrics["dual_clipfrac"] = _masked_mean(tl.dual_clipped.float(), m)
+    return surrogate, metrics

@@ -48,7 +48,7 @@ from .loop import RunConfig, finish_run, make_optimizer, save_pretrained, start_
 from .metrics import MetricsLogger, progress
 from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .ops import KL_MODES, PolicyLossConfig, check_loss_options, micro_aggregation, micro_weight
-from .rollout import generate, make_scorers, policy_evaluator, row_seeds
+from .rollout import check_finite_scores, function_spec, generate, make_scorers, policy_evaluator, row_seeds
 from .runtime import autocast_context, peak_memory_mib, reset_peak_memory, seed_for
 
 
@@ -234,6 +234,7 @@ def collect_rollout(step: int, prompts, tokenizer, models: Models, reward, ops, 
     scores = reward(ro)
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
+        check_finite_scores(scores, ro.completions, f"missing_eos_penalty={cfg.missing_eos_penalty!r} gave")
 
     local_mask = ro.response_mask
     with torch.no_grad(), autocast_context(device, cfg.precision):
@@ -345,7 +346,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     """Run PPO; ``reward_fn`` / ``eval_fn`` (callables ``(prompts, completions) -> list[float]``) take the
     place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
     if reward_fn is not None:
-        cfg.reward_fn = f"{getattr(reward_fn, '__module__', '?')}:{getattr(reward_fn, '__qualname__', '?')}"
+        cfg.reward_fn = function_spec(reward_fn)
     device, out, ops = start_run(cfg)
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
     models = load_models(cfg, device)

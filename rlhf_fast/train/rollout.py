@@ -16,7 +16,9 @@ responses as on one, and a resumed run the same as an uninterrupted one. The dra
 
 import importlib
 import math
+import numbers
 import os
+import reprlib
 import sys
 from dataclasses import dataclass
 
@@ -69,6 +71,11 @@ def load_function(spec: str):
     if not callable(fn):
         raise UserError(f"{spec!r} is not callable")
     return fn
+
+
+def function_spec(fn) -> str:
+    """``"module:qualname"`` of a callable (how a trainer names a ``reward_fn`` passed from Python)."""
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}"
 
 
 def _import_with_cwd(module_name: str):
@@ -145,22 +152,60 @@ def generate(policy, tokenizer, prompt_ids, prompt_mask, prompts, *, max_new_tok
 
 
 @torch.no_grad()
-def score(rollout: Rollout, *, reward_model=None, reward_fn=None) -> torch.Tensor:
-    """``[B]`` float32 scores: the reward model on prompt + response, or ``reward_fn(prompts, completions)``."""
+def score(rollout: Rollout, *, reward_model=None, reward_fn=None, name: str = "reward_fn") -> torch.Tensor:
+    """``[B]`` float32 scores: the reward model on prompt + response, or ``reward_fn(prompts, completions)``.
+    ``UserError`` naming ``name`` (``"reward_fn 'module:function'"``, ...) when the function returns anything
+    but one real number per completion, or a score is not finite (NaN or inf, also after the cast to float32):
+    a trainer stops there, before the scores reach an update."""
     if reward_fn is not None:
         values = reward_fn(rollout.prompts, rollout.completions)
-        if len(values) != len(rollout.prompts):
-            raise ValueError(f"reward_fn returned {len(values)} scores for {len(rollout.prompts)} completions")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=rollout.input_ids.device)
-    # A reward model scores finished answers (it was trained on completions that end with EOS): a response
-    # cut at max_new_tokens is scored with EOS appended, not at a position the model never learned to
-    # score (a policy learns to exploit that). Penalise truncation with ppo's missing_eos_penalty.
-    B = rollout.input_ids.shape[0]
-    cut = ~rollout.finished
-    extra = torch.full((B, 1), rollout.eos_token_id, dtype=rollout.input_ids.dtype, device=rollout.input_ids.device)
-    ids = torch.cat([rollout.input_ids, extra], dim=1)
-    mask = torch.cat([rollout.attention_mask, cut[:, None].to(rollout.attention_mask.dtype)], dim=1)
-    return reward_scores(reward_model, ids, mask).float()
+        scores = torch.tensor(_as_numbers(values, len(rollout.prompts), name), dtype=torch.float32,
+                              device=rollout.input_ids.device)  # fmt: skip
+    else:
+        # A reward model scores finished answers (it was trained on completions that end with EOS): a response
+        # cut at max_new_tokens is scored with EOS appended, not at a position the model never learned to
+        # score (a policy learns to exploit that). Penalise truncation with ppo's missing_eos_penalty.
+        B = rollout.input_ids.shape[0]
+        cut = ~rollout.finished
+        extra = torch.full((B, 1), rollout.eos_token_id, dtype=rollout.input_ids.dtype,
+                           device=rollout.input_ids.device)  # fmt: skip
+        ids = torch.cat([rollout.input_ids, extra], dim=1)
+        mask = torch.cat([rollout.attention_mask, cut[:, None].to(rollout.attention_mask.dtype)], dim=1)
+        scores = reward_scores(reward_model, ids, mask).float()
+    check_finite_scores(scores, rollout.completions, f"{name} gave")
+    return scores
+
+
+def check_finite_scores(scores: torch.Tensor, completions: list[str], source: str) -> None:
+    """``UserError`` (``"<source> a non-finite score ..."``) for the first NaN or inf of ``scores [B]``, with
+    the completion it belongs to."""
+    bad = (~torch.isfinite(scores)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(f"{source} a non-finite score ({float(scores[i])} in float32 for completion {i} of "
+                        f"{len(scores)}, {reprlib.repr(completions[i])}; {len(bad)} in all): scores must be finite "
+                        "numbers; stopped before any update with them")  # fmt: skip
+
+
+def _as_numbers(values, n: int, name: str) -> list[float]:
+    """``values`` as ``n`` Python floats: a list or tuple of real numbers (bools, NumPy and 0-d tensor scalars
+    too), or a 1-D tensor or array of ``n``; else ``UserError`` naming ``name`` and what it returned."""
+    want = f"one real number per completion (a list of {n})"
+    if hasattr(values, "tolist") and getattr(values, "ndim", None) == 1:  # a tensor or NumPy array
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise UserError(f"{name} returned {reprlib.repr(values)} ({type(values).__name__}); it must return {want}")
+    if len(values) != n:
+        raise UserError(f"{name} returned {len(values)} scores for {n} completions; it must return {want}")
+    out = []
+    for i, v in enumerate(values):
+        if hasattr(v, "ndim") and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # 0-d tensor / array
+            v = v.item()
+        if not isinstance(v, numbers.Real):  # bools too: a check's pass / fail is a reward of 1 / 0
+            raise UserError(f"{name} returned {reprlib.repr(v)} ({type(v).__name__}) as the score of completion {i}; "
+                            f"it must return {want}")  # fmt: skip
+        out.append(float(v))
+    return out
 
 
 def mean_and_stderr(values) -> tuple[float, float]:
@@ -181,16 +226,18 @@ def make_scorers(cfg, device, *, reward_fn=None, eval_fn=None):
 
         def reward(ro: Rollout) -> torch.Tensor:
             with autocast_context(device, cfg.precision):
-                return score(ro, reward_model=reward_model)
+                return score(ro, reward_model=reward_model, name=f"reward_model {cfg.reward_model!r}")
     else:
         reward_function = reward_fn or load_function(cfg.reward_fn)
 
         def reward(ro: Rollout) -> torch.Tensor:
-            return score(ro, reward_fn=reward_function)
+            return score(ro, reward_fn=reward_function, name=f"reward_fn {cfg.reward_fn!r}")
 
-    eval_fn = eval_fn or (load_function(cfg.eval_fn) if cfg.eval_fn else None)
-    scorer = reward if eval_fn is None else (lambda ro: score(ro, reward_fn=eval_fn))
-    return reward, scorer
+    if eval_fn is None and not cfg.eval_fn:
+        return reward, reward
+    eval_name = f"eval_fn {function_spec(eval_fn) if eval_fn else cfg.eval_fn!r}"
+    eval_fn = eval_fn or load_function(cfg.eval_fn)
+    return reward, lambda ro: score(ro, reward_fn=eval_fn, name=eval_name)
 
 
 EVAL_STREAM = -1  # the sampling stream of evaluations (steps and rounds are 0, 1, ...): before and after share draws

@@ -78,6 +78,7 @@ def prepare_out_dir(cfg) -> Path:
                         f"out_dir {str(out)!r}, overwrite deletes it; choose one")  # fmt: skip
     if out.exists() and not out.is_dir():
         raise UserError(f"out_dir {str(out)!r} is a file, not a directory")
+    _check_can_create(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     holds_run = (out / CONFIG_FILE).is_file()
     if not _has_results(out, entries):  # empty, or a run that stopped before its first step: nothing to lose
@@ -115,7 +116,10 @@ def prepare_out_dir(cfg) -> Path:
             for name in entries:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only file system, no permission...
+            raise UserError(f"out_dir {str(out)!r} cannot be created: {e.strerror or e}") from e
         if ckpt_step is not None:
             clean_out_dir(out)
             truncate_metrics(out / METRICS_FILE, ckpt_step)
@@ -265,6 +269,17 @@ def _has_results(out: Path, entries: list[str]) -> bool:
             continue
         return True
     return False
+
+
+def _check_can_create(out: Path) -> None:
+    """``UserError`` when a missing ``out_dir`` would have to be made inside a regular file (or another
+    non-directory): its nearest existing ancestor must be a directory."""
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise UserError(f"out_dir {str(out)!r} cannot be created: {str(parent)!r} is a file, not a "
+                                "directory")  # fmt: skip
+            return
 
 
 def _listing(entries: list[str], limit: int = 5) -> str:
