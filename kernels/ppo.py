@@ -2,7 +2,7 @@
 policy loss, KL penalty and entropy bonus, and the derivative of the token's loss with respect to
 its log-prob (what backward needs).
 
-Per token ``t`` (``A`` advantage, ``r = exp(logp - old_logp)``, ``lr = logp - ref_logp``), for the
+Per token ``t`` (``A`` advantage, ``r = exp(logp - old_logp)`` at most ``RATIO_MAX``, ``lr = logp - ref_logp``), for the
 token-level loss modes of rlhf_fast/_policy.py (``LOSS_MODE``)::
 
     vanilla: L = max(-A r', -A clip(r, 1 - clip_low, 1 + clip_high)), r' = min(r, delta) (HAS_DELTA) or r
@@ -32,6 +32,8 @@ from ._softmax import row_softmax_stats, scale_by_inverse
 from ._build import TL_DTYPE, KernelBuild, signature
 from ._tuning import row_config
 
+# The largest float32, the cap of the importance ratio (see _ppo_fwd_kernel)
+RATIO_MAX = tl.constexpr(3.4028234663852886e38)
 # KL estimators, as the constexpr KL_ESTIMATOR
 KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 # the token-level loss modes this kernel computes, as the constexpr LOSS_MODE
@@ -115,7 +117,12 @@ def _ppo_fwd_kernel(
     logp = tl.where(ignored, 0.0, (z_label - m_ref) - log_s)
 
     adv = tl.load(adv_ptr + row).to(tl.float32)
+    # Saturated at the largest float32 rather than inf (lr > ~88.72), as the PyTorch twin's ratio_exp
+    # (rlhf_fast/_policy.py): a branch that does not use an overflowed ratio then makes 0 * RATIO_MAX = 0
+    # (A = 0, SAPO's saturated gate, the KL's bias correction with k = 0) where inf made 0 * inf = NaN.
+    # (where(), not minimum(): a NaN ratio stays NaN, which the GPU's fminf would replace by RATIO_MAX)
     ratio = tl.exp(logp - tl.load(old_logp_ptr + row).to(tl.float32))
+    ratio = tl.where(ratio > RATIO_MAX, RATIO_MAX, ratio)
     clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
     if LOSS_MODE == 0:
         r1 = ratio

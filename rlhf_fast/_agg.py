@@ -10,8 +10,10 @@ mode below is linear in ``mask * L``, and "tokens" of a row is ``sum_t(mask)``.
 - ``"seq-mean-token-sum"``: mean over rows with at least one token of ``sum_t(mask * L)``
 - ``"seq-mean-token-sum-norm"``: ``sum(mask * L) / (B * T)``
 
-A batch with no response token at all aggregates to 0 (with zero gradient) rather than NaN: the
-denominators are clamped to at least 1, which changes nothing when there is a token.
+Every denominator is the true sum of the weights, however small (a mask of weights 0.1 is a mean, not
+a tenth of one). A batch (or, for ``"seq-mean-token-mean"``, a row) with no token at all aggregates to 0
+(with zero gradient) rather than NaN: an all-zero denominator is replaced by 1, where the numerator's
+weights are all 0 anyway.
 
 ``agg_norm`` (``norm`` here), when given, is the denominator in place of the batch's own count, for
 losses summed over micro-batches or processes (each computes its share of one global mean):
@@ -59,17 +61,23 @@ def row_weights(mask: torch.Tensor, agg: str, norm: float | None = None) -> torc
     B, T = m.shape
     if norm is not None:
         if agg == "seq-mean-token-mean":
-            return m / m.sum(1, keepdim=True).clamp(min=1.0) / norm
+            return m / _nonzero(m.sum(1, keepdim=True)) / norm
         return m / (norm * B if agg == "seq-mean-token-sum-norm" else norm)
     if agg == "token-mean":
-        return m / m.sum().clamp(min=1.0)
+        return m / _nonzero(m.sum())
     if agg == "seq-mean-token-sum-norm":
         return m / float(max(B * T, 1))
     tokens = m.sum(1, keepdim=True)
-    rows = (tokens > 0).sum().clamp(min=1).to(torch.float32)
+    rows = (tokens > 0).sum().clamp(min=1).to(torch.float32)  # a count of rows: at least 1 is exact
     if agg == "seq-mean-token-mean":
-        return m / tokens.clamp(min=1.0) / rows
+        return m / _nonzero(tokens) / rows
     return m / rows  # seq-mean-token-sum
+
+
+def _nonzero(total: torch.Tensor) -> torch.Tensor:
+    """A sum of weights as a denominator: itself, however small, and 1 where it is 0 (no token: the weights
+    it divides are all 0, so the result is 0 either way, without 0 / 0)."""
+    return torch.where(total > 0, total, 1.0)
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor | None, agg: str, norm: float | None = None) -> torch.Tensor:

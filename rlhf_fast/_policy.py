@@ -4,7 +4,8 @@ weights (trainer's old policy vs the rollout engine). Everything here is float32
 ``[B, T]`` tensors; callers zero every input at tokens of weight 0 before calling, so nothing there is
 inf or NaN (a finite loss and a zero upstream gradient would still give ``0 * inf = NaN`` gradients).
 
-Notation per token: ``lr = logp - old_logp``, ``r = exp(lr)``, ``A`` the advantage, ``m`` the token's
+Notation per token: ``lr = logp - old_logp``, ``r = exp(lr)`` (saturating at the largest float32 rather than
+overflowing to inf: ``ratio_exp`` below), ``A`` the advantage, ``m`` the token's
 weight (the mask), ``lo = clip_low``, ``hi = clip_high``. The ``loss_mode``s follow verl's
 ``verl/trainer/ppo/core_algos.py`` (volcengine/verl @ b178a3cd56f58b2d502255daba591e92833930a7), the
 ``delta`` clip and the rollout importance-sampling modes TRL 1.16's ``GRPOTrainer``
@@ -107,6 +108,39 @@ def check_policy_options(*, loss_mode, clip_low, clip_high, dual_clip, delta, sa
     )  # fmt: skip
 
 
+# The largest float32: where exp(lr) overflows (lr > ~88.72), the ratio is this instead of inf.
+RATIO_MAX = torch.finfo(torch.float32).max
+
+
+class _SaturatingExp(torch.autograd.Function):
+    """``exp(x)`` at most :data:`RATIO_MAX`, with the gradient ``g * exp(x)`` (at most ``g * RATIO_MAX``).
+
+    Why: a ratio of ``exp(100)`` (float64: 2.7e43) is inf in float32, and every branch that does not use it
+    then turns finite values into NaN: a clipped branch sends it a gradient of 0, and exp's backward makes
+    ``0 * inf``; ``A = 0`` (a GRPO tie) gives ``-A * r = 0 * inf``; so do SAPO's saturated gate
+    (``s (1 - s) r``) and the KL's bias correction with ``k = 0``. Saturated, each of those is 0 as in
+    float64. Where the overflowed ratio is the active branch, float64's value is out of float32's range
+    anyway: the loss and gradient come out as huge as float32 holds (or inf), never NaN. The gradient is
+    not clamp()'s (0 past the cap), which would silently drop an active branch's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.exp(x).clamp_(max=RATIO_MAX)
+        ctx.save_for_backward(r)
+        return r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        return g * r
+
+
+def ratio_exp(lr: torch.Tensor) -> torch.Tensor:
+    """The importance ratio ``exp(lr)`` of every loss mode, saturating (see :class:`_SaturatingExp`)."""
+    return _SaturatingExp.apply(lr)
+
+
 def _row_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``sum_t(m x) / sum_t(m)`` per row, ``[B, 1]`` (0 for a row without tokens)."""
     total = m.sum(1, keepdim=True)
@@ -131,9 +165,9 @@ def token_loss(logp, old_logp, adv, m, opts: PolicyOptions) -> TokenLoss:
     if mode in ("vanilla", "gspo"):
         if mode == "gspo":
             seq = _row_mean(lr.detach(), m)
-            ratio = torch.exp(seq + logp - logp.detach())
+            ratio = ratio_exp(seq + logp - logp.detach())
         else:
-            ratio = torch.exp(lr)
+            ratio = ratio_exp(lr)
         r1 = ratio if opts.delta is None else torch.clamp(ratio, max=opts.delta)
         unclipped = -adv * r1
         clipped = -adv * torch.clamp(ratio, 1.0 - opts.clip_low, 1.0 + opts.clip_high)
@@ -144,7 +178,7 @@ def token_loss(logp, old_logp, adv, m, opts: PolicyOptions) -> TokenLoss:
             out.dual_clipped = (adv < 0) & (loss > cap)
             out.loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
         return out
-    ratio = torch.exp(lr)
+    ratio = ratio_exp(lr)
     if mode == "cispo":
         c = torch.clamp(ratio, 1.0 - opts.clip_low, 1.0 + opts.clip_high).detach()
         return TokenLoss(-c * adv * logp, ratio, c != ratio.detach())
@@ -156,7 +190,7 @@ def token_loss(logp, old_logp, adv, m, opts: PolicyOptions) -> TokenLoss:
     sgn = torch.sign(adv)
     lr_clamped = torch.clamp(lr, -opts.clip_low, opts.clip_high)
     lc = sgn * torch.minimum(sgn * lr, sgn * lr_clamped)
-    seq_ratio = torch.exp(_row_mean(lc, m))
+    seq_ratio = ratio_exp(_row_mean(lc, m))
     seq_adv = _row_mean(adv, m)
     loss = (-seq_adv * seq_ratio).expand_as(lr)
     clipped = ((adv > 0) & (lr > opts.clip_high)) | ((adv < 0) & (lr < -opts.clip_low))

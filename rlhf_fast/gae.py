@@ -27,7 +27,8 @@ Two implementations:
   overflows for ``w^T`` near 0), and ``w^T`` underflowing to 0 is the right answer. Cost
   ``O(B * T * C)`` with ``C ~ sqrt(T / 2)``; memory ``O(B * T)``. Rows whose response is one span (right or
   left padding) skip the packing. Error against float64 within 2.5x that of a float32 loop; timings
-  against the Python loops in benchmarks/results/cpu/gae.md.
+  against the Python loops in benchmarks/results/cpu/gae.md. A row's outputs are bitwise the same alone
+  or in any batch on CPU (``discounted_reverse_cumsum`` says how; tests/test_batch_invariance.py).
 
 GAE has no gradient: the outputs are constants for the loss (they come back with ``requires_grad=False``).
 Computed in float32 whatever autocast says (the torch impl's triangular matmuls would otherwise be bf16).
@@ -40,6 +41,7 @@ import torch
 
 from . import _amp, _checks
 from ._dispatch import resolve
+from ._fused_chunk import MIN_CHUNK_ROWS, pad_rows
 
 # ----------------------------------------------------------------------------------------------- torch
 
@@ -78,11 +80,19 @@ def discounted_reverse_cumsum(x: torch.Tensor, w: float) -> torch.Tensor:
     n = -(-L // C)
     if n * C != L:
         x = torch.nn.functional.pad(x, (0, n * C - L))
-    y = (x.reshape(B * n, C) @ _powers_lower(C, w, 1, x.device)).view(B, n, C)  # local, in place below
-    start = y[:, :, 0] @ _powers_lower(n, w, C, x.device)  # [B, n]
+    # Both products multiply at least MIN_CHUNK_ROWS rows (zero rows appended, dropped after): a row of a
+    # product of fewer than 12 rows rounds unlike the same row of a bigger one on CPU (this torch's MKL), so
+    # a row alone (B * n or B rows) came out up to 1e-6 off the same row in a batch. From 16 rows on, every
+    # row is bitwise the same whatever the row count and its position (README "Batch invariance").
+    local = pad_rows(x.reshape(B * n, C), MIN_CHUNK_ROWS) @ _powers_lower(C, w, 1, x.device)
+    y = local[: B * n].view(B, n, C)  # in place below
+    start = (pad_rows(y[:, :, 0].contiguous(), MIN_CHUNK_ROWS) @ _powers_lower(n, w, C, x.device))[:B]  # [B, n]
     next_start = torch.nn.functional.pad(start[:, 1:], (0, 1))  # y at the next chunk's start; 0 past the end
     tail = torch.pow(torch.tensor(w, dtype=torch.float64), torch.arange(C, 0, -1, dtype=torch.float64))
-    y.addcmul_(next_start[:, :, None], tail.to(device=x.device, dtype=torch.float32))
+    # a product, then a sum (two roundings each, as any elementwise kernel computes them): not addcmul_,
+    # whose vectorised and scalar loops may round a*b+c differently (fused or not), and where a row's
+    # elements fall between them depends on how the batch's elements are split over the threads
+    y += next_start[:, :, None] * tail.to(device=x.device, dtype=torch.float32)
     y = y.view(B, n * C)
     return y if n * C == L else y[:, :L]
 
@@ -110,7 +120,9 @@ def _torch_gae(rewards, values, mask, gamma: float, lam: float):
         v = v.masked_fill(off, 0.0)
     # delta = r + gamma * V_next - V, with V = 0 after the last response token (rows end in zeros).
     delta = r - v
-    delta[:, :-1].add_(v[:, 1:], alpha=gamma)
+    # not add_(alpha=gamma): its vectorised loop fuses a*b+c and its scalar loop may not (see
+    # discounted_reverse_cumsum); gamma = 1 (the usual RLHF setting) needs no product
+    delta[:, :-1] += v[:, 1:] if gamma == 1.0 else v[:, 1:] * gamma
     if off is not None and not packed:
         delta.masked_fill_(off, 0.0)
     adv = discounted_reverse_cumsum(delta, gamma * lam)

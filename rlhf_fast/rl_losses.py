@@ -390,7 +390,8 @@ def group_advantages(
     (RLOO proper is ``baseline="loo", normalize_std=False``: verl's ``compute_rloo_outcome_advantage``.)
 
     Returns float32 ``[N]``. A group whose scores are all equal gets advantages 0 (``0 / eps``; NaN
-    with ``eps=0``).
+    with ``eps=0``). Each group is computed divided by its largest ``|score|`` (the same function), so
+    scores near float32's range (1e20, 1e-30) neither overflow nor underflow: float64's values.
     ``group_size=1`` with ``normalize_std=True`` raises ``ValueError``: the unbiased std of one sample is
     undefined (and a lone completion carries no relative signal); with ``normalize_std=False`` it gives
     zeros. ``baseline="loo"`` needs ``group_size >= 2`` (there is no other completion to average).
@@ -417,9 +418,19 @@ def group_advantages(
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
     s = scores.to(torch.float32).view(N // group_size, group_size)
-    centered = s - s.mean(dim=1, keepdim=True)
+    # Each group is divided by its largest |score| k first, so no sum or square overflows (|s / k| <= 1;
+    # 1e20 squared is inf in float32, which made every advantage 0) or underflows to 0 before the division:
+    # (s - mean) / (std + eps) = k (s' - mean') / (k std' + eps) = (s' - mean') / (std' + eps / k), the same
+    # function of s for every k > 0, so k is a constant for autograd (its derivative there is 0 exactly).
+    # A group of zeros (or with inf / NaN scores, which stay NaN) keeps k = 1.
+    k = s.detach().abs().amax(dim=1, keepdim=True)
+    k = torch.where((k > 0) & torch.isfinite(k), k, 1.0)
+    scaled = s / k
+    centered = scaled - scaled.mean(dim=1, keepdim=True)
     out = centered * (group_size / (group_size - 1)) if baseline == "loo" else centered
-    if normalize_std:
-        std = centered.pow(2).sum(dim=1, keepdim=True).div(group_size - 1).sqrt()
-        out = out / (std + eps)
-    return out.reshape(N)
+    if not normalize_std:
+        return (out * k).reshape(N)
+    std = centered.pow(2).sum(dim=1, keepdim=True).div(group_size - 1).sqrt()
+    # full_like: a Python number over a tensor is computed as number * (1 / k), and 1 / k overflows for a
+    # subnormal k (k = 1e-40, eps = 1e-6: eps / k = 1e34, but 1 / k is inf)
+    return (out / (std + torch.full_like(k, eps) / k)).reshape(N)

@@ -89,6 +89,38 @@ def test_logprobs_full_kl_sequence_logprobs_torch(V):
     assert_batch_invariant(lambda idx: (rf.sequence_logprobs(x[idx], labels[idx], impl="torch"),))
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the PyTorch path is claimed invariant on CPU")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T", [40, 64, 200, 256, 301, 512, 1000, 4099])
+def test_gae_torch(T, threads):
+    """Before: a row alone was a product of fewer than 12 rows (the chunk starts ``[1, n]``, and at T = 40 the
+    chunks ``[3, 16]``), which MKL rounds unlike the same row of a bigger product: up to 9.5e-7 off at every T
+    here but 64, in both outputs, one thread or two. Masks: none, right padding, holes (the packed path)."""
+    gen = torch.Generator().manual_seed(T)
+    rewards, values = torch.randn(N, T, generator=gen), torch.randn(N, T, generator=gen)
+    right = (torch.arange(T)[None] < torch.randint(1, T + 1, (N, 1), generator=gen)).float()
+    holes = (torch.rand(N, T, generator=gen) > 0.3).float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (None, right, holes):
+            assert_batch_invariant(lambda idx: rf.gae(rewards[idx], values[idx], None if m is None else m[idx],
+                                                      gamma=0.99, lam=0.95, impl="torch"))  # fmt: skip
+        for n in (2, 5, 17, 37):  # other batch sizes: the row alone against the row in the batch
+            assert_batch_invariant(lambda idx: rf.gae(rewards[idx], values[idx], gamma=0.99, lam=0.95, impl="torch"),
+                                   rows=(0, n - 1), n=n)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the PyTorch path is claimed invariant on CPU")
+def test_gae_torch_issue_repro():
+    r, v = torch.randn(37, 301), torch.randn(37, 301)
+    alone = rf.gae(r[:1], v[:1], gamma=0.99, lam=0.95, impl="torch")
+    batch = rf.gae(r, v, gamma=0.99, lam=0.95, impl="torch")
+    assert torch.equal(alone[0][0], batch[0][0]) and torch.equal(alone[1][0], batch[1][0])
+
+
 # --------------------------------------------------------------------------------------------- triton
 
 
@@ -105,6 +137,24 @@ def test_row_kernels_triton():
     assert_batch_invariant(lambda idx: (rf.sequence_logprobs(x[idx], labels[idx], impl="triton"),), rows)
     rewards, values = torch.randn(N, 40, generator=gen).to(DEVICE), torch.randn(N, 40, generator=gen).to(DEVICE)
     assert_batch_invariant(lambda idx: rf.gae(rewards[idx], values[idx], impl="triton"), rows)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_elementwise_ops(impl):
+    """The rows of the table's last "yes" line besides gae: per-pair losses, per-row draws and (PyTorch only, no
+    kernel) the per-token KL estimators."""
+    from rlhf_fast.sampling import row_seeds, sample_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    chosen, rejected = torch.randn(N, generator=gen).to(DEVICE) * 3, torch.randn(N, generator=gen).to(DEVICE) * 3
+    assert_batch_invariant(lambda idx: (rf.pairwise_sigmoid_loss(chosen[idx], rejected[idx], beta=0.7, margin=0.1,
+                                                                 reduction="none", impl=impl),))  # fmt: skip
+    logits, seeds = (torch.randn(N, 300, generator=gen) * 3).to(DEVICE), row_seeds(4, 2, range(N))
+    assert_batch_invariant(lambda idx: (sample_tokens(logits[idx], seeds[idx.cpu()], 5, 0.8, impl=impl),))
+    if impl == "torch":
+        logp, ref = -torch.rand(N, 7, generator=gen).to(DEVICE) * 4, -torch.rand(N, 7, generator=gen).to(DEVICE) * 4
+        for est in ("k1", "k2", "k3", "abs"):
+            assert_batch_invariant(lambda idx: (rf.kl_penalty(logp[idx], ref[idx], estimator=est),))
 
 
 def _block_n():

@@ -107,6 +107,63 @@ def test_value_loss_weights(agg, clip):
     torch.testing.assert_close(loss.double(), agg64(0.5 * L, MASK, agg), rtol=1e-6, atol=1e-7)
 
 
+# Weights summing to less than 1: the whole batch, one row, and a row with no token at all.
+SMALL_MASKS = [
+    torch.tensor([[0.1, 0.1, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0]]),
+    torch.tensor([[0.1, 0.2, 0.0, 0.3], [0.5, 1.0, 2.0, 0.25]]),
+    torch.tensor([[0.05, 0.0, 0.0, 0.0], [0.0, 0.01, 0.02, 0.0]]),
+]
+
+
+def test_weights_below_one_are_a_mean():
+    """The issue's repro: a mask of 0.1s is a weighted mean of [1, 2, 3], -2.0; the denominator was clamped at 1
+    (-0.6). An all-zero mask still gives a loss of 0 and a zero, finite gradient."""
+    logp = torch.zeros(1, 3, requires_grad=True)
+    loss, _ = rf.ppo_policy_loss(logp, logp.detach(), torch.tensor([[1.0, 2.0, 3.0]]), mask=torch.tensor([[0.1] * 3]))
+    torch.testing.assert_close(loss, torch.tensor(-2.0))
+    for agg in AGGS:
+        loss, metrics = rf.ppo_policy_loss(logp, logp.detach(), torch.ones(1, 3), mask=torch.zeros(1, 3), agg=agg)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros(1, 3)), agg
+        assert all(torch.isfinite(v) for v in metrics.values()), agg
+        logp.grad = None
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("mask", range(len(SMALL_MASKS)))
+def test_weights_below_one_every_op(agg, mask):
+    """Every op's loss and its metrics against the float64 formula, with weights summing to < 1 (over the batch
+    or over a row): ppo_loss_from_logits and linear_ppo_loss in both impls (the Triton kernel takes the same
+    aggregation weights), ppo_policy_loss, aggregate, value_loss."""
+    m = SMALL_MASKS[mask]
+    d = _batch(4)
+    H = 6
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(2, 4, H, generator=g), torch.randn(9, H, generator=g)
+    d["logits"] = hidden @ weight.T
+    ref_loss, ref_metrics = _ppo64(d, m, agg)
+    kw = dict(ref_logp=d["ref_logp"], kl_coef=0.1, entropy_coef=0.01, agg=agg)
+    for impl in IMPLS:
+        from_logits = rf.ppo_loss_from_logits(d["logits"], d["labels"], d["old_logp"], d["adv"], m, impl=impl, **kw)
+        linear = rf.linear_ppo_loss(hidden, weight, d["labels"], d["old_logp"], d["adv"], m, impl=impl, **kw)
+        for name, (loss, metrics) in (("ppo_loss_from_logits", from_logits), ("linear_ppo_loss", linear)):
+            torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=f"{name} {impl}")
+            for k, v in ref_metrics.items():
+                torch.testing.assert_close(metrics[k].double(), v, rtol=1e-5, atol=1e-6, msg=f"{name} {impl} {k}")
+
+    logp, ent = rf.logprobs(d["logits"], d["labels"], return_entropy=True)
+    pg, metrics = rf.ppo_policy_loss(logp, d["old_logp"], d["adv"], m, agg=agg)
+    kl = rf.kl_penalty(logp, d["ref_logp"], estimator="k3")
+    loss = pg + 0.1 * rf.aggregate(kl, m, agg=agg) - 0.01 * rf.aggregate(ent, m, agg=agg)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    for k in ("clipfrac", "approx_kl", "ratio_mean"):
+        torch.testing.assert_close(metrics[k].double(), ref_metrics[k], rtol=1e-5, atol=1e-6, msg=k)
+    v, old, R = (d[k].double() for k in ("values", "old_values", "returns"))
+    L = torch.maximum((v - R) ** 2, (old + (v - old).clamp(-0.3, 0.3) - R) ** 2)
+    vl = rf.value_loss(d["values"], d["old_values"], d["returns"], m, clip=0.3, agg=agg)
+    torch.testing.assert_close(vl.double(), agg64(0.5 * L, m, agg), rtol=1e-6, atol=1e-7)
+
+
 def test_masked_whiten_weights():
     x = _batch(2)["values"]
     out = rf.masked_whiten(x, MASK)

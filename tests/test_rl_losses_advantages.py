@@ -124,6 +124,39 @@ def test_group_advantages_leave_one_out(group_size, normalize_std):
         torch.testing.assert_close(jac, expected)
 
 
+def _group_advantages64(s, G, normalize_std, baseline, eps=1e-6):
+    """Float64 group advantages by the docstring's formulas (no rescaling), differentiable."""
+    g = s.view(-1, G)
+    mean = g.mean(1, keepdim=True)
+    b = (g.sum(1, keepdim=True) - g) / (G - 1) if baseline == "loo" else mean
+    out = g - b
+    if normalize_std:
+        out = out / (((g - mean) ** 2).sum(1, keepdim=True) / (G - 1)).sqrt().add(eps)
+    return out.reshape(-1)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1.0, 1e12, 1e20, 1e30, 1e37])
+@pytest.mark.parametrize("baseline", ["mean", "loo"])
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_group_advantages_at_any_scale(scale, baseline, normalize_std):
+    """Scores of any magnitude, value and gradient against float64. Before: the float32 squares overflowed at
+    1e20 (std = inf: every advantage 0, the issue's repro) and lost their precision to underflow at 1e-30."""
+    if scale == 1e20 and baseline == "mean" and normalize_std:
+        out = rf.group_advantages(torch.tensor([1e20, -1e20, 3e19, 0.0]), 4)  # the issue's repro
+        ref = _group_advantages64(torch.tensor([1e20, -1e20, 3e19, 0.0], dtype=torch.float64), 4, True, "mean")
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=0)
+    G = 5
+    scores = (torch.randn(4 * G, generator=torch.Generator().manual_seed(6)) * scale).requires_grad_(True)
+    out = rf.group_advantages(scores, G, normalize_std=normalize_std, baseline=baseline)
+    s64 = scores.detach().double().requires_grad_(True)
+    ref = _group_advantages64(s64, G, normalize_std, baseline)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=0)
+    w = torch.randn(4 * G, generator=torch.Generator().manual_seed(7))
+    (grad,) = torch.autograd.grad((out * w).sum(), scores)
+    (grad64,) = torch.autograd.grad((ref * w.double()).sum(), s64)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-5 * grad64.abs().max().item())
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 
 
