@@ -44,16 +44,6 @@ def _chunk_rows(V: int) -> int:
     return max(1, _TORCH_CHUNK_ELEMENTS // V)
 
 
-def _torch_thresholds(x: torch.Tensor, trunc: truncation.RowTruncation, temperature: float) -> torch.Tensor:
-    """``[B*T]`` float32 kept-set threshold of each row of ``[B, T, V]`` logits (rlhf_fast/truncation.py),
-    chunk by chunk; the twin of ``kernels.truncation.row_thresholds``."""
-    tau = torch.empty(x.shape[0] * x.shape[1], dtype=torch.float32, device=x.device)
-    for r, (chunk,) in row_chunks([x], _chunk_rows(x.shape[-1])):
-        rows = slice(r, r + chunk.shape[0])
-        tau[rows] = truncation.row_thresholds(scaled_float_copy(chunk, temperature), trunc.rows(rows))
-    return tau
-
-
 def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
                    with_entropy: bool = True, tau: torch.Tensor | None = None):  # fmt: skip
     """``(logp, entropy, row_max, log_norm)`` of ``[B, T, V]`` logits, chunk by chunk.
@@ -129,15 +119,6 @@ def _backend(impl: str):
     return _torch_forward, _torch_backward
 
 
-def thresholds(impl: str):
-    """The kept-set threshold function ``(x [B, T, V], trunc, temperature) -> tau [B*T]`` of an impl."""
-    if impl == "triton":
-        from .kernels.truncation import row_thresholds
-
-        return row_thresholds
-    return _torch_thresholds
-
-
 class _Logprobs(torch.autograd.Function):
     @staticmethod
     @_amp.float32_op
@@ -147,7 +128,7 @@ class _Logprobs(torch.autograd.Function):
         flat_labels = labels.reshape(-1).contiguous()
         forward, _ = _backend(impl)
         # Truncated sampling: each row's kept-set threshold first, then the statistics of the kept entries.
-        tau = None if trunc is None else thresholds(impl)(x, trunc, opts.temperature)
+        tau = None if trunc is None else truncation.thresholds(impl)(x, trunc, opts.temperature)
         extra = {} if tau is None else {"tau": tau}  # untruncated: the launchers' calls exactly as before
         logp, entropy, row_max, log_norm = forward(x, flat_labels, opts.temperature, opts.ignore_index,
                                                    opts.with_entropy, **extra)  # fmt: skip

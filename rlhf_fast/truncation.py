@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._softmax_torch import row_chunks, scaled_float_copy
+
 SAMPLERS = ("vllm", "hf")
 
 
@@ -138,7 +140,7 @@ def row_thresholds(z: torch.Tensor, trunc: RowTruncation) -> torch.Tensor:
     neg_inf = torch.full((n,), -float("inf"), dtype=torch.float32, device=z.device)
     m = z.amax(-1)
     mp_on = trunc.min_p > 0
-    t_min = torch.where(mp_on, m + torch.log(trunc.min_p.clamp(min=1e-38)), neg_inf) if bool(mp_on.any()) else neg_inf
+    t_min = torch.where(mp_on, m + torch.where(mp_on, trunc.min_p, 1.0).log(), neg_inf) if bool(mp_on.any()) else neg_inf
     k = trunc.top_k.long()
     k_on = k > 0
     t_k = neg_inf
@@ -162,6 +164,26 @@ def row_thresholds(z: torch.Tensor, trunc: RowTruncation) -> torch.Tensor:
         tau = tau.clone()
         tau[rows] = torch.maximum(tau[rows], t_p)
     return tau
+
+
+def chunked_thresholds(x: torch.Tensor, trunc: RowTruncation, temperature: float) -> torch.Tensor:
+    """``[B*T]`` float32 threshold of each row of ``[B, T, V]`` logits, ``row_thresholds`` on row chunks of
+    about 2M entries (so the sort top-p may need stays ``O(chunk)``); the twin of
+    ``kernels.truncation.row_thresholds``."""
+    tau = torch.empty(x.shape[0] * x.shape[1], dtype=torch.float32, device=x.device)
+    for r, (chunk,) in row_chunks([x], max(1, (1 << 21) // x.shape[-1])):
+        rows = slice(r, r + chunk.shape[0])
+        tau[rows] = row_thresholds(scaled_float_copy(chunk, temperature), trunc.rows(rows))
+    return tau
+
+
+def thresholds(impl: str):
+    """The threshold function ``(x [B, T, V], trunc, temperature) -> tau [B*T]`` of an impl."""
+    if impl == "triton":
+        from .kernels.truncation import row_thresholds as triton_thresholds
+
+        return triton_thresholds
+    return chunked_thresholds
 
 
 def mask_below_(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

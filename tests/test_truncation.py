@@ -21,7 +21,7 @@ from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsW
 import rlhf_fast as rf
 from rlhf_fast.reference import truncated_logprobs_reference
 
-TRUNC_IMPLS = ["torch"]  # the Triton kernels come next
+TRUNC_IMPLS = IMPLS
 RTOL = 2e-5  # the bar: within 2e-5 relative of float64 (of the largest magnitude of each output)
 
 
