@@ -22,7 +22,7 @@ ARCHS = (90, 80)
 
 def all_builds() -> list:
     """Every kernel build of the package: each kernel module's ``build_specs()`` (data: kernels/_build.py)."""
-    from . import gae, kl, linear_logprobs, logprobs, ppo, preference, sampling
+    from . import gae, kl, linear_logprobs, logprobs, ppo, preference, sampling, truncation
 
     return (
         logprobs.build_specs()
@@ -32,6 +32,7 @@ def all_builds() -> list:
         + gae.build_specs()
         + preference.build_specs()
         + sampling.build_specs()
+        + truncation.build_specs()
     )
 
 

@@ -105,6 +105,15 @@ def row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V: tl.constexpr, WIT
     ``WITH_ENTROPY = False`` (log-probs only) streams ``online_logsumexp_update`` instead: the same
     ``row_max`` and ``log_norm`` with no ``u``; the third value is then no entropy and must not be used.
     """
+    return row_softmax_stats_above(row_ptr, V, inv_t_hi, inv_t_lo, 0.0, BLOCK_V, WITH_ENTROPY, False)
+
+
+@triton.jit
+def row_softmax_stats_above(row_ptr, V, inv_t_hi, inv_t_lo, tau, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                            TRUNCATED: tl.constexpr):  # fmt: skip
+    """``row_softmax_stats`` of the row's entries with ``z >= tau`` only (``TRUNCATED``; the others count as
+    ``-inf``: truncated sampling, kernels/truncation.py); without ``TRUNCATED``, ``tau`` is unused and the
+    code is ``row_softmax_stats``' own. ``z < tau`` rather than ``z >= tau`` decides, so NaN stays NaN."""
     cols = tl.arange(0, BLOCK_V)
     m = -float("inf")
     s = 0.0
@@ -112,6 +121,8 @@ def row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V: tl.constexpr, WIT
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         z = scale_by_inverse(tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
+        if TRUNCATED:
+            z = tl.where(z < tau, -float("inf"), z)
         if WITH_ENTROPY:
             m, s, u = online_softmax_update(m, s, u, z, AXIS=0)
         else:

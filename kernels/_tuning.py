@@ -107,3 +107,25 @@ def pair_config(N: int) -> PairConfig:
     """
     block = max(16, min(1024, triton.next_power_of_2(max(N, 1))))
     return PairConfig(BLOCK=block, num_warps=max(1, min(4, block // 256)))
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """Launch configuration of the truncation threshold kernel (kernels/truncation.py): one row per program."""
+
+    BLOCK_V: int
+    PROBES: int
+    num_warps: int
+
+
+def threshold_config(V: int, element_size: int) -> ThresholdConfig:
+    """Block and probe count of the threshold search (not measured on a GPU yet).
+
+    Each pass compares every entry of a block with ``PROBES`` keys, a ``[PROBES, BLOCK_V]`` tile: 8 probes
+    over 2048 bf16/fp16 entries with 8 warps (or 1024 float32 ones with 4) is 8 entries and 64
+    compare-selects per thread per block, few enough to stay in registers, and each thread loads 16 (32)
+    bytes: vector loads. 8 probes resolve 3 bits per pass, 11 passes for the 2^32 keys; more
+    probes mean fewer passes over the (L2-resident) row but proportionally more compares per pass.
+    """
+    block = max(16, min(8192 // element_size // 2, triton.next_power_of_2(V)))
+    return ThresholdConfig(BLOCK_V=block, PROBES=8, num_warps=max(1, min(8, block // 256)))

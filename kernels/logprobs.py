@@ -21,6 +21,11 @@ Both kernels have a log-probs-only specialisation (``WITH_ENTROPY = False``, cho
 the entropy pointers, as ``rf.logprobs`` does without ``return_entropy``): the forward forms no ``u`` (no
 ``e (z - m)`` products or their sum), the backward reads no entropy statistics and writes
 ``g_logp ([v == y] - p_v) / T`` without the ``g_H p_v (log p_v + H)`` term.
+
+Truncated sampling (``TRUNCATED``, chosen by passing a ``tau`` pointer): each row's threshold ``tau``
+(kernels/truncation.py) makes every entry with ``z < tau`` count as ``-inf``: the statistics, log-probs and
+gradient are those of the renormalised kept set; a label below ``tau`` gets log-prob ``-inf`` and its row no
+log-prob gradient (its ``g_logp`` is taken as 0), so no NaN.
 """
 
 import itertools
@@ -31,13 +36,14 @@ import triton.language as tl
 
 from ._build import TL_DTYPE, KernelBuild, signature
 from ._common import interpreter_safe_output, inverse_parts
-from ._softmax import logp_dlogits, row_softmax_stats, scale_by_inverse, softmax_dlogits
+from ._softmax import logp_dlogits, row_softmax_stats_above, scale_by_inverse, softmax_dlogits
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
 
 
 @triton.heuristics({"WITH_ENTROPY": lambda args: args["entropy_ptr"] is not None})
+@triton.heuristics({"TRUNCATED": lambda args: args["tau_ptr"] is not None})
 @triton.jit
 def _logprobs_fwd_kernel(
     # pointers
@@ -47,6 +53,7 @@ def _logprobs_fwd_kernel(
     entropy_ptr,
     row_max_ptr,
     log_norm_ptr,
+    tau_ptr,
     # strides of the [B, T, V] logits (the last stride is 1)
     stride_logits_b,
     stride_logits_t,
@@ -60,18 +67,26 @@ def _logprobs_fwd_kernel(
     # meta-parameters
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    TRUNCATED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
     row_ptr = logits_ptr + b * stride_logits_b + t * stride_logits_t
-    m_ref, log_s, entropy = row_softmax_stats(row_ptr, V, inv_t_hi, inv_t_lo, BLOCK_V, WITH_ENTROPY)
+    if TRUNCATED:
+        tau = tl.load(tau_ptr + row)
+    else:
+        tau = 0.0  # unused
+    m_ref, log_s, entropy = row_softmax_stats_above(row_ptr, V, inv_t_hi, inv_t_lo, tau, BLOCK_V, WITH_ENTROPY, TRUNCATED)
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
     safe_label = tl.where(ignored, 0, label)
     z_label = scale_by_inverse(tl.load(row_ptr + safe_label).to(tl.float32), inv_t_hi, inv_t_lo)
-    logp = tl.where(ignored, 0.0, (z_label - m_ref) - log_s)
+    logp = (z_label - m_ref) - log_s
+    if TRUNCATED:
+        logp = tl.where(z_label < tau, -float("inf"), logp)  # the label is outside the kept set
+    logp = tl.where(ignored, 0.0, logp)
 
     tl.store(logp_ptr + row, logp)
     if WITH_ENTROPY:
@@ -81,6 +96,7 @@ def _logprobs_fwd_kernel(
 
 
 @triton.heuristics({"WITH_ENTROPY": lambda args: args["entropy_ptr"] is not None})
+@triton.heuristics({"TRUNCATED": lambda args: args["tau_ptr"] is not None})
 @triton.jit
 def _logprobs_bwd_kernel(
     # pointers
@@ -89,6 +105,7 @@ def _logprobs_bwd_kernel(
     row_max_ptr,
     log_norm_ptr,
     entropy_ptr,
+    tau_ptr,
     grad_logp_ptr,
     grad_entropy_ptr,
     grad_logits_ptr,
@@ -107,6 +124,7 @@ def _logprobs_bwd_kernel(
     # meta-parameters
     BLOCK_V: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    TRUNCATED: tl.constexpr,
 ):
     # dL/dx from the saved row statistics: formula and derivation in kernels/_softmax.py.
     # The gradient may alias the logits (in-place backward): each element is read before it is written.
@@ -122,6 +140,10 @@ def _logprobs_bwd_kernel(
     label = tl.load(labels_ptr + row).to(tl.int64)
     ignored = label == ignore_index
     g_logp = tl.where(ignored, 0.0, tl.load(grad_logp_ptr + row).to(tl.float32))
+    if TRUNCATED:
+        tau = tl.load(tau_ptr + row)
+        z_label = scale_by_inverse(tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32), inv_t_hi, inv_t_lo)
+        g_logp = tl.where(z_label < tau, 0.0, g_logp)  # a missed label: log-prob -inf, a constant
     if WITH_ENTROPY:
         entropy = tl.load(entropy_ptr + row)
         g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)
@@ -130,6 +152,8 @@ def _logprobs_bwd_kernel(
         offs = start + cols
         in_row = offs < V
         z = scale_by_inverse(tl.load(row_ptr + offs, mask=in_row, other=-float("inf")).to(tl.float32), inv_t_hi, inv_t_lo)
+        if TRUNCATED:
+            z = tl.where(z < tau, -float("inf"), z)
         if WITH_ENTROPY:
             g = softmax_dlogits(z, offs == label, row_max, log_norm, entropy, g_logp, g_entropy, inv_t_hi)
         else:
@@ -141,7 +165,7 @@ def _logprobs_bwd_kernel(
 
 
 def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                     with_entropy: bool = True):  # fmt: skip
+                     with_entropy: bool = True, tau: torch.Tensor | None = None):  # fmt: skip
     """Log-probs, entropy and log-sum-exp of ``logits / temperature``.
 
     ``logits``: ``[B, T, V]`` with ``stride(-1) == 1``; ``labels``: ``[B*T]`` contiguous integers.
@@ -149,6 +173,7 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: fl
     log-sum-exp of ``logits / temperature`` is ``row_max + log_norm``, kept as two numbers so that
     :func:`logprobs_backward` can form ``log p = (z - row_max) - log_norm`` without rounding the sum.
     Without ``with_entropy`` the kernel's log-probs-only specialisation runs and ``entropy`` is ``None``.
+    ``tau`` (contiguous float32 ``[B*T]``, kernels/truncation.py): the truncated specialisation.
     """
     B, T, V = logits.shape
     N = B * T
@@ -160,7 +185,7 @@ def logprobs_forward(logits: torch.Tensor, labels: torch.Tensor, temperature: fl
         return logp, entropy, row_max, log_norm
     cfg = row_config(V, logits.element_size())
     _logprobs_fwd_kernel[(N,)](
-        logits, labels, logp, entropy, row_max, log_norm,
+        logits, labels, logp, entropy, row_max, log_norm, tau,
         logits.stride(0), logits.stride(1),
         T, V,
         *inverse_parts(temperature), ignore_index,
@@ -180,6 +205,7 @@ def logprobs_backward(
     temperature: float,
     ignore_index: int,
     grad_logits: torch.Tensor | None = None,
+    tau: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient with respect to ``logits`` (``[B, T, V]``) of ``sum(grad_logp * logp + grad_entropy * H)``.
 
@@ -187,7 +213,7 @@ def logprobs_backward(
     ``None``: the gradient of the log-probs alone, by the kernel's ``WITH_ENTROPY = False`` specialisation.
     The gradient is written into ``grad_logits`` when given (any ``[B, T, V]`` tensor with
     ``stride(-1) == 1``; it may be ``logits`` itself for an in-place backward), else into a new contiguous
-    tensor of the logits' dtype.
+    tensor of the logits' dtype. ``tau``: as in :func:`logprobs_forward`.
     """
     B, T, V = logits.shape
     if grad_logits is None:
@@ -197,7 +223,7 @@ def logprobs_backward(
     out = interpreter_safe_output(grad_logits)
     cfg = row_config(V, logits.element_size())
     _logprobs_bwd_kernel[(B * T,)](
-        logits, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, out,
+        logits, labels, row_max, log_norm, entropy, tau, grad_logp, grad_entropy, out,
         logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
         T, V,
         *inverse_parts(temperature), ignore_index,
@@ -212,21 +238,24 @@ def logprobs_backward(
 
 def build_specs():
     """What the launchers compile, for the Hopper build check: one entry per kernel, dtype, config and
-    entropy specialisation (with the entropy, and log-probs only).
+    entropy specialisation (with the entropy, and log-probs only) and truncation (with a ``tau``, or none).
 
     Sizes are typical (V a multiple of 16, 16-byte aligned rows), which is how Triton's launcher
     specializes them at real shapes: pointers and 16-divisible integers get ``tt.divisibility=16``.
     """
     specs = []
-    for (dtype, tl_dtype), with_entropy in itertools.product(TL_DTYPE.items(), (True, False)):
+    for (dtype, tl_dtype), with_entropy, truncated in itertools.product(TL_DTYPE.items(), (True, False), (False, True)):
         configs = {row_config(V, dtype.itemsize) for V in (151936, 1024, 128)}
         for cfg in sorted(configs, key=lambda c: c.BLOCK_V):
-            # The forward's one narrow load is the label logit; the backward streams dlogits out.
+            # The forward's one narrow load is the label logit (the truncated backward's too); the backward
+            # streams dlogits out.
             for kernel, in_dtype, narrow, streams_out in (
                 (_logprobs_fwd_kernel, ("logits_ptr",), 1, False),
-                (_logprobs_bwd_kernel, ("logits_ptr", "grad_logits_ptr"), 0, True),
+                (_logprobs_bwd_kernel, ("logits_ptr", "grad_logits_ptr"), int(truncated), True),
             ):
-                constexprs = {"BLOCK_V": cfg.BLOCK_V, "WITH_ENTROPY": with_entropy}
+                constexprs = {"BLOCK_V": cfg.BLOCK_V, "WITH_ENTROPY": with_entropy, "TRUNCATED": truncated}
+                if not truncated:  # untruncated: a None tau pointer, as launched
+                    constexprs["tau_ptr"] = None
                 if not with_entropy:  # the log-probs-only specialisation gets None entropy pointers, as launched
                     args = kernel.arg_names
                     constexprs.update(dict.fromkeys(n for n in ("entropy_ptr", "grad_entropy_ptr") if n in args))
@@ -242,7 +271,8 @@ def build_specs():
                         streams_rows=cfg.BLOCK_V >= 1024,
                         narrow_loads=narrow,
                         streams_out=streams_out and cfg.BLOCK_V >= 1024,
-                        label=f"{tl_dtype} {'entropy' if with_entropy else 'logp only'} BLOCK_V={cfg.BLOCK_V}",
+                        label=f"{tl_dtype} {'entropy' if with_entropy else 'logp only'} BLOCK_V={cfg.BLOCK_V}"
+                        + (" truncated" if truncated else ""),
                     )
                 )
     return specs

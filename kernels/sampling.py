@@ -13,11 +13,15 @@ each program streams one row once, keeping the running maximum per lane (the fir
 ``torch.argmax``).
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._build import TL_DTYPE, KernelBuild, signature
+from ._common import inverse_parts
+from ._softmax import scale_by_inverse
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -31,21 +35,28 @@ def _mix64(z):
     return z ^ (z >> 31)
 
 
+@triton.heuristics({"TRUNCATED": lambda args: args["tau_ptr"] is not None})
 @triton.jit
 def _gumbel_argmax_kernel(
     logits_ptr,  # [B, V], rows `stride_row` elements apart
     keys_ptr,  # [B] int64: each row's mixed (seed, position) key
     out_ptr,  # [B] int64: the sampled token of each row
+    tau_ptr,  # [B] float32 kept-set thresholds (truncated sampling, kernels/truncation.py), or None
     V,
     stride_row,
     temperature,
+    inv_t_hi,  # 1 / T in two parts: the threshold compares z as kernels/truncation.py scaled it
+    inv_t_lo,
     BLOCK: tl.constexpr,
+    TRUNCATED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     key = tl.load(keys_ptr + row).to(tl.uint64, bitcast=True)
     cols = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_at = tl.zeros([BLOCK], dtype=tl.int32)
+    if TRUNCATED:
+        tau = tl.load(tau_ptr + row)
     for start in range(0, V, BLOCK):
         v = start + cols
         live = v < V
@@ -54,6 +65,8 @@ def _gumbel_argmax_kernel(
         u = (((z >> 40) & 0xFFFFFF).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         score = x / temperature - tl.log(-tl.log(u))
         score = tl.where(live, score, float("-inf"))
+        if TRUNCATED:  # tokens outside the kept set are never drawn
+            score = tl.where(scale_by_inverse(x, inv_t_hi, inv_t_lo) < tau, float("-inf"), score)
         better = score > best  # strictly: each lane keeps its first maximum
         best = tl.where(better, score, best)
         best_at = tl.where(better, v, best_at)
@@ -65,9 +78,11 @@ def _gumbel_argmax_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor, temperature: float,
+                  tau: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``[B]`` int64 tokens drawn from ``softmax(logits / temperature)`` for ``logits [B, V]`` (float32,
-    bf16 or fp16, rows contiguous) with the per-row int64 ``keys [B]``."""
+    bf16 or fp16, rows contiguous) with the per-row int64 ``keys [B]``; with ``tau`` (float32 ``[B]``), from
+    the tokens with ``logits / T >= tau`` only."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     B, V = logits.shape
@@ -76,8 +91,8 @@ def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor, temperature: float) 
         return out
     cfg = row_config(V, logits.element_size())
     _gumbel_argmax_kernel[(B,)](
-        logits, keys.to(device=logits.device, dtype=torch.int64).contiguous(), out,
-        V, logits.stride(0), float(temperature),
+        logits, keys.to(device=logits.device, dtype=torch.int64).contiguous(), out, tau,
+        V, logits.stride(0), float(temperature), *inverse_parts(temperature),
         BLOCK=cfg.BLOCK_V, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out
@@ -87,21 +102,24 @@ def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor, temperature: float) 
 
 
 def build_specs():
-    """One build per logits dtype at a 152k vocabulary (the row's block and warps from ``row_config``)."""
+    """One build per logits dtype and truncation (a ``tau``, or none) at a 152k vocabulary (the row's block and
+    warps from ``row_config``)."""
     specs = []
-    for torch_dtype, tl_dtype in TL_DTYPE.items():
+    for (torch_dtype, tl_dtype), truncated in itertools.product(TL_DTYPE.items(), (False, True)):
         cfg = row_config(151936, torch.empty((), dtype=torch_dtype).element_size())
-        constexprs = {"BLOCK": cfg.BLOCK_V}
+        constexprs = {"BLOCK": cfg.BLOCK_V, "TRUNCATED": truncated}
+        if not truncated:
+            constexprs["tau_ptr"] = None
         specs.append(
             KernelBuild(
                 kernel=_gumbel_argmax_kernel,
                 signature=signature(_gumbel_argmax_kernel, constexprs, logits_ptr=f"*{tl_dtype}", keys_ptr="*i64",
                                     out_ptr="*i64"),  # fmt: skip
                 constexprs=constexprs,
-                divisible=["logits_ptr", "keys_ptr", "out_ptr", "V", "stride_row"],
+                divisible=["logits_ptr", "keys_ptr", "out_ptr", "V", "stride_row"] + (["tau_ptr"] if truncated else []),
                 num_warps=cfg.num_warps,
                 streams_rows=True,
-                label=f"{tl_dtype} BLOCK={cfg.BLOCK_V}",
+                label=f"{tl_dtype} BLOCK={cfg.BLOCK_V}" + (" truncated" if truncated else ""),
             )
         )
     return specs

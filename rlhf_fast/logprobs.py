@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _amp, _checks, _vocab_parallel
+from . import _amp, _checks, _vocab_parallel, truncation
 from ._dispatch import resolve
 from ._fused_chunk import pad_rows
 from ._softmax_torch import as_btv, grad_or_zeros, logp_grad_, row_chunks, scaled_float_copy, softmax_grad_, softmax_stats_
@@ -45,11 +45,12 @@ def _chunk_rows(V: int) -> int:
 
 
 def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-                   with_entropy: bool = True):  # fmt: skip
+                   with_entropy: bool = True, tau: torch.Tensor | None = None):  # fmt: skip
     """``(logp, entropy, row_max, log_norm)`` of ``[B, T, V]`` logits, chunk by chunk.
 
     The PyTorch twin of ``kernels.logprobs.logprobs_forward`` (same arguments, same outputs): ``entropy`` is
-    ``None`` without ``with_entropy``.
+    ``None`` without ``with_entropy``. ``tau [B*T]`` (truncated sampling): the statistics of the row's
+    entries ``>= tau`` only, the others as if ``-inf`` (a label among them gets ``-inf``).
     """
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0)
@@ -61,7 +62,10 @@ def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ig
         rows = slice(r, r + n)
         # A single row is reduced with a second (zero) one: alone, PyTorch would split its sums over the threads
         # and round them differently from the same row in a bigger chunk (README "Batch invariance").
-        z, chunk_labels = pad_rows(scaled_float_copy(chunk, temperature), 2), pad_rows(safe_labels[rows], 2)
+        z = scaled_float_copy(chunk, temperature)
+        if tau is not None:
+            truncation.mask_below_(z, tau[rows])
+        z, chunk_labels = pad_rows(z, 2), pad_rows(safe_labels[rows], 2)
         stats = softmax_stats_(z, chunk_labels, with_entropy)
         logp[rows], ent, row_max[rows], log_norm[rows] = (None if t is None else t[:n] for t in stats)
         if with_entropy:
@@ -70,13 +74,16 @@ def _torch_forward(x: torch.Tensor, labels: torch.Tensor, temperature: float, ig
 
 
 def _torch_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entropy, temperature: float,
-                    ignore_index: int, grad_logits: torch.Tensor | None = None, label_grad=None) -> torch.Tensor:  # fmt: skip
+                    ignore_index: int, grad_logits: torch.Tensor | None = None, label_grad=None,
+                    tau: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Gradient with respect to ``[B, T, V]`` logits, chunk by chunk, into ``grad_logits`` when given.
 
     The PyTorch twin of ``kernels.logprobs.logprobs_backward``; ``grad_logits`` may be ``x`` (in place).
     ``entropy`` and ``grad_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms).
     ``label_grad`` ``[B*T]``: what the label term adds at the label, when not ``grad_logp`` (a vocabulary
-    shard's rows whose label another rank owns: rlhf_fast/_vocab_parallel.py).
+    shard's rows whose label another rank owns: rlhf_fast/_vocab_parallel.py). ``tau``: as in
+    ``_torch_forward``; entries below it get no gradient, and a row whose label is below it none at all
+    (its log-prob is the constant ``-inf``).
     """
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0)
@@ -86,10 +93,15 @@ def _torch_backward(x, labels, row_max, log_norm, entropy, grad_logp, grad_entro
         rows = slice(r, r + chunk.shape[0])
         z = scaled_float_copy(chunk, temperature)
         lg = None if label_grad is None else label_grad[rows]
+        g_row = g_logp[rows]
+        if tau is not None:
+            missed = z.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1) < tau[rows]
+            g_row = g_row.masked_fill(missed, 0.0)
+            truncation.mask_below_(z, tau[rows])
         if entropy is None:
-            g = logp_grad_(z, row_max[rows], log_norm[rows], g_logp[rows], safe_labels[rows], temperature, lg)
+            g = logp_grad_(z, row_max[rows], log_norm[rows], g_row, safe_labels[rows], temperature, lg)
         else:
-            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_logp[rows], grad_entropy[rows],
+            g = softmax_grad_(z, row_max[rows], log_norm[rows], entropy[rows], g_row, grad_entropy[rows],
                               safe_labels[rows], temperature, lg)  # fmt: skip
         out_chunk.copy_(g)
     return out
@@ -110,13 +122,17 @@ def _backend(impl: str):
 class _Logprobs(torch.autograd.Function):
     @staticmethod
     @_amp.float32_op
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: LogprobsOptions, impl: str):
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, opts: LogprobsOptions, impl: str,
+                trunc: "truncation.RowTruncation | None" = None):  # fmt: skip
         x = as_btv(logits)
         flat_labels = labels.reshape(-1).contiguous()
         forward, _ = _backend(impl)
+        # Truncated sampling: each row's kept-set threshold first, then the statistics of the kept entries.
+        tau = None if trunc is None else truncation.thresholds(impl)(x, trunc, opts.temperature)
+        extra = {} if tau is None else {"tau": tau}  # untruncated: the launchers' calls exactly as before
         logp, entropy, row_max, log_norm = forward(x, flat_labels, opts.temperature, opts.ignore_index,
-                                                   opts.with_entropy)  # fmt: skip
-        ctx.save_for_backward(x, flat_labels, row_max, log_norm, entropy)
+                                                   opts.with_entropy, **extra)  # fmt: skip
+        ctx.save_for_backward(x, flat_labels, row_max, log_norm, entropy, tau)
         ctx.opts, ctx.impl = opts, impl
         ctx.logits_shape = logits.shape
         ctx.set_materialize_grads(False)
@@ -132,7 +148,7 @@ class _Logprobs(torch.autograd.Function):
                 "logits, so a second backward through this graph (retain_graph=True) cannot recompute it; "
                 "use inplace_backward=False to backpropagate more than once"
             )
-        x, labels, row_max, log_norm, entropy = ctx.saved_tensors
+        x, labels, row_max, log_norm, entropy, tau = ctx.saved_tensors
         n = labels.numel()
         # No gradient reaches the entropy (not requested, or unused by the loss): the log-prob gradient alone.
         if grad_entropy is None:
@@ -151,6 +167,7 @@ class _Logprobs(torch.autograd.Function):
             opts.temperature,
             opts.ignore_index,
             grad_logits=x if opts.inplace_backward else None,
+            **({} if tau is None else {"tau": tau}),
         )
         if opts.inplace_backward:
             # The logits now hold the gradient: a second backward must raise, not read it as logits; and
@@ -158,7 +175,7 @@ class _Logprobs(torch.autograd.Function):
             # bump the version counter as an in-place PyTorch op does).
             ctx.logits_overwritten = True
             torch.autograd.graph.increment_version(x)
-        return grad.reshape(ctx.logits_shape), None, None, None
+        return grad.reshape(ctx.logits_shape), None, None, None, None
 
 
 def vocab_parallel(logits, labels, opts: LogprobsOptions, impl: str, shard):
@@ -185,6 +202,10 @@ def logprobs(
     impl: str = "auto",
     inplace_backward: bool = False,
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    top_k: "int | torch.Tensor | None" = None,
+    top_p: "float | torch.Tensor | None" = None,
+    min_p: "float | torch.Tensor | None" = None,
+    sampler: str = "vllm",
 ):
     """Per-token log-probs ``log_softmax(logits / temperature)[labels]`` and, optionally, the entropy.
 
@@ -204,6 +225,14 @@ def logprobs(
             the outputs of the whole vocabulary and gets the gradient of its slice; three small all-reduces
             per forward (the slice sizes, then a MAX and a SUM over ``[N]`` vectors), none in backward. Layout and method: rlhf_fast/_vocab_parallel.py. Not with
             ``inplace_backward``.
+        top_k, top_p, min_p, sampler: truncated sampling (README "Truncated sampling",
+            rlhf_fast/truncation.py): the log-probs, entropy and gradient of the distribution a sampler with
+            these settings draws from, ``softmax(logits / T)`` restricted to its kept tokens and
+            renormalised. Each is a number or a per-row tensor (the logits' leading shape, ``[N]``, or a
+            leading part such as ``[B]``); ``top_k`` 0 or ``>= V``, ``top_p`` 1 and ``min_p`` 0 are off
+            (bitwise the untruncated op). A label outside the kept set gets ``-inf`` and no gradient; the
+            gradient reaches kept logits only. ``sampler="vllm"`` (default) or ``"hf"`` (the order of the
+            rules). Not with ``process_group``.
 
     Returns:
         float32 ``logp`` of shape ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``.
@@ -232,13 +261,16 @@ def logprobs(
         inplace_backward=bool(inplace_backward),
         with_entropy=bool(return_entropy),
     )
+    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, logits.shape[:-1], V, logits.device)
     impl = resolve(impl, logits.device)
     shard = _vocab_parallel.shard_of(process_group, V, logits.device)
     if shard is not None and opts.inplace_backward:
         raise ValueError("inplace_backward=True is not supported with a process_group")
+    if shard is not None and trunc is not None:
+        raise ValueError("top_k / top_p / min_p (truncated sampling) are not supported with a process_group yet")
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     if shard is None:
-        logp, entropy = _Logprobs.apply(logits, labels, opts, impl)
+        logp, entropy = _Logprobs.apply(logits, labels, opts, impl, trunc)
     else:
         logp, entropy = vocab_parallel(logits, labels, opts, impl, shard)
     return (logp, entropy) if opts.with_entropy else logp

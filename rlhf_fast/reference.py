@@ -270,3 +270,94 @@ def gae_reference(rewards, values, mask=None, *, gamma: float, lam: float, skip_
         next_v = torch.where(on[:, t], values[:, t], next_v)
         next_adv = torch.where(on[:, t], a, next_adv)
     return adv, ret
+
+
+# ------------------------------------------------------------------------------------ truncated sampling
+
+
+def _per_row_reference(value, row_shape, off, dtype):
+    """A truncation argument (number, ``None``, or a tensor of a leading part of ``row_shape``) as ``[N]``."""
+    n = 1
+    for s in row_shape:
+        n *= s
+    if value is None:
+        return torch.full((n,), off, dtype=dtype)
+    if not isinstance(value, torch.Tensor):
+        return torch.full((n,), value, dtype=dtype)
+    v = value.detach().cpu().to(dtype)
+    if v.dim() == 1 and v.numel() == n:
+        return v
+    return v.reshape(tuple(v.shape) + (1,) * (len(row_shape) - v.dim())).expand(tuple(row_shape)).reshape(n)
+
+
+def truncation_keep_reference(z, top_k, top_p, min_p, sampler: str = "vllm") -> torch.Tensor:
+    """Bool ``[N, V]`` mask of the tokens each sampler keeps, for float64 ``z = logits / T`` and per-row
+    ``[N]`` ``top_k`` (0 or >= V: off), ``top_p`` (1: off), ``min_p`` (0: off), by the sorters' own steps:
+
+    - min-p: ``softmax`` over what is still kept, drop ``p_v < min_p * max p`` (vLLM v1's min-p logits
+      processor; transformers' ``MinPLogitsWarper``);
+    - top-k: sort what is still kept, drop values below the k-th largest (ties at the k-th value kept);
+    - top-p: ascending sort of what is still kept, softmax, cumulative sum, drop ``cum <= 1 - p`` but never
+      the largest; then every token tied in value with a kept one is kept too (a sort splits tied tokens
+      in an arbitrary order: this reference, like the ops, keeps the whole tie).
+
+    ``sampler="vllm"``: min-p, top-k, top-p. ``"hf"``: top-k, top-p, min-p.
+    """
+    N, V = z.shape
+    z = z.detach().to(torch.float64)
+    neg = torch.tensor(-float("inf"), dtype=torch.float64)
+    keep = torch.ones(N, V, dtype=torch.bool)
+
+    def min_p_step(keep):
+        probs = torch.softmax(torch.where(keep, z, neg), -1)
+        cut = probs < min_p.unsqueeze(-1) * probs.amax(-1, keepdim=True)
+        return keep & ~(cut & (min_p > 0).unsqueeze(-1))
+
+    def top_k_step(keep):
+        zk = torch.where(keep, z, neg)
+        on = (top_k > 0) & (top_k < V)
+        kth = zk.sort(-1, descending=True).values.gather(-1, (top_k.clamp(1, V) - 1).unsqueeze(-1))
+        return keep & ~((zk < kth) & on.unsqueeze(-1))
+
+    def top_p_step(keep):
+        zk = torch.where(keep, z, neg)
+        sorted_z, order = zk.sort(dim=-1, stable=True)  # ascending
+        cum = torch.softmax(sorted_z, -1).cumsum(-1)
+        drop_sorted = cum <= (1 - top_p).unsqueeze(-1)
+        drop_sorted[:, -1] = False
+        kept_sorted = ~drop_sorted & (sorted_z > -float("inf"))
+        lowest_kept = torch.where(kept_sorted, sorted_z, torch.tensor(float("inf"), dtype=torch.float64)).amin(-1)
+        on = (top_p < 1).unsqueeze(-1)
+        return keep & ~((zk < lowest_kept.unsqueeze(-1)) & on)
+
+    steps = (min_p_step, top_k_step, top_p_step) if sampler == "vllm" else (top_k_step, top_p_step, min_p_step)
+    for step in steps:
+        keep = step(keep)
+    return keep
+
+
+def truncated_logprobs_reference(logits, labels, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                                 sampler="vllm", ignore_index=-100):  # fmt: skip
+    """Float64 ``(logp, entropy)`` of the truncated, renormalised ``softmax(logits / T)`` (differentiable in
+    ``logits``): ``log_softmax`` over the kept tokens (``truncation_keep_reference``), ``-inf`` (a constant,
+    no gradient) for a label outside the kept set, 0 for ``ignore_index``; the entropy over the kept set."""
+    row_shape = tuple(logits.shape[:-1])
+    V = logits.shape[-1]
+    z = (logits.to(torch.float64) / temperature).reshape(-1, V)
+    keep = truncation_keep_reference(
+        z.cpu(),
+        _per_row_reference(top_k, row_shape, 0, torch.int64),
+        _per_row_reference(top_p, row_shape, 1.0, torch.float64),
+        _per_row_reference(min_p, row_shape, 0.0, torch.float64),
+        sampler,
+    ).to(z.device)
+    logp_all = torch.log_softmax(z.masked_fill(~keep, -float("inf")), -1)
+    flat = labels.reshape(-1)
+    ignored = flat == ignore_index
+    safe = flat.masked_fill(ignored, 0).unsqueeze(-1)
+    logp = logp_all.gather(-1, safe).squeeze(-1)
+    missed = ~keep.gather(-1, safe).squeeze(-1)
+    logp = torch.where(missed, torch.full_like(logp, -float("inf")).detach(), logp)
+    logp = torch.where(ignored, torch.zeros_like(logp), logp)
+    plogp = torch.softmax(z.masked_fill(~keep, -float("inf")), -1) * torch.where(keep, logp_all, 0.0)
+    return logp.reshape(row_shape), -plogp.sum(-1).reshape(row_shape)

@@ -7,11 +7,18 @@ stateful RNG, so a row's token depends only on its seed, the position and its lo
 the batch size or the number of processes (the trainers' rollouts rely on it, rlhf_fast/train/rollout.py).
 ``impl="triton"`` (``auto`` on CUDA) hashes, perturbs and takes the argmax in one read of the logits
 (``rlhf_fast.kernels.sampling``); ``"torch"`` forms the same integers with tensor ops (``gumbel_noise``).
+
+Truncated sampling (``top_k`` / ``top_p`` / ``min_p``, rlhf_fast/truncation.py): the argmax runs over the
+row's kept tokens only (the others' perturbed logits count as ``-inf``). The Gumbel-max argument holds on
+any subset: the token is an exact sample of ``softmax`` restricted to the kept set and renormalised, with
+the same noise, so the same keys and the same batch invariance (each row's threshold depends on its row).
 """
 
 import torch
 
+from . import truncation
 from ._dispatch import resolve
+from ._softmax_torch import as_btv
 
 # splitmix64 (Steele et al. 2014) in int64 arithmetic: multiplications wrap modulo 2**64 and ``>>`` is
 # arithmetic, so each logical shift masks off the copied sign bits.
@@ -60,15 +67,25 @@ def gumbel_noise(seeds: torch.Tensor, position: int, vocab_size: int, *, chunk: 
 
 
 def sample_tokens(logits: torch.Tensor, seeds: torch.Tensor, position: int, temperature: float = 1.0, *,
-                  impl: str = "auto") -> torch.Tensor:  # fmt: skip
+                  top_k=None, top_p=None, min_p=None, sampler: str = "vllm", impl: str = "auto") -> torch.Tensor:  # fmt: skip
     """``[B]`` tokens drawn from ``softmax(logits / temperature)`` (``logits [B, V]``) by Gumbel-max with the
     noise of ``gumbel_noise``: ``impl="triton"`` (``auto`` on CUDA) in one pass over the logits
     (``rlhf_fast.kernels.sampling``), ``"torch"`` with ``gumbel_noise``. Both hash the same integers; their
-    ``log``s may differ in the last bit, which decides only between near-exact ties."""
+    ``log``s may differ in the last bit, which decides only between near-exact ties.
+
+    ``top_k``, ``top_p``, ``min_p``, ``sampler``: truncated sampling, as in :func:`rlhf_fast.logprobs` (a
+    number or a ``[B]`` tensor each; off values are bitwise no-ops): only kept tokens are drawn, in their
+    renormalised proportions. The row's threshold costs a few more reads of the row (Triton: no sort)."""
+    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, logits.shape[:-1], logits.shape[-1],
+                                        logits.device)  # fmt: skip
     impl = resolve(impl, logits.device)
+    tau = None if trunc is None else truncation.thresholds(impl)(as_btv(logits), trunc, temperature)
     if impl == "triton":
         from .kernels.sampling import gumbel_argmax
 
-        return gumbel_argmax(logits, position_keys(seeds.to(logits.device), position), temperature)
+        return gumbel_argmax(logits, position_keys(seeds.to(logits.device), position), temperature, tau)
     noise = gumbel_noise(seeds.to(logits.device), position, logits.shape[-1])
-    return (logits.float() / temperature + noise).argmax(-1)
+    z = logits.float() / temperature
+    if tau is not None:
+        truncation.mask_below_(z, tau)
+    return (z + noise).argmax(-1)

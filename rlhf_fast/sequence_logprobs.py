@@ -30,6 +30,10 @@ def sequence_logprobs(
     average: bool = False,
     impl: str = "auto",
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    top_k: "int | torch.Tensor | None" = None,
+    top_p: "float | torch.Tensor | None" = None,
+    min_p: "float | torch.Tensor | None" = None,
+    sampler: str = "vllm",
 ) -> torch.Tensor:
     """Per-sequence log-prob: ``sum_t log_softmax(logits / T)[t, labels[t]]`` over tokens not ignored.
 
@@ -42,6 +46,9 @@ def sequence_logprobs(
         process_group: tensor parallelism, as in :func:`rlhf_fast.logprobs` (``logits`` the rank's slice of
             the vocabulary): the composed route, ``rf.logprobs``' vocabulary-parallel log-probs summed over
             ``T``, exact in its gradient.
+        top_k, top_p, min_p, sampler: truncated sampling, as in :func:`rlhf_fast.logprobs` (a per-row tensor
+            is ``[..., T]`` or ``[...]``, one value per sequence): each token's log-prob under the truncated,
+            renormalised distribution; a sequence with a token outside its kept set has log-prob ``-inf``.
 
     Returns:
         float32 ``[...]``, differentiable with respect to ``logits`` (the gradient in their dtype). A
@@ -53,5 +60,6 @@ def sequence_logprobs(
     if isinstance(logits, torch.Tensor) and logits.dim() < 2:
         raise ValueError(f"logits must have shape [..., T, V], got {tuple(logits.shape)}")
     token_logp = logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index, impl=impl,
-                          process_group=process_group)  # fmt: skip
+                          process_group=process_group, top_k=top_k, top_p=top_p, min_p=min_p,
+                          sampler=sampler)  # fmt: skip
     return sum_over_tokens(token_logp, _checks.as_labels(labels) != ignore_index, bool(average))

@@ -71,6 +71,7 @@ def test_every_kernel_is_built_for_both_archs(report):
         "_gae_kernel",
         "_pairwise_sigmoid_kernel",
         "_gumbel_argmax_kernel",
+        "_row_threshold_kernel",
     } <= kernels
     for kernel in kernels:
         assert {r["arch"] for r in report if r["kernel"] == kernel} == {80, 90}
@@ -83,6 +84,11 @@ def test_every_kernel_is_built_for_both_archs(report):
         for dtype in ("fp32", "bf16", "fp16"):
             assert any(c.startswith(dtype) and " entropy " in c for c in configs), (kernel, dtype)
             assert any(c.startswith(dtype) and " logp only " in c for c in configs), (kernel, dtype)
+    # rf.logprobs' kernels in their truncated-sampling specialisation (a tau threshold per row)
+    for kernel in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel"):
+        configs = {r["config"] for r in report if r["kernel"] == kernel}
+        for dtype in ("fp32", "bf16", "fp16"):
+            assert any(c.startswith(dtype) and c.endswith(" truncated") for c in configs), (kernel, dtype)
 
 
 def test_compiles_without_spills(report):

@@ -1,0 +1,191 @@
+"""Truncated sampling (top-k / top-p / min-p): the one definition every op shares, its argument checks, and
+each row's kept-set threshold computed from a float32 chunk of logits (the PyTorch twin of
+``rlhf_fast.kernels.truncation``).
+
+Semantics, for one row with ``z = logits / T`` and ``p = softmax(z)``:
+
+- min-p (``0 < min_p < 1``) keeps ``v`` iff ``p_v >= min_p * max_w p_w``, i.e. ``z_v >= max z + log(min_p)``;
+- top-k (``0 < k < V``) keeps ``v`` iff fewer than ``k`` tokens have a strictly larger ``z``: every token
+  ``>=`` the k-th largest value (ties at the k-th value are kept);
+- top-p (``0 < p < 1``), on the distribution ``q`` renormalised over the set ``S`` kept so far, keeps
+  ``v`` in ``S`` iff the ``q``-mass of the tokens of ``S`` with a strictly larger ``z`` is ``< p``. Without
+  ties this is the sorters' rule (ascending sort, drop tokens whose cumulative probability is
+  ``<= 1 - p``); tokens tied in value are kept or dropped together (kept, where a sort would split them).
+  The largest token is always kept.
+
+``sampler="vllm"`` (vLLM v1): temperature, min-p, top-k, then top-p on what min-p and top-k kept.
+``sampler="hf"`` (transformers' ``generate``): temperature, top-k, top-p on what top-k kept, then min-p.
+min-p and top-k commute (both keep the tokens above a value), so the two samplers differ only in whether
+top-p sees the min-p cut. Each rule keeps every token above some value, so the kept set of a row is
+``{v : z_v >= tau}`` for one threshold ``tau`` (``-inf`` when nothing is cut): the ops compute ``tau``
+once per row and then the statistics of ``softmax(z)`` restricted to ``z >= tau``.
+
+Off values (``top_k`` 0 or ``>= V``, ``top_p`` 1, ``min_p`` 0, or ``None``) cut nothing; when every row is
+off, the ops take their untruncated code path (bitwise no-ops).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ._softmax_torch import row_chunks, scaled_float_copy
+
+SAMPLERS = ("vllm", "hf")
+
+
+@dataclass(frozen=True)
+class RowTruncation:
+    """Per-row truncation parameters of ``N`` rows, each a contiguous ``[N]`` tensor on the logits' device:
+    ``top_k`` int32 (0 = off), ``top_p`` float32 (1 = off), ``min_p`` float32 (0 = off)."""
+
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    sampler: str = "vllm"
+
+    def rows(self, sl: slice) -> "RowTruncation":
+        return RowTruncation(self.top_k[sl], self.top_p[sl], self.min_p[sl], self.sampler)
+
+
+def _per_row(name: str, value, row_shape: tuple, device) -> torch.Tensor | None:
+    """``value`` (a number, or a tensor of the rows' shape, ``[N]``, or a prefix of the row shape that
+    broadcasts over the rest) as a flat ``[N]`` tensor; ``None`` stays ``None``."""
+    if value is None or not isinstance(value, torch.Tensor):
+        return value
+    n = 1
+    for s in row_shape:
+        n *= s
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but logits are on {device}")
+    shape = tuple(value.shape)
+    if shape == row_shape or (value.dim() == 1 and value.numel() == n):
+        return value.reshape(n)
+    if 0 < len(shape) < len(row_shape) and shape == row_shape[: len(shape)]:  # [B] for [B, T] rows
+        return value.reshape(shape + (1,) * (len(row_shape) - len(shape))).expand(row_shape).reshape(n)
+    raise ValueError(f"{name} must be a number or a tensor of shape {row_shape} (one value per row), "
+                     f"[{n}], or a leading part of {row_shape}; got shape {shape}")  # fmt: skip
+
+
+def _check_range(name: str, x: torch.Tensor, ok: torch.Tensor, what: str) -> None:
+    if x.numel() and x.device.type != "meta" and not bool(ok.all()):
+        raise ValueError(f"{name} must be {what}, found {x[~ok].flatten()[0].item()}")
+
+
+def check_truncation(top_k, top_p, min_p, sampler: str, row_shape, V: int, device) -> RowTruncation | None:
+    """Checked per-row truncation of rows ``row_shape`` (the logits' leading shape) over a vocabulary of ``V``;
+    ``None`` when every row is off (the caller then runs its untruncated code). ``ValueError`` names the
+    argument at fault."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    row_shape = tuple(row_shape)
+    n = 1
+    for s in row_shape:
+        n *= s
+    k, p, mp = (_per_row(nm, v, row_shape, device) for nm, v in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)))
+
+    if isinstance(k, torch.Tensor):
+        if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
+            raise ValueError(f"top_k must be an int or an integer tensor, got {k.dtype}")
+        _check_range("top_k", k, k >= 0, ">= 0 (0 or >= V: off)")
+        k = torch.where(k >= V, 0, k).to(torch.int32)
+    elif k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 or >= V: off) or an integer tensor, got {k!r}")
+        k = None if k == 0 or k >= V else torch.full((n,), k, dtype=torch.int32, device=device)
+
+    def floats(name, v, lo_open, off, what):
+        if isinstance(v, torch.Tensor):
+            if not v.dtype.is_floating_point:
+                raise ValueError(f"{name} must be a float or a float tensor, got {v.dtype}")
+            v64 = v.double()
+            ok = ((v64 > 0) if lo_open else (v64 >= 0)) & ((v64 <= 1) if off == 1.0 else (v64 < 1))
+            _check_range(name, v, ok, what)
+            return v.to(torch.float32)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name} must be a float {what} or a float tensor, got {v!r}")
+        v = float(v)
+        ok = (v > 0 if lo_open else v >= 0) and (v <= 1 if off == 1.0 else v < 1)
+        if not ok:
+            raise ValueError(f"{name} must be {what}, got {v!r}")
+        return None if v == off else torch.full((n,), v, dtype=torch.float32, device=device)
+
+    p = floats("top_p", p, True, 1.0, "in (0, 1] (1: off)")
+    mp = floats("min_p", mp, False, 0.0, "in [0, 1) (0: off)")
+    active = [
+        t is not None and t.numel() and t.device.type != "meta" and bool((t != off).any())
+        for t, off in ((k, 0), (p, 1.0), (mp, 0.0))
+    ]
+    if not any(active):
+        return None
+    k = k.contiguous() if k is not None else torch.zeros(n, dtype=torch.int32, device=device)
+    p = p.contiguous() if p is not None else torch.ones(n, dtype=torch.float32, device=device)
+    mp = mp.contiguous() if mp is not None else torch.zeros(n, dtype=torch.float32, device=device)
+    return RowTruncation(k, p, mp, sampler)
+
+
+# ----------------------------------------------------------------------------------------------- torch
+
+
+def row_thresholds(z: torch.Tensor, trunc: RowTruncation) -> torch.Tensor:
+    """``[n]`` float32 threshold ``tau`` of each row of a float32 chunk ``z [n, V]`` (logits / T): the row
+    keeps ``{v : z_v >= tau}``; ``-inf`` where nothing is cut. ``z`` is read, not written.
+
+    top-k takes the k-th value of ``torch.topk``; top-p sorts only what it needs, the largest ``L`` values
+    of its rows where ``L`` is the largest kept-set size so far (k plus ties under top-k; the whole row
+    when nothing cut it before), then keeps the prefix whose exclusive cumulative mass is ``< p``.
+    """
+    n, V = z.shape
+    neg_inf = torch.full((n,), -float("inf"), dtype=torch.float32, device=z.device)
+    m = z.amax(-1)
+    mp_on = trunc.min_p > 0
+    t_min = torch.where(mp_on, m + torch.where(mp_on, trunc.min_p, 1.0).log(), neg_inf) if bool(mp_on.any()) else neg_inf
+    k = trunc.top_k.long()
+    k_on = k > 0
+    t_k = neg_inf
+    if bool(k_on.any()):
+        vals = z.topk(int(k.max()), dim=-1).values
+        t_k = torch.where(k_on, vals.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1), neg_inf)
+    t_s = torch.maximum(t_k, t_min) if trunc.sampler == "vllm" else t_k  # the set top-p renormalises over
+    tau = torch.maximum(t_k, t_min)
+    p_on = trunc.top_p < 1
+    if bool(p_on.any()):
+        rows = p_on.nonzero().squeeze(-1)
+        zr, ts, mr = z[rows], t_s[rows], m[rows]
+        L = int((zr >= ts.unsqueeze(-1)).sum(-1).max())
+        sv = zr.topk(L, dim=-1).values  # descending
+        e = torch.exp(sv - mr.unsqueeze(-1)).masked_fill_(sv < ts.unsqueeze(-1), 0.0)
+        cum = e.cumsum(-1)
+        excl = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # mass strictly above (no ties)
+        keep = excl < trunc.top_p[rows].unsqueeze(-1) * cum[:, -1:]
+        last = (keep.sum(-1) - 1).clamp(min=0)
+        t_p = sv.gather(-1, last.unsqueeze(-1)).squeeze(-1)
+        tau = tau.clone()
+        tau[rows] = torch.maximum(tau[rows], t_p)
+    return tau
+
+
+def chunked_thresholds(x: torch.Tensor, trunc: RowTruncation, temperature: float) -> torch.Tensor:
+    """``[B*T]`` float32 threshold of each row of ``[B, T, V]`` logits, ``row_thresholds`` on row chunks of
+    about 2M entries (so the sort top-p may need stays ``O(chunk)``); the twin of
+    ``kernels.truncation.row_thresholds``."""
+    tau = torch.empty(x.shape[0] * x.shape[1], dtype=torch.float32, device=x.device)
+    for r, (chunk,) in row_chunks([x], max(1, (1 << 21) // x.shape[-1])):
+        rows = slice(r, r + chunk.shape[0])
+        tau[rows] = row_thresholds(scaled_float_copy(chunk, temperature), trunc.rows(rows))
+    return tau
+
+
+def thresholds(impl: str):
+    """The threshold function ``(x [B, T, V], trunc, temperature) -> tau [B*T]`` of an impl."""
+    if impl == "triton":
+        from .kernels.truncation import row_thresholds as triton_thresholds
+
+        return triton_thresholds
+    return chunked_thresholds
+
+
+def mask_below_(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``z [n, V]`` with every entry below its row's ``tau [n]`` set to ``-inf`` (in place)."""
+    return z.masked_fill_(z < tau.unsqueeze(-1), -float("inf"))
