@@ -4,7 +4,7 @@ policy on held-out prompts, and a run resumed between rounds ends bit-identical 
 import json
 
 import pytest
-from train_utils import close_weights, same_weights, tiny_causal_lm_dir, torchrun
+from train_utils import close_weights, same_weights, tiny_causal_lm_dir, torchrun, write_jsonl
 
 from rlhf_fast.demo import task
 from rlhf_fast.train import best_of_n, sft
@@ -48,6 +48,27 @@ def test_best_of_n_raises_the_oracle_score(files, tmp_path):
         assert r["score_kept"] > r["score_all"] + 0.1
     assert rounds[-1]["score_all"] > rounds[0]["score_all"] + 0.05  # each round samples from a better policy
     assert summary["score_all"] == [r["score_all"] for r in rounds]
+
+
+def _length_reward(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+
+def test_train_leaves_the_callers_config_unchanged(tmp_path):
+    """``best_of_n.train(cfg, reward_fn=f)`` runs on a config of its own, ``cfg`` with ``reward_fn`` naming ``f``
+    (what the run directory's config.yaml records): the caller's object is not written to."""
+    import copy
+
+    import yaml
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a b >"}] * 4)
+    cfg = best_of_n.Config(policy=tiny_causal_lm_dir(tmp_path / "policy"), prompts=prompts, out_dir=str(tmp_path / "run"),
+                           n=2, prompts_per_step=4, max_new_tokens=2, batch_size=4, device="cpu", precision="fp32")
+    before = copy.deepcopy(cfg)
+    best_of_n.train(cfg, reward_fn=_length_reward)
+    assert cfg == before and cfg.reward_fn is None
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["reward_fn"] == f"{__name__}:_length_reward"
 
 
 def test_resume_between_rounds_is_bit_identical(files, tmp_path):

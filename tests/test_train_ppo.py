@@ -146,6 +146,21 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
         [{k: v for k, v in r.items() if k not in timing} for r in uninterrupted]  # fmt: skip
 
 
+def test_train_leaves_the_callers_config_unchanged(tmp_path):
+    """``ppo.train(cfg, reward_fn=f)`` runs on a config of its own, ``cfg`` with ``reward_fn`` naming ``f`` (what
+    the run directory's config.yaml records): the caller's object is not written to."""
+    import copy
+
+    import yaml
+
+    cfg = bandit_config(tmp_path, advantage="gae", steps=1, prompts_per_step=4, minibatch_size=4, target_kl=1.0)
+    before = copy.deepcopy(cfg)
+    ppo.train(cfg, reward_fn=bandit_reward)
+    assert cfg == before and cfg.reward_fn is None
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["reward_fn"] == f"{__name__}:bandit_reward"
+
+
 def test_bad_config_names_the_argument(tmp_path):
     with pytest.raises(ValueError, match="samples_per_prompt"):
         bandit_config(tmp_path, advantage="grpo", samples_per_prompt=1, reward_fn="m:f").validate()

@@ -4,8 +4,11 @@ The trainers themselves (``rlhf_fast.train.sft``, ``.reward``, ``.ppo``, ``.dpo`
 imported on demand, by name (``rlhf-fast train NAME`` does it); nothing here imports them, nor
 ``transformers`` or ``datasets``, so ``import rlhf_fast.train`` stays cheap.
 
-- ``config``: dataclass configs from YAML plus ``key=value`` overrides, type-checked.
-- ``common``: seeds, device, autocast and attention choice, metrics JSONL/TensorBoard, plots, progress bars.
+- ``config``: every trainer option and its check (the shared ``RunConfig`` and ``SupervisedConfig``, each
+  trainer's ``check_<trainer>``, the ranges all share); ``config_io`` reads and writes them (YAML files plus
+  ``key=value`` overrides, type-checked; re-exported by ``config``).
+- ``loop``: the start and end of a run, the data order, the optimizer and its step, shared by the trainers.
+- ``runtime``: seeds, device, autocast and attention choice, peak memory; ``metrics``: metrics JSONL/TensorBoard, plots, progress bars.
 - ``checkpoint``: safetensors weights plus trainer state (optimizers, RNG), written atomically; exact resume.
 - ``models``: small ``transformers`` models from a config, loading, reward scores, the critic, hidden states.
 - ``data``: ``datasets`` loading of prompt/completion, preference and chat data; tokenization; collators.

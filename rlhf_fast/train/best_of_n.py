@@ -24,14 +24,15 @@ result on any number of processes.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import distributed
 from .checkpoint import maybe_save, resume_state
 from .data import IGNORE_INDEX, collate_prompts, collate_sft, tokenize_prompts
-from .loop import RunConfig, finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
+from .config import RunConfig, check_best_of_n
+from .loop import finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
 from .metrics import MetricsLogger, progress
 from .models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from .rollout import function_spec, generate, make_scorers, policy_evaluator, row_seeds
@@ -64,21 +65,7 @@ class Config(RunConfig):
     eval_samples: int = 256
 
     def validate(self) -> None:
-        if not self.policy or not self.prompts:
-            raise ValueError("policy and prompts must be set (a causal LM and a dataset of prompts)")
-        if (self.reward_model is None) == (self.reward_fn is None):
-            raise ValueError("give exactly one of reward_model and reward_fn")
-        if self.n < 1 or self.rounds < 1 or self.prompts_per_step < 1:
-            raise ValueError(f"n ({self.n}), rounds ({self.rounds}) and prompts_per_step "
-                             f"({self.prompts_per_step}) must be >= 1")  # fmt: skip
-        if self.prompts_per_round and self.prompts_per_round < self.batch_size:
-            raise ValueError(f"prompts_per_round ({self.prompts_per_round}) must be at least batch_size "
-                             f"({self.batch_size}): one kept completion per prompt")  # fmt: skip
-        if self.grad_accum < 1 or self.batch_size % (self.grad_accum * distributed.world_size()):
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum}) "
-                             f"times the number of processes ({distributed.world_size()})")  # fmt: skip
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_best_of_n(self)  # every check of these options: train/config.py
 
 
 def round_prompts(n_prompts: int, rnd: int, cfg: Config) -> list[int]:
@@ -149,8 +136,8 @@ def fine_tune(ops, policy, train_policy, opt, sched, kept: list[dict], tokenizer
 def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     """Run best-of-n fine-tuning; ``reward_fn`` / ``eval_fn`` (callables ``(prompts, completions) ->
     list[float]``) take the place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
-    if reward_fn is not None:
-        cfg.reward_fn = function_spec(reward_fn)
+    if reward_fn is not None:  # a new config: the caller's is left as it was
+        cfg = replace(cfg, reward_fn=function_spec(reward_fn))
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")

@@ -1,385 +1,271 @@
-"""Trainer configs: a dataclass per trainer, filled from a YAML file and ``key=value`` overrides.
+"""Every trainer option and every check of one, in one file.
 
-    cfg = load_config(Config, "ppo.yaml", ["lr=1e-5", "ppo.kl_coef=0.05", "model=/ckpt/sft"])
-
-Precedence: the dataclass defaults, then the YAML mapping, then the overrides in order. Every value is
-checked against the field's annotation (``int``, ``float``, ``bool``, ``str``, ``Path``, ``Optional``,
-``Literal``, ``list``/``tuple``/``dict`` of those, nested dataclasses) and converted where that is
-lossless (``1e-4`` to a float, ``"3"`` to an int for an int field, ``2`` to ``2.0`` for a float field); an
-unknown key or a value of the wrong type raises ``ValueError`` naming the dotted key.
-
-Override values are read with ``yaml.safe_load`` (``true``, ``null``, ``[1, 2]``, ``{a: 1}``), except that a
-``str`` field gets the text exactly as written (``run_name=007`` stays ``"007"``).
+- The options every trainer shares: ``RunConfig`` (which ops, how the processes split the model, the optimizer's
+  step, checkpoints, resume, seed, device, precision) and ``SupervisedConfig`` (what sft, rm and dpo add: epochs,
+  batches, schedule, lengths, evaluation). Each trainer's ``Config`` sits at the top of its own module (``sft``,
+  ``reward``, ``dpo``, ``ppo``, ``best_of_n``), extends one of them with its models, data and loss, and hands its
+  checks to this file: its ``validate()`` is one call to ``check_<trainer>`` below.
+- The checks, in the order a run meets them (``check_config``, first thing in ``loop.start_run``; ``rlhf-fast``
+  calls ``validate()`` before it starts a trainer):
+  1. the trainer's own (``check_sft`` ... ``check_ppo``, which runs ``check_loss_options``): required paths,
+     choices and the relations between options (a batch that splits over the processes, a ``loss_type`` that
+     sets ``agg``), a ``ValueError`` naming the option (a ``UserError`` for sft's and rm's missing paths);
+  2. ``check_options``: one table of ranges by option name (counts >= 1, rates > 0, discounts in [0, 1], no NaN
+     or inf) for whichever of those options a config has, a ``UserError`` naming the option and its value.
+- Reading and writing configs (YAML files, ``key=value`` overrides, values checked against the annotations):
+  ``config_io.py``, whose functions are re-exported here (``load_config``, ``save_config``, ...).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import inspect
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+import math
+from dataclasses import dataclass
+from typing import Literal
 
-import yaml
+from .. import _agg, _policy
+from ..preference import DPO_LOSS_TYPES
+from . import distributed
+from .config_io import (add_config_args, config_from_args, config_to_dict, describe_config, load_config,
+                        parse_overrides, save_config)  # fmt: skip
+from .errors import UserError
 
 __all__ = [
-    "add_config_args",
-    "config_from_args",
-    "config_to_dict",
-    "describe_config",
-    "load_config",
-    "parse_overrides",
+    "KL_MODES", "LOSS_TYPES", "LOSS_TYPE_AGG", "RunConfig", "SupervisedConfig",
+    "check_best_of_n", "check_config", "check_dpo", "check_loss_options", "check_options", "check_ppo",
+    "check_rm", "check_sft", "check_shares", "policy_options",
+    "add_config_args", "config_from_args", "config_to_dict", "describe_config", "load_config", "parse_overrides",
     "save_config",
-]
+]  # fmt: skip
 
-T = TypeVar("T")
-
-# Strings that mean None for an Optional field (YAML's own null spellings, which safe_load already maps,
-# plus "none", which people type on command lines).
-_NONE_WORDS = {"null", "none", "~", ""}
-# Strings accepted for a bool field when they arrive as text (YAML maps most of them already).
-_TRUE_WORDS = {"true", "yes", "on", "1"}
-_FALSE_WORDS = {"false", "no", "off", "0"}
-
-
-class _Override:
-    """A command-line value: the text as typed and its YAML reading. A str field takes the text."""
-
-    __slots__ = ("text", "value")
-
-    def __init__(self, text: str):
-        self.text = text
-        try:
-            self.value = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
-            self.value = text
-
-    def __repr__(self) -> str:
-        return repr(self.text)
-
-
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """An instance of the dataclass ``cls`` from its defaults, the YAML mapping at ``path`` (if any) and
-    ``overrides`` (``"key=value"`` or ``"section.key=value"`` strings, applied in order)."""
-    if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
-        raise TypeError(f"load_config wants a dataclass type, got {cls!r}")
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, Mapping):
-            raise ValueError(f"config file {str(path)!r} must hold a YAML mapping of keys to values, "
-                             f"got {type(loaded).__name__}")
-        data = _plain_copy(loaded)
-    for key, value in parse_overrides(overrides):
-        _set_dotted(cls, data, key, value)
-    return _build(cls, data, prefix="")
-
-
-def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, _Override]]:
-    """``["a.b=1", "c=x"]`` → ``[("a.b", <1>), ("c", <"x">)]``; a string without ``=`` is a ``ValueError``."""
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    parsed = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        parsed.append((key, _Override(text)))
-    return parsed
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain YAML-safe Python: nested dicts, lists, str, int, float, bool, None."""
-    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
-        raise TypeError(f"config_to_dict wants a dataclass instance, got {type(cfg).__name__}")
-    return _to_plain(cfg)
-
-
-def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML (field order kept) so that ``load_config(type(cfg), path)`` gives it back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=False)
-    return path
-
-
-def describe_config(cls: type) -> str:
-    """One line per (dotted) field: name, type and default — for ``--help`` texts."""
-    lines = []
-    for name, tp, default in _walk_fields(cls, prefix=""):
-        shown = "(required)" if default is dataclasses.MISSING else repr(default)
-        lines.append(f"  {name}: {_type_name(tp)} = {shown}")
-    return "\n".join(lines)
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--config PATH`` and trailing ``key=value`` overrides to ``parser``; read them back with
-    ``config_from_args(cls, args)``."""
-    parser.add_argument("--config", metavar="PATH", default=None, help="YAML file with the config's keys")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override one key (dotted for nested sections), e.g. lr=1e-4 ppo.kl_coef=0.05")
-    return parser
-
-
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """``load_config(cls, args.config, args.overrides)`` for a parser set up by ``add_config_args``."""
-    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None) or ())
+# PPO: where the KL penalty goes, and TRL's loss_type -> the agg it sets (ops.micro_aggregation: the normalisers)
+KL_MODES = ("reward", "k3_loss", "full_kl_loss")
+LOSS_TYPE_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                 "dapo": "token-mean"}  # fmt: skip
+LOSS_TYPES = tuple(LOSS_TYPE_AGG)
 
 
 # ---------------------------------------------------------------------------------------------------
-# building and checking
+# the shared options
 
 
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    """Init fields of a dataclass with their resolved annotations (string annotations included), in the
-    order of ``_ordered_fields``."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints.get(f.name, Any)) for f in _ordered_fields(cls) if f.init}
+@dataclass
+class RunConfig:
+    """The run options every trainer shares (sft, rm, dpo, ppo, best-of-n): which ops, how the processes
+    split the model, the optimizer's step, checkpoints, resume, seeds, device and precision. Each trainer's
+    ``Config`` extends it with its models, data and loss (and may redeclare a default, e.g. ``lr``);
+    config.yaml and ``--print-config`` list a trainer's own options first and these last."""
+
+    ops: Literal["fused", "reference"] = "fused"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-5
+    warmup_steps: int = 0  # optimizer steps of linear warmup (counted over the whole run)
+    max_grad_norm: float = 1.0
+    save_every: int = 0  # steps (best-of-n: rounds) between checkpoints (0: none; the final model is always saved)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
+    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
 
 
-def _ordered_fields(cls: type) -> list[dataclasses.Field]:
-    """A config's fields as YAML, ``--print-config`` and ``--help`` list them: the class's own first (in the
-    order written, a redeclared default included), then what it inherits, nearest base first; so every
-    trainer's file starts with its models and data and ends with the shared run options (``RunConfig``).
-    ``dataclasses.fields`` would put the most distant base's fields first."""
-    by_name = {f.name: f for f in dataclasses.fields(cls)}
-    order: dict[str, None] = {}
-    for klass in cls.__mro__:
-        order.update((name, None) for name in inspect.get_annotations(klass) if name in by_name)
-    return [by_name[name] for name in order]
+@dataclass
+class SupervisedConfig(RunConfig):
+    """The options the supervised trainers (sft, rm, dpo) add to ``RunConfig``; each trainer's ``Config``
+    adds its own (model, data, out_dir and the loss's options) and its ``lr``."""
+
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (0: no limit)
+    batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
+    max_length: int = 512
+    eval_every: int = 0
+    log_every: int = 10
 
 
-def _unknown_key(key: str, cls: type, prefix: str) -> ValueError:
-    valid = ", ".join(prefix + name for name in _fields(cls))
-    return ValueError(f"unknown config key {key!r} for {cls.__name__}; valid keys: {valid}")
+# ---------------------------------------------------------------------------------------------------
+# each trainer's own checks (its Config.validate())
 
 
-def _set_dotted(cls: type, data: dict, key: str, value: _Override) -> None:
-    """Put an override into the nested mapping ``data``, checking each part of the key on the way."""
-    parts = key.split(".")
-    node, node_cls, prefix = data, cls, ""
-    for i, part in enumerate(parts):
-        fields = _fields(node_cls)
-        if part not in fields:
-            raise _unknown_key(prefix + part, node_cls, prefix)
-        if i == len(parts) - 1:
-            node[part] = value
-            return
-        sub_cls = _dataclass_in(fields[part][1])
-        if sub_cls is None:
-            raise ValueError(f"config key {prefix + part!r} is not a section (its type is "
-                             f"{_type_name(fields[part][1])}), so {key!r} does not exist")
-        child = node.get(part)
-        if isinstance(child, _Override):  # an earlier "section={...}" override: open it up
-            child = child.value
-        if child is None:
-            child = {}
-        if not isinstance(child, Mapping):
-            raise ValueError(f"config key {prefix + part!r} must be a mapping, got {child!r}")
-        node[part] = child = dict(child)
-        node, node_cls, prefix = child, sub_cls, prefix + part + "."
+def check_config(cfg) -> None:
+    """Every check of ``cfg``: its trainer's own (``cfg.validate()``, if it has one), then ``check_options``."""
+    if callable(getattr(cfg, "validate", None)):
+        cfg.validate()
+    check_options(cfg)
 
 
-def _build(cls: type, data: Mapping, prefix: str) -> Any:
-    fields = _fields(cls)
-    for key in data:
-        if key not in fields:
-            raise _unknown_key(prefix + str(key), cls, prefix)
-    kwargs = {}
-    for name, (field, tp) in fields.items():
-        key = prefix + name
-        if name in data:
-            kwargs[name] = _coerce(data[name], tp, key)
-        elif _dataclass_in(tp) is not None and _no_default(field):
-            kwargs[name] = _build(_dataclass_in(tp), {}, key + ".")
-        elif _no_default(field):
-            raise ValueError(f"config key {key!r} is required (no default) and was not given")
-    return cls(**kwargs)
+def check_sft(cfg) -> None:
+    _require(cfg, ("model", "data"), "a causal LM and an SFT dataset", UserError)
 
 
-def _no_default(field: dataclasses.Field) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+def check_rm(cfg) -> None:
+    _require(cfg, ("model", "data"), "a causal LM or reward model, and preference pairs", UserError)
 
 
-def _coerce(raw: Any, tp: Any, key: str) -> Any:
-    """``raw`` checked against and converted to the annotation ``tp``; ValueError naming ``key`` if not."""
-    text = raw.text if isinstance(raw, _Override) else None
-    value = raw.value if isinstance(raw, _Override) else raw
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    if tp is Any or tp is object:
-        return value
-    if origin is Union or origin is types.UnionType:
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        # str last: "3" for int | str is the int 3, but a str field is never tried before the others
-        for option in sorted(options, key=lambda a: a is str):
-            try:
-                return _coerce(raw, option, key)
-            except ValueError as e:
-                errors.append(e)
-        words = [_wanted(a) for a in args]
-        if len(options) == 1 and None in words:
-            raise errors[0]  # Optional[a list, mapping or section]: its own error names the item at fault
-        described = " or ".join(w or f"a {_type_name(a)}" for w, a in zip(words, args))
-        raise ValueError(f"config key {key!r}: {value!r} is not {described}")
-    if origin is Literal:
-        for choice in args:
-            candidate = text if isinstance(choice, str) and text is not None else value
-            if candidate == choice and type(candidate) is type(choice):
-                return choice
-            if isinstance(choice, str) and not isinstance(candidate, str) and str(candidate) == choice:
-                return choice
-        raise ValueError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, args))}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError(f"config key {key!r} is a section ({tp.__name__}); give a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
-            return value.strip().lower() in _TRUE_WORDS
-        raise ValueError(f"config key {key!r} wants a bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        number = _as_number(value)
-        if number is not None and float(number).is_integer():
-            return int(number)
-        raise ValueError(f"config key {key!r} wants an int, got {value!r}")
-    if tp is float:
-        number = _as_number(value)
-        if number is not None:
-            return float(number)
-        raise ValueError(f"config key {key!r} wants a float, got {value!r}")
-    if tp is str:
-        if text is not None:
-            return text
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # a YAML file's `name: 123`
-        raise ValueError(f"config key {key!r} wants a string, got {value!r}")
-    if tp is Path or (isinstance(tp, type) and issubclass(tp, Path)):
-        if text is not None:
-            return Path(text)
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise ValueError(f"config key {key!r} wants a path, got {value!r}")
-    if origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple):
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ValueError(f"config key {key!r} wants a list, got {value!r}")
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(args) != len(value):
-                raise ValueError(f"config key {key!r} wants {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple or tp is tuple else items
-    if origin in (dict, Mapping, typing.Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"config key {key!r} wants a mapping, got {value!r}")
-        key_tp, val_tp = args if args else (Any, Any)
-        return {_coerce(k, key_tp, f"{key}.{k}"): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise ValueError(f"config key {key!r} wants a {tp.__name__}, got {value!r}")
-    return value  # an annotation we do not know how to check (a TypeVar, a Protocol): taken as given
+def check_dpo(cfg) -> None:
+    _require(cfg, ("model", "data"), "a causal LM and preference pairs")
+    if cfg.beta <= 0:
+        raise ValueError(f"beta must be > 0, got {cfg.beta}")
+    if cfg.loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {cfg.loss_type!r}")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        raise ValueError(f"grad_accum ({cfg.grad_accum}) must divide batch_size ({cfg.batch_size})")
 
 
-def _wanted(tp: Any) -> str | None:
-    """What a value of the scalar annotation ``tp`` is, in words (``"a float"``, ``"one of 'a', 'b'"``,
-    ``"null"``) for the error of a union; None for a container or a section."""
-    if tp is type(None):
-        return "null"
-    if typing.get_origin(tp) is Literal:
-        return f"one of {', '.join(map(repr, typing.get_args(tp)))}"
-    words = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string", Path: "a path"}
-    return words.get(tp)
+def check_ppo(cfg) -> None:
+    if not cfg.policy:
+        raise ValueError("policy must name the causal LM to train (a local directory or hub name)")
+    if not cfg.prompts:
+        raise ValueError("prompts must name a dataset of prompts")
+    _one_reward(cfg)
+    if cfg.kl_mode not in KL_MODES:
+        raise ValueError(f"kl_mode must be one of {KL_MODES}, got {cfg.kl_mode!r}")
+    if cfg.advantage in ("grpo", "rloo") and cfg.samples_per_prompt < 2:
+        raise ValueError(f"advantage={cfg.advantage!r} needs samples_per_prompt >= 2")
+    rollout = cfg.prompts_per_step * cfg.samples_per_prompt
+    if cfg.minibatch_size < 1 or rollout % cfg.minibatch_size:
+        raise ValueError(f"minibatch_size ({cfg.minibatch_size}) must divide prompts_per_step * "
+                         f"samples_per_prompt ({rollout})")  # fmt: skip
+    check_shares(cfg, "minibatch_size")
+    if cfg.prompts_per_step % distributed.world_size():
+        raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
+                         f"processes ({distributed.world_size()})")  # fmt: skip
+    _sampling_temperature(cfg)
+    check_loss_options(cfg)
 
 
-def _as_number(value: Any) -> float | int | None:
-    """An int or float from a number or a numeric string (YAML reads ``1e-4`` as a string), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+def check_best_of_n(cfg) -> None:
+    _require(cfg, ("policy", "prompts"), "a causal LM and a dataset of prompts")
+    _one_reward(cfg)
+    if cfg.n < 1 or cfg.rounds < 1 or cfg.prompts_per_step < 1:
+        raise ValueError(f"n ({cfg.n}), rounds ({cfg.rounds}) and prompts_per_step "
+                         f"({cfg.prompts_per_step}) must be >= 1")  # fmt: skip
+    if cfg.prompts_per_round and cfg.prompts_per_round < cfg.batch_size:
+        raise ValueError(f"prompts_per_round ({cfg.prompts_per_round}) must be at least batch_size "
+                         f"({cfg.batch_size}): one kept completion per prompt")  # fmt: skip
+    check_shares(cfg, "batch_size")
+    _sampling_temperature(cfg)
 
 
-def _dataclass_in(tp: Any) -> type | None:
-    """The dataclass in ``tp`` (``Sub`` or ``Optional[Sub]``), or None."""
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return tp
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        subs = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        if len(subs) == 1:
-            return subs[0]
-    return None
+def check_shares(cfg, name: str, error: type[ValueError] = ValueError) -> None:
+    """The global batch ``cfg.<name>`` splits evenly over the processes and into ``grad_accum`` micro-batches."""
+    size, world = getattr(cfg, name), distributed.world_size()
+    if cfg.grad_accum < 1 or size % (cfg.grad_accum * world):
+        raise error(f"{name} ({size}) must be divisible by grad_accum ({cfg.grad_accum}) times the number of "
+                    f"processes ({world})")  # fmt: skip
 
 
-def _walk_fields(cls: type, prefix: str):
-    for name, (field, tp) in _fields(cls).items():
-        sub = _dataclass_in(tp)
-        if sub is not None:
-            yield from _walk_fields(sub, prefix + name + ".")
-            continue
-        if field.default is not dataclasses.MISSING:
-            default = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        else:
-            default = dataclasses.MISSING
-        yield prefix + name, tp, default
+def _require(cfg, names: tuple[str, ...], what: str, error: type[ValueError] = ValueError) -> None:
+    if not all(getattr(cfg, name) for name in names):
+        raise error(f"{' and '.join(names)} must be set ({what})")
 
 
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type) and typing.get_origin(tp) is None:
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+def _one_reward(cfg) -> None:
+    if (cfg.reward_model is None) == (cfg.reward_fn is None):
+        raise ValueError("give exactly one of reward_model and reward_fn")
 
 
-def _plain_copy(data: Mapping) -> dict:
-    return {k: _plain_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+def _sampling_temperature(cfg) -> None:
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {cfg.temperature}")
 
 
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in _ordered_fields(type(value))}
-    if isinstance(value, Mapping):
-        return {_to_plain(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"config value {value!r} ({type(value).__name__}) cannot be written as YAML")
+# ---------------------------------------------------------------------------------------------------
+# the PPO policy loss's options
+
+
+def check_loss_options(cfg) -> None:
+    """``ValueError`` naming the PPO config key (``agg``, ``loss_mode``, ``loss_type``, ``delta``,
+    ``kl_bias_correction``, the clips) whose value the policy loss cannot take, before a model is loaded."""
+    if cfg.agg not in _agg.AGG_MODES:
+        raise ValueError(f"agg must be one of {_agg.AGG_MODES}, got {cfg.agg!r}")
+    if cfg.loss_type is not None:
+        if cfg.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be None or one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+        preset = LOSS_TYPE_AGG[cfg.loss_type]
+        if cfg.agg not in ("token-mean", preset):  # token-mean: the default, left as it is
+            raise ValueError(f"loss_type={cfg.loss_type!r} sets agg={preset!r} (and its normaliser); "
+                             f"agg={cfg.agg!r} contradicts it: leave agg unset")  # fmt: skip
+    policy_options(cfg)
+    if not isinstance(cfg.kl_bias_correction, bool):
+        raise ValueError(f"kl_bias_correction must be true or false, got {cfg.kl_bias_correction!r}")
+    if cfg.kl_bias_correction and cfg.kl_mode != "k3_loss":
+        raise ValueError(f"kl_bias_correction weights the k3 KL term of the loss by the ratio: it needs "
+                         f"kl_mode='k3_loss', got kl_mode={cfg.kl_mode!r}")  # fmt: skip
+
+
+def policy_options(cfg) -> _policy.PolicyOptions:
+    """The validated ``rlhf_fast/_policy.py`` options of a PPO ``Config`` or ``ops.PolicyLossConfig`` (rf's
+    default SAPO temperatures, no rollout correction)."""
+    return _policy.check_policy_options(
+        loss_mode=cfg.loss_mode, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        delta=cfg.delta, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_logp=None, rollout_is=None, rollout_is_cap=2.0,
+        rollout_is_lower=None,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ranges every trainer's options share
+
+
+# ints >= 1, ints >= 0 (with what 0 means), ints >= 2; floats > 0, floats >= 0
+_AT_LEAST_1 = ("batch_size", "grad_accum", "epochs", "steps", "rounds", "n", "prompts_per_step", "minibatch_size",
+               "ppo_epochs", "max_new_tokens", "keep_checkpoints", "log_every", "eval_samples",
+               "samples_per_prompt", "kl_horizon")  # fmt: skip
+_AT_LEAST_0 = {"max_steps": "0: no limit", "warmup_steps": "", "eval_every": "0: no evaluation during the run",
+               "save_every": "0: no checkpoint", "prompts_per_round": "0: every prompt each round"}  # fmt: skip
+_AT_LEAST_2 = ("max_length", "max_prompt_length")
+_POSITIVE_FLOATS = ("lr", "critic_lr", "max_grad_norm", "temperature", "target_kl", "value_clip")
+_NON_NEGATIVE_FLOATS = ("weight_decay", "kl_coef", "entropy_coef")
+_UNIT_INTERVAL = ("gamma", "lam")  # GAE's discount and lambda
+
+
+def check_options(cfg) -> None:
+    """``UserError`` for the first option of ``cfg`` out of its range (the tables above), run before a model is
+    loaded or ``out_dir`` is touched. Only the fields a config has are checked, so one table serves every
+    trainer; an optional option set to None is not."""
+    _check_finite(cfg)
+    for name in _AT_LEAST_1:
+        _check_int(cfg, name, 1)
+    for name, note in _AT_LEAST_0.items():
+        _check_int(cfg, name, 0, note)
+    for name in _AT_LEAST_2:
+        _check_int(cfg, name, 2)
+    for name in _POSITIVE_FLOATS:
+        value = getattr(cfg, name, None)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise UserError(f"{name} must be a number > 0, got {value!r}")
+    for name in _NON_NEGATIVE_FLOATS:
+        value = getattr(cfg, name, None)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise UserError(f"{name} must be a number >= 0, got {value!r}")
+    for name in _UNIT_INTERVAL:
+        value = getattr(cfg, name, None)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise UserError(f"{name} must be a number in [0, 1], got {value!r}")
+    out_dir = getattr(cfg, "out_dir", None)
+    if out_dir is not None and not str(out_dir).strip():
+        raise UserError("out_dir must name a directory, got an empty string")
+
+
+def _check_int(cfg, name: str, lowest: int, note: str = "") -> None:
+    if not hasattr(cfg, name):
+        return
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise UserError(f"{name} must be an int >= {lowest}{f' ({note})' if note else ''}, got {value!r}")
+
+
+def _check_finite(cfg) -> None:
+    """No float option is NaN or infinite: every one is a number the run computes with (a NaN reward penalty
+    would train on NaN scores); the free-form mappings (``extra``) are not looked into."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{field.name} must be a finite number, got {value!r}")

@@ -31,14 +31,14 @@ from typing import Literal
 import torch
 
 from . import distributed
+from .config import SupervisedConfig, check_dpo
 from .data import collate_preferences, tokenize_preferences
-from .loop import (SupervisedConfig, begin_training, end_step, end_training, eval_due, finish_run, load_data,
+from .loop import (begin_training, end_step, end_training, eval_due, finish_run, load_data,
                    micro_batches, optimizer_step, start_run)  # fmt: skip
 from .metrics import progress
 from .models import load_causal_lm, load_tokenizer
 from .runtime import autocast_context
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRICS = ("chosen_rewards", "rejected_rewards", "reward_accuracy", "reward_margin")  # of ops.dpo_loss
 
 
@@ -56,16 +56,7 @@ class Config(SupervisedConfig):
     lr: float = 1e-6  # TRL's default: the implicit reward moves fast on a pretrained model
 
     def validate(self) -> None:
-        if not self.model or not self.data:
-            raise ValueError("model and data must be set (a causal LM and preference pairs)")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise ValueError(f"grad_accum ({self.grad_accum}) must divide batch_size ({self.batch_size})")
+        check_dpo(self)  # every check of these options: train/config.py
 
 
 def _batch(data, idx: list[int], tokenizer, device) -> dict:

@@ -1,24 +1,22 @@
-"""Small pieces the supervised trainers (sft, reward, dpo) share, so each trainer stays a straight line:
-the start and the end of a run, the order of the data, the optimizer with its warmup, a step with gradient
-clipping, checkpoints."""
+"""Small pieces the trainers share, so each trainer stays a straight line: the start and the end of a run
+(every trainer), the order of the data, the optimizer with its warmup, a step with gradient clipping and
+checkpoints (the supervised trainers sft, reward and dpo; ppo and best_of_n take the optimizer and the resume).
+The options these read, and their checks, are in ``config.py``."""
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from . import distributed
 from .checkpoint import check_finite_state, maybe_save, resume_state
-from .config import save_config
+from .config import check_config, check_shares, save_config
 from .errors import UserError
 from .metrics import MetricsLogger, plot_metrics, write_json
 from .models import enable_gradient_checkpointing
 from .ops import get_ops
 from .runs import prepare_out_dir, write_dir_atomically
 from .runtime import peak_memory_mib, reset_peak_memory, resolve_device, seed_everything, seed_for
-from .validation import check_options
 
 
 def start_run(cfg):
@@ -26,9 +24,7 @@ def start_run(cfg):
     ``cfg.out_dir`` checked and made ready (``runs.prepare_out_dir``: a used one only with ``resume`` or
     ``overwrite``) with the config saved in it (by rank 0) and the op set: ``(device, out_dir, ops)``."""
     distributed.init()
-    if callable(getattr(cfg, "validate", None)):  # a config's own checks (PPO's need the world size)
-        cfg.validate()
-    check_options(cfg)
+    check_config(cfg)  # after init: some checks need the world size
     seed_everything(cfg.seed)
     device = distributed.device_for_rank(resolve_device(cfg.device))
     out = prepare_out_dir(cfg)
@@ -136,9 +132,7 @@ def plan_steps(n: int, cfg) -> int:
     """The optimizer steps of a run over ``n`` rows (``total_steps`` of ``cfg.batch_size``, ``cfg.epochs``,
     ``cfg.max_steps``), after checking that each global batch splits evenly over the processes and into
     ``cfg.grad_accum`` micro-batches."""
-    if cfg.batch_size % (cfg.grad_accum * distributed.world_size()):
-        raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by grad_accum ({cfg.grad_accum}) "
-                         f"times the number of processes ({distributed.world_size()})")  # fmt: skip
+    check_shares(cfg, "batch_size", UserError)
     return total_steps(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
 
 
@@ -153,44 +147,6 @@ def micro_batches(step: int, n: int, cfg) -> list[list[int]]:
 
 
 LR_SCHEDULES = ("constant", "linear")
-
-
-@dataclass
-class RunConfig:
-    """The run options every trainer shares (sft, rm, dpo, ppo, best-of-n): which ops, how the processes
-    split the model, the optimizer's step, checkpoints, resume, seeds, device and precision. Each trainer's
-    ``Config`` extends it with its models, data and loss (and may redeclare a default, e.g. ``lr``);
-    config.yaml and ``--print-config`` list a trainer's own options first and these last."""
-
-    ops: Literal["fused", "reference"] = "fused"
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the models
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-5
-    warmup_steps: int = 0  # optimizer steps of linear warmup (counted over the whole run)
-    max_grad_norm: float = 1.0
-    save_every: int = 0  # steps (best-of-n: rounds) between checkpoints (0: none; the final model is always saved)
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue the run in out_dir from its latest checkpoint (same config; see runs.py)
-    overwrite: bool = False  # delete the run in out_dir first (a used out_dir is refused otherwise)
-    seed: int = 0
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: autocast on any device; auto: bf16 on CUDA, else fp32
-    gradient_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
-
-
-@dataclass
-class SupervisedConfig(RunConfig):
-    """The options the supervised trainers (sft, rm, dpo) add to ``RunConfig``; each trainer's ``Config``
-    adds its own (model, data, out_dir and the loss's options) and its ``lr``."""
-
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimizer steps (0: no limit)
-    batch_size: int = 32  # sequences (sft) or pairs (rm, dpo) per optimizer step, over all processes
-    weight_decay: float = 0.0
-    lr_schedule: Literal["constant", "linear"] = "constant"  # after the warmup: constant, or linear to 0
-    max_length: int = 512
-    eval_every: int = 0
-    log_every: int = 10
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int, schedule: str = "constant",

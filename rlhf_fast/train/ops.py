@@ -48,14 +48,10 @@ import torch.nn.functional as F
 import rlhf_fast as rf
 
 from .. import _agg, _policy, reference
+from .config import LOSS_TYPES, policy_options
 from .models import lm_hidden_states
 
 OPS = ("fused", "reference")
-KL_MODES = ("reward", "k3_loss", "full_kl_loss")
-# TRL's loss_type -> the agg it sets (see micro_aggregation for the normalisers)
-LOSS_TYPE_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-                 "dapo": "token-mean"}  # fmt: skip
-LOSS_TYPES = tuple(LOSS_TYPE_AGG)
 
 
 @dataclass(frozen=True)
@@ -104,36 +100,6 @@ def micro_aggregation(loss_type: str | None, agg: str, micro_mask: torch.Tensor,
     if loss_type == "dapo":
         return "token-mean", max(float(minibatch_mask.sum()), 1.0), 1.0
     raise ValueError(f"loss_type must be None or one of {LOSS_TYPES}, got {loss_type!r}")
-
-
-def _policy_options(cfg) -> _policy.PolicyOptions:
-    """The validated ``rlhf_fast/_policy.py`` options of a PPO ``Config`` or ``PolicyLossConfig`` (rf's
-    default SAPO temperatures, no rollout correction)."""
-    return _policy.check_policy_options(
-        loss_mode=cfg.loss_mode, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        delta=cfg.delta, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_logp=None, rollout_is=None, rollout_is_cap=2.0,
-        rollout_is_lower=None,
-    )  # fmt: skip
-
-
-def check_loss_options(cfg) -> None:
-    """``ValueError`` naming the PPO config key (``agg``, ``loss_mode``, ``loss_type``, ``delta``,
-    ``kl_bias_correction``, the clips) whose value the policy loss cannot take, before a model is loaded."""
-    if cfg.agg not in _agg.AGG_MODES:
-        raise ValueError(f"agg must be one of {_agg.AGG_MODES}, got {cfg.agg!r}")
-    if cfg.loss_type is not None:
-        if cfg.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be None or one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-        preset = LOSS_TYPE_AGG[cfg.loss_type]
-        if cfg.agg not in ("token-mean", preset):  # token-mean: the default, left as it is
-            raise ValueError(f"loss_type={cfg.loss_type!r} sets agg={preset!r} (and its normaliser); "
-                             f"agg={cfg.agg!r} contradicts it: leave agg unset")  # fmt: skip
-    _policy_options(cfg)
-    if not isinstance(cfg.kl_bias_correction, bool):
-        raise ValueError(f"kl_bias_correction must be true or false, got {cfg.kl_bias_correction!r}")
-    if cfg.kl_bias_correction and cfg.kl_mode != "k3_loss":
-        raise ValueError(f"kl_bias_correction weights the k3 KL term of the loss by the ratio: it needs "
-                         f"kl_mode='k3_loss', got kl_mode={cfg.kl_mode!r}")  # fmt: skip
 
 
 def get_ops(name: str):
@@ -354,7 +320,7 @@ def _reference_surrogate(logp, old_logp, advantages, m, cfg: PolicyLossConfig):
             capped = torch.maximum(-s.advantages * s.ratio, s.clipped) > -s.advantages * cfg.dual_clip
             metrics["dual_clipfrac"] = _masked_mean(((s.advantages < 0) & capped).float(), m)
         return s, metrics
-    opts = _policy_options(cfg)
+    opts = policy_options(cfg)
     on = m != 0
     adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logp)
     lp, old, adv0 = (torch.where(on, t.float(), 0.0) for t in (logp, old_logp, adv))

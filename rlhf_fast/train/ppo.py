@@ -44,10 +44,11 @@ import rlhf_fast as rf
 from . import distributed
 from .checkpoint import maybe_save, resume_state
 from .data import collate_prompts, tokenize_prompts
-from .loop import RunConfig, finish_run, make_optimizer, save_pretrained, start_run
+from .config import RunConfig, check_ppo
+from .loop import finish_run, make_optimizer, save_pretrained, start_run
 from .metrics import MetricsLogger, progress
 from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from .ops import KL_MODES, PolicyLossConfig, check_loss_options, micro_aggregation, micro_weight
+from .ops import PolicyLossConfig, micro_aggregation, micro_weight
 from .rollout import check_finite_scores, function_spec, generate, make_scorers, policy_evaluator, row_seeds
 from .runtime import autocast_context, peak_memory_mib, reset_peak_memory, seed_for
 
@@ -101,30 +102,7 @@ class Config(RunConfig):
     extra: dict = field(default_factory=dict)  # free-form notes copied to the summary
 
     def validate(self) -> None:
-        if not self.policy:
-            raise ValueError("policy must name the causal LM to train (a local directory or hub name)")
-        if not self.prompts:
-            raise ValueError("prompts must name a dataset of prompts")
-        if (self.reward_model is None) == (self.reward_fn is None):
-            raise ValueError("give exactly one of reward_model and reward_fn")
-        if self.kl_mode not in KL_MODES:
-            raise ValueError(f"kl_mode must be one of {KL_MODES}, got {self.kl_mode!r}")
-        if self.advantage in ("grpo", "rloo") and self.samples_per_prompt < 2:
-            raise ValueError(f"advantage={self.advantage!r} needs samples_per_prompt >= 2")
-        rollout = self.prompts_per_step * self.samples_per_prompt
-        if self.minibatch_size < 1 or rollout % self.minibatch_size:
-            raise ValueError(f"minibatch_size ({self.minibatch_size}) must divide prompts_per_step * "
-                             f"samples_per_prompt ({rollout})")  # fmt: skip
-        shares = self.grad_accum * distributed.world_size()
-        if self.grad_accum < 1 or self.minibatch_size % shares:
-            raise ValueError(f"minibatch_size ({self.minibatch_size}) must be divisible by grad_accum "
-                             f"({self.grad_accum}) times the number of processes ({distributed.world_size()})")
-        if self.prompts_per_step % distributed.world_size():
-            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be divisible by the number of "
-                             f"processes ({distributed.world_size()})")  # fmt: skip
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        check_loss_options(self)
+        check_ppo(self)  # every check of these options: train/config.py
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -345,8 +323,8 @@ def ppo_epochs(batch: dict, advantages, returns, step: int, models: Models, opti
 def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     """Run PPO; ``reward_fn`` / ``eval_fn`` (callables ``(prompts, completions) -> list[float]``) take the
     place of ``cfg.reward_fn`` / ``cfg.eval_fn`` for callers in Python."""
-    if reward_fn is not None:
-        cfg.reward_fn = function_spec(reward_fn)
+    if reward_fn is not None:  # a new config: the caller's is left as it was
+        cfg = replace(cfg, reward_fn=function_spec(reward_fn))
     device, out, ops = start_run(cfg)
     tokenizer = load_tokenizer(cfg.policy, padding_side="left")
     models = load_models(cfg, device)
@@ -390,8 +368,7 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
         update_seconds += seconds - (t_update - t0)
         mean_kl = float(k1.sum(1).mean())
         kl_coef_used = loss_cfg.kl_coef
-        loss_cfg = PolicyLossConfig(**{**loss_cfg.__dict__, "kl_coef": kl_controller_update(
-            kl_coef_used, mean_kl, cfg, mask.shape[0])})  # fmt: skip
+        loss_cfg = replace(loss_cfg, kl_coef=kl_controller_update(kl_coef_used, mean_kl, cfg, mask.shape[0]))
         record = {k: sum(v) / len(v) for k, v in stats.items()}
         record |= {"score": float(batch["scores"].mean()), "kl": mean_kl, "kl_coef": kl_coef_used,
                    "lr": schedulers["policy"].get_last_lr()[0],
@@ -411,8 +388,9 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
 
     # ---- final evaluation, model, summary, plots
     summary["tokens_per_s"] = tokens_total / seconds_total if seconds_total else None
-    # the training phase alone (old/ref log-probs, values, advantages and the minibatch epochs are not in it:
-    # they count in tokens_per_s with the sampling)
+    # the training phase alone: the time of the minibatch epochs (ppo_epochs: forwards, backwards, optimizer
+    # steps). The rollout before it (sampling, scores, old/ref log-probs, values) and the advantages are not in
+    # it: they count in tokens_per_s, which times whole steps
     summary["update_tokens_per_s"] = tokens_total / update_seconds if update_seconds else None
     summary["peak_memory_mib"] = peak_memory_mib(device)
     summary["ops"] = cfg.ops

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
+from .config import SupervisedConfig, check_rm
 from .data import collate_preferences, tokenize_preferences
-from .errors import UserError
-from .loop import (SupervisedConfig, begin_training, end_step, end_training, eval_due, finish_run, load_data,
+from .loop import (begin_training, end_step, end_training, eval_due, finish_run, load_data,
                    micro_batches, optimizer_step, start_run)  # fmt: skip
 from .metrics import progress
 from .models import build_reward_model, load_tokenizer, reward_scores
@@ -30,6 +30,9 @@ class Config(SupervisedConfig):
     eval_data: str | None = None
     out_dir: str = "runs/rm"
     lr: float = 5e-5
+
+    def validate(self) -> None:
+        check_rm(self)  # every check of these options: train/config.py
 
 
 def _pair_scores(model, rows, tokenizer, device, precision):
@@ -54,8 +57,6 @@ def evaluate(model, data, tokenizer, device, precision, batch_size: int) -> dict
 
 
 def train(cfg: Config) -> dict:
-    if not cfg.model or not cfg.data:
-        raise UserError("model and data must be set (a causal LM or reward model, and preference pairs)")
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)

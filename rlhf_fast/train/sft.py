@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
+from .config import SupervisedConfig, check_sft
 from .data import collate_sft, tokenize_sft
-from .errors import UserError
-from .loop import (SupervisedConfig, begin_training, end_step, end_training, eval_due, finish_run, load_data,
+from .loop import (begin_training, end_step, end_training, eval_due, finish_run, load_data,
                    micro_batches, optimizer_step, start_run)  # fmt: skip
 from .metrics import progress
 from .models import load_causal_lm, load_tokenizer
@@ -29,6 +29,9 @@ class Config(SupervisedConfig):
     eval_data: str | None = None
     out_dir: str = "runs/sft"
     lr: float = 1e-4
+
+    def validate(self) -> None:
+        check_sft(self)  # every check of these options: train/config.py
 
 
 def _nll(ops, model, rows, tokenizer, device, precision):
@@ -49,8 +52,6 @@ def evaluate(ops, model, data, tokenizer, device, precision, batch_size: int) ->
 
 
 def train(cfg: Config) -> dict:
-    if not cfg.model or not cfg.data:
-        raise UserError("model and data must be set (a causal LM and an SFT dataset)")
     device, out, ops = start_run(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
