@@ -34,7 +34,8 @@ from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
 from ._skip_rows import check_skip_ignored, ignored_rows, labeled_rows, scatter_rows
 from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs, vocab_parallel
-from .ppo_from_logits import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
+from ._policy import PolicyLossOptions
+from .ppo_from_logits import PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
 
 # float32 [rows, V] temporaries a chunk holds at once: the logits and dlogits (as rf.linear_logprobs)
 _CHUNK_TEMPORARIES = 2
@@ -177,33 +178,20 @@ def linear_ppo_loss(
     *,
     bias: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    agg: str = "token-mean",
-    ignore_index: int = -100,
-    impl: str = "auto",
-    loss_mode: str = "vanilla",
-    delta: float | None = None,
-    agg_norm: float | None = None,
     rollout_logp: torch.Tensor | None = None,
-    rollout_is: str | None = None,
-    rollout_is_cap: float = 2.0,
-    rollout_is_lower: float | None = None,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    kl_bias_correction: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    options: PolicyLossOptions | None = None,
     skip_ignored: bool = False,
+    impl: str = "auto",
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    **loss_options,
 ):
     """``rf.ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without building the logits.
 
     ``hidden`` ``[B, T, H]`` (the last hidden states at the positions that predict ``labels`` ``[B, T]``),
-    ``weight`` ``[V, H]`` (the lm_head), ``bias`` optional ``[V]``; every other argument, the loss and the
+    ``weight`` ``[V, H]`` (the lm_head), ``bias`` optional ``[V]``; every other argument (the policy-loss
+    options: :class:`rlhf_fast.PolicyLossOptions`' fields as keywords, or ``options=``), the loss and the
     metrics are those of :func:`rlhf_fast.ppo_loss_from_logits`. Gradients flow to ``hidden``, ``weight``
     and ``bias`` (in their dtypes). Under autocast the matmul operands take the autocast dtype as
     ``F.linear``'s do; logits and statistics stay float32. See the module docstring for how each
@@ -229,8 +217,9 @@ def linear_ppo_loss(
     V = weight.shape[0]
     labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, (B, T), "[B, T] like hidden")
-    args = locals()
-    p = prepare_policy_step(hidden, B, T, labels, **{k: args[k] for k in POLICY_STEP_ARGS})
+    p = prepare_policy_step(hidden, B, T, labels, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                            loss=_policy.call_options("linear_ppo_loss", options, loss_options),
+                            temperature=temperature, ignore_index=ignore_index)  # fmt: skip
     if B * T == 0:
         raise ValueError(f"hidden has no tokens (shape {tuple(hidden.shape)}): the loss and its metrics are "
                          "means over the batch's tokens")  # fmt: skip
