@@ -1,8 +1,8 @@
 """The policy-loss family shared by ``rf.ppo_policy_loss``, ``rf.ppo_loss_from_logits`` (both impls) and the
-linear ops: per-token losses of each ``loss_mode`` over ``[B, T]`` tensors, and the rollout importance
-weights (trainer's old policy vs the rollout engine). Everything here is float32 autograd arithmetic on
-``[B, T]`` tensors; callers zero every input at tokens of weight 0 before calling, so nothing there is
-inf or NaN (a finite loss and a zero upstream gradient would still give ``0 * inf = NaN`` gradients).
+linear ops: their options (``rf.PolicyLossOptions``, checked once), the per-token losses of each
+``loss_mode`` over ``[B, T]`` tensors, and the rollout importance weights (trainer's old policy vs the
+rollout engine). Everything here is float32 autograd arithmetic on ``[B, T]`` tensors; callers zero every
+input at tokens of weight 0 before calling, so nothing there is inf or NaN (a finite loss and a zero upstream gradient would still give ``0 * inf = NaN`` gradients).
 
 Notation per token: ``lr = logp - old_logp``, ``r = exp(lr)`` (saturating at the largest float32 rather than
 overflowing to inf: ``ratio_exp`` below), ``A`` the advantage, ``m`` the token's
@@ -173,7 +173,8 @@ def call_options(op: str, options: PolicyLossOptions | None, keywords: dict) -> 
         return PolicyLossOptions(**keywords)
     if not isinstance(options, PolicyLossOptions):
         raise ValueError(f"options must be a rf.PolicyLossOptions or None, got {type(options).__name__}")
-    for name in keywords:
+    if keywords:
+        name = next(iter(keywords))
         raise ValueError(f"{name} is given both as a keyword and by options= (which holds every policy-loss "
                          f"option): pass one, e.g. options=dataclasses.replace(options, {name}=...)")  # fmt: skip
     return options

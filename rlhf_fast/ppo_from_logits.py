@@ -138,9 +138,13 @@ def _policy_step(logits, labels, old_logp, advantages, m, weights, ref_logp, rol
 
 @dataclass
 class PreparedLoss:
-    """Validated options and the ``[B, T]`` float32 tensors every policy-step impl takes."""
+    """A checked call of ``ppo_loss_from_logits`` / ``linear_ppo_loss``: its options, impl, vocabulary shard,
+    int64 labels and the ``[B, T]`` float32 tensors every policy-step impl takes."""
 
     opts: PPOOptions
+    impl: str
+    shard: "_vocab_parallel.Shard | None"
+    labels: torch.Tensor
     old_logp: torch.Tensor
     advantages: torch.Tensor
     m: torch.Tensor  # token weights (the mask)
@@ -150,40 +154,49 @@ class PreparedLoss:
     rollout_logp: torch.Tensor | None
 
 
-def prepare_policy_step(ref_tensor, B, T, labels, old_logp, advantages, mask, *, ref_logp, rollout_logp,
-                        loss: PolicyLossOptions, temperature, ignore_index) -> PreparedLoss:  # fmt: skip
-    """Check the per-token inputs of ``ppo_loss_from_logits`` / ``linear_ppo_loss`` against the (checked)
-    options ``loss`` (``labels`` already int64 ``[B, T]``; ``ref_tensor`` the logits or hidden states, for
-    the device) and build the ``[B, T]`` tensors of the loss (``ValueError`` naming the argument)."""
+def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advantages, mask, *, options, loss_options,
+                        ref_logp, rollout_logp, temperature, ignore_index, impl, process_group) -> PreparedLoss:  # fmt: skip
+    """Check a call of the op ``op`` (``x``: its ``[B, T, ...]`` logits or hidden states, argument ``name``;
+    ``V`` the vocabulary of this rank) and build what the policy step takes (``ValueError`` naming the
+    argument; the policy-loss options are ``options=`` or ``loss_options``, the keywords)."""
+    B, T = x.shape[:2]
+    labels = _checks.as_labels(labels)
+    _checks.check_shape("labels", labels, (B, T), f"[B, T] like {name}")
+    loss = _policy.call_options(op, options, loss_options)
     what = "[B, T] like labels"
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if t is not None or name == "old_logp":
-            _checks.check_float_tensor(t, name)
-            _checks.check_shape(name, t, (B, T), what)
+    for arg, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None or arg == "old_logp":
+            _checks.check_float_tensor(t, arg)
+            _checks.check_shape(arg, t, (B, T), what)
     _checks.check_float_tensor(advantages, "advantages")
     if tuple(advantages.shape) not in ((B, T), (B,)):
         raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
     if mask is not None:
         _checks.check_mask(mask, labels, "labels")
-    _policy.check_rollout_logp(rollout_logp, loss, (B, T), ref_tensor.device, what)
-    for name, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
-                    ("ref_logp", ref_logp)):  # fmt: skip
+    _policy.check_rollout_logp(rollout_logp, loss, (B, T), x.device, what)
+    for arg, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
+                   ("ref_logp", ref_logp)):  # fmt: skip
         if t is not None:
-            _checks.check_same_device(name, t, "the inputs", ref_tensor)
+            _checks.check_same_device(arg, t, "the inputs", x)
     if loss.kl_coef != 0 and ref_logp is None:
         raise ValueError("ref_logp is required when kl_coef != 0")
     opts = PPOOptions(loss, _checks.check_positive("temperature", temperature), _checks.check_int("ignore_index", ignore_index))
-    device = ref_tensor.device
+    if B * T == 0:
+        raise ValueError(f"{name} has no tokens (shape {tuple(x.shape)}): the loss and its metrics are means over "
+                         "the batch's tokens")  # fmt: skip
+    impl = resolve(impl, x.device)
+    shard = _vocab_parallel.shard_of(process_group, V, x.device)
+    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
-    m = torch.ones(B, T, device=device) if mask is None else mask.to(torch.float32)
+    m = torch.ones(B, T, device=x.device) if mask is None else mask.to(torch.float32)
     old = old_logp.detach().float()
     rollout_w = None
     if loss.rollout_is is not None:
         rollout_w, _ = _policy.rollout_weights(old, rollout_logp, m, loss)
     return PreparedLoss(
-        opts=opts, old_logp=old, advantages=adv.detach(), m=m, weights=_agg.row_weights(m, loss.agg, loss.agg_norm),
-        ref_logp=None if ref_logp is None or loss.kl_coef == 0 else ref_logp.detach().float(), rollout_w=rollout_w,
-        rollout_logp=rollout_logp,
+        opts=opts, impl=impl, shard=shard, labels=labels, old_logp=old, advantages=adv.detach(), m=m,
+        weights=_agg.row_weights(m, loss.agg, loss.agg_norm), rollout_w=rollout_w, rollout_logp=rollout_logp,
+        ref_logp=None if ref_logp is None or loss.kl_coef == 0 else ref_logp.detach().float(),
     )  # fmt: skip
 
 
@@ -210,11 +223,11 @@ def ppo_loss_from_logits(
     advantages: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
+    options: PolicyLossOptions | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
-    options: PolicyLossOptions | None = None,
     impl: str = "auto",
     process_group: "torch.distributed.ProcessGroup | None" = None,
     **loss_options,
@@ -264,17 +277,10 @@ def ppo_loss_from_logits(
     B, T, V = logits.shape
     if V == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
-    labels = _checks.as_labels(labels)
-    _checks.check_shape("labels", labels, (B, T), "[B, T] like logits")
-    p = prepare_policy_step(logits, B, T, labels, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp,
-                            loss=_policy.call_options("ppo_loss_from_logits", options, loss_options),
-                            temperature=temperature, ignore_index=ignore_index)  # fmt: skip
-    if B * T == 0:
-        raise ValueError(f"logits has no tokens (shape {tuple(logits.shape)}): the loss and its metrics are "
-                         "means over the batch's tokens")  # fmt: skip
-    impl = resolve(impl, logits.device)
-    shard = _vocab_parallel.shard_of(process_group, V, logits.device)
-    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, p.opts.ignore_index)
-    loss, logp, entropy = _policy_step(logits, labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w,
-                                       p.opts, impl, shard)  # fmt: skip
+    p = prepare_policy_step("ppo_loss_from_logits", "logits", logits, V, labels, old_logp, advantages, mask,
+                            options=options, loss_options=loss_options, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                            temperature=temperature, ignore_index=ignore_index, impl=impl,
+                            process_group=process_group)  # fmt: skip
+    loss, logp, entropy = _policy_step(logits, p.labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp,
+                                       p.rollout_w, p.opts, p.impl, p.shard)  # fmt: skip
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, logits.device)

@@ -134,9 +134,9 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
+    options: PolicyLossOptions | None = None,
     is_weights: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
-    options: PolicyLossOptions | None = None,
     **loss_options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss over ``[B, T]`` tokens (clipped PPO by default): ``(loss, metrics)``.
