@@ -2,7 +2,8 @@
 linear ops: their options (``rf.PolicyLossOptions``, checked once), the per-token losses of each
 ``loss_mode`` over ``[B, T]`` tensors, and the rollout importance weights (trainer's old policy vs the
 rollout engine). Everything here is float32 autograd arithmetic on ``[B, T]`` tensors; callers zero every
-input at tokens of weight 0 before calling, so nothing there is inf or NaN (a finite loss and a zero upstream gradient would still give ``0 * inf = NaN`` gradients).
+input at tokens of weight 0 before calling, so nothing there is inf or NaN (a finite loss and a zero
+upstream gradient would still give ``0 * inf = NaN`` gradients).
 
 Notation per token: ``lr = logp - old_logp``, ``r = exp(lr)`` (saturating at the largest float32 rather than
 overflowing to inf: ``ratio_exp`` below), ``A`` the advantage, ``m`` the token's
