@@ -6,6 +6,7 @@ The contract of each op (names, defaults, semantics) is fixed in the project's A
 
 from ._dispatch import IMPLS
 from ._fused_chunk import chunk_budget
+from ._policy import PolicyLossOptions
 from .full_kl import full_kl
 from .gae import gae
 from .linear_dpo import linear_dpo_loss
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IMPLS",
+    "PolicyLossOptions",
     "aggregate",
     "chunk_budget",
     "dpo_loss",

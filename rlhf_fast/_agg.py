@@ -27,8 +27,6 @@ losses summed over micro-batches or processes (each computes its share of one gl
   ``max_completion_length``)
 """
 
-import math
-
 import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -38,17 +36,6 @@ def check_agg(agg) -> str:
     if agg not in AGG_MODES:
         raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
     return agg
-
-
-def check_agg_norm(agg_norm) -> float | None:
-    if agg_norm is None:
-        return None
-    if isinstance(agg_norm, bool) or not isinstance(agg_norm, (int, float)) or not (
-        math.isfinite(agg_norm) and agg_norm > 0
-    ):
-        raise ValueError(f"agg_norm must be None or a positive finite number (the aggregation's denominator), "
-                         f"got {agg_norm!r}")  # fmt: skip
-    return float(agg_norm)
 
 
 def row_weights(mask: torch.Tensor, agg: str, norm: float | None = None) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The policy-loss family shared by ``rf.ppo_policy_loss``, ``rf.ppo_loss_from_logits`` (both impls) and the
-linear ops: per-token losses of each ``loss_mode`` over ``[B, T]`` tensors, and the rollout importance
-weights (trainer's old policy vs the rollout engine). Everything here is float32 autograd arithmetic on
-``[B, T]`` tensors; callers zero every input at tokens of weight 0 before calling, so nothing there is
-inf or NaN (a finite loss and a zero upstream gradient would still give ``0 * inf = NaN`` gradients).
+linear ops: their options (``rf.PolicyLossOptions``, checked once), the per-token losses of each
+``loss_mode`` over ``[B, T]`` tensors, and the rollout importance weights (trainer's old policy vs the
+rollout engine). Everything here is float32 autograd arithmetic on ``[B, T]`` tensors; callers zero every
+input at tokens of weight 0 before calling, so nothing there is inf or NaN (a finite loss and a zero
+upstream gradient would still give ``0 * inf = NaN`` gradients).
 
 Notation per token: ``lr = logp - old_logp``, ``r = exp(lr)`` (saturating at the largest float32 rather than
 overflowing to inf: ``ratio_exp`` below), ``A`` the advantage, ``m`` the token's
@@ -38,74 +39,155 @@ two-sided band IcePop asks for, ``lower`` defaulting to ``1 / cap``. (TRL's ``vl
 with ``clip_min = lower``, ``clip_max = cap``.)
 """
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from . import _checks
+from . import _agg, _checks
 
 LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "geo_mean")
 ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 # Modes whose per-token loss depends on the token's own log-prob only (no row statistics of the current
 # policy): their d loss_t / d logp_t is known from the token alone.
 TOKEN_LEVEL_MODES = ("vanilla", "cispo", "sapo")
-
-
-@dataclass(frozen=True)
-class PolicyOptions:
-    loss_mode: str = "vanilla"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    delta: float | None = None
-    sapo_tau_pos: float = 1.0
-    sapo_tau_neg: float = 1.05
-    rollout_is: str | None = None
-    rollout_is_cap: float = 2.0
-    rollout_is_lower: float | None = None
 
 
 def _optional_positive(name: str, value):
     return None if value is None else _checks.check_positive(name, value)
 
 
-def check_policy_options(*, loss_mode, clip_low, clip_high, dual_clip, delta, sapo_tau_pos, sapo_tau_neg,
-                         rollout_logp, rollout_is, rollout_is_cap, rollout_is_lower) -> PolicyOptions:  # fmt: skip
-    """Validate the policy-loss arguments (``ValueError`` naming the argument); ``rollout_logp`` is only
-    checked for presence here (its shape by the caller)."""
-    if loss_mode not in LOSS_MODES:
-        raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
-    clip_low = _checks.check_positive("clip_low", clip_low)
-    clip_high = clip_low if clip_high is None else _checks.check_positive("clip_high", clip_high)
-    dual_clip = _optional_positive("dual_clip", dual_clip)
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (a cap at -A * dual_clip above the clipped loss), got {dual_clip}")
-    delta = _optional_positive("delta", delta)
-    for name, value in (("dual_clip", dual_clip), ("delta", delta)):
-        if value is not None and loss_mode not in ("vanilla", "gspo"):
-            raise ValueError(f"{name} applies to the clipped surrogate (loss_mode 'vanilla' or 'gspo'), "
-                             f"not loss_mode={loss_mode!r}")  # fmt: skip
-    sapo_tau_pos = _checks.check_positive("sapo_tau_pos", sapo_tau_pos)
-    sapo_tau_neg = _checks.check_positive("sapo_tau_neg", sapo_tau_neg)
-    if rollout_is is not None and rollout_is not in ROLLOUT_IS_MODES:
-        raise ValueError(f"rollout_is must be None or one of {ROLLOUT_IS_MODES}, got {rollout_is!r}")
-    if (rollout_is is None) != (rollout_logp is None):
-        raise ValueError("rollout_logp and rollout_is go together: rollout_is names the correction made with "
-                         "rollout_logp (the rollout engine's log-probs)")  # fmt: skip
-    rollout_is_cap = _checks.check_positive("rollout_is_cap", rollout_is_cap)
-    rollout_is_lower = _optional_positive("rollout_is_lower", rollout_is_lower)
-    if rollout_is_lower is not None and rollout_is is None:
-        raise ValueError("rollout_is_lower bounds the rollout importance weights: it needs rollout_is (and rollout_logp)")
-    if rollout_is == "icepop" and rollout_is_lower is None:
-        rollout_is_lower = 1.0 / rollout_is_cap
-    if rollout_is_lower is not None and not rollout_is_lower < rollout_is_cap:
-        raise ValueError(f"rollout_is_lower ({rollout_is_lower}) must be < rollout_is_cap ({rollout_is_cap})")
-    return PolicyOptions(
-        loss_mode=loss_mode, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
-        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_is=rollout_is,
-        rollout_is_cap=rollout_is_cap, rollout_is_lower=rollout_is_lower,
-    )  # fmt: skip
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PolicyLossOptions:
+    """The policy-loss options of ``rf.ppo_policy_loss``, ``rf.ppo_loss_from_logits`` and
+    ``rf.linear_ppo_loss``: each op takes ``options=PolicyLossOptions(...)`` or the same fields as keywords
+    (not both). Frozen, hashable and compared by value; checked on construction (``ValueError`` naming the
+    field), so an object that exists is valid. Numbers are stored as floats.
+
+    - ``loss_mode``: ``"vanilla" | "gspo" | "cispo" | "sapo" | "geo_mean"`` (the module docstring above).
+    - ``clip_low``, ``clip_high``: the trust region ``[1 - clip_low, 1 + clip_high]`` of the ratio, both
+      positive; ``clip_high=None`` means ``clip_low`` (``clip_high > clip_low`` is DAPO's clip-higher).
+    - ``dual_clip``: ``c > 1`` caps the loss of negative-advantage tokens at ``-A * c`` (dual-clip PPO);
+      ``delta``: TRL's two-sided clip, the unclipped ratio capped at ``delta``. Both ``vanilla`` / ``gspo``.
+    - ``sapo_tau_pos``, ``sapo_tau_neg``: SAPO's gate temperatures for ``A > 0`` and ``A <= 0``.
+    - ``kl_coef``, ``kl_estimator`` (``"k1" | "k2" | "k3" | "abs"``, ``rf.kl_penalty``'s),
+      ``kl_bias_correction`` (the KL term times the mode's ratio, TRL's ``use_bias_correction_kl``) and
+      ``entropy_coef``: the KL penalty and entropy bonus of the two ops from logits / hidden states
+      (``rf.ppo_policy_loss`` has neither: it refuses a nonzero ``kl_coef`` or ``entropy_coef``).
+    - ``agg``: ``"token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm"``;
+      ``agg_norm``: its denominator when given (a positive number; rlhf_fast/_agg.py).
+    - ``rollout_is``: ``None`` or the correction made with the call's ``rollout_logp`` (``"token_truncate" |
+      "token_mask" | "sequence_truncate" | "sequence_mask" | "icepop"``), ``rollout_is_cap`` its upper bound,
+      ``rollout_is_lower`` its optional lower bound (``icepop``: ``1 / rollout_is_cap`` when ``None``).
+
+    Per-call arguments are not options: the tensors (``rollout_logp`` included), ``temperature``,
+    ``ignore_index``, ``impl``, ``process_group``, ``skip_ignored``. ``dataclasses.replace`` gives a
+    changed copy (checked again).
+    """
+
+    loss_mode: str = "vanilla"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    dual_clip: float | None = None
+    delta: float | None = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_bias_correction: bool = False
+    entropy_coef: float = 0.0
+    agg: str = "token-mean"
+    agg_norm: float | None = None
+    rollout_is: str | None = None
+    rollout_is_cap: float = 2.0
+    rollout_is_lower: float | None = None
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        if self.loss_mode not in LOSS_MODES:
+            raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
+        for name in ("clip_low", "sapo_tau_pos", "sapo_tau_neg", "rollout_is_cap"):
+            put(name, _checks.check_positive(name, getattr(self, name)))
+        for name in ("clip_high", "dual_clip", "delta", "rollout_is_lower"):
+            put(name, _optional_positive(name, getattr(self, name)))
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 (a cap at -A * dual_clip above the clipped loss), got {self.dual_clip}")
+        for name in ("dual_clip", "delta"):
+            if getattr(self, name) is not None and self.loss_mode not in ("vanilla", "gspo"):
+                raise ValueError(f"{name} applies to the clipped surrogate (loss_mode 'vanilla' or 'gspo'), "
+                                 f"not loss_mode={self.loss_mode!r}")  # fmt: skip
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        put("kl_coef", _number("kl_coef", self.kl_coef))
+        put("entropy_coef", _number("entropy_coef", self.entropy_coef))
+        if not isinstance(self.kl_bias_correction, bool):
+            raise ValueError(f"kl_bias_correction must be a bool, got {self.kl_bias_correction!r}")
+        _agg.check_agg(self.agg)
+        norm = self.agg_norm
+        if norm is not None:
+            if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not (0 < norm < float("inf")):
+                raise ValueError(f"agg_norm must be None or a positive finite number (the aggregation's "
+                                 f"denominator), got {norm!r}")  # fmt: skip
+            put("agg_norm", float(norm))
+        if self.rollout_is is not None and self.rollout_is not in ROLLOUT_IS_MODES:
+            raise ValueError(f"rollout_is must be None or one of {ROLLOUT_IS_MODES}, got {self.rollout_is!r}")
+        if self.rollout_is_lower is not None and self.rollout_is is None:
+            raise ValueError("rollout_is_lower bounds the rollout importance weights: it needs rollout_is (and rollout_logp)")
+        lower = self.rollout_is_lower_bound
+        if lower is not None and not lower < self.rollout_is_cap:
+            raise ValueError(f"rollout_is_lower ({lower}) must be < rollout_is_cap ({self.rollout_is_cap})")
+
+    @property
+    def clip_high_bound(self) -> float:
+        """The upper clip the loss uses: ``clip_high``, or ``clip_low`` when it is ``None``."""
+        return self.clip_low if self.clip_high is None else self.clip_high
+
+    @property
+    def rollout_is_lower_bound(self) -> float | None:
+        """The lower bound of the rollout weights the loss uses: ``rollout_is_lower``, or ``1 / rollout_is_cap``
+        for ``icepop`` when it is ``None``."""
+        if self.rollout_is == "icepop" and self.rollout_is_lower is None:
+            return 1.0 / self.rollout_is_cap
+        return self.rollout_is_lower
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(PolicyLossOptions))
+
+
+def call_options(op: str, options: PolicyLossOptions | None, keywords: dict) -> PolicyLossOptions:
+    """The options of one call of the loss op ``op``: ``options=`` or the keywords, built once.
+
+    ``TypeError`` for a keyword that is no option (as Python's for an unknown keyword); ``ValueError`` naming
+    the field when ``options=`` and a keyword both give it (the object holds every field)."""
+    for name in keywords:
+        if name not in OPTION_NAMES:
+            raise TypeError(f"{op}() got an unexpected keyword argument {name!r}")
+    if options is None:
+        return PolicyLossOptions(**keywords)
+    if not isinstance(options, PolicyLossOptions):
+        raise ValueError(f"options must be a rf.PolicyLossOptions or None, got {type(options).__name__}")
+    if keywords:
+        name = next(iter(keywords))
+        raise ValueError(f"{name} is given both as a keyword and by options= (which holds every policy-loss "
+                         f"option): pass one, e.g. options=dataclasses.replace(options, {name}=...)")  # fmt: skip
+    return options
+
+
+# Until rlhf_fast/train/ops.py builds rf.PolicyLossOptions itself (issue 23): its old entry points.
+PolicyOptions = PolicyLossOptions
+
+
+def check_policy_options(*, rollout_logp=None, **options) -> PolicyLossOptions:
+    check_rollout_pairing(rollout_logp, options.get("rollout_is"))
+    return PolicyLossOptions(**options)
 
 
 # The largest float32: where exp(lr) overflows (lr > ~88.72), the ratio is this instead of inf.
@@ -157,11 +239,11 @@ class TokenLoss:
     dual_clipped: torch.Tensor | None = None
 
 
-def token_loss(logp, old_logp, adv, m, opts: PolicyOptions) -> TokenLoss:
+def token_loss(logp, old_logp, adv, m, opts: PolicyLossOptions) -> TokenLoss:
     """The per-token policy loss of ``opts.loss_mode`` (see the module docstring): float32 ``[B, T]``
     ``logp`` (differentiable), ``old_logp``, ``adv`` and weights ``m``, all zero where ``m == 0``."""
     lr = logp - old_logp
-    mode = opts.loss_mode
+    mode, lo, hi = opts.loss_mode, opts.clip_low, opts.clip_high_bound
     if mode in ("vanilla", "gspo"):
         if mode == "gspo":
             seq = _row_mean(lr.detach(), m)
@@ -170,7 +252,7 @@ def token_loss(logp, old_logp, adv, m, opts: PolicyOptions) -> TokenLoss:
             ratio = ratio_exp(lr)
         r1 = ratio if opts.delta is None else torch.clamp(ratio, max=opts.delta)
         unclipped = -adv * r1
-        clipped = -adv * torch.clamp(ratio, 1.0 - opts.clip_low, 1.0 + opts.clip_high)
+        clipped = -adv * torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
         loss = torch.maximum(unclipped, clipped)
         out = TokenLoss(loss, ratio, clipped > unclipped)
         if opts.dual_clip is not None:
@@ -180,7 +262,7 @@ def token_loss(logp, old_logp, adv, m, opts: PolicyOptions) -> TokenLoss:
         return out
     ratio = ratio_exp(lr)
     if mode == "cispo":
-        c = torch.clamp(ratio, 1.0 - opts.clip_low, 1.0 + opts.clip_high).detach()
+        c = torch.clamp(ratio, 1.0 - lo, 1.0 + hi).detach()
         return TokenLoss(-c * adv * logp, ratio, c != ratio.detach())
     if mode == "sapo":
         tau = torch.where(adv > 0, opts.sapo_tau_pos, opts.sapo_tau_neg)
@@ -188,17 +270,17 @@ def token_loss(logp, old_logp, adv, m, opts: PolicyOptions) -> TokenLoss:
         return TokenLoss(-gate * adv, ratio, torch.zeros_like(adv, dtype=torch.bool))
     # geo_mean
     sgn = torch.sign(adv)
-    lr_clamped = torch.clamp(lr, -opts.clip_low, opts.clip_high)
+    lr_clamped = torch.clamp(lr, -lo, hi)
     lc = sgn * torch.minimum(sgn * lr, sgn * lr_clamped)
     seq_ratio = ratio_exp(_row_mean(lc, m))
     seq_adv = _row_mean(adv, m)
     loss = (-seq_adv * seq_ratio).expand_as(lr)
-    clipped = ((adv > 0) & (lr > opts.clip_high)) | ((adv < 0) & (lr < -opts.clip_low))
+    clipped = ((adv > 0) & (lr > hi)) | ((adv < 0) & (lr < -lo))
     return TokenLoss(loss, ratio, clipped)
 
 
 @torch.no_grad()
-def rollout_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, m: torch.Tensor, opts: PolicyOptions):
+def rollout_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, m: torch.Tensor, opts: PolicyLossOptions):
     """``(w, metrics)``: the constant rollout importance weights ``[B, T]`` (0 where ``m == 0``) of
     ``opts.rollout_is`` and their metrics ``rollout_is_mean``, ``rollout_is_max``,
     ``rollout_is_masked_frac`` (masked means over the tokens; the max over tokens of nonzero weight)."""
@@ -207,7 +289,7 @@ def rollout_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, m: torch
     if opts.rollout_is.startswith("sequence"):
         d = (m * d).sum(1, keepdim=True).expand_as(d)
     k = torch.exp(d)
-    lower, cap = opts.rollout_is_lower, opts.rollout_is_cap
+    lower, cap = opts.rollout_is_lower_bound, opts.rollout_is_cap
     if opts.rollout_is.endswith("truncate"):
         w = torch.clamp(k, min=lower, max=cap)
         rejected = torch.zeros_like(on)
@@ -227,16 +309,17 @@ def rollout_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, m: torch
     return w, metrics
 
 
-def check_rollout_logp(rollout_logp, shape, device, what: str) -> None:
-    if rollout_logp is None:
-        return
-    _checks.check_float_tensor(rollout_logp, "rollout_logp")
-    _checks.check_shape("rollout_logp", rollout_logp, shape, what)
-    if rollout_logp.device != device:
-        raise ValueError(f"rollout_logp is on {rollout_logp.device} but the log-probs are on {device}")
+def check_rollout_pairing(rollout_logp, rollout_is) -> None:
+    if (rollout_is is None) != (rollout_logp is None):
+        raise ValueError("rollout_logp and rollout_is go together: rollout_is names the correction made with "
+                         "rollout_logp (the rollout engine's log-probs)")  # fmt: skip
 
 
-def check_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+def check_rollout_logp(rollout_logp, opts: PolicyLossOptions, shape, device, what: str) -> None:
+    """``rollout_logp`` (``None`` or a float tensor of ``shape`` on ``device``) against ``opts.rollout_is``."""
+    if rollout_logp is not None:
+        _checks.check_float_tensor(rollout_logp, "rollout_logp")
+        _checks.check_shape("rollout_logp", rollout_logp, shape, what)
+        if rollout_logp.device != device:
+            raise ValueError(f"rollout_logp is on {rollout_logp.device} but the log-probs are on {device}")
+    check_rollout_pairing(rollout_logp, opts.rollout_is)

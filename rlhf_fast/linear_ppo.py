@@ -28,13 +28,13 @@ ordinary route: ``rf.linear_logprobs`` (statistics forward, a recomputing backwa
 
 import torch
 
-from . import _amp, _checks, _policy, _vocab_parallel
-from ._dispatch import resolve
+from . import _amp, _checks, _policy
 from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
+from ._policy import PolicyLossOptions
 from ._skip_rows import check_skip_ignored, ignored_rows, labeled_rows, scatter_rows
 from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs, vocab_parallel
-from .ppo_from_logits import POLICY_STEP_ARGS, PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
+from .ppo_from_logits import PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
 
 # float32 [rows, V] temporaries a chunk holds at once: the logits and dlogits (as rf.linear_logprobs)
 _CHUNK_TEMPORARIES = 2
@@ -175,35 +175,22 @@ def linear_ppo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
+    options: PolicyLossOptions | None = None,
     bias: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    agg: str = "token-mean",
-    ignore_index: int = -100,
-    impl: str = "auto",
-    loss_mode: str = "vanilla",
-    delta: float | None = None,
-    agg_norm: float | None = None,
     rollout_logp: torch.Tensor | None = None,
-    rollout_is: str | None = None,
-    rollout_is_cap: float = 2.0,
-    rollout_is_lower: float | None = None,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    kl_bias_correction: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
     skip_ignored: bool = False,
+    impl: str = "auto",
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    **loss_options,
 ):
     """``rf.ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without building the logits.
 
     ``hidden`` ``[B, T, H]`` (the last hidden states at the positions that predict ``labels`` ``[B, T]``),
-    ``weight`` ``[V, H]`` (the lm_head), ``bias`` optional ``[V]``; every other argument, the loss and the
+    ``weight`` ``[V, H]`` (the lm_head), ``bias`` optional ``[V]``; every other argument (the policy-loss
+    options: :class:`rlhf_fast.PolicyLossOptions`' fields as keywords, or ``options=``), the loss and the
     metrics are those of :func:`rlhf_fast.ppo_loss_from_logits`. Gradients flow to ``hidden``, ``weight``
     and ``bias`` (in their dtypes). Under autocast the matmul operands take the autocast dtype as
     ``F.linear``'s do; logits and statistics stay float32. See the module docstring for how each
@@ -227,17 +214,11 @@ def linear_ppo_loss(
     hidden, weight, bias = check_linear_operands(hidden, weight, bias)
     B, T, H = hidden.shape
     V = weight.shape[0]
-    labels = _checks.as_labels(labels)
-    _checks.check_shape("labels", labels, (B, T), "[B, T] like hidden")
-    args = locals()
-    p = prepare_policy_step(hidden, B, T, labels, **{k: args[k] for k in POLICY_STEP_ARGS})
-    if B * T == 0:
-        raise ValueError(f"hidden has no tokens (shape {tuple(hidden.shape)}): the loss and its metrics are "
-                         "means over the batch's tokens")  # fmt: skip
-    impl = resolve(impl, hidden.device)
-    shard = _vocab_parallel.shard_of(process_group, V, hidden.device)
-    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, p.opts.ignore_index)
+    p = prepare_policy_step("linear_ppo_loss", "hidden", hidden, V, labels, old_logp, advantages, mask, options=options,
+                            loss_options=loss_options, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                            temperature=temperature, ignore_index=ignore_index, impl=impl,
+                            process_group=process_group)  # fmt: skip
     run = _linear_ppo_skipping if check_skip_ignored(skip_ignored) else _linear_ppo
     with _amp.no_autocast():
-        loss, logp, entropy = run(hidden.reshape(B * T, H), weight, bias, labels.reshape(-1), B, T, p, impl, shard)
+        loss, logp, entropy = run(hidden.reshape(B * T, H), weight, bias, p.labels.reshape(-1), B, T, p, p.impl, p.shard)
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, hidden.device)

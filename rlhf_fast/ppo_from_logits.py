@@ -14,30 +14,25 @@
   float32 intermediate is built; the per-token arithmetic is autograd over ``[B, T]`` tensors.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import _agg, _amp, _checks, _policy, _vocab_parallel
 from ._dispatch import resolve
-from ._policy import PolicyOptions
+from ._policy import PolicyLossOptions
 from ._softmax_torch import as_btv
 from .logprobs import LogprobsOptions, _Logprobs, vocab_parallel
-from .rl_losses import KL_ESTIMATORS, kl_penalty, masked_mean, ppo_policy_loss
+from .rl_losses import kl_penalty, masked_mean, ppo_policy_loss
 
 
 @dataclass(frozen=True)
 class PPOOptions:
+    """What the policy-step Functions take: the loss options and the call's log-prob options."""
+
+    policy: PolicyLossOptions
     temperature: float = 1.0
     ignore_index: int = -100
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    policy: PolicyOptions = PolicyOptions()
-    kl_bias_correction: bool = False
 
     @property
     def fused_kernel(self) -> bool:
@@ -54,14 +49,15 @@ def token_losses(logp, entropy, old_logp, advantages, m, ref_logp, rollout_w, op
     The caller zeroes every input at tokens of weight 0 (``m == 0``), so that nothing there is inf or NaN:
     a finite loss from garbage and a zero upstream gradient would still give ``0 * inf = NaN`` gradients.
     """
-    tl = _policy.token_loss(logp, old_logp, advantages, m, opts.policy)
+    pol = opts.policy
+    tl = _policy.token_loss(logp, old_logp, advantages, m, pol)
     loss = tl.loss if rollout_w is None else tl.loss * rollout_w
     if ref_logp is not None:
-        kl = kl_penalty(logp, ref_logp, estimator=opts.kl_estimator)
-        if opts.kl_bias_correction:
+        kl = kl_penalty(logp, ref_logp, estimator=pol.kl_estimator)
+        if pol.kl_bias_correction:
             kl = kl * tl.ratio
-        loss = loss + opts.kl_coef * kl
-    return loss - opts.entropy_coef * entropy
+        loss = loss + pol.kl_coef * kl
+    return loss - pol.entropy_coef * entropy
 
 
 # ---------------------------------------------------------------------------------------------- triton
@@ -81,10 +77,10 @@ class _PPOTriton(torch.autograd.Function):
         pol = opts.policy
         logp, entropy, row_max, log_norm, token_loss, dloss_dlogp = ppo_forward(
             x, labels, old_logp_f, advantages_f, weights_f, ref_logp_f, temperature=opts.temperature, ignore_index=opts.ignore_index,
-            clip_low=opts.clip_low, clip_high=opts.clip_high, dual_clip=opts.dual_clip, kl_coef=opts.kl_coef,
-            kl_estimator=opts.kl_estimator, entropy_coef=opts.entropy_coef, rollout_w=rollout_w_f,
+            clip_low=pol.clip_low, clip_high=pol.clip_high_bound, dual_clip=pol.dual_clip, kl_coef=pol.kl_coef,
+            kl_estimator=pol.kl_estimator, entropy_coef=pol.entropy_coef, rollout_w=rollout_w_f,
             loss_mode=pol.loss_mode, delta=pol.delta, tau_pos=pol.sapo_tau_pos, tau_neg=pol.sapo_tau_neg,
-            kl_bias=opts.kl_bias_correction,
+            kl_bias=pol.kl_bias_correction,
         )  # fmt: skip
         loss = (weights_f * token_loss).sum()
         ctx.save_for_backward(x, labels, row_max, log_norm, entropy, weights_f, dloss_dlogp)
@@ -100,7 +96,7 @@ class _PPOTriton(torch.autograd.Function):
         x, labels, row_max, log_norm, entropy, weights, dloss_dlogp = ctx.saved_tensors
         opts = ctx.opts
         g = grad_loss.float() * weights
-        grad = logprobs_backward(x, labels, row_max, log_norm, entropy, g * dloss_dlogp, g * -opts.entropy_coef,
+        grad = logprobs_backward(x, labels, row_max, log_norm, entropy, g * dloss_dlogp, g * -opts.policy.entropy_coef,
                                  opts.temperature, opts.ignore_index)  # fmt: skip
         return grad.reshape(ctx.logits_shape), None, None, None, None, None, None, None
 
@@ -142,9 +138,13 @@ def _policy_step(logits, labels, old_logp, advantages, m, weights, ref_logp, rol
 
 @dataclass
 class PreparedLoss:
-    """Validated options and the ``[B, T]`` float32 tensors every policy-step impl takes."""
+    """A checked call of ``ppo_loss_from_logits`` / ``linear_ppo_loss``: its options, impl, vocabulary shard,
+    int64 labels and the ``[B, T]`` float32 tensors every policy-step impl takes."""
 
     opts: PPOOptions
+    impl: str
+    shard: "_vocab_parallel.Shard | None"
+    labels: torch.Tensor
     old_logp: torch.Tensor
     advantages: torch.Tensor
     m: torch.Tensor  # token weights (the mask)
@@ -152,79 +152,51 @@ class PreparedLoss:
     ref_logp: torch.Tensor | None
     rollout_w: torch.Tensor | None
     rollout_logp: torch.Tensor | None
-    agg: str
-    agg_norm: float | None
 
 
-# The arguments of ppo_loss_from_logits / linear_ppo_loss that prepare_policy_step takes (by keyword).
-POLICY_STEP_ARGS = (
-    "old_logp", "advantages", "mask", "ref_logp", "kl_coef", "kl_estimator", "entropy_coef", "temperature",
-    "clip_low", "clip_high", "dual_clip", "agg", "ignore_index", "loss_mode", "delta", "agg_norm", "rollout_logp",
-    "rollout_is", "rollout_is_cap", "rollout_is_lower", "sapo_tau_pos", "sapo_tau_neg", "kl_bias_correction",
-)  # fmt: skip
-
-
-def prepare_policy_step(ref_tensor, B, T, labels, *, old_logp, advantages, mask, ref_logp, kl_coef, kl_estimator,
-                        entropy_coef, temperature, clip_low, clip_high, dual_clip, agg, ignore_index, loss_mode,
-                        delta, agg_norm, rollout_logp, rollout_is, rollout_is_cap, rollout_is_lower, sapo_tau_pos,
-                        sapo_tau_neg, kl_bias_correction) -> PreparedLoss:  # fmt: skip
-    """Check the per-token inputs and options of ``ppo_loss_from_logits`` / ``linear_ppo_loss`` (``labels``
-    already int64 ``[B, T]``; ``ref_tensor`` the logits or hidden states, for the device) and build the
-    ``[B, T]`` tensors of the loss (``ValueError`` naming the argument on bad input)."""
+def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advantages, mask, *, options, loss_options,
+                        ref_logp, rollout_logp, temperature, ignore_index, impl, process_group) -> PreparedLoss:  # fmt: skip
+    """Check a call of the op ``op`` (``x``: its ``[B, T, ...]`` logits or hidden states, argument ``name``;
+    ``V`` the vocabulary of this rank) and build what the policy step takes (``ValueError`` naming the
+    argument; the policy-loss options are ``options=`` or ``loss_options``, the keywords)."""
+    B, T = x.shape[:2]
+    labels = _checks.as_labels(labels)
+    _checks.check_shape("labels", labels, (B, T), f"[B, T] like {name}")
+    loss = _policy.call_options(op, options, loss_options)
     what = "[B, T] like labels"
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if t is not None or name == "old_logp":
-            _checks.check_float_tensor(t, name)
-            _checks.check_shape(name, t, (B, T), what)
+    for arg, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None or arg == "old_logp":
+            _checks.check_float_tensor(t, arg)
+            _checks.check_shape(arg, t, (B, T), what)
     _checks.check_float_tensor(advantages, "advantages")
     if tuple(advantages.shape) not in ((B, T), (B,)):
         raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
     if mask is not None:
         _checks.check_mask(mask, labels, "labels")
-    _policy.check_rollout_logp(rollout_logp, (B, T), ref_tensor.device, what)
-    for name, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
-                    ("ref_logp", ref_logp)):  # fmt: skip
+    _policy.check_rollout_logp(rollout_logp, loss, (B, T), x.device, what)
+    for arg, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
+                   ("ref_logp", ref_logp)):  # fmt: skip
         if t is not None:
-            _checks.check_same_device(name, t, "the inputs", ref_tensor)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ValueError(f"{name} must be a number, got {value!r}")
-    if kl_coef != 0 and ref_logp is None:
+            _checks.check_same_device(arg, t, "the inputs", x)
+    if loss.kl_coef != 0 and ref_logp is None:
         raise ValueError("ref_logp is required when kl_coef != 0")
-    if not isinstance(kl_bias_correction, bool):
-        raise ValueError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
-    policy = _policy.check_policy_options(
-        loss_mode=loss_mode, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
-        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_logp=rollout_logp, rollout_is=rollout_is,
-        rollout_is_cap=rollout_is_cap, rollout_is_lower=rollout_is_lower,
-    )  # fmt: skip
-    _agg.check_agg(agg)
-    agg_norm = _agg.check_agg_norm(agg_norm)
-    opts = PPOOptions(
-        temperature=_checks.check_positive("temperature", temperature),
-        ignore_index=_checks.check_int("ignore_index", ignore_index),
-        clip_low=policy.clip_low,
-        clip_high=policy.clip_high,
-        dual_clip=policy.dual_clip,
-        kl_coef=float(kl_coef),
-        kl_estimator=kl_estimator,
-        entropy_coef=float(entropy_coef),
-        policy=policy,
-        kl_bias_correction=kl_bias_correction,
-    )
-    device = ref_tensor.device
+    opts = PPOOptions(loss, _checks.check_positive("temperature", temperature), _checks.check_int("ignore_index", ignore_index))
+    if B * T == 0:
+        raise ValueError(f"{name} has no tokens (shape {tuple(x.shape)}): the loss and its metrics are means over "
+                         "the batch's tokens")  # fmt: skip
+    impl = resolve(impl, x.device)
+    shard = _vocab_parallel.shard_of(process_group, V, x.device)
+    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
-    m = torch.ones(B, T, device=device) if mask is None else mask.to(torch.float32)
+    m = torch.ones(B, T, device=x.device) if mask is None else mask.to(torch.float32)
     old = old_logp.detach().float()
     rollout_w = None
-    if policy.rollout_is is not None:
-        rollout_w, _ = _policy.rollout_weights(old, rollout_logp, m, policy)
+    if loss.rollout_is is not None:
+        rollout_w, _ = _policy.rollout_weights(old, rollout_logp, m, loss)
     return PreparedLoss(
-        opts=opts, old_logp=old, advantages=adv.detach(), m=m, weights=_agg.row_weights(m, agg, agg_norm),
-        ref_logp=None if ref_logp is None or opts.kl_coef == 0 else ref_logp.detach().float(), rollout_w=rollout_w,
-        rollout_logp=rollout_logp, agg=agg, agg_norm=agg_norm,
+        opts=opts, impl=impl, shard=shard, labels=labels, old_logp=old, advantages=adv.detach(), m=m,
+        weights=_agg.row_weights(m, loss.agg, loss.agg_norm), rollout_w=rollout_w, rollout_logp=rollout_logp,
+        ref_logp=None if ref_logp is None or loss.kl_coef == 0 else ref_logp.detach().float(),
     )  # fmt: skip
 
 
@@ -232,16 +204,12 @@ def policy_step_metrics(p: PreparedLoss, logp, entropy, ref_logp, device) -> dic
     """The metrics of ``rf.ppo_policy_loss`` on the detached log-probs (cheap ``[B, T]`` work), plus
     ``entropy`` and ``kl``."""
     pol = p.opts.policy
-    _, metrics = ppo_policy_loss(
-        logp, p.old_logp, p.advantages, p.m, clip_low=pol.clip_low, clip_high=pol.clip_high, dual_clip=pol.dual_clip,
-        loss_mode=pol.loss_mode, delta=pol.delta, rollout_logp=p.rollout_logp, rollout_is=pol.rollout_is,
-        rollout_is_cap=pol.rollout_is_cap, rollout_is_lower=pol.rollout_is_lower, sapo_tau_pos=pol.sapo_tau_pos,
-        sapo_tau_neg=pol.sapo_tau_neg,
-    )  # fmt: skip
+    policy_term = replace(pol, kl_coef=0.0, entropy_coef=0.0)  # rf.ppo_policy_loss has no KL or entropy term
+    _, metrics = ppo_policy_loss(logp, p.old_logp, p.advantages, p.m, rollout_logp=p.rollout_logp, options=policy_term)
     with torch.no_grad():
         metrics["entropy"] = masked_mean(entropy, p.m)
         if ref_logp is not None:
-            metrics["kl"] = masked_mean(kl_penalty(logp, ref_logp, estimator=p.opts.kl_estimator), p.m)
+            metrics["kl"] = masked_mean(kl_penalty(logp, ref_logp, estimator=pol.kl_estimator), p.m)
         else:
             metrics["kl"] = torch.zeros((), device=device)
     return metrics
@@ -255,28 +223,14 @@ def ppo_loss_from_logits(
     advantages: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
+    options: PolicyLossOptions | None = None,
     ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
+    rollout_logp: torch.Tensor | None = None,
     temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    agg: str = "token-mean",
     ignore_index: int = -100,
     impl: str = "auto",
-    loss_mode: str = "vanilla",
-    delta: float | None = None,
-    agg_norm: float | None = None,
-    rollout_logp: torch.Tensor | None = None,
-    rollout_is: str | None = None,
-    rollout_is_cap: float = 2.0,
-    rollout_is_lower: float | None = None,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    kl_bias_correction: bool = False,
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    **loss_options,
 ):
     """The policy loss straight from ``[B, T, V]`` logits, and the metrics a trainer logs.
 
@@ -285,10 +239,13 @@ def ppo_loss_from_logits(
     ``L_policy`` the per-token loss of ``rf.ppo_policy_loss`` with the same options (by default
     ``L_clip = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``, ``r = exp(logp - old_logp)`` and, with
     ``dual_clip=c``, ``L_clip = min(L_clip, -A c)`` where ``A < 0``). ``advantages`` is ``[B, T]`` or ``[B]``.
-    ``loss_mode``, ``delta``, ``agg_norm``, ``rollout_*`` and ``sapo_tau_*`` are those of
-    ``rf.ppo_policy_loss`` (formulas in rlhf_fast/_policy.py and rlhf_fast/_agg.py); the rollout weight
-    ``w_rollout`` multiplies the policy term only. ``kl_bias_correction=True`` multiplies the KL term by the
-    mode's (differentiable) importance ratio (TRL's ``use_bias_correction_kl``: ``r``, GSPO's ``s_t``).
+    The options (``loss_mode``, the clips, ``delta``, ``sapo_tau_*``, ``kl_coef=0``, ``kl_estimator="k3"``,
+    ``kl_bias_correction``, ``entropy_coef=0``, ``agg="token-mean"``, ``agg_norm``, ``rollout_is*``) are the
+    fields of :class:`rlhf_fast.PolicyLossOptions`, where each is described: pass them as keywords
+    (``**loss_options``) or as one ``options=`` object, not both (formulas in rlhf_fast/_policy.py and
+    rlhf_fast/_agg.py). The rollout weight ``w_rollout`` (with ``rollout_logp [B, T]``) multiplies the
+    policy term only. ``kl_bias_correction=True`` multiplies the KL term by the mode's (differentiable)
+    importance ratio (TRL's ``use_bias_correction_kl``: ``r``, GSPO's ``s_t``).
 
     ``impl="triton"``: the token-level loss modes (``vanilla``, ``cispo``, ``sapo``, with every option:
     ``delta``, dual clip, rollout weights, the KL's bias correction) run the fused kernel (one pass over the
@@ -320,16 +277,10 @@ def ppo_loss_from_logits(
     B, T, V = logits.shape
     if V == 0:
         raise ValueError("logits must have a non-empty last (vocabulary) dimension")
-    labels = _checks.as_labels(labels)
-    _checks.check_shape("labels", labels, (B, T), "[B, T] like logits")
-    args = locals()
-    p = prepare_policy_step(logits, B, T, labels, **{k: args[k] for k in POLICY_STEP_ARGS})
-    if B * T == 0:
-        raise ValueError(f"logits has no tokens (shape {tuple(logits.shape)}): the loss and its metrics are "
-                         "means over the batch's tokens")  # fmt: skip
-    impl = resolve(impl, logits.device)
-    shard = _vocab_parallel.shard_of(process_group, V, logits.device)
-    _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, p.opts.ignore_index)
-    loss, logp, entropy = _policy_step(logits, labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w,
-                                       p.opts, impl, shard)  # fmt: skip
+    p = prepare_policy_step("ppo_loss_from_logits", "logits", logits, V, labels, old_logp, advantages, mask,
+                            options=options, loss_options=loss_options, ref_logp=ref_logp, rollout_logp=rollout_logp,
+                            temperature=temperature, ignore_index=ignore_index, impl=impl,
+                            process_group=process_group)  # fmt: skip
+    loss, logp, entropy = _policy_step(logits, p.labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp,
+                                       p.rollout_w, p.opts, p.impl, p.shard)  # fmt: skip
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, logits.device)

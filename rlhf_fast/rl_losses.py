@@ -20,9 +20,8 @@ import torch
 
 from . import _amp, _checks, _policy
 from ._agg import aggregate as _aggregate
-from ._agg import check_agg, check_agg_norm
-
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+from ._agg import check_agg
+from ._policy import KL_ESTIMATORS, PolicyLossOptions
 
 # |lr| below which k3 = exp(-lr) - 1 + lr is summed as a series: there expm1(-lr) + lr cancels to
 # lr^2 / 2 and keeps only ~eps / |lr| relative precision (1e-3 at |lr| = 1e-4). At |lr| = 0.5 the first
@@ -135,20 +134,10 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    agg: str = "token-mean",
+    options: PolicyLossOptions | None = None,
     is_weights: torch.Tensor | None = None,
-    loss_mode: str = "vanilla",
-    delta: float | None = None,
-    agg_norm: float | None = None,
     rollout_logp: torch.Tensor | None = None,
-    rollout_is: str | None = None,
-    rollout_is_cap: float = 2.0,
-    rollout_is_lower: float | None = None,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
+    **loss_options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss over ``[B, T]`` tokens (clipped PPO by default): ``(loss, metrics)``.
 
@@ -166,23 +155,23 @@ def ppo_policy_loss(
     ``delta`` (TRL's two-sided clip: the unclipped ratio capped at ``delta``) and the rollout importance
     weights are defined in ``rlhf_fast/_policy.py``'s docstring.
 
+    The options (``loss_mode``, ``clip_low=0.2``, ``clip_high=None``, ``dual_clip``, ``delta``, ``agg``,
+    ``agg_norm``, ``sapo_tau_*``, ``rollout_is*``) are the fields of :class:`rlhf_fast.PolicyLossOptions`,
+    where each is described: pass them as keywords (``**loss_options``) or as one ``options=`` object, not
+    both. The KL and entropy fields must be 0 here (``ValueError`` otherwise): this op is the policy term
+    only (``rf.ppo_loss_from_logits`` adds them, or add ``rf.aggregate`` of your own terms).
+
     Args:
         logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (differentiable).
         old_logp: ``[B, T]`` log-probs under the policy that sampled them.
         advantages: ``[B, T]``, or ``[B]`` (one per sequence, broadcast over T).
         mask: ``[B, T]`` response mask: non-negative token weights (0 = not a token; bool or 0/1 to
             select tokens), or ``None`` (all tokens).
-        clip_low, clip_high: the trust region ``[1 - clip_low, 1 + clip_high]`` of the ratio, both
-            positive; ``clip_high=None`` means ``clip_low`` (``clip_high > clip_low`` is DAPO's clip-higher).
-        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-A * c`` (dual-clip PPO).
-        agg: aggregation mode; ``agg_norm``: its denominator when given (positive number).
         is_weights: ``[B, T]`` per-token importance weights multiplying ``L`` (e.g. truncated
             rollout/trainer mismatch corrections); used as given, so detach them if they are constants.
-        loss_mode: ``"vanilla" | "gspo" | "cispo" | "sapo" | "geo_mean"``; ``delta`` and ``dual_clip``
-            apply to ``vanilla`` and ``gspo``; ``sapo_tau_pos`` / ``sapo_tau_neg``: SAPO's temperatures.
-        rollout_logp, rollout_is, rollout_is_cap, rollout_is_lower: the rollout engine's log-probs and
-            the correction made with them (``"token_truncate" | "token_mask" | "sequence_truncate" |
-            "sequence_mask" | "icepop"``), its upper bound and optional lower bound.
+        rollout_logp: ``[B, T]`` the rollout engine's log-probs, with ``rollout_is`` (the correction made
+            with them) and only with it.
+        options, **loss_options: the policy-loss options (:class:`rlhf_fast.PolicyLossOptions`).
 
     Returns:
         ``loss`` (float32 scalar) and ``metrics``, detached float32 scalars: means over the masked tokens
@@ -216,14 +205,12 @@ def ppo_policy_loss(
         _checks.check_mask(mask, logp, "logp")
     if is_weights is not None:
         _check_per_token(is_weights, "is_weights", logp, "logp")
-    _policy.check_rollout_logp(rollout_logp, logp.shape, logp.device, "the shape of logp")
-    opts = _policy.check_policy_options(
-        loss_mode=loss_mode, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, delta=delta,
-        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_logp=rollout_logp, rollout_is=rollout_is,
-        rollout_is_cap=rollout_is_cap, rollout_is_lower=rollout_is_lower,
-    )  # fmt: skip
-    check_agg(agg)
-    agg_norm = check_agg_norm(agg_norm)
+    opts = _policy.call_options("ppo_policy_loss", options, loss_options)
+    for name in ("kl_coef", "entropy_coef"):
+        if getattr(opts, name) != 0:
+            raise ValueError(f"{name} must be 0 for rf.ppo_policy_loss, got {getattr(opts, name)}: it computes the "
+                             "policy term only (rf.ppo_loss_from_logits adds the KL and entropy terms)")  # fmt: skip
+    _policy.check_rollout_logp(rollout_logp, opts, logp.shape, logp.device, "the shape of logp")
 
     m = _token_weights(mask, logp)
     on = m != 0
@@ -244,7 +231,7 @@ def ppo_policy_loss(
     if opts.rollout_is is not None:
         w_rollout, rollout_metrics = _policy.rollout_weights(old, rollout_logp, m, opts)
         per_token = per_token * w_rollout
-    loss = _aggregate(per_token, m, agg, agg_norm)
+    loss = _aggregate(per_token, m, opts.agg, opts.agg_norm)
 
     with torch.no_grad():
         log_ratio = (lp - old).detach()
