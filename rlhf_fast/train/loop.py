@@ -1,6 +1,8 @@
-"""Small pieces the supervised trainers (sft, reward, dpo) share, so each trainer stays a straight line:
-the start and the end of a run, the order of the data, the optimizer with its warmup, a step with gradient
-clipping, checkpoints."""
+"""Small pieces the trainers share, so each trainer stays a straight line. Every trainer (sft, reward, dpo,
+ppo, best_of_n): the config base ``RunConfig``, the start and the end of a run, the optimizer with its
+warmup. The supervised trainers (sft, reward, dpo) and best_of_n: the step count, micro-batches and a step
+with gradient clipping. The supervised ones alone: ``SupervisedConfig``, the order of the data, evaluation,
+the end of a step (logging, checkpoints) and of training."""
 
 import time
 from dataclasses import dataclass
