@@ -62,11 +62,11 @@ def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entrop
     return logp, entropy, row_max, log_norm
 
 
-def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_logp, g_entropy,
+def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
                     temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool, label_grad=None):  # fmt: skip
     """``(d_hidden, d_weight, d_bias)`` with recomputed chunk logits; the twin of ``linear_logprobs_backward``.
 
-    ``entropy`` and ``g_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms). The weight
+    ``entropy`` and ``grad_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms). The weight
     gradient accumulates in float32 and is cast once at the end. ``label_grad``: as in ``rf.logprobs``'
     ``_torch_backward`` (a vocabulary shard's label term).
     """
@@ -81,8 +81,8 @@ def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_
         h32 = hidden[rows].float()
         n = h32.shape[0]
         z = _chunk_logits(h32, w32, b32, out=z_buf[:n])
-        g = chunk_grad(z, row_max[rows], log_norm[rows], None if entropy is None else entropy[rows], g_logp[rows],
-                       None if g_entropy is None else g_entropy[rows], labels[rows], temperature, out=g_buf[:n],
+        g = chunk_grad(z, row_max[rows], log_norm[rows], None if entropy is None else entropy[rows], grad_logp[rows],
+                       None if grad_entropy is None else grad_entropy[rows], labels[rows], temperature, out=g_buf[:n],
                        label_grad=None if label_grad is None else label_grad[rows])  # fmt: skip
         grads.add(rows, g, h32, w32)
     return grads.result()
