@@ -107,7 +107,7 @@ def write_summary(out: Path, suite: dict) -> None:
             frac = r.get("copy_bw_fraction") or r.get("matmul_fraction")
             rows.append(f"| {name} | {harness.format_shape(r['shape'])} | {r['mode']} | {r['method']} | "
                         f"{r['median_ms']:.3f} | {rate.strip()} | {f'{100 * frac:.0f}%' if frac else '-'} | "
-                        f"{r['peak_extra_mib']:.0f} | {harness._fmt_ratio(r.get('time_vs_baseline'))} |")
+                        f"{r['peak_extra_mib']:.0f} | {harness.format_ratio(r.get('time_vs_baseline'))} |")
         baseline = importlib.import_module(f"{harness.PACKAGE}.bench_{name}").BENCHMARK.baseline
         rows.append(f"| {name} | | | | (baseline: {baseline}{'; ' + note if note else ''}) | | | | |")
     for name, o in ops_index.get("ops", {}).items():

@@ -126,9 +126,9 @@ class Context:
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": harness._version("triton"),
-           "cuda": torch.version.cuda, "rlhf_fast": harness._version("rlhf_fast")}  # fmt: skip
-    out.update({d: harness._version(d) for d in PEERS})
+    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": harness.package_version("triton"),
+           "cuda": torch.version.cuda, "rlhf_fast": harness.package_version("rlhf_fast")}  # fmt: skip
+    out.update({d: harness.package_version(d) for d in PEERS})
     return out
 
 
@@ -137,8 +137,8 @@ def versions() -> dict:
 
 def run_environment(ctx: Context) -> None:
     device = ctx.device
-    env = {"platform": platform.platform(), "cpu": harness._cpu_model(), "cpu_count": os.cpu_count(),
-           "device": device.type, "device_name": harness._cpu_model()}  # fmt: skip
+    env = {"platform": platform.platform(), "cpu": harness.cpu_model(), "cpu_count": os.cpu_count(),
+           "device": device.type, "device_name": harness.cpu_model()}  # fmt: skip
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device_name=props.name, sm_count=props.multi_processor_count,
@@ -148,9 +148,10 @@ def run_environment(ctx: Context) -> None:
     for dist, mod in _PEER_MODULES.items():
         try:
             importlib.import_module(mod)
-            peers[dist] = {"version": harness._version(dist), "importable": True}
+            peers[dist] = {"version": harness.package_version(dist), "importable": True}
         except Exception as exc:  # not installed, or broken: the reason is the finding
-            peers[dist] = {"version": harness._version(dist), "importable": False, "reason": harness._error_text(exc)}
+            peers[dist] = {"version": harness.package_version(dist), "importable": False,
+                           "reason": harness.error_text(exc)}  # fmt: skip
     env["peers"] = peers
     _write(ctx.out / "environment.json", {"section": "environment", "meta": ctx.meta(), "environment": env})
     sizes = dict(copy_bytes=1 << 20, matmul_size=64) if ctx.dry_run else {}
@@ -228,7 +229,7 @@ def run_ops(ctx: Context) -> None:
         modes = [m for m in op.modes if m in bench.modes]
         results: list[dict] = []
         argv = ("--shapes", ",".join(map(harness.format_shape, shapes)), "--modes", ",".join(modes))
-        config = harness.RunConfig(device=ctx.device, dtype=dtype, shapes=shapes, modes=modes,
+        config = harness.BenchRun(device=ctx.device, dtype=dtype, shapes=shapes, modes=modes,
                                    methods=[m.name for m in bench.methods], repeats=1 if ctx.dry_run else 20,
                                    warmup=1 if ctx.dry_run else 3, isolate=False, module=bench.module, argv=argv)
         meta = harness.collect_metadata(ctx.device, config, ceilings)
@@ -253,7 +254,7 @@ def run_ops(ctx: Context) -> None:
         try:
             harness.save_results(bench, results, meta, ctx.out / "ops")
         except Exception as exc:  # a report that fails must not lose the raw figures (already written)
-            print(f"{bench.name}: report failed ({harness._error_text(exc)}); raw results kept", flush=True)
+            print(f"{bench.name}: report failed ({harness.error_text(exc)}); raw results kept", flush=True)
         index["ops"][op.name] = {"status": "done", "note": op.note, "shapes": [list(s) for s in shapes],
                                  "modes": modes, "files": [f"ops/{op.name}.{e}" for e in ("json", "md", "png")]}
         index["meta"] = ctx.meta()
@@ -293,7 +294,7 @@ def run_trainer(ctx: Context) -> None:
             bench_trl_grpo.main(grpo_argv)
             grpo["status"] = "done"
         except Exception as exc:  # recorded, then raised: the section fails loudly, the PPO figures kept
-            grpo["status"], error = f"failed: {harness._error_text(exc)}", exc
+            grpo["status"], error = f"failed: {harness.error_text(exc)}", exc
         saved = _read(ctx.out / "trainer" / "trl_grpo.json")  # what the benchmark wrote (same-start check included)
         grpo.update(results=saved.get("results", []), same_start=saved.get("meta", {}).get("same_start"))
     record.update(status="done", meta=ctx.meta())

@@ -185,7 +185,8 @@ def run(ctx) -> None:
             try:
                 results.append(run_case(op, s, P, dtype, ctx.device, 1 if ctx.dry_run else 3))
             except Exception as exc:  # recorded, the next case runs
-                results.append({"op": op, "shape": list(s), "P": P, "status": "ERROR", "reason": harness._error_text(exc)})
+                reason = harness.error_text(exc)
+                results.append({"op": op, "shape": list(s), "P": P, "status": "ERROR", "reason": reason})
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
             _save(ctx.out, ctx.meta(), results)

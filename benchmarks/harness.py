@@ -59,23 +59,26 @@ from pathlib import Path
 import torch
 
 # The harness's parts, a file each along its sections: what a benchmark is (spec.py), how one case is measured
-# (measure.py), the machine it ran on (machine.py), the report (report.py). ``harness.<name>`` reaches
-# every one of their names, as it did when they were one file (the benchmarks, the GPU suite and the tests
-# use it so).
-from .machine import *  # noqa: F401,F403
-from .machine import _cpu_model, _version  # noqa: F401
-from .measure import *  # noqa: F401,F403
-from .measure import _error_text  # noqa: F401
-from .report import *  # noqa: F401,F403
-from .report import _fmt_ratio  # noqa: F401
-from .spec import *  # noqa: F401,F403
-from .spec import _RESULT_MARKER  # noqa: F401
+# (measure.py), the machine it ran on (machine.py), the report (report.py). ``harness.<name>`` reaches the
+# names the benchmarks, the GPU suite and the tests use (``__all__``), and the command line below.
+from .machine import (collect_metadata, cpu_model, device_slug, git_commit, matmul_gflops, measure_ceilings,
+                      measure_cpu_ceilings, package_version)  # fmt: skip
+from .measure import add_ratios, error_text, measure, measure_cpu, run_benchmark
+from .report import format_ratio, plot_results, print_report, save_results, versus, write_markdown
+from .spec import (DEFAULT_REPEATS, DEFAULT_WARMUP, DTYPES, MODES, PACKAGE, RESULT_MARKER, Benchmark, BenchRun, Method,
+                   build_case, format_shape, module_cwd, module_name, results_dir, torch_compile_method)  # fmt: skip
 
-# what the command line below uses itself
-from .machine import collect_metadata, device_slug, measure_ceilings, measure_cpu_ceilings
-from .measure import measure, run_benchmark
-from .report import plot_results, print_report, save_results, write_markdown
-from .spec import DEFAULT_REPEATS, DEFAULT_WARMUP, DTYPES, MODES, Benchmark, RunConfig, module_name, results_dir
+__all__ = [
+    # spec.py: what a benchmark is and the run's options
+    "Benchmark", "BenchRun", "DTYPES", "Method", "PACKAGE", "build_case", "format_shape", "module_cwd", "module_name",
+    "results_dir", "torch_compile_method",
+    # measure.py, machine.py, report.py
+    "add_ratios", "error_text", "measure_cpu", "run_benchmark",
+    "collect_metadata", "cpu_model", "device_slug", "git_commit", "matmul_gflops", "measure_ceilings", "package_version",
+    "format_ratio", "save_results", "versus",
+    # the command line every bench_<op>.py ends with
+    "main",
+]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ cli
@@ -135,7 +138,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
             bench, spec["method"], tuple(spec["shape"]), DTYPES[spec["dtype"]], torch.device("cpu"),
             spec["mode"], spec["repeats"], spec["warmup"],
         )  # fmt: skip
-        print(_RESULT_MARKER + json.dumps(r), flush=True)
+        print(RESULT_MARKER + json.dumps(r), flush=True)
         return [r]
 
     kind = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -153,7 +156,7 @@ def main(bench: Benchmark, argv: list[str] | None = None) -> list[dict]:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     device = torch.device(kind)
-    config = RunConfig(
+    config = BenchRun(
         device=device,
         dtype=DTYPES[args.dtype] if args.dtype else bench.default_dtype[kind],
         shapes=args.shapes or list(bench.default_shapes[kind]),

@@ -14,7 +14,7 @@ import time
 import torch
 
 from .measure import CPU_MEMORY_METHOD, summarize_times
-from .spec import _COPY_BYTES, _MATMUL_SIZE, REPO_ROOT, Benchmark, RunConfig, format_shape, module_name
+from .spec import _COPY_BYTES, _MATMUL_SIZE, REPO_ROOT, Benchmark, BenchRun, format_shape, module_name
 
 # ------------------------------------------------------------------------------ device and metadata
 
@@ -101,14 +101,14 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -126,7 +126,7 @@ def git_commit() -> str | None:
     return commit.strip() if commit else os.environ.get("RLHF_FAST_COMMIT") or None
 
 
-def collect_metadata(device: torch.device, config: RunConfig, ceilings: dict | None) -> dict:
+def collect_metadata(device: torch.device, config: BenchRun, ceilings: dict | None) -> dict:
     commit = git_commit()
     # uncommitted changes to the measured code, if any (the numbers are of the working tree)
     dirty = [line[3:] for line in (_git("status", "--porcelain", "--", "rlhf_fast", "kernels") or "").splitlines()]
@@ -137,16 +137,16 @@ def collect_metadata(device: torch.device, config: RunConfig, ceilings: dict | N
         "git_dirty_paths": dirty,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "peers": {d: _version(d) for d in ("trl", "liger-kernel", "cut-cross-entropy", "transformers")},
+        "triton": package_version("triton"),
+        "peers": {d: package_version(d) for d in ("trl", "liger-kernel", "cut-cross-entropy", "transformers")},
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # other work on the machine skews CPU timings: the 1-minute load average before the run
         "load_average_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "dtype": str(config.dtype).removeprefix("torch."),
         "shapes": [list(s) for s in config.shapes],
         "modes": config.modes,

@@ -16,8 +16,8 @@ import traceback
 
 import torch
 
-from .spec import (DTYPES, MIB, WARM_WARMUP, _L2_FLUSH_BYTES, _RESULT_MARKER, _WORKER_TIMEOUT_S, Benchmark, Case, RunConfig,
-                   build_case, format_shape, module_cwd, module_name)  # fmt: skip
+from .spec import (DTYPES, MIB, RESULT_MARKER, WARM_WARMUP, _L2_FLUSH_BYTES, _WORKER_TIMEOUT_S, Benchmark, BenchRun,
+                   Case, build_case, format_shape, module_cwd, module_name)  # fmt: skip
 
 # --------------------------------------------------------------------------------------------- timing
 
@@ -220,7 +220,7 @@ def _base_result(bench: Benchmark, method: str, shape, dtype: torch.dtype, devic
     }
 
 
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {first}"[:300]
 
@@ -243,7 +243,7 @@ def measure(
         try:
             fn = method.make()
         except ImportError as exc:
-            result.update(status="skipped", reason=_error_text(exc))
+            result.update(status="skipped", reason=error_text(exc))
             return result
         inputs = bench.make_inputs(tuple(shape), dtype, device)
         case = build_case(fn, inputs, bench.grad_inputs, mode, method.overwrites_inputs)
@@ -253,7 +253,7 @@ def measure(
             result.update(measure_cpu(case, repeats, warmup))
     except Exception as exc:  # a method that fails (compile error, OOM) is reported, the run goes on
         traceback.print_exc(file=sys.stderr)
-        result.update(status="error", reason=_error_text(exc))
+        result.update(status="error", reason=error_text(exc))
     finally:
         del inputs, case
         gc.collect()
@@ -281,8 +281,8 @@ def measure_isolated(
         proc = None
     if proc is not None:
         for line in reversed(proc.stdout.splitlines()):
-            if line.startswith(_RESULT_MARKER):
-                result = json.loads(line[len(_RESULT_MARKER) :])
+            if line.startswith(RESULT_MARKER):
+                result = json.loads(line[len(RESULT_MARKER) :])
                 if result.get("status") == "error" and proc.stderr.strip():
                     result["traceback_tail"] = proc.stderr.strip().splitlines()[-1][:300]
                 result["isolated"] = True
@@ -297,7 +297,7 @@ def measure_isolated(
     return result
 
 
-def planned_cases(bench: Benchmark, config: RunConfig) -> tuple[list[tuple], list[dict]]:
+def planned_cases(bench: Benchmark, config: BenchRun) -> tuple[list[tuple], list[dict]]:
     """``(shape, mode, method)`` to measure, and skipped entries (wrong device, peer not installed)."""
     todo, skipped = [], []
     for name in config.methods:
@@ -320,7 +320,7 @@ def planned_cases(bench: Benchmark, config: RunConfig) -> tuple[list[tuple], lis
     return todo, skipped
 
 
-def run_benchmark(bench: Benchmark, config: RunConfig, ceilings: dict | None = None) -> list[dict]:
+def run_benchmark(bench: Benchmark, config: BenchRun, ceilings: dict | None = None) -> list[dict]:
     """Measure every planned case, printing one line per result; adds bandwidth and ratios to baseline."""
     todo, skipped = planned_cases(bench, config)
     results = []
@@ -345,7 +345,7 @@ def run_benchmark(bench: Benchmark, config: RunConfig, ceilings: dict | None = N
 
 
 
-def add_warm_times(bench: Benchmark, config: RunConfig, results: list[dict]) -> None:
+def add_warm_times(bench: Benchmark, config: BenchRun, results: list[dict]) -> None:
     """``warm_median_ms``: each measured case again, all in this one process, after :data:`WARM_WARMUP` calls.
 
     The isolated (cold) measurement gives each method a fresh process: no heap pages kept from earlier calls,

@@ -14,7 +14,7 @@ def _fmt_load(x: float | None) -> str:
     return "?" if x is None else f"{x:.2f}"
 
 
-def _fmt_ratio(x: float | None) -> str:
+def format_ratio(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}×"
 
 
@@ -52,9 +52,9 @@ def table_rows(bench: Benchmark, results: list[dict], gpu: bool) -> tuple[list[s
             if has_flops:
                 cells += [_fmt_tflops(r.get("tflops"))]
                 cells += [f"{100 * r['matmul_fraction']:.0f}%" if r.get("matmul_fraction") else "—"] if mm_pct else []
-            cells += [f"{r['peak_extra_mib']:.1f}", _fmt_ratio(r.get("time_vs_baseline"))]
-            cells += [_fmt_ratio(r.get("warm_time_vs_baseline"))] if warm else []
-            cells += [_fmt_ratio(r.get("mem_vs_baseline"))]
+            cells += [f"{r['peak_extra_mib']:.1f}", format_ratio(r.get("time_vs_baseline"))]
+            cells += [format_ratio(r.get("warm_time_vs_baseline"))] if warm else []
+            cells += [format_ratio(r.get("mem_vs_baseline"))]
         else:
             notes.append(f"{r['status']}: {r.get('reason', '')}")
             cells = ["—"] * (len(headers) - 4 - len(extra))

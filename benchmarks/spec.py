@@ -1,5 +1,5 @@
 """What a benchmark is (``Method``, ``Benchmark``), one measured case (``Case``, ``build_case``), the run's
-options (``RunConfig``) and the paths and constants the harness shares. Part of the harness (benchmarks/harness.py)."""
+options (``BenchRun``) and the paths and constants the harness shares. Part of the harness (benchmarks/harness.py)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ _L2_FLUSH_BYTES = 256 * MIB
 # enough to reach steady-state bandwidth / tensor-core rate on any current GPU.
 _COPY_BYTES = 1 << 30
 _MATMUL_SIZE = 8192
-_RESULT_MARKER = "@@bench-result@@ "
+RESULT_MARKER = "@@bench-result@@ "
 # A worker that takes longer than this is stuck (the slowest default CPU case takes well under a minute).
 _WORKER_TIMEOUT_S = 3600
 
@@ -205,10 +205,11 @@ def build_case(
     return Case(run=lambda _: backward(forward()), setup=restore, grad_to_none=targets)
 
 
-
-
 @dataclass
-class RunConfig:
+class BenchRun:
+    """One benchmark run's options (from the command line, or the GPU suite): what to measure and how.
+    Not a trainer's ``rlhf_fast.train.loop.RunConfig``."""
+
     device: torch.device
     dtype: torch.dtype
     shapes: list[tuple[int, ...]]

@@ -22,12 +22,12 @@ ARCHS = (90, 80)
 
 def all_builds() -> list:
     """Every kernel build of the package: each kernel module's ``build_specs()`` (data: kernels/_build.py)."""
-    from . import gae, kl, linear_logprobs, logprobs, ppo, preference, sampling, truncation
+    from . import full_kl, gae, linear_logprobs, logprobs, ppo, preference, sampling, truncation
 
     return (
         logprobs.build_specs()
         + linear_logprobs.build_specs()
-        + kl.build_specs()
+        + full_kl.build_specs()
         + ppo.build_specs()
         + gae.build_specs()
         + preference.build_specs()

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import interpreter_safe_output, inverse_parts
+from ._common import interpreter_safe_output, inverse_parts, label_term
 from ._softmax import logp_dlogits, online_logsumexp_update, online_softmax_update, scale_by_inverse, softmax_dlogits
 from ._build import TL_DTYPE, KernelBuild, signature
 from ._tuning import matmul_config
@@ -285,11 +285,13 @@ _BWD_CHUNK_BYTES = 1 << 30
 
 
 def linear_logprobs_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
-                             temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool):  # fmt: skip
+                             temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+                             label_grad=None):  # fmt: skip
     """``(d_hidden, d_weight, d_bias)`` (``None`` where not needed) through a bounded dlogits buffer.
 
     ``entropy`` and ``grad_entropy`` ``None``: the gradient of the log-probs alone, by the kernel's
-    ``WITH_ENTROPY = False`` specialisation.
+    ``WITH_ENTROPY = False`` specialisation. ``label_grad`` (float32 ``[N]``): what the label term adds at
+    the label instead of ``grad_logp`` (kernels/_common.py ``label_term``), as in the PyTorch twin.
 
     ``d_weight`` accumulates chunk by chunk in the weight's dtype (cuBLAS accumulates each product in
     float32); one chunk covers ``_BWD_CHUNK_BYTES`` of dlogits, so bf16 rounds once per ~3.5k rows.
@@ -302,6 +304,7 @@ def linear_logprobs_backward(hidden, weight, bias, labels, row_max, log_norm, en
     d_weight = torch.zeros_like(weight) if need_weight else None
     d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_bias else None
     buf = torch.empty((min(rows_per_chunk, N), V), dtype=hidden.dtype, device=hidden.device)
+    labels, extra = label_term(labels, grad_logp, label_grad, V, temperature)
     for r0 in range(0, N, rows_per_chunk):
         n = min(rows_per_chunk, N - r0)
         dlogits = buf[:n]
@@ -316,6 +319,10 @@ def linear_logprobs_backward(hidden, weight, bias, labels, row_max, log_norm, en
         )  # fmt: skip
         if g is not dlogits:
             dlogits.copy_(g)
+        if extra is not None:
+            columns, values = (t[r0 : r0 + n] for t in extra)
+            rows = torch.arange(n, device=dlogits.device)
+            dlogits.index_put_((rows, columns), values.to(dlogits.dtype), accumulate=True)
         if need_hidden:
             torch.mm(dlogits, weight, out=d_hidden[r0 : r0 + n])
         if need_weight:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._build import TL_DTYPE, KernelBuild, signature
-from ._common import interpreter_safe_output, inverse_parts
+from ._common import interpreter_safe_output, inverse_parts, label_term
 from ._softmax import logp_dlogits, row_softmax_stats_above, scale_by_inverse, softmax_dlogits
 from ._tuning import row_config
 
@@ -205,6 +205,7 @@ def logprobs_backward(
     temperature: float,
     ignore_index: int,
     grad_logits: torch.Tensor | None = None,
+    label_grad: torch.Tensor | None = None,
     tau: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient with respect to ``logits`` (``[B, T, V]``) of ``sum(grad_logp * logp + grad_entropy * H)``.
@@ -213,13 +214,15 @@ def logprobs_backward(
     ``None``: the gradient of the log-probs alone, by the kernel's ``WITH_ENTROPY = False`` specialisation.
     The gradient is written into ``grad_logits`` when given (any ``[B, T, V]`` tensor with
     ``stride(-1) == 1``; it may be ``logits`` itself for an in-place backward), else into a new contiguous
-    tensor of the logits' dtype. ``tau``: as in :func:`logprobs_forward`.
+    tensor of the logits' dtype. ``label_grad`` (float32 ``[B*T]``): what the label term adds at the label
+    instead of ``grad_logp`` (kernels/_common.py ``label_term``), as in the PyTorch twin. ``tau``: as in :func:`logprobs_forward`.
     """
     B, T, V = logits.shape
     if grad_logits is None:
         grad_logits = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     if B * T == 0:
         return grad_logits
+    labels, extra = label_term(labels, grad_logp, label_grad, V, temperature, ignore_index)
     out = interpreter_safe_output(grad_logits)
     cfg = row_config(V, logits.element_size())
     _logprobs_bwd_kernel[(B * T,)](
@@ -231,6 +234,10 @@ def logprobs_backward(
     )  # fmt: skip
     if out is not grad_logits:
         grad_logits.copy_(out)
+    if extra is not None:
+        rows = torch.arange(B * T, device=labels.device)
+        columns, values = extra
+        grad_logits.index_put_((rows // T, rows % T, columns), values.to(grad_logits.dtype), accumulate=True)
     return grad_logits
 
 

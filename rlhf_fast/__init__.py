@@ -1,7 +1,7 @@
 """rlhf_fast: fused Triton kernels for the hot spots of RLHF training.
 
 Every public op is importable from here: ``import rlhf_fast as rf; rf.logprobs(logits, labels)``.
-The contract of each op (names, defaults, semantics) is fixed in the project's API document.
+The contract of each op (names, defaults, semantics) is fixed in docs/API.md (in the repository, not installed).
 """
 
 from ._dispatch import IMPLS

@@ -3,7 +3,7 @@
 The mask holds non-negative token weights (0 = not a token; a 0/1 or bool mask selects tokens): every
 mode below is linear in ``mask * L``, and "tokens" of a row is ``sum_t(mask)``.
 
-``agg`` modes (API document):
+``agg`` modes (docs/API.md):
 
 - ``"token-mean"``: ``sum(mask * L) / sum(mask)``
 - ``"seq-mean-token-mean"``: mean over rows with at least one token of ``sum_t(mask * L) / sum_t(mask)``

@@ -1,13 +1,36 @@
-"""Shared pieces of the linear ops built after ``rf.linear_logprobs`` (``rf.linear_full_kl``,
-``rf.linear_ppo_loss``): checking a hidden / lm_head / bias triple, and the gradient accumulation of the
-chunked PyTorch implementations (``logits = hidden @ weight.T + bias``, by chunks of rows): given a chunk's ``dL/dlogits`` (float32 ``[rows, V]``), ``d_hidden[rows] = g @ weight``,
-``d_weight += g.T @ hidden[rows]`` and ``d_bias += sum_rows g``, with the weight and bias gradients
-accumulated in float32 and cast to their dtypes once at the end."""
+"""The base of the linear ops (``rf.linear_logprobs``, ``rf.linear_full_kl``, ``rf.linear_ppo_loss``):
+checking a hidden / lm_head / bias triple, a chunk's float32 logits (``logits = hidden @ weight.T + bias``,
+by chunks of rows) and the gradient accumulation of the chunked PyTorch implementations: given a chunk's
+``dL/dlogits`` (float32 ``[rows, V]``), ``d_hidden[rows] = g @ weight``, ``d_weight += g.T @ hidden[rows]``
+and ``d_bias += sum_rows g``, with the weight and bias gradients accumulated in float32 and cast to their
+dtypes once at the end."""
 
 import torch
 
 from . import _amp, _checks
-from .linear_logprobs import _chunk_logits, _mm_out_float32
+
+
+def _mm_out_float32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the forward multiplies bf16/fp16 operands as they are, into float32 logits (CUDA's
+    ``torch.mm(..., out_dtype=torch.float32)``: tensor cores, float32 accumulation and output). On CPU
+    PyTorch has no such product (``mm.dtype`` is CUDA-only), so the operands are upcast instead: the
+    products of bf16/fp16 numbers are exact in float32, so that computes the same float32 logits."""
+    return device.type == "cuda" and dtype != torch.float32
+
+
+def _chunk_logits(h, w, b32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``h @ w.T + b`` for one chunk of rows, float32 (the temperature is applied by the chunk bodies, fused
+    with their other elementwise work); into ``out`` when given, else a new tensor.
+
+    ``h`` and ``w`` are both float32, or both bf16/fp16 on CUDA (then multiplied with a float32 output).
+    """
+    if h.dtype != torch.float32:
+        z = torch.mm(h, w.t(), out_dtype=torch.float32)
+        z = z if out is None else out.copy_(z)
+        return z if b32 is None else z.add_(b32)
+    if out is None:
+        return torch.addmm(b32, h, w.t()) if b32 is not None else h @ w.t()
+    return torch.addmm(b32, h, w.t(), out=out) if b32 is not None else torch.mm(h, w.t(), out=out)
 
 
 def matmul_operands(hidden, weight, bias):
@@ -63,7 +86,10 @@ class LinearGrads:
         if scale is not None:
             g = g.mul_(scale)
         if self.d_hidden is not None:
-            self.d_hidden[rows] = g @ w32
+            if self.d_hidden.dtype == torch.float32:  # straight into the gradient: no [rows, H] temporary
+                torch.mm(g, w32, out=self.d_hidden[rows])
+            else:
+                self.d_hidden[rows] = g @ w32
         if self.d_w32 is not None:
             self.d_w32.addmm_(g.t(), h32)
         if self.d_b32 is not None:

@@ -51,9 +51,9 @@ import torch.distributed as dist
 from . import _amp
 from ._softmax_torch import as_btv, grad_or_zeros
 
-# Label id the kernels see as "ignored" here: none. Labels handed to them are shard-local ids >= 0 (or the
-# one-past-the-shard id of a row whose label lives on another rank), so -1 never matches; this module masks
-# ignored rows itself.
+# Label id the implementations see as "ignored" here: none. Labels handed to them are shard-local ids >= 0 (0
+# on a row whose label lives on another rank, whose label term label_grad is then 0), so -1 never matches;
+# this module masks ignored rows itself.
 _NO_IGNORE = -1
 
 
@@ -197,18 +197,14 @@ def shard_grads(o: LogprobsShardOptions, ins, local, owned, stats, g_logp, g_ent
     """The gradients of this shard's ``ins`` from the combined ``stats = (row_max, log_norm, entropy)``, with
     ``g_logp`` (0 on ignored rows) and ``g_entropy`` (``None``: no entropy terms): ``grad`` of the logits, or
     ``(d_hidden, d_weight, d_bias)`` with ``d_hidden`` this shard's part only (the caller sums the parts)."""
-    # Every row gets -g_logp p_v on its shard; only the rank owning the label adds g_logp at it. The kernels
-    # add it where the column equals the label, so a row owned elsewhere gets an id past the shard; the
-    # PyTorch twins gather at the label, so they take it in range and a separate label gradient.
-    if o.impl == "triton":
-        labels, extra = torch.where(owned, local, o.shard.size), {}
-    else:
-        labels, extra = local, {"label_grad": g_logp.masked_fill(~owned, 0.0)}
+    # Every row gets -g_logp p_v on its shard; only the rank owning the label adds g_logp at it: the label
+    # term is label_grad, 0 on the rows owned elsewhere (both implementations take it).
+    label_grad = g_logp.masked_fill(~owned, 0.0)
     row_max, log_norm, entropy = stats
     args = (row_max, log_norm, None if g_entropy is None else entropy, g_logp, g_entropy, o.temperature)
     if not o.linear:
-        return o.backward(ins[0], labels, *args, _NO_IGNORE, **extra)
-    return o.backward(*ins, labels, *args, *needs, **extra)
+        return o.backward(ins[0], local, *args, _NO_IGNORE, label_grad=label_grad)
+    return o.backward(*ins, local, *args, *needs, label_grad=label_grad)
 
 
 class _LogprobsShard(torch.autograd.Function):

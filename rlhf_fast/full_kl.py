@@ -5,7 +5,7 @@ Unlike the sampled estimators of ``rf.kl_penalty`` (k1/k2/k3 on the log-prob of 
 has no variance; in a loss it optimises the reverse-KL objective ``E[r] - beta KL(pi || pi_ref)`` whose
 optimum is ``pi_ref exp(r / beta) / Z``. The gradient flows to ``logits`` only.
 
-- ``triton``: one pass over both rows forward, one backward (kernels/kl.py).
+- ``triton``: one pass over both rows forward, one backward (kernels/full_kl.py).
 - ``torch``: the same formulas chunked over rows, ``O(chunk * V)`` float32 temporaries.
 """
 
@@ -71,7 +71,7 @@ def _torch_backward(x, ref, kl, stats, grad_kl, temperature: float) -> torch.Ten
 
 def _backend(impl: str):
     if impl == "triton":
-        from .kernels.kl import full_kl_backward, full_kl_forward
+        from .kernels.full_kl import full_kl_backward, full_kl_forward
 
         return full_kl_forward, full_kl_backward
     return _torch_forward, _torch_backward

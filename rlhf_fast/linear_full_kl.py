@@ -18,7 +18,7 @@ that every chunk reuses (``chunk_buffer``: no per-chunk allocation).
   a bf16/fp16 weight): at N=4096, H=256, V=50000 float32, 190 MiB peak for forward + backward on the
   CPU, 0.078x the 2438 MiB of ``rf.full_kl`` on the two materialised logits, in 1.12x its time
   (benchmarks/results/cpu/linear_full_kl.md; 367 MiB and 1.49x before the buffers and the in-place work).
-- ``triton``: per chunk, ``rf.full_kl``'s kernels (``kernels/kl.py``) on the two buffers; the matmuls are
+- ``triton``: per chunk, ``rf.full_kl``'s kernels (``kernels/full_kl.py``) on the two buffers; the matmuls are
   cuBLAS (torch) calls; a single fused kernel over vocabulary tiles is future work.
 
 So forward is two matmul passes (policy and reference) and backward four (the two recomputations and the

@@ -20,6 +20,7 @@ import torch
 from . import _amp, _checks, _vocab_parallel
 from ._dispatch import resolve
 from ._fused_chunk import MIN_CHUNK_ROWS, chunk_buffer, chunk_grad, chunk_rows, chunk_stats, pad_rows
+from ._linear_common import LinearGrads, _chunk_logits, check_linear_operands, matmul_operands
 from ._skip_rows import check_skip_ignored, labeled_rows, scatter_rows
 from ._softmax_torch import grad_or_zeros
 
@@ -35,38 +36,13 @@ class LinearLogprobsOptions:
     with_entropy: bool = True  # False: log-probs only (entropy None, no entropy work forward or backward)
 
 
-def _mm_out_float32(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the forward multiplies bf16/fp16 operands as they are, into float32 logits (CUDA's
-    ``torch.mm(..., out_dtype=torch.float32)``: tensor cores, float32 accumulation and output). On CPU
-    PyTorch has no such product (``mm.dtype`` is CUDA-only), so the operands are upcast instead: the
-    products of bf16/fp16 numbers are exact in float32, so that computes the same float32 logits."""
-    return device.type == "cuda" and dtype != torch.float32
-
-
-def _chunk_logits(h, w, b32, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``h @ w.T + b`` for one chunk of rows, float32 (the temperature is applied by the chunk bodies, fused
-    with their other elementwise work); into ``out`` when given, else a new tensor.
-
-    ``h`` and ``w`` are both float32, or both bf16/fp16 on CUDA (then multiplied with a float32 output).
-    """
-    if h.dtype != torch.float32:
-        z = torch.mm(h, w.t(), out_dtype=torch.float32)
-        z = z if out is None else out.copy_(z)
-        return z if b32 is None else z.add_(b32)
-    if out is None:
-        return torch.addmm(b32, h, w.t()) if b32 is not None else h @ w.t()
-    return torch.addmm(b32, h, w.t(), out=out) if b32 is not None else torch.mm(h, w.t(), out=out)
-
-
 def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entropy: bool = True):
     """``(logp, entropy, row_max, log_norm)``, chunk by chunk; the twin of ``linear_logprobs_forward``.
 
     ``entropy`` is ``None`` without ``with_entropy``.
     """
     N, V = hidden.shape[0], weight.shape[0]
-    native = _mm_out_float32(hidden.device, hidden.dtype)
-    w_mm = weight if native else weight.float()
-    b32 = None if bias is None else bias.float()
+    native, w_mm, b32 = matmul_operands(hidden, weight, bias)
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     row_max, log_norm = torch.empty_like(logp), torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else None
@@ -86,20 +62,18 @@ def _torch_forward(hidden, weight, bias, labels, temperature: float, with_entrop
     return logp, entropy, row_max, log_norm
 
 
-def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_logp, g_entropy,
+def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, grad_logp, grad_entropy,
                     temperature: float, need_hidden: bool, need_weight: bool, need_bias: bool, label_grad=None):  # fmt: skip
     """``(d_hidden, d_weight, d_bias)`` with recomputed chunk logits; the twin of ``linear_logprobs_backward``.
 
-    ``entropy`` and ``g_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms). The weight
+    ``entropy`` and ``grad_entropy`` ``None``: the gradient of the log-probs alone (no entropy terms). The weight
     gradient accumulates in float32 and is cast once at the end. ``label_grad``: as in ``rf.logprobs``'
     ``_torch_backward`` (a vocabulary shard's label term).
     """
     N, V = hidden.shape[0], weight.shape[0]
     w32 = weight.float()
     b32 = None if bias is None else bias.float()
-    d_hidden = torch.empty_like(hidden) if need_hidden else None
-    d_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-    d_b32 = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_bias else None
+    grads = LinearGrads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     step = chunk_rows(V, _CHUNK_TEMPORARIES)
     z_buf, g_buf = chunk_buffer(step, N, V, hidden.device), chunk_buffer(step, N, V, hidden.device)
     for r in range(0, N, step):
@@ -107,21 +81,11 @@ def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, g_
         h32 = hidden[rows].float()
         n = h32.shape[0]
         z = _chunk_logits(h32, w32, b32, out=z_buf[:n])
-        g = chunk_grad(z, row_max[rows], log_norm[rows], None if entropy is None else entropy[rows], g_logp[rows],
-                       None if g_entropy is None else g_entropy[rows], labels[rows], temperature, out=g_buf[:n],
+        g = chunk_grad(z, row_max[rows], log_norm[rows], None if entropy is None else entropy[rows], grad_logp[rows],
+                       None if grad_entropy is None else grad_entropy[rows], labels[rows], temperature, out=g_buf[:n],
                        label_grad=None if label_grad is None else label_grad[rows])  # fmt: skip
-        if need_hidden:
-            if d_hidden.dtype == torch.float32:
-                torch.mm(g, w32, out=d_hidden[rows])
-            else:
-                d_hidden[rows] = g @ w32
-        if need_weight:
-            d_w32.addmm_(g.t(), h32)
-        if need_bias:
-            d_b32 += g.sum(0)
-    d_weight = None if d_w32 is None else d_w32.to(weight.dtype)
-    d_bias = None if d_b32 is None else d_b32.to(bias.dtype)
-    return d_hidden, d_weight, d_bias
+        grads.add(rows, g, h32, w32)
+    return grads.result()
 
 
 def _backend(impl: str):
@@ -225,27 +189,11 @@ def linear_logprobs(
     PyTorch path). So ``skip_ignored=True`` leaves the labeled rows' outputs bitwise unchanged. Gradients
     are not claimed.
     """
-    _checks.check_float_tensor(hidden, "hidden", min_dim=1)
-    _checks.check_float_tensor(weight, "weight", min_dim=2)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must have shape [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.check_float_tensor(bias, "bias")
     # Under autocast the matmul operands go to the autocast dtype, as F.linear's do (see rlhf_fast/_amp.py).
-    hidden, weight, bias = _amp.cast_matmul_operands(hidden.device, hidden, weight, bias)
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    hidden, weight, bias = check_linear_operands(hidden, weight, bias)
     V = weight.shape[0]
-    if V == 0:
-        raise ValueError("weight must have at least one row (a non-empty vocabulary)")
-    if bias is not None:
-        _checks.check_shape("bias", bias, (V,), "one entry per vocabulary row of weight")
-        if bias.dtype != hidden.dtype:
-            raise ValueError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-        _checks.check_same_device("bias", bias, "hidden", hidden)
     labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
-    _checks.check_same_device("weight", weight, "hidden", hidden)
     _checks.check_same_device("labels", labels, "hidden", hidden)
     opts = LinearLogprobsOptions(
         temperature=_checks.check_positive("temperature", temperature),

@@ -62,7 +62,7 @@ def kl_penalty_reference(logp, ref_logp, estimator: str):
 
 
 def aggregate_reference(values, mask, agg: str):
-    """The four aggregation modes, written out as the API document states them."""
+    """The four aggregation modes, written out as docs/API.md states them."""
     m = torch.ones_like(values) if mask is None else mask.to(values.dtype)
     masked = torch.where(m > 0, values, 0.0)
     B, T = values.shape

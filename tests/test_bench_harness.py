@@ -79,3 +79,22 @@ def test_bench_logprobs_isolated_subprocess(tmp_path):
     _run_bench(tmp_path, "--modes", "full", methods=("eager",))
     data = _check_results(tmp_path, ("full",), isolated=True, methods=("eager",))
     assert data["metadata"]["isolated_subprocesses"] is True
+
+
+def test_harness_names_are_explicit_and_public():
+    """``benchmarks/harness.py`` re-exports its parts' names by name (``__all__``), none private, and every
+    ``harness.<name>`` the benchmarks, the GPU suite and the tests use is one of them (a name left out would
+    be an AttributeError at run time, in a benchmark no CPU test runs)."""
+    import re
+
+    from benchmarks import harness
+
+    exported = set(harness.__all__)
+    assert not [n for n in exported if n.startswith("_")]
+    assert all(hasattr(harness, n) for n in exported)
+    used = {}
+    for path in [*REPO.glob("benchmarks/*.py"), *REPO.glob("tests/*.py")]:
+        for name in re.findall(r"\bharness\.([A-Za-z_]\w*)", path.read_text()):
+            if name not in ("py", "__all__"):  # the file's name, this test's own lookup
+                used.setdefault(name, path.name)
+    assert used and not {n: f for n, f in used.items() if n not in exported}

@@ -68,6 +68,8 @@ def test_every_kernel_is_built_for_both_archs(report):
         "_logprobs_bwd_kernel",
         "_linear_logprobs_fwd_kernel",
         "_linear_logprobs_bwd_kernel",
+        "_full_kl_fwd_kernel",
+        "_full_kl_bwd_kernel",
         "_gae_kernel",
         "_pairwise_sigmoid_kernel",
         "_gumbel_argmax_kernel",

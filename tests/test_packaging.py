@@ -55,6 +55,7 @@ def test_wheel_layout(wheel):
             "rlhf_fast/benchmarks/bench_logprobs.py"} <= set(names)  # fmt: skip
     assert not [n for n in names if n.startswith("benchmarks/")], "a top-level benchmarks package was packaged"
     assert not [n for n in names if "/results/" in n], "committed benchmark results were packaged"
+    assert not [n for n in names if n.startswith("docs/") or "/docs/" in n], "the documentation was packaged"
     top_level = [n for n in names if n.endswith("top_level.txt")]
     for n in top_level:
         assert zipfile.ZipFile(wheel).read(n).decode().split() == ["rlhf_fast"]

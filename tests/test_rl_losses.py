@@ -1,7 +1,7 @@
 """rf.kl_penalty, rf.ppo_policy_loss, rf.value_loss, rf.aggregate against float64 (rf.masked_whiten and
 rf.group_advantages: test_rl_losses_advantages.py).
 
-The references are written token by token from the API document (Python loops in float64), so that
+The references are written token by token from docs/API.md (Python loops in float64), so that
 they share no code with the implementation, the aggregation weights of ``rlhf_fast._agg`` included.
 """
 

@@ -1,4 +1,4 @@
-"""rf.masked_whiten and rf.group_advantages against float64 written out from the API document (Python loops and
+"""rf.masked_whiten and rf.group_advantages against float64 written out from docs/API.md (Python loops and
 ``statistics``), sharing no code with the implementation; their bad inputs. (The losses: test_rl_losses.py.)"""
 
 import math
