@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(f"--methods: choose from {', '.join(METHODS)}")
     import torch
 
-    meta = {"cpu": machine._cpu_model(), "threads": torch.get_num_threads(), "commit": machine.git_commit(),
+    meta = {"cpu": machine.cpu_model(), "threads": torch.get_num_threads(), "commit": machine.git_commit(),
             "torch": torch.__version__, "load": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
             "command": "python -m benchmarks.bench_first_call " + " ".join(argv if argv is not None else sys.argv[1:])}  # fmt: skip
     results = [run_method(m, shape) for m in methods]
