@@ -40,7 +40,7 @@ response token ``t`` (column ``P + t``) is predicted at column ``P + t - 1``, so
 positions are columns ``P - 1 .. L - 2``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,8 @@ import torch.nn.functional as F
 import rlhf_fast as rf
 
 from .. import _agg, _policy, reference
-from .config import LOSS_TYPES, policy_options
+from ..rl_losses import masked_mean
+from .config import LOSS_TYPES
 from .models import lm_hidden_states
 
 OPS = ("fused", "reference")
@@ -56,20 +57,19 @@ OPS = ("fused", "reference")
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """The PPO policy-loss options both op sets take (see ``rlhf_fast.train.ppo.Config``)."""
+    """The PPO policy loss of both op sets: the trainer's own settings, and ``options`` (``rf.PolicyLossOptions``,
+    checked on construction) for everything the loss ops take. ``kl_coef`` is the trainer's adaptive
+    coefficient (the reward KL's and the loss's): ``options.kl_coef`` stays 0 and the k3 term gets this one.
+    See ``rlhf_fast.train.ppo.Config``."""
 
     temperature: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    agg: str = "token-mean"
-    entropy_coef: float = 0.0
     kl_mode: str = "reward"  # "reward": the KL is in the rewards; "k3_loss" / "full_kl_loss": in the loss
     kl_coef: float = 0.0
-    loss_mode: str = "vanilla"  # rf.ppo_policy_loss's loss modes
-    delta: float | None = None  # TRL's two-sided clip
-    kl_bias_correction: bool = False  # k3 in the loss weighted by the ratio (TRL's use_bias_correction_kl)
-    agg_norm: float | None = None  # the aggregation's denominator (set per micro-batch by micro_aggregation)
+    options: rf.PolicyLossOptions = field(default_factory=rf.PolicyLossOptions)
+
+    def loss_options(self) -> rf.PolicyLossOptions:
+        """The loss ops' options: ``options`` with the trainer's ``kl_coef`` for ``kl_mode="k3_loss"``."""
+        return replace(self.options, kl_coef=self.kl_coef) if self.kl_mode == "k3_loss" else self.options
 
 
 def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: str) -> float:
@@ -116,8 +116,8 @@ def _response_labels(response_ids: torch.Tensor, response_mask: torch.Tensor) ->
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(torch.float32)
-    return (x.detach().float() * m).sum() / m.sum().clamp(min=1.0)
+    """A metric: ``rf.masked_mean`` of the detached float32 ``x``."""
+    return masked_mean(x.detach().float(), mask.to(torch.float32))
 
 
 class FusedOps:
@@ -171,20 +171,16 @@ class FusedOps:
         hidden = hidden[:, -R - 1 : -1]
         labels = _response_labels(batch["input_ids"][:, -R:], mask)
         k3 = cfg.kl_mode == "k3_loss"
-        loss, metrics = rf.linear_ppo_loss(
-            hidden, weight, labels, batch["old_logp"], batch["advantages"], mask, bias=bias,
-            ref_logp=batch["ref_logp"] if k3 else None, kl_coef=cfg.kl_coef if k3 else 0.0, kl_estimator="k3",
-            entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg, agg_norm=cfg.agg_norm,
-            loss_mode=cfg.loss_mode, delta=cfg.delta, kl_bias_correction=cfg.kl_bias_correction,
-        )  # fmt: skip
+        loss, metrics = rf.linear_ppo_loss(hidden, weight, labels, batch["old_logp"], batch["advantages"], mask,
+                                           bias=bias, ref_logp=batch["ref_logp"] if k3 else None,
+                                           temperature=cfg.temperature, options=cfg.loss_options())  # fmt: skip
         if cfg.kl_mode == "full_kl_loss":
             with torch.no_grad():
                 ref_hidden, ref_weight, ref_bias = lm_hidden_states(ref_model, batch["input_ids"],
                                                                     batch["attention_mask"])  # fmt: skip
             kl = rf.linear_full_kl(hidden, weight, ref_hidden[:, -R - 1 : -1], ref_weight, bias=bias, ref_bias=ref_bias,
                                    temperature=cfg.temperature)  # fmt: skip
-            loss = loss + cfg.kl_coef * _agg.aggregate(kl, mask, cfg.agg, cfg.agg_norm)
+            loss = loss + cfg.kl_coef * _agg.aggregate(kl, mask, cfg.options.agg, cfg.options.agg_norm)
             metrics["kl"] = _masked_mean(kl, mask)
         elif not k3:
             del metrics["kl"]  # the KL is in the rewards: the trainer logs it from there
@@ -252,14 +248,14 @@ class ReferenceOps:
         labels = _response_labels(batch["input_ids"][:, -R:], mask)
         logp, entropy = reference.logprobs_reference(logits, labels, temperature=cfg.temperature,
                                                      mask_zero_probs=False)  # fmt: skip
-        m = mask.to(torch.float32)
-        surrogate, clip_metrics = _reference_surrogate(logp, batch["old_logp"], batch["advantages"], m, cfg)
+        m, opts = mask.to(torch.float32), cfg.options
+        surrogate, clip_metrics = _reference_surrogate(logp, batch["old_logp"], batch["advantages"], m, opts)
         ratio = surrogate.ratio
-        token = surrogate.loss - cfg.entropy_coef * entropy
+        token = surrogate.loss - opts.entropy_coef * entropy
         metrics = {}
         if cfg.kl_mode == "k3_loss":
             kl = reference.kl_penalty_reference(logp, batch["ref_logp"], "k3")
-            token = token + cfg.kl_coef * (kl * ratio if cfg.kl_bias_correction else kl)
+            token = token + cfg.kl_coef * (kl * ratio if opts.kl_bias_correction else kl)
             metrics["kl"] = _masked_mean(kl, mask)
         elif cfg.kl_mode == "full_kl_loss":
             with torch.no_grad():
@@ -267,10 +263,10 @@ class ReferenceOps:
             kl = reference.full_kl_reference(logits, ref_logits, temperature=cfg.temperature, mask_zero_probs=False)
             token = token + cfg.kl_coef * kl
             metrics["kl"] = _masked_mean(kl, mask)
-        if cfg.agg_norm is None:
-            loss = reference.aggregate_reference(token, m, cfg.agg)
+        if opts.agg_norm is None:
+            loss = reference.aggregate_reference(token, m, opts.agg)
         else:
-            loss = _agg.aggregate(token, m, cfg.agg, cfg.agg_norm)
+            loss = _agg.aggregate(token, m, opts.agg, opts.agg_norm)
         ratio = torch.exp(logp - batch["old_logp"])  # the token ratio (GSPO's s_t has the row's value)
         with torch.no_grad():
             metrics.update(
@@ -306,21 +302,20 @@ class ReferenceOps:
                                             loss_type=loss_type, label_smoothing=label_smoothing)  # fmt: skip
 
 
-def _reference_surrogate(logp, old_logp, advantages, m, cfg: PolicyLossConfig):
+def _reference_surrogate(logp, old_logp, advantages, m, opts: rf.PolicyLossOptions):
     """``(Surrogate, clip metrics)`` of the reference op set: the textbook clipped surrogate for ``vanilla``
     without ``delta`` (``rlhf_fast.reference``), else ``rlhf_fast/_policy.py``'s per-token loss of
-    ``cfg.loss_mode`` on the ``[B, T]`` float32 tensors (the log-probs are 0 off the mask). The metrics are
+    ``opts.loss_mode`` on the ``[B, T]`` float32 tensors (the log-probs are 0 off the mask). The metrics are
     ``rf.ppo_policy_loss``'s: ``clipfrac``, and ``dual_clipfrac`` with ``dual_clip`` (the tokens with ``A < 0``
     whose clipped loss exceeded the cap ``-A * dual_clip``)."""
-    if cfg.loss_mode == "vanilla" and cfg.delta is None:
-        s = reference.clipped_surrogate_reference(logp, old_logp, advantages, clip_low=cfg.clip_low,
-                                                  clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)  # fmt: skip
+    if opts.loss_mode == "vanilla" and opts.delta is None:
+        s = reference.clipped_surrogate_reference(logp, old_logp, advantages, clip_low=opts.clip_low,
+                                                  clip_high=opts.clip_high, dual_clip=opts.dual_clip)  # fmt: skip
         metrics = {"clipfrac": _masked_mean((s.clipped > -s.advantages * s.ratio).float(), m)}
-        if cfg.dual_clip is not None:
-            capped = torch.maximum(-s.advantages * s.ratio, s.clipped) > -s.advantages * cfg.dual_clip
+        if opts.dual_clip is not None:
+            capped = torch.maximum(-s.advantages * s.ratio, s.clipped) > -s.advantages * opts.dual_clip
             metrics["dual_clipfrac"] = _masked_mean(((s.advantages < 0) & capped).float(), m)
         return s, metrics
-    opts = policy_options(cfg)
     on = m != 0
     adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logp)
     lp, old, adv0 = (torch.where(on, t.float(), 0.0) for t in (logp, old_logp, adv))

@@ -104,6 +104,13 @@ class Config(RunConfig):
     def validate(self) -> None:
         check_ppo(self)  # every check of these options: train/config.py
 
+    def policy_loss_options(self) -> rf.PolicyLossOptions:
+        """The loss ops' options of these keys (``ValueError`` naming a key the loss cannot take). Their
+        ``kl_coef`` is 0: the trainer's adaptive one is ``PolicyLossConfig.kl_coef``."""
+        return rf.PolicyLossOptions(loss_mode=self.loss_mode, clip_low=self.clip_low, clip_high=self.clip_high,
+                                    dual_clip=self.dual_clip, delta=self.delta, entropy_coef=self.entropy_coef,
+                                    kl_bias_correction=self.kl_bias_correction, agg=self.agg)  # fmt: skip
+
 
 # ------------------------------------------------------------------------------------------ pieces
 
@@ -291,7 +298,9 @@ def ppo_epochs(batch: dict, advantages, returns, step: int, models: Models, opti
                                                           cfg.max_new_tokens)  # fmt: skip
                 v_weight = micro_weight(mb["response_mask"], mb_mask, agg)
                 token_share = float(mb["response_mask"].sum() / mb_mask.sum().clamp(min=1))  # of the metrics
-                mb_cfg = loss_cfg if cfg.loss_type is None else replace(loss_cfg, agg=agg, agg_norm=agg_norm)
+                mb_cfg = loss_cfg
+                if cfg.loss_type is not None:
+                    mb_cfg = replace(loss_cfg, options=replace(loss_cfg.options, agg=agg, agg_norm=agg_norm))
                 with autocast_context(device, cfg.precision):
                     pg_loss, metrics = ops.policy_loss(models.train_policy, mb, mb_cfg, ref_model=models.ref)
                     loss = pg_loss if cfg.loss_type is None else pg_loss * weight
@@ -344,10 +353,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     elif evaluate is not None:
         summary["before"] = evaluate(models.policy)
 
-    loss_cfg = PolicyLossConfig(temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                dual_clip=cfg.dual_clip, agg=cfg.agg, entropy_coef=cfg.entropy_coef,
-                                kl_mode=cfg.kl_mode, kl_coef=kl_coef, loss_mode=cfg.loss_mode, delta=cfg.delta,
-                                kl_bias_correction=cfg.kl_bias_correction)  # fmt: skip
+    loss_cfg = PolicyLossConfig(temperature=cfg.temperature, kl_mode=cfg.kl_mode, kl_coef=kl_coef,
+                                options=cfg.policy_loss_options())  # fmt: skip
     logger = MetricsLogger(out, enabled=distributed.is_main())
     reset_peak_memory(device)
     tokens_total, seconds_total, update_seconds = 0, 0.0, 0.0
