@@ -30,9 +30,9 @@ from .config_io import (add_config_args, config_from_args, config_to_dict, descr
 from .errors import UserError
 
 __all__ = [
-    "KL_MODES", "LOSS_TYPES", "LOSS_TYPE_AGG", "RunConfig", "SupervisedConfig",
+    "KL_MODES", "LM_HEAD_PRECISIONS", "LOSS_TYPES", "LOSS_TYPE_AGG", "RunConfig", "SupervisedConfig",
     "check_best_of_n", "check_config", "check_dpo", "check_loss_options", "check_options", "check_ppo",
-    "check_rm", "check_sft", "check_shares",
+    "check_rm", "check_sft", "check_shares", "sampling_truncation",
     "add_config_args", "config_from_args", "config_to_dict", "describe_config", "load_config", "parse_overrides",
     "save_config",
 ]  # fmt: skip
@@ -42,6 +42,7 @@ KL_MODES = ("reward", "k3_loss", "full_kl_loss")
 LOSS_TYPE_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                  "dapo": "token-mean"}  # fmt: skip
 LOSS_TYPES = tuple(LOSS_TYPE_AGG)
+LM_HEAD_PRECISIONS = ("auto", "fp32")  # ppo: the lm_head matmul of the log-probs under autocast, or in float32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,8 +172,27 @@ def _one_reward(cfg) -> None:
 
 
 def _sampling_temperature(cfg) -> None:
+    """The sampling keys: ``temperature > 0``, ``top_k`` an int >= 0, ``top_p`` in (0, 1], ``min_p`` in [0, 1)
+    and ``lm_head_precision`` (ppo) ``auto`` or ``fp32``."""
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {cfg.temperature}")
+    k, p, m = cfg.top_k, cfg.top_p, cfg.min_p
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {k!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1: off), got {p!r}")
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+        raise ValueError(f"min_p must be a number in [0, 1) (0: off), got {m!r}")
+    precision = getattr(cfg, "lm_head_precision", "auto")
+    if precision not in LM_HEAD_PRECISIONS:
+        raise ValueError(f"lm_head_precision must be one of {LM_HEAD_PRECISIONS}, got {precision!r}")
+
+
+def sampling_truncation(cfg) -> dict:
+    """The truncation keywords of ``rf.sample_tokens`` and the log-prob ops for a ppo / best-of-n config: only
+    the keys that are on (``top_k > 0``, ``top_p < 1``, ``min_p > 0``; vLLM's sampler), ``{}`` when none is."""
+    on = {"top_k": cfg.top_k > 0, "top_p": cfg.top_p < 1, "min_p": cfg.min_p > 0}
+    return {key: getattr(cfg, key) for key, is_on in on.items() if is_on}
 
 
 # ---------------------------------------------------------------------------------------------------

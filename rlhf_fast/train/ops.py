@@ -66,6 +66,8 @@ class PolicyLossConfig:
     kl_mode: str = "reward"  # "reward": the KL is in the rewards; "k3_loss" / "full_kl_loss": in the loss
     kl_coef: float = 0.0
     options: rf.PolicyLossOptions = field(default_factory=rf.PolicyLossOptions)
+    truncation: dict = field(default_factory=dict)  # the rollout's top_k / top_p / min_p (config.sampling_truncation)
+    lm_head_fp32: bool = False  # the lm_head matmul in float32 under autocast (lm_head_precision="fp32")
 
     def loss_options(self) -> rf.PolicyLossOptions:
         """The loss ops' options: ``options`` with the trainer's ``kl_coef`` for ``kl_mode="k3_loss"``."""
@@ -115,6 +117,11 @@ def _response_labels(response_ids: torch.Tensor, response_mask: torch.Tensor) ->
     return response_ids.masked_fill(response_mask == 0, -100)
 
 
+def _linear_kwargs(truncation: dict | None, lm_head_fp32: bool) -> dict:
+    """The truncation and lm_head-precision keywords of the linear log-prob ops (only those that are on)."""
+    return {**(truncation or {}), **({"matmul_dtype": torch.float32} if lm_head_fp32 else {})}
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A metric: ``rf.masked_mean`` of the detached float32 ``x``."""
     return masked_mean(x.detach().float(), mask.to(torch.float32))
@@ -126,13 +133,16 @@ class FusedOps:
     # ---------------------------------------------------------------------------------- log-probs
 
     def response_logprobs(self, model, input_ids, attention_mask, response_mask, *, temperature=1.0,
-                          return_entropy=False):  # fmt: skip
-        """``(logp [B, R], entropy [B, R] or None)`` of the response tokens, without building logits."""
+                          return_entropy=False, truncation=None, lm_head_fp32=False):  # fmt: skip
+        """``(logp [B, R], entropy [B, R] or None)`` of the response tokens, without building logits; of the
+        distribution truncated by ``truncation`` (``top_k`` / ``top_p`` / ``min_p``: ``-inf`` for a token
+        outside the kept set), with the lm_head in float32 if ``lm_head_fp32``."""
         R = response_mask.shape[1]
         hidden, weight, bias = lm_hidden_states(model, input_ids, attention_mask)
         labels = _response_labels(input_ids[:, -R:], response_mask)
         out = rf.linear_logprobs(hidden[:, -R - 1 : -1], weight, labels, bias=bias, temperature=temperature,
-                                 return_entropy=return_entropy, skip_ignored=True)  # fmt: skip
+                                 return_entropy=return_entropy, skip_ignored=True,
+                                 **_linear_kwargs(truncation, lm_head_fp32))  # fmt: skip
         return out if return_entropy else (out, None)
 
     def response_logits(self, model, input_ids, attention_mask, R: int) -> torch.Tensor:
@@ -173,7 +183,8 @@ class FusedOps:
         k3 = cfg.kl_mode == "k3_loss"
         loss, metrics = rf.linear_ppo_loss(hidden, weight, labels, batch["old_logp"], batch["advantages"], mask,
                                            bias=bias, ref_logp=batch["ref_logp"] if k3 else None,
-                                           temperature=cfg.temperature, options=cfg.loss_options())  # fmt: skip
+                                           temperature=cfg.temperature, options=cfg.loss_options(),
+                                           **_linear_kwargs(cfg.truncation, cfg.lm_head_fp32))  # fmt: skip
         if cfg.kl_mode == "full_kl_loss":
             with torch.no_grad():
                 ref_hidden, ref_weight, ref_bias = lm_hidden_states(ref_model, batch["input_ids"],
@@ -218,13 +229,20 @@ class ReferenceOps:
     def _logits(self, model, input_ids, attention_mask):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def _head_logits(self, model, input_ids, attention_mask, R: int, fp32: bool) -> torch.Tensor:
+        """The response's logits, with ``fp32`` by the lm_head in float32 outside autocast."""
+        if not fp32:
+            return self.response_logits(model, input_ids, attention_mask, R)
+        hidden, weight, bias = lm_hidden_states(model, input_ids, attention_mask)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden[:, -R - 1 : -1].float(), weight.float(), None if bias is None else bias.float())
+
     def response_logprobs(self, model, input_ids, attention_mask, response_mask, *, temperature=1.0,
-                          return_entropy=False):  # fmt: skip
+                          return_entropy=False, truncation=None, lm_head_fp32=False):  # fmt: skip
         R = response_mask.shape[1]
-        logits = self._logits(model, input_ids, attention_mask)[:, -R - 1 : -1]
+        logits = self._head_logits(model, input_ids, attention_mask, R, lm_head_fp32)
         labels = _response_labels(input_ids[:, -R:], response_mask)
-        logp, entropy = reference.logprobs_reference(logits, labels, temperature=temperature,
-                                                     mask_zero_probs=False)  # fmt: skip
+        logp, entropy = _reference_logprobs(logits, labels, temperature, truncation)
         return logp, (entropy if return_entropy else None)
 
     def response_logits(self, model, input_ids, attention_mask, R: int) -> torch.Tensor:
@@ -244,10 +262,14 @@ class ReferenceOps:
     def policy_loss(self, model, batch: dict, cfg: PolicyLossConfig, ref_model=None):
         mask = batch["response_mask"]
         R = mask.shape[1]
-        logits = self.response_logits(model, batch["input_ids"], batch["attention_mask"], R)
+        logits = self._head_logits(model, batch["input_ids"], batch["attention_mask"], R, cfg.lm_head_fp32)
         labels = _response_labels(batch["input_ids"][:, -R:], mask)
-        logp, entropy = reference.logprobs_reference(logits, labels, temperature=cfg.temperature,
-                                                     mask_zero_probs=False)  # fmt: skip
+        logp, entropy = _reference_logprobs(logits, labels, cfg.temperature, cfg.truncation)
+        missed_metric = {}
+        if cfg.truncation:  # a token outside the truncated distribution's kept set: weight 0, counted
+            missed = (mask > 0) & torch.isinf(logp)
+            missed_metric["truncation_miss_frac"] = _masked_mean(missed.float(), mask)
+            logp, mask = torch.where(missed, 0.0, logp), torch.where(missed, 0.0, mask)
         m, opts = mask.to(torch.float32), cfg.options
         surrogate, clip_metrics = _reference_surrogate(logp, batch["old_logp"], batch["advantages"], m, opts)
         ratio = surrogate.ratio
@@ -271,6 +293,7 @@ class ReferenceOps:
         with torch.no_grad():
             metrics.update(
                 **clip_metrics,
+                **missed_metric,
                 approx_kl=_masked_mean(batch["old_logp"] - logp, mask),
                 ratio_mean=_masked_mean(ratio, mask),
                 ratio_max=torch.where(mask > 0, ratio, 0.0).max(),
@@ -300,6 +323,22 @@ class ReferenceOps:
         B = logp.shape[0] // 2
         return reference.dpo_loss_reference(logp[:B], logp[B:], ref_chosen, ref_rejected, beta=beta,
                                             loss_type=loss_type, label_smoothing=label_smoothing)  # fmt: skip
+
+
+def _reference_logprobs(logits, labels, temperature: float, truncation: dict | None):
+    """``(logp, entropy)`` float32 by ``log_softmax`` and ``gather`` (``rlhf_fast.reference``); with
+    ``truncation``, of the logits outside vLLM's kept set (``reference.truncation_keep_reference``, float64
+    sorts) set to ``-inf`` first: a label there gets ``-inf``."""
+    if not truncation:
+        return reference.logprobs_reference(logits, labels, temperature=temperature, mask_zero_probs=False)
+    V, rows = logits.shape[-1], logits.shape[:-1].numel()
+    z = logits.detach().reshape(rows, V).double() / temperature
+    per_row = {key: torch.full((rows,), float(truncation.get(key, off)), dtype=torch.float64)
+               for key, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0))}  # fmt: skip
+    per_row["top_k"] = per_row["top_k"].long()
+    keep = reference.truncation_keep_reference(z.cpu(), per_row["top_k"], per_row["top_p"], per_row["min_p"])
+    logits = logits.float().masked_fill(~keep.to(logits.device).reshape(logits.shape), -float("inf"))
+    return reference.logprobs_reference(logits, labels, temperature=temperature, mask_zero_probs=True)
 
 
 def _reference_surrogate(logp, old_logp, advantages, m, opts: rf.PolicyLossOptions):
