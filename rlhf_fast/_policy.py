@@ -181,15 +181,6 @@ def call_options(op: str, options: PolicyLossOptions | None, keywords: dict) -> 
     return options
 
 
-# Until rlhf_fast/train/ops.py builds rf.PolicyLossOptions itself (issue 23): its old entry points.
-PolicyOptions = PolicyLossOptions
-
-
-def check_policy_options(*, rollout_logp=None, **options) -> PolicyLossOptions:
-    check_rollout_pairing(rollout_logp, options.get("rollout_is"))
-    return PolicyLossOptions(**options)
-
-
 # The largest float32: where exp(lr) overflows (lr > ~88.72), the ratio is this instead of inf.
 RATIO_MAX = torch.finfo(torch.float32).max
 

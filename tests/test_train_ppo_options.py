@@ -54,28 +54,34 @@ def _batch(model, ref, seed=0):
             "old_logp": old, "ref_logp": ref_logp, "advantages": torch.randn(B, generator=g)}  # fmt: skip
 
 
+def loss_config(temperature=1.0, kl_mode="reward", kl_coef=0.0, **options) -> PolicyLossConfig:
+    """The trainer's ``PolicyLossConfig`` of flat keys (those of the PPO config)."""
+    return PolicyLossConfig(temperature=temperature, kl_mode=kl_mode, kl_coef=kl_coef,
+                            options=rf.PolicyLossOptions(**options))  # fmt: skip
+
+
 def _direct(model, ref_model, batch, cfg: PolicyLossConfig):
     """The op called on the model's materialised response logits with the trainer's options."""
-    mask, ids = batch["response_mask"], batch["input_ids"]
+    mask, ids, o = batch["response_mask"], batch["input_ids"], cfg.options
     logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, -R - 1 : -1]
     labels = ids[:, -R:].masked_fill(mask == 0, -100)
     k3 = cfg.kl_mode == "k3_loss"
     loss, _ = rf.ppo_loss_from_logits(
         logits, labels, batch["old_logp"], batch["advantages"], mask, ref_logp=batch["ref_logp"] if k3 else None,
-        kl_coef=cfg.kl_coef if k3 else 0.0, kl_estimator="k3", entropy_coef=cfg.entropy_coef,
-        temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        agg=cfg.agg, agg_norm=cfg.agg_norm, loss_mode=cfg.loss_mode, delta=cfg.delta,
-        kl_bias_correction=cfg.kl_bias_correction, impl="torch",
+        kl_coef=cfg.kl_coef if k3 else 0.0, kl_estimator="k3", entropy_coef=o.entropy_coef,
+        temperature=cfg.temperature, clip_low=o.clip_low, clip_high=o.clip_high, dual_clip=o.dual_clip,
+        agg=o.agg, agg_norm=o.agg_norm, loss_mode=o.loss_mode, delta=o.delta,
+        kl_bias_correction=o.kl_bias_correction, impl="torch",
     )  # fmt: skip
     if cfg.kl_mode == "full_kl_loss":
         with torch.no_grad():
             ref_logits = ref_model(input_ids=ids, attention_mask=batch["attention_mask"]).logits[:, -R - 1 : -1]
         kl = rf.full_kl(logits, ref_logits, temperature=cfg.temperature)
-        if cfg.agg_norm is None:
-            agg_kl = rf.aggregate(kl, mask, agg=cfg.agg)
+        if o.agg_norm is None:
+            agg_kl = rf.aggregate(kl, mask, agg=o.agg)
         else:  # rlhf_fast/_agg.py's denominators
-            assert cfg.agg in ("token-mean", "seq-mean-token-sum-norm")
-            agg_kl = (kl * mask).sum() / (cfg.agg_norm * (B if cfg.agg == "seq-mean-token-sum-norm" else 1))
+            assert o.agg in ("token-mean", "seq-mean-token-sum-norm")
+            agg_kl = (kl * mask).sum() / (o.agg_norm * (B if o.agg == "seq-mean-token-sum-norm" else 1))
         loss = loss + cfg.kl_coef * agg_kl
     return loss
 
@@ -102,7 +108,7 @@ def test_trainer_loss_equals_the_op_on_materialised_logits(models, ops, name, mo
     ``rf.ppo_loss_from_logits`` (and ``rf.full_kl``, with ``full_kl_loss``) on the model's logits."""
     model, ref_model = models
     batch = _batch(model, ref_model)
-    cfg = PolicyLossConfig(**OPTION_SETS[name])
+    cfg = loss_config(**OPTION_SETS[name])
     want = _direct(model, ref_model, batch, cfg)
     want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
     if isinstance(ops, FusedOps):  # the fused path builds no logits: neither the lm_head nor a logits product runs

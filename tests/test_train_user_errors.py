@@ -21,7 +21,7 @@ from rlhf_fast.train.checkpoint import save_checkpoint
 from rlhf_fast.train.config import load_config
 from rlhf_fast.train.errors import UserError
 from rlhf_fast.train.models import load_causal_lm
-from rlhf_fast.train.ops import FusedOps, PolicyLossConfig, ReferenceOps
+from rlhf_fast.train.ops import FusedOps, ReferenceOps
 from rlhf_fast.train.rollout import Rollout, score
 
 from test_train_ppo import bandit_config
@@ -235,13 +235,13 @@ def models(tmp_path_factory):
 def test_both_op_sets_log_dual_clipfrac(models, options):
     """With dual_clip the reference ops log the fused ops' metrics, dual_clipfrac included, with its value (a
     batch in which the dual clip is active on some tokens and not on others)."""
-    from test_train_ppo_options import _batch
+    from test_train_ppo_options import _batch, loss_config
 
     policy, ref = models
     batch = _batch(policy, ref)
     batch["old_logp"] = batch["old_logp"] - 0.5 * batch["response_mask"]  # ratios around e^0.5, some above 1.3
     batch["advantages"] = torch.tensor([-1.0, -0.5, 1.0, -2.0])
-    cfg = PolicyLossConfig(dual_clip=1.3, **options)
+    cfg = loss_config(dual_clip=1.3, **options)
     _, fused = FusedOps().policy_loss(policy, batch, cfg, ref_model=ref)
     _, reference = ReferenceOps().policy_loss(policy, batch, cfg, ref_model=ref)
     assert sorted(fused) == sorted(reference) and "dual_clipfrac" in fused

@@ -5,7 +5,8 @@
 
 One round is a straight line:
   1. sample ``n`` completions of each prompt of the round from the current policy (``rollout.generate`` on
-     the prompts repeated ``n`` times; ancestral sampling at ``temperature``, no top-k / top-p);
+     the prompts repeated ``n`` times; ancestral sampling at ``temperature``, truncated by ``top_k`` /
+     ``top_p`` / ``min_p`` when they are on);
   2. score them with a frozen reward model or a reward function ``(prompts, completions) -> list[float]``
      and keep the highest-scoring completion of each prompt (the first sampled, on ties);
   3. fine-tune the policy on the (prompt, kept completion) pairs with the SFT loss — the mean negative
@@ -31,7 +32,7 @@ import torch
 from . import distributed
 from .checkpoint import maybe_save, resume_state
 from .data import IGNORE_INDEX, collate_prompts, collate_sft, tokenize_prompts
-from .config import RunConfig, check_best_of_n
+from .config import RunConfig, check_best_of_n, sampling_truncation
 from .loop import finish_run, make_optimizer, micro_batches, optimizer_step, start_run, total_steps
 from .metrics import MetricsLogger, progress
 from .models import enable_gradient_checkpointing, load_causal_lm, load_tokenizer
@@ -57,6 +58,9 @@ class Config(RunConfig):
     max_prompt_length: int = 64
     max_new_tokens: int = 64
     temperature: float = 1.0
+    top_k: int = 0  # truncated sampling (vLLM's sampler): the top_k most likely tokens only (0: off)
+    top_p: float = 1.0  # nucleus: the smallest set of most likely tokens holding top_p of the mass (1: off)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0: off)
     # fine-tuning on the kept completions (each round)
     epochs: int = 1
     batch_size: int = 32  # sequences per optimizer step
@@ -95,7 +99,7 @@ def sample_best(policy, tokenizer, prompts, picks: list[int], reward, cfg: Confi
         with autocast_context(device, cfg.precision):
             ro = generate(policy, tokenizer, ids.to(device), mask.to(device), repeated["prompt"],
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds,
-                          synced=distributed.is_sharded(policy))  # fmt: skip
+                          synced=distributed.is_sharded(policy), truncation=sampling_truncation(cfg))  # fmt: skip
         seconds += time.perf_counter() - t0
         group = reward(ro).view(len(rows), cfg.n)
         best = group.argmax(1)  # the first maximum of each row

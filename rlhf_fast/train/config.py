@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .. import _agg, _policy
 from ..preference import DPO_LOSS_TYPES
 from . import distributed
 from .config_io import (add_config_args, config_from_args, config_to_dict, describe_config, load_config,
@@ -31,9 +30,9 @@ from .config_io import (add_config_args, config_from_args, config_to_dict, descr
 from .errors import UserError
 
 __all__ = [
-    "KL_MODES", "LOSS_TYPES", "LOSS_TYPE_AGG", "RunConfig", "SupervisedConfig",
+    "KL_MODES", "LM_HEAD_PRECISIONS", "LOSS_TYPES", "LOSS_TYPE_AGG", "RunConfig", "SupervisedConfig",
     "check_best_of_n", "check_config", "check_dpo", "check_loss_options", "check_options", "check_ppo",
-    "check_rm", "check_sft", "check_shares", "policy_options",
+    "check_rm", "check_sft", "check_shares", "sampling_truncation",
     "add_config_args", "config_from_args", "config_to_dict", "describe_config", "load_config", "parse_overrides",
     "save_config",
 ]  # fmt: skip
@@ -43,6 +42,7 @@ KL_MODES = ("reward", "k3_loss", "full_kl_loss")
 LOSS_TYPE_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                  "dapo": "token-mean"}  # fmt: skip
 LOSS_TYPES = tuple(LOSS_TYPE_AGG)
+LM_HEAD_PRECISIONS = ("auto", "fp32")  # ppo: the lm_head matmul of the log-probs under autocast, or in float32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,8 +172,27 @@ def _one_reward(cfg) -> None:
 
 
 def _sampling_temperature(cfg) -> None:
+    """The sampling keys: ``temperature > 0``, ``top_k`` an int >= 0, ``top_p`` in (0, 1], ``min_p`` in [0, 1)
+    and ``lm_head_precision`` (ppo) ``auto`` or ``fp32``."""
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {cfg.temperature}")
+    k, p, m = cfg.top_k, cfg.top_p, cfg.min_p
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {k!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1] (1: off), got {p!r}")
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < 1:
+        raise ValueError(f"min_p must be a number in [0, 1) (0: off), got {m!r}")
+    precision = getattr(cfg, "lm_head_precision", "auto")
+    if precision not in LM_HEAD_PRECISIONS:
+        raise ValueError(f"lm_head_precision must be one of {LM_HEAD_PRECISIONS}, got {precision!r}")
+
+
+def sampling_truncation(cfg) -> dict:
+    """The truncation keywords of ``rf.sample_tokens`` and the log-prob ops for a ppo / best-of-n config: only
+    the keys that are on (``top_k > 0``, ``top_p < 1``, ``min_p > 0``; vLLM's sampler), ``{}`` when none is."""
+    on = {"top_k": cfg.top_k > 0, "top_p": cfg.top_p < 1, "min_p": cfg.min_p > 0}
+    return {key: getattr(cfg, key) for key, is_on in on.items() if is_on}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,9 +201,9 @@ def _sampling_temperature(cfg) -> None:
 
 def check_loss_options(cfg) -> None:
     """``ValueError`` naming the PPO config key (``agg``, ``loss_mode``, ``loss_type``, ``delta``,
-    ``kl_bias_correction``, the clips) whose value the policy loss cannot take, before a model is loaded."""
-    if cfg.agg not in _agg.AGG_MODES:
-        raise ValueError(f"agg must be one of {_agg.AGG_MODES}, got {cfg.agg!r}")
+    ``kl_bias_correction``, the clips) whose value the policy loss cannot take, before a model is loaded:
+    ``cfg.policy_loss_options()`` builds the ``rf.PolicyLossOptions``, whose fields are the keys' names."""
+    cfg.policy_loss_options()
     if cfg.loss_type is not None:
         if cfg.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be None or one of {LOSS_TYPES}, got {cfg.loss_type!r}")
@@ -192,22 +211,9 @@ def check_loss_options(cfg) -> None:
         if cfg.agg not in ("token-mean", preset):  # token-mean: the default, left as it is
             raise ValueError(f"loss_type={cfg.loss_type!r} sets agg={preset!r} (and its normaliser); "
                              f"agg={cfg.agg!r} contradicts it: leave agg unset")  # fmt: skip
-    policy_options(cfg)
-    if not isinstance(cfg.kl_bias_correction, bool):
-        raise ValueError(f"kl_bias_correction must be true or false, got {cfg.kl_bias_correction!r}")
     if cfg.kl_bias_correction and cfg.kl_mode != "k3_loss":
         raise ValueError(f"kl_bias_correction weights the k3 KL term of the loss by the ratio: it needs "
                          f"kl_mode='k3_loss', got kl_mode={cfg.kl_mode!r}")  # fmt: skip
-
-
-def policy_options(cfg) -> _policy.PolicyOptions:
-    """The validated ``rlhf_fast/_policy.py`` options of a PPO ``Config`` or ``ops.PolicyLossConfig`` (rf's
-    default SAPO temperatures, no rollout correction)."""
-    return _policy.check_policy_options(
-        loss_mode=cfg.loss_mode, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        delta=cfg.delta, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_logp=None, rollout_is=None, rollout_is_cap=2.0,
-        rollout_is_lower=None,
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

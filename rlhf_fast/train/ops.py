@@ -40,7 +40,7 @@ response token ``t`` (column ``P + t``) is predicted at column ``P + t - 1``, so
 positions are columns ``P - 1 .. L - 2``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,8 @@ import torch.nn.functional as F
 import rlhf_fast as rf
 
 from .. import _agg, _policy, reference
-from .config import LOSS_TYPES, policy_options
+from ..rl_losses import masked_mean
+from .config import LOSS_TYPES
 from .models import lm_hidden_states
 
 OPS = ("fused", "reference")
@@ -56,20 +57,21 @@ OPS = ("fused", "reference")
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """The PPO policy-loss options both op sets take (see ``rlhf_fast.train.ppo.Config``)."""
+    """The PPO policy loss of both op sets: the trainer's own settings, and ``options`` (``rf.PolicyLossOptions``,
+    checked on construction) for everything the loss ops take. ``kl_coef`` is the trainer's adaptive
+    coefficient (the reward KL's and the loss's): ``options.kl_coef`` stays 0 and the k3 term gets this one.
+    See ``rlhf_fast.train.ppo.Config``."""
 
     temperature: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    agg: str = "token-mean"
-    entropy_coef: float = 0.0
     kl_mode: str = "reward"  # "reward": the KL is in the rewards; "k3_loss" / "full_kl_loss": in the loss
     kl_coef: float = 0.0
-    loss_mode: str = "vanilla"  # rf.ppo_policy_loss's loss modes
-    delta: float | None = None  # TRL's two-sided clip
-    kl_bias_correction: bool = False  # k3 in the loss weighted by the ratio (TRL's use_bias_correction_kl)
-    agg_norm: float | None = None  # the aggregation's denominator (set per micro-batch by micro_aggregation)
+    options: rf.PolicyLossOptions = field(default_factory=rf.PolicyLossOptions)
+    truncation: dict = field(default_factory=dict)  # the rollout's top_k / top_p / min_p (config.sampling_truncation)
+    lm_head_fp32: bool = False  # the lm_head matmul in float32 under autocast (lm_head_precision="fp32")
+
+    def loss_options(self) -> rf.PolicyLossOptions:
+        """The loss ops' options: ``options`` with the trainer's ``kl_coef`` for ``kl_mode="k3_loss"``."""
+        return replace(self.options, kl_coef=self.kl_coef) if self.kl_mode == "k3_loss" else self.options
 
 
 def micro_weight(micro_mask: torch.Tensor, minibatch_mask: torch.Tensor, agg: str) -> float:
@@ -115,9 +117,14 @@ def _response_labels(response_ids: torch.Tensor, response_mask: torch.Tensor) ->
     return response_ids.masked_fill(response_mask == 0, -100)
 
 
+def _linear_kwargs(truncation: dict | None, lm_head_fp32: bool) -> dict:
+    """The truncation and lm_head-precision keywords of the linear log-prob ops (only those that are on)."""
+    return {**(truncation or {}), **({"matmul_dtype": torch.float32} if lm_head_fp32 else {})}
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(torch.float32)
-    return (x.detach().float() * m).sum() / m.sum().clamp(min=1.0)
+    """A metric: ``rf.masked_mean`` of the detached float32 ``x``."""
+    return masked_mean(x.detach().float(), mask.to(torch.float32))
 
 
 class FusedOps:
@@ -126,13 +133,16 @@ class FusedOps:
     # ---------------------------------------------------------------------------------- log-probs
 
     def response_logprobs(self, model, input_ids, attention_mask, response_mask, *, temperature=1.0,
-                          return_entropy=False):  # fmt: skip
-        """``(logp [B, R], entropy [B, R] or None)`` of the response tokens, without building logits."""
+                          return_entropy=False, truncation=None, lm_head_fp32=False):  # fmt: skip
+        """``(logp [B, R], entropy [B, R] or None)`` of the response tokens, without building logits; of the
+        distribution truncated by ``truncation`` (``top_k`` / ``top_p`` / ``min_p``: ``-inf`` for a token
+        outside the kept set), with the lm_head in float32 if ``lm_head_fp32``."""
         R = response_mask.shape[1]
         hidden, weight, bias = lm_hidden_states(model, input_ids, attention_mask)
         labels = _response_labels(input_ids[:, -R:], response_mask)
         out = rf.linear_logprobs(hidden[:, -R - 1 : -1], weight, labels, bias=bias, temperature=temperature,
-                                 return_entropy=return_entropy, skip_ignored=True)  # fmt: skip
+                                 return_entropy=return_entropy, skip_ignored=True,
+                                 **_linear_kwargs(truncation, lm_head_fp32))  # fmt: skip
         return out if return_entropy else (out, None)
 
     def response_logits(self, model, input_ids, attention_mask, R: int) -> torch.Tensor:
@@ -171,20 +181,17 @@ class FusedOps:
         hidden = hidden[:, -R - 1 : -1]
         labels = _response_labels(batch["input_ids"][:, -R:], mask)
         k3 = cfg.kl_mode == "k3_loss"
-        loss, metrics = rf.linear_ppo_loss(
-            hidden, weight, labels, batch["old_logp"], batch["advantages"], mask, bias=bias,
-            ref_logp=batch["ref_logp"] if k3 else None, kl_coef=cfg.kl_coef if k3 else 0.0, kl_estimator="k3",
-            entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, agg=cfg.agg, agg_norm=cfg.agg_norm,
-            loss_mode=cfg.loss_mode, delta=cfg.delta, kl_bias_correction=cfg.kl_bias_correction,
-        )  # fmt: skip
+        loss, metrics = rf.linear_ppo_loss(hidden, weight, labels, batch["old_logp"], batch["advantages"], mask,
+                                           bias=bias, ref_logp=batch["ref_logp"] if k3 else None,
+                                           temperature=cfg.temperature, options=cfg.loss_options(),
+                                           **_linear_kwargs(cfg.truncation, cfg.lm_head_fp32))  # fmt: skip
         if cfg.kl_mode == "full_kl_loss":
             with torch.no_grad():
                 ref_hidden, ref_weight, ref_bias = lm_hidden_states(ref_model, batch["input_ids"],
                                                                     batch["attention_mask"])  # fmt: skip
             kl = rf.linear_full_kl(hidden, weight, ref_hidden[:, -R - 1 : -1], ref_weight, bias=bias, ref_bias=ref_bias,
                                    temperature=cfg.temperature)  # fmt: skip
-            loss = loss + cfg.kl_coef * _agg.aggregate(kl, mask, cfg.agg, cfg.agg_norm)
+            loss = loss + cfg.kl_coef * _agg.aggregate(kl, mask, cfg.options.agg, cfg.options.agg_norm)
             metrics["kl"] = _masked_mean(kl, mask)
         elif not k3:
             del metrics["kl"]  # the KL is in the rewards: the trainer logs it from there
@@ -222,13 +229,20 @@ class ReferenceOps:
     def _logits(self, model, input_ids, attention_mask):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def _head_logits(self, model, input_ids, attention_mask, R: int, fp32: bool) -> torch.Tensor:
+        """The response's logits, with ``fp32`` by the lm_head in float32 outside autocast."""
+        if not fp32:
+            return self.response_logits(model, input_ids, attention_mask, R)
+        hidden, weight, bias = lm_hidden_states(model, input_ids, attention_mask)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden[:, -R - 1 : -1].float(), weight.float(), None if bias is None else bias.float())
+
     def response_logprobs(self, model, input_ids, attention_mask, response_mask, *, temperature=1.0,
-                          return_entropy=False):  # fmt: skip
+                          return_entropy=False, truncation=None, lm_head_fp32=False):  # fmt: skip
         R = response_mask.shape[1]
-        logits = self._logits(model, input_ids, attention_mask)[:, -R - 1 : -1]
+        logits = self._head_logits(model, input_ids, attention_mask, R, lm_head_fp32)
         labels = _response_labels(input_ids[:, -R:], response_mask)
-        logp, entropy = reference.logprobs_reference(logits, labels, temperature=temperature,
-                                                     mask_zero_probs=False)  # fmt: skip
+        logp, entropy = _reference_logprobs(logits, labels, temperature, truncation)
         return logp, (entropy if return_entropy else None)
 
     def response_logits(self, model, input_ids, attention_mask, R: int) -> torch.Tensor:
@@ -248,18 +262,22 @@ class ReferenceOps:
     def policy_loss(self, model, batch: dict, cfg: PolicyLossConfig, ref_model=None):
         mask = batch["response_mask"]
         R = mask.shape[1]
-        logits = self.response_logits(model, batch["input_ids"], batch["attention_mask"], R)
+        logits = self._head_logits(model, batch["input_ids"], batch["attention_mask"], R, cfg.lm_head_fp32)
         labels = _response_labels(batch["input_ids"][:, -R:], mask)
-        logp, entropy = reference.logprobs_reference(logits, labels, temperature=cfg.temperature,
-                                                     mask_zero_probs=False)  # fmt: skip
-        m = mask.to(torch.float32)
-        surrogate, clip_metrics = _reference_surrogate(logp, batch["old_logp"], batch["advantages"], m, cfg)
+        logp, entropy = _reference_logprobs(logits, labels, cfg.temperature, cfg.truncation)
+        missed_metric = {}
+        if cfg.truncation:  # a token outside the truncated distribution's kept set: weight 0, counted
+            missed = (mask > 0) & torch.isinf(logp)
+            missed_metric["truncation_miss_frac"] = _masked_mean(missed.float(), mask)
+            logp, mask = torch.where(missed, 0.0, logp), torch.where(missed, 0.0, mask)
+        m, opts = mask.to(torch.float32), cfg.options
+        surrogate, clip_metrics = _reference_surrogate(logp, batch["old_logp"], batch["advantages"], m, opts)
         ratio = surrogate.ratio
-        token = surrogate.loss - cfg.entropy_coef * entropy
+        token = surrogate.loss - opts.entropy_coef * entropy
         metrics = {}
         if cfg.kl_mode == "k3_loss":
             kl = reference.kl_penalty_reference(logp, batch["ref_logp"], "k3")
-            token = token + cfg.kl_coef * (kl * ratio if cfg.kl_bias_correction else kl)
+            token = token + cfg.kl_coef * (kl * ratio if opts.kl_bias_correction else kl)
             metrics["kl"] = _masked_mean(kl, mask)
         elif cfg.kl_mode == "full_kl_loss":
             with torch.no_grad():
@@ -267,14 +285,15 @@ class ReferenceOps:
             kl = reference.full_kl_reference(logits, ref_logits, temperature=cfg.temperature, mask_zero_probs=False)
             token = token + cfg.kl_coef * kl
             metrics["kl"] = _masked_mean(kl, mask)
-        if cfg.agg_norm is None:
-            loss = reference.aggregate_reference(token, m, cfg.agg)
+        if opts.agg_norm is None:
+            loss = reference.aggregate_reference(token, m, opts.agg)
         else:
-            loss = _agg.aggregate(token, m, cfg.agg, cfg.agg_norm)
+            loss = _agg.aggregate(token, m, opts.agg, opts.agg_norm)
         ratio = torch.exp(logp - batch["old_logp"])  # the token ratio (GSPO's s_t has the row's value)
         with torch.no_grad():
             metrics.update(
                 **clip_metrics,
+                **missed_metric,
                 approx_kl=_masked_mean(batch["old_logp"] - logp, mask),
                 ratio_mean=_masked_mean(ratio, mask),
                 ratio_max=torch.where(mask > 0, ratio, 0.0).max(),
@@ -306,21 +325,36 @@ class ReferenceOps:
                                             loss_type=loss_type, label_smoothing=label_smoothing)  # fmt: skip
 
 
-def _reference_surrogate(logp, old_logp, advantages, m, cfg: PolicyLossConfig):
+def _reference_logprobs(logits, labels, temperature: float, truncation: dict | None):
+    """``(logp, entropy)`` float32 by ``log_softmax`` and ``gather`` (``rlhf_fast.reference``); with
+    ``truncation``, of the logits outside vLLM's kept set (``reference.truncation_keep_reference``, float64
+    sorts) set to ``-inf`` first: a label there gets ``-inf``."""
+    if not truncation:
+        return reference.logprobs_reference(logits, labels, temperature=temperature, mask_zero_probs=False)
+    V, rows = logits.shape[-1], logits.shape[:-1].numel()
+    z = logits.detach().reshape(rows, V).double() / temperature
+    per_row = {key: torch.full((rows,), float(truncation.get(key, off)), dtype=torch.float64)
+               for key, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0))}  # fmt: skip
+    per_row["top_k"] = per_row["top_k"].long()
+    keep = reference.truncation_keep_reference(z.cpu(), per_row["top_k"], per_row["top_p"], per_row["min_p"])
+    logits = logits.float().masked_fill(~keep.to(logits.device).reshape(logits.shape), -float("inf"))
+    return reference.logprobs_reference(logits, labels, temperature=temperature, mask_zero_probs=True)
+
+
+def _reference_surrogate(logp, old_logp, advantages, m, opts: rf.PolicyLossOptions):
     """``(Surrogate, clip metrics)`` of the reference op set: the textbook clipped surrogate for ``vanilla``
     without ``delta`` (``rlhf_fast.reference``), else ``rlhf_fast/_policy.py``'s per-token loss of
-    ``cfg.loss_mode`` on the ``[B, T]`` float32 tensors (the log-probs are 0 off the mask). The metrics are
+    ``opts.loss_mode`` on the ``[B, T]`` float32 tensors (the log-probs are 0 off the mask). The metrics are
     ``rf.ppo_policy_loss``'s: ``clipfrac``, and ``dual_clipfrac`` with ``dual_clip`` (the tokens with ``A < 0``
     whose clipped loss exceeded the cap ``-A * dual_clip``)."""
-    if cfg.loss_mode == "vanilla" and cfg.delta is None:
-        s = reference.clipped_surrogate_reference(logp, old_logp, advantages, clip_low=cfg.clip_low,
-                                                  clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)  # fmt: skip
+    if opts.loss_mode == "vanilla" and opts.delta is None:
+        s = reference.clipped_surrogate_reference(logp, old_logp, advantages, clip_low=opts.clip_low,
+                                                  clip_high=opts.clip_high, dual_clip=opts.dual_clip)  # fmt: skip
         metrics = {"clipfrac": _masked_mean((s.clipped > -s.advantages * s.ratio).float(), m)}
-        if cfg.dual_clip is not None:
-            capped = torch.maximum(-s.advantages * s.ratio, s.clipped) > -s.advantages * cfg.dual_clip
+        if opts.dual_clip is not None:
+            capped = torch.maximum(-s.advantages * s.ratio, s.clipped) > -s.advantages * opts.dual_clip
             metrics["dual_clipfrac"] = _masked_mean(((s.advantages < 0) & capped).float(), m)
         return s, metrics
-    opts = policy_options(cfg)
     on = m != 0
     adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logp)
     lp, old, adv0 = (torch.where(on, t.float(), 0.0) for t in (logp, old_logp, adv))

@@ -44,7 +44,7 @@ import rlhf_fast as rf
 from . import distributed
 from .checkpoint import maybe_save, resume_state
 from .data import collate_prompts, tokenize_prompts
-from .config import RunConfig, check_ppo
+from .config import RunConfig, check_ppo, sampling_truncation
 from .loop import finish_run, make_optimizer, save_pretrained, start_run
 from .metrics import MetricsLogger, progress
 from .models import CriticModel, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
@@ -73,6 +73,11 @@ class Config(RunConfig):
     max_prompt_length: int = 64
     max_new_tokens: int = 16
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
+    # truncated sampling (vLLM's sampler; off by default): the loss's log-probs are the same truncated distribution's
+    top_k: int = 0  # sample among the top_k most likely tokens only (0: off)
+    top_p: float = 1.0  # nucleus: the smallest set of most likely tokens holding top_p of the mass (1: off)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0: off)
+    lm_head_precision: Literal["auto", "fp32"] = "auto"  # fp32: the log-probs' lm_head matmul in float32 under bf16
     ppo_epochs: int = 2
     minibatch_size: int = 16  # sequences per optimizer step (split into grad_accum micro-batches)
     critic_lr: float = 1e-4  # the critic's optimizer (lr, warmup_steps and lr_schedule: both optimizers)
@@ -103,6 +108,13 @@ class Config(RunConfig):
 
     def validate(self) -> None:
         check_ppo(self)  # every check of these options: train/config.py
+
+    def policy_loss_options(self) -> rf.PolicyLossOptions:
+        """The loss ops' options of these keys (``ValueError`` naming a key the loss cannot take). Their
+        ``kl_coef`` is 0: the trainer's adaptive one is ``PolicyLossConfig.kl_coef``."""
+        return rf.PolicyLossOptions(loss_mode=self.loss_mode, clip_low=self.clip_low, clip_high=self.clip_high,
+                                    dual_clip=self.dual_clip, delta=self.delta, entropy_coef=self.entropy_coef,
+                                    kl_bias_correction=self.kl_bias_correction, agg=self.agg)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -208,25 +220,33 @@ def collect_rollout(step: int, prompts, tokenizer, models: Models, reward, ops, 
         # generate() steps until all processes are done under FSDP: its forwards are collective
         ro = generate(policy, tokenizer, prompt_ids.to(device), prompt_mask.to(device), rows["prompt"],
                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seeds=seeds,
-                      synced=distributed.is_sharded(policy))  # fmt: skip
+                      synced=distributed.is_sharded(policy), truncation=sampling_truncation(cfg))  # fmt: skip
     scores = reward(ro)
     if cfg.missing_eos_penalty:
         scores = scores - cfg.missing_eos_penalty * (~ro.finished).float()
         check_finite_scores(scores, ro.completions, f"missing_eos_penalty={cfg.missing_eos_penalty!r} gave")
 
-    local_mask = ro.response_mask
+    local_mask, fp32 = ro.response_mask, cfg.lm_head_precision == "fp32"
     with torch.no_grad(), autocast_context(device, cfg.precision):
+        # the sampled (truncated) distribution's log-probs; the reference's over its full softmax
         old_logp, _ = ops.response_logprobs(policy, ro.input_ids, ro.attention_mask, local_mask,
-                                            temperature=cfg.temperature)  # fmt: skip
+                                            temperature=cfg.temperature, truncation=sampling_truncation(cfg),
+                                            lm_head_fp32=fp32)  # fmt: skip
         ref_logp, _ = ops.response_logprobs(models.ref, ro.input_ids, ro.attention_mask, local_mask,
-                                            temperature=cfg.temperature)  # fmt: skip
+                                            temperature=cfg.temperature, lm_head_fp32=fp32)  # fmt: skip
         values = _values(critic, ro.input_ids, ro.attention_mask, local_mask.shape[1]) if critic else None
+    # A sampled token outside the kept set recomputed from the full forward (a near-tie at the threshold,
+    # which generate's cached forward split the other way): -inf log-prob, so out of the loss and the KL
+    missed = (local_mask > 0) & torch.isinf(old_logp)
+    old_logp, ref_logp = old_logp.masked_fill(missed, 0.0), ref_logp.masked_fill(missed, 0.0)
+    loss_mask = local_mask.masked_fill(missed, 0.0)
 
     R = distributed.global_max(local_mask.shape[1])
     return {
         "input_ids": distributed.gather_rows(ro.input_ids, length=P + R, value=tokenizer.pad_token_id),
         "attention_mask": distributed.gather_rows(ro.attention_mask, length=P + R),
         "response_mask": distributed.gather_rows(local_mask, length=R),
+        "loss_mask": distributed.gather_rows(loss_mask, length=R),
         "old_logp": distributed.gather_rows(old_logp * local_mask, length=R),
         "ref_logp": distributed.gather_rows(ref_logp * local_mask, length=R),
         "values": distributed.gather_rows(values * local_mask, length=R) if critic else None,
@@ -267,6 +287,7 @@ def ppo_epochs(batch: dict, advantages, returns, step: int, models: Models, opti
     world, critic, mask = distributed.world_size(), models.critic, batch["response_mask"]
     B, R = mask.shape
     data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "old_logp", "ref_logp")}
+    data["response_mask"] = mask = batch["loss_mask"]  # the response tokens in the sampled distribution's kept set
     data["advantages"] = advantages
     if critic is not None:
         data |= {"old_values": batch["values"], "returns": returns}
@@ -291,7 +312,9 @@ def ppo_epochs(batch: dict, advantages, returns, step: int, models: Models, opti
                                                           cfg.max_new_tokens)  # fmt: skip
                 v_weight = micro_weight(mb["response_mask"], mb_mask, agg)
                 token_share = float(mb["response_mask"].sum() / mb_mask.sum().clamp(min=1))  # of the metrics
-                mb_cfg = loss_cfg if cfg.loss_type is None else replace(loss_cfg, agg=agg, agg_norm=agg_norm)
+                mb_cfg = loss_cfg
+                if cfg.loss_type is not None:
+                    mb_cfg = replace(loss_cfg, options=replace(loss_cfg.options, agg=agg, agg_norm=agg_norm))
                 with autocast_context(device, cfg.precision):
                     pg_loss, metrics = ops.policy_loss(models.train_policy, mb, mb_cfg, ref_model=models.ref)
                     loss = pg_loss if cfg.loss_type is None else pg_loss * weight
@@ -344,10 +367,9 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
     elif evaluate is not None:
         summary["before"] = evaluate(models.policy)
 
-    loss_cfg = PolicyLossConfig(temperature=cfg.temperature, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                dual_clip=cfg.dual_clip, agg=cfg.agg, entropy_coef=cfg.entropy_coef,
-                                kl_mode=cfg.kl_mode, kl_coef=kl_coef, loss_mode=cfg.loss_mode, delta=cfg.delta,
-                                kl_bias_correction=cfg.kl_bias_correction)  # fmt: skip
+    loss_cfg = PolicyLossConfig(temperature=cfg.temperature, kl_mode=cfg.kl_mode, kl_coef=kl_coef,
+                                options=cfg.policy_loss_options(), truncation=sampling_truncation(cfg),
+                                lm_head_fp32=cfg.lm_head_precision == "fp32")  # fmt: skip
     logger = MetricsLogger(out, enabled=distributed.is_main())
     reset_peak_memory(device)
     tokens_total, seconds_total, update_seconds = 0, 0.0, 0.0

@@ -1,10 +1,11 @@
 """Sampling and scoring shared by the PPO and best-of-n trainers (and the evaluation of any policy).
 
 A rollout is a ``[B, P + R]`` batch: ``P`` left-padded prompt tokens, then ``R`` sampled response tokens,
-right-padded after each response's end-of-sequence token. Sampling is plain ancestral sampling from
-``softmax(logits / temperature)`` — no top-k / top-p, no repetition penalty or other processor from the
-checkpoint's ``generation_config`` — so the log-probs the PPO loss computes at the same temperature are those
-of the distribution the tokens were drawn from.
+right-padded after each response's end-of-sequence token. Sampling is ancestral sampling from
+``softmax(logits / temperature)``, truncated when the trainer's ``top_k`` / ``top_p`` / ``min_p`` are on
+(``rf.sample_tokens``' vLLM sampler: only kept tokens, in their renormalised proportions) — no repetition
+penalty or other processor from the checkpoint's ``generation_config`` — so the log-probs the PPO loss computes
+at the same temperature and truncation are those of the distribution the tokens were drawn from.
 
 The draws are Gumbel-max: token ``argmax_v(logits_v / T + g_v)`` with ``g_v`` standard Gumbel noise, which is
 an exact sample of ``softmax(logits / T)``. The noise is a counter-based hash of ``(row seed, position, v)``,
@@ -28,6 +29,7 @@ import rlhf_fast as rf
 
 from ..sampling import row_seeds, sample_tokens
 from . import distributed
+from .config import sampling_truncation
 from .data import collate_prompts
 from .errors import UserError
 from .models import build_reward_model, reward_scores
@@ -97,24 +99,27 @@ class GumbelSampler:
     and ``-inf`` elsewhere. Keyed by the response position (the prompt's width, left padding included, is
     ``prompt_width``)."""
 
-    def __init__(self, seeds: torch.Tensor, temperature: float, prompt_width: int, impl: str = "auto"):
+    def __init__(self, seeds: torch.Tensor, temperature: float, prompt_width: int, impl: str = "auto",
+                 truncation: dict | None = None):  # fmt: skip
         self.seeds, self.temperature, self.prompt_width, self.impl = seeds, temperature, prompt_width, impl
+        self.truncation = truncation or {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         tokens = sample_tokens(scores, self.seeds, input_ids.shape[1] - self.prompt_width, self.temperature,
-                               impl=self.impl)  # fmt: skip
+                               impl=self.impl, **self.truncation)  # fmt: skip
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens[:, None], 0.0)
 
 
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_ids, prompt_mask, prompts, *, max_new_tokens: int,
              temperature: float = 1.0, seeds: torch.Tensor | None = None, synced: bool = False,
-             impl: str = "auto") -> Rollout:  # fmt: skip
+             impl: str = "auto", truncation: dict | None = None) -> Rollout:  # fmt: skip
     """Sample one response per row of the left-padded ``prompt_ids [B, P]``.
 
     ``seeds [B]`` (int64, from ``row_seeds``) fix each row's draws; None draws them from the global torch
     RNG. ``synced=True`` keeps every process stepping until all are done (``generate(synced_gpus=True)``),
-    which a model whose forward is collective (FSDP) needs. ``impl``: ``sample_tokens``' (Triton on CUDA)."""
+    which a model whose forward is collective (FSDP) needs. ``impl``: ``sample_tokens``' (Triton on CUDA);
+    ``truncation``: its ``top_k`` / ``top_p`` / ``min_p`` keywords (``config.sampling_truncation``)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     if temperature <= 0:
@@ -135,7 +140,7 @@ def generate(policy, tokenizer, prompt_ids, prompt_mask, prompts, *, max_new_tok
     policy.generation_config = config
     try:
         out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                              logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature, P, impl)]),
+                              logits_processor=LogitsProcessorList([GumbelSampler(seeds, temperature, P, impl, truncation)]),
                               synced_gpus=synced)  # fmt: skip
     finally:
         policy.generation_config = model_config
@@ -245,12 +250,14 @@ EVAL_STREAM = -1  # the sampling stream of evaluations (steps and rounds are 0, 
 
 @torch.no_grad()
 def evaluate_policy(policy, ref, tokenizer, prompt_data, *, scorer, ops, seed: int, batch_size: int,
-                    max_new_tokens: int, temperature: float, precision: str) -> dict:  # fmt: skip
+                    max_new_tokens: int, temperature: float, precision: str,
+                    truncation: dict | None = None) -> dict:  # fmt: skip
     """Mean score (± standard error) of one sample per held-out prompt (``scorer``), and the exact KL to the
     reference ``ref`` per response (``rf.full_kl`` summed over the response's tokens), ``batch_size`` prompts
     at a time. Under torchrun each process takes a share of the prompts; every row's draws are keyed by
     ``(seed, EVAL_STREAM, row)``, so the result does not depend on the number of processes, and the
-    evaluations before and after training share them."""
+    evaluations before and after training share them. The responses are sampled with ``truncation`` (the
+    trainer's ``top_k`` / ``top_p`` / ``min_p``); the KL is the full softmaxes'."""
     scores, kls = [], []
     device = next(policy.parameters()).device
     n = len(prompt_data)
@@ -261,7 +268,8 @@ def evaluate_policy(policy, ref, tokenizer, prompt_data, *, scorer, ops, seed: i
         ids, mask = collate_prompts(rows["prompt_input_ids"], tokenizer.pad_token_id)
         ro = generate(policy, tokenizer, ids.to(device), mask.to(device), rows["prompt"],
                       max_new_tokens=max_new_tokens, temperature=temperature,
-                      seeds=row_seeds(seed, EVAL_STREAM, index), synced=distributed.is_sharded(policy))  # fmt: skip
+                      seeds=row_seeds(seed, EVAL_STREAM, index), synced=distributed.is_sharded(policy),
+                      truncation=truncation)  # fmt: skip
         scores += scorer(ro).tolist()
         R = ro.response_mask.shape[1]
         with autocast_context(device, precision):
@@ -276,7 +284,9 @@ def evaluate_policy(policy, ref, tokenizer, prompt_data, *, scorer, ops, seed: i
 
 def policy_evaluator(cfg, ref, tokenizer, prompt_data, *, scorer, ops):
     """``evaluate(policy) -> dict``: ``evaluate_policy`` with a trainer's sampling options (``cfg.seed``,
-    ``cfg.prompts_per_step`` prompts a batch, ``cfg.max_new_tokens``, ``cfg.temperature``, ``cfg.precision``)."""
+    ``cfg.prompts_per_step`` prompts a batch, ``cfg.max_new_tokens``, ``cfg.temperature`` and the truncation,
+    ``cfg.precision``)."""
     return lambda policy: evaluate_policy(policy, ref, tokenizer, prompt_data, scorer=scorer, ops=ops, seed=cfg.seed,
                                           batch_size=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens,
-                                          temperature=cfg.temperature, precision=cfg.precision)  # fmt: skip
+                                          temperature=cfg.temperature, precision=cfg.precision,
+                                          truncation=sampling_truncation(cfg))  # fmt: skip
