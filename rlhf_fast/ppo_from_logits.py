@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import _agg, _amp, _checks, _policy, _vocab_parallel
+from . import _agg, _amp, _checks, _policy, _vocab_parallel, truncation
 from ._dispatch import resolve
 from ._policy import PolicyLossOptions
 from ._softmax_torch import as_btv
@@ -123,6 +123,22 @@ def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollou
         logp, entropy = vocab_parallel(logits, labels, logprobs_opts, impl, shard)
     loss = weighted_token_loss(logp, entropy, old_logp, advantages, m, weights, ref_logp, rollout_w, opts)
     return loss, logp.detach(), entropy.detach()
+
+
+def truncated_loss(p: "PreparedLoss", logp, entropy):
+    """``(loss, p_kept, miss_frac)`` of truncated sampling from the differentiable ``[B, T]`` log-probs and
+    entropy of the truncated distribution: a token whose label is outside the kept set (log-prob ``-inf``)
+    gets weight 0, as if masked out (the aggregation's denominators, the rollout weights and the metrics
+    leave it out: ``p_kept`` is ``p`` with that mask), so it contributes nothing, gradients included;
+    ``miss_frac`` is the masked fraction of such tokens, ``sum(m * missed) / sum(m)``."""
+    missed = torch.isneginf(logp.detach()) & (p.m != 0)
+    m = p.m.masked_fill(missed, 0.0)
+    pol = p.opts.policy
+    rollout_w = None if pol.rollout_is is None else _policy.rollout_weights(p.old_logp, p.rollout_logp, m, pol)[0]
+    kept = replace(p, m=m, weights=_agg.row_weights(m, pol.agg, pol.agg_norm), rollout_w=rollout_w)
+    loss = weighted_token_loss(logp, entropy, kept.old_logp, kept.advantages, m, kept.weights, kept.ref_logp,
+                               rollout_w, kept.opts)  # fmt: skip
+    return loss, kept, masked_mean(missed.float(), p.m)
 
 
 def _policy_step(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl: str, shard=None):
@@ -230,6 +246,10 @@ def ppo_loss_from_logits(
     ignore_index: int = -100,
     impl: str = "auto",
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    top_k: "int | torch.Tensor | None" = None,
+    top_p: "float | torch.Tensor | None" = None,
+    min_p: "float | torch.Tensor | None" = None,
+    sampler: str = "vllm",
     **loss_options,
 ):
     """The policy loss straight from ``[B, T, V]`` logits, and the metrics a trainer logs.
@@ -270,6 +290,18 @@ def ppo_loss_from_logits(
     ``approx_kl``, ``ratio_mean``, ``ratio_max``, ``dual_clipfrac``, ``rollout_is_*``), ``entropy`` and
     ``kl`` (masked means; ``kl`` is the plain estimator, without the bias correction, and 0 without
     ``ref_logp``).
+
+    ``top_k``, ``top_p``, ``min_p``, ``sampler`` (per-call sampling arguments like ``temperature``, not loss
+    options; README "Truncated sampling"): ``logp`` and ``entropy`` are those of the truncated, renormalised
+    distribution the rollout sampled from (``rf.logprobs`` with the same arguments; a number, or a ``[B]``
+    or ``[B, T]`` tensor). A token whose label is outside the kept set (log-prob ``-inf``) gets weight 0,
+    exactly as if the mask were 0 there: it adds nothing to the loss, the aggregation's denominators, the
+    gradient (never NaN) or the other metrics, and is counted in ``truncation_miss_frac`` (its masked
+    fraction, ``sum(m * missed) / sum(m)``: a metric present whenever truncation is on, absent when every
+    row is off, so that off values leave the loss, gradient and metrics bitwise unchanged). Both impls take
+    the composed route when truncation is on: ``rf.logprobs``' truncated kernels (Triton; chunks for
+    PyTorch), then the ``[B, T]`` loss by autograd (two passes over the logits, as the fused kernel).
+    Not with ``process_group``.
     """
     _checks.check_float_tensor(logits, "logits", min_dim=3)
     if logits.dim() != 3:
@@ -281,6 +313,30 @@ def ppo_loss_from_logits(
                             options=options, loss_options=loss_options, ref_logp=ref_logp, rollout_logp=rollout_logp,
                             temperature=temperature, ignore_index=ignore_index, impl=impl,
                             process_group=process_group)  # fmt: skip
+    trunc = check_policy_truncation(p, top_k, top_p, min_p, sampler, V, logits.device)
+    if trunc is not None:  # the composed route with rf.logprobs' truncated kernels (Triton) or chunks (PyTorch)
+        lp_opts = LogprobsOptions(temperature=p.opts.temperature, ignore_index=p.opts.ignore_index)
+        logp, entropy = _Logprobs.apply(logits, p.labels, lp_opts, p.impl, trunc)
+        return truncated_result(p, logp, entropy, ref_logp, logits.device)
     loss, logp, entropy = _policy_step(logits, p.labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp,
                                        p.rollout_w, p.opts, p.impl, p.shard)  # fmt: skip
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, logits.device)
+
+
+def check_policy_truncation(p: PreparedLoss, top_k, top_p, min_p, sampler, V: int, device):
+    """The checked truncation of a loss op's ``[B, T]`` rows (``None``: off), refused on a vocabulary shard."""
+    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, tuple(p.labels.shape), V, device)
+    if trunc is not None and p.shard is not None:
+        raise ValueError("top_k / top_p / min_p (truncated sampling) are not supported with a process_group yet")
+    return trunc
+
+
+def truncated_result(p: PreparedLoss, logp, entropy, ref_logp, device):
+    """``(loss, metrics)`` of a loss op under truncated sampling, from its differentiable ``[B, T]``
+    truncated log-probs and entropy (:func:`truncated_loss`); the metrics over the kept tokens, plus
+    ``truncation_miss_frac``."""
+    logp, entropy = logp.view(p.m.shape), entropy.view(p.m.shape)
+    loss, kept, miss_frac = truncated_loss(p, logp, entropy)
+    metrics = policy_step_metrics(kept, logp.detach(), entropy.detach(), ref_logp, device)
+    metrics["truncation_miss_frac"] = miss_frac
+    return loss, metrics
