@@ -226,6 +226,7 @@ def linear_logprobs(
     top_p: "float | torch.Tensor | None" = None,
     min_p: "float | torch.Tensor | None" = None,
     sampler: str = "vllm",
+    matmul_dtype: "torch.dtype | None" = None,
 ):
     """``rf.logprobs(hidden @ weight.T + bias, labels, ...)`` without materializing the ``[N, V]`` logits.
 
@@ -251,6 +252,9 @@ def linear_logprobs(
             are bitwise no-ops. Both impls compute it chunk by chunk (module docstring: one matmul per chunk
             forward, thresholds and statistics on that chunk). Not with ``process_group``; batch
             invariance is not claimed for truncated calls.
+        matmul_dtype: ``None`` (the lm_head matmul follows autocast, below) or ``torch.float32``: the matmul
+            in float32 under any autocast (operands upcast; gradients still in the inputs' dtypes), the
+            fp32 lm_head that shrinks the trainer / rollout mismatch. Anything else: ``ValueError``.
 
     Returns:
         float32 ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``; differentiable
@@ -269,7 +273,7 @@ def linear_logprobs(
     are not claimed.
     """
     # Under autocast the matmul operands go to the autocast dtype, as F.linear's do (see rlhf_fast/_amp.py).
-    hidden, weight, bias = check_linear_operands(hidden, weight, bias)
+    hidden, weight, bias = check_linear_operands(hidden, weight, bias, matmul_dtype=matmul_dtype)
     V = weight.shape[0]
     labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")

@@ -195,6 +195,7 @@ def linear_ppo_loss(
     top_p: "float | torch.Tensor | None" = None,
     min_p: "float | torch.Tensor | None" = None,
     sampler: str = "vllm",
+    matmul_dtype: "torch.dtype | None" = None,
     **loss_options,
 ):
     """``rf.ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without building the logits.
@@ -224,11 +225,14 @@ def linear_ppo_loss(
     composed route: ``rf.linear_logprobs`` with the same truncation (chunked logits, their thresholds and
     ``rf.logprobs``' truncated kernels or PyTorch twins: rlhf_fast/linear_logprobs.py), then the ``[B, T]``
     loss by autograd; the gradient is not formed in the forward. Not with ``process_group``.
+
+    ``matmul_dtype``: ``None`` (follow autocast) or ``torch.float32`` (the lm_head matmul in float32 under
+    any autocast), as in :func:`rlhf_fast.linear_logprobs`.
     """
     _checks.check_float_tensor(hidden, "hidden", min_dim=1)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
-    hidden, weight, bias = check_linear_operands(hidden, weight, bias)
+    hidden, weight, bias = check_linear_operands(hidden, weight, bias, matmul_dtype=matmul_dtype)
     B, T, H = hidden.shape
     V = weight.shape[0]
     p = prepare_policy_step("linear_ppo_loss", "hidden", hidden, V, labels, old_logp, advantages, mask, options=options,
