@@ -189,7 +189,7 @@ def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advanta
         raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
     if mask is not None:
         _checks.check_mask(mask, labels, "labels")
-    _policy.check_rollout_logp(rollout_logp, loss, (B, T), x.device, what)
+    _policy.check_rollout_logp(rollout_logp, loss, (B, T), x.device, what, metrics_only=True)
     for arg, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
                    ("ref_logp", ref_logp)):  # fmt: skip
         if t is not None:
@@ -221,7 +221,10 @@ def policy_step_metrics(p: PreparedLoss, logp, entropy, ref_logp, device) -> dic
     ``entropy`` and ``kl``."""
     pol = p.opts.policy
     policy_term = replace(pol, kl_coef=0.0, entropy_coef=0.0)  # rf.ppo_policy_loss has no KL or entropy term
-    _, metrics = ppo_policy_loss(logp, p.old_logp, p.advantages, p.m, rollout_logp=p.rollout_logp, options=policy_term)
+    rollout_is = None if pol.rollout_is is None else p.rollout_logp  # alone, rollout_logp is for the metrics below
+    _, metrics = ppo_policy_loss(logp, p.old_logp, p.advantages, p.m, rollout_logp=rollout_is, options=policy_term)
+    if p.rollout_logp is not None:
+        metrics.update(_policy.rollout_mismatch_metrics(logp, p.rollout_logp, p.m))
     with torch.no_grad():
         metrics["entropy"] = masked_mean(entropy, p.m)
         if ref_logp is not None:
@@ -289,7 +292,11 @@ def ppo_loss_from_logits(
     of detached float32 scalars: those of ``rf.ppo_policy_loss`` with the same options (``clipfrac``,
     ``approx_kl``, ``ratio_mean``, ``ratio_max``, ``dual_clipfrac``, ``rollout_is_*``), ``entropy`` and
     ``kl`` (masked means; ``kl`` is the plain estimator, without the bias correction, and 0 without
-    ``ref_logp``).
+    ``ref_logp``). With ``rollout_logp`` (which may come without ``rollout_is``, for these metrics alone):
+    ``rollout_kl_k3``, the mean k3 estimate of ``KL(pi_rollout || pi_train)`` on the rollout's tokens
+    (``e^d - 1 - d``, ``d = logp - rollout_logp``: NeMo-RL's ``gen_kl_error``), and
+    ``rollout_ratio_outside_frac``, the fraction of tokens whose ``e^d`` is outside ``[0.9, 1.1]``
+    (rlhf_fast/_policy.py ``rollout_mismatch_metrics``).
 
     ``top_k``, ``top_p``, ``min_p``, ``sampler`` (per-call sampling arguments like ``temperature``, not loss
     options; README "Truncated sampling"): ``logp`` and ``entropy`` are those of the truncated, renormalised
