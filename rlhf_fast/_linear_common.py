@@ -47,10 +47,22 @@ def chunk_logits(hidden, rows: slice, native: bool, w, b32, out: torch.Tensor | 
     return _chunk_logits(h, w, b32, out=None if out is None else out[: h.shape[0]])
 
 
-def check_linear_operands(hidden, weight, bias, names=("hidden", "weight", "bias")):
+MATMUL_DTYPES = (None, torch.float32)
+
+
+def check_matmul_dtype(matmul_dtype):
+    """``matmul_dtype`` of the linear ops: ``None`` (the lm_head matmul follows autocast) or ``torch.float32``."""
+    if not any(matmul_dtype is d for d in MATMUL_DTYPES):
+        raise ValueError(f"matmul_dtype must be None (follow autocast) or torch.float32, got {matmul_dtype!r}")
+    return matmul_dtype
+
+
+def check_linear_operands(hidden, weight, bias, names=("hidden", "weight", "bias"), matmul_dtype=None):
     """Validate ``hidden [..., H]``, ``weight [V, H]``, ``bias [V] | None`` (``ValueError`` naming the
     argument) and return them cast to the autocast dtype where autocast is on (as ``F.linear`` casts its
-    operands, rlhf_fast/_amp.py)."""
+    operands, rlhf_fast/_amp.py), or to float32 with ``matmul_dtype=torch.float32`` (the lm_head matmul in
+    float32 whatever autocast says or the inputs' dtype; differentiable casts: gradients in each input's
+    dtype)."""
     h_name, w_name, b_name = names
     _checks.check_float_tensor(hidden, h_name, min_dim=1)
     _checks.check_float_tensor(weight, w_name, min_dim=2)
@@ -58,7 +70,10 @@ def check_linear_operands(hidden, weight, bias, names=("hidden", "weight", "bias
         raise ValueError(f"{w_name} must have shape [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
     if bias is not None:
         _checks.check_float_tensor(bias, b_name)
-    hidden, weight, bias = _amp.cast_matmul_operands(hidden.device, hidden, weight, bias)
+    if check_matmul_dtype(matmul_dtype) is torch.float32:
+        hidden, weight, bias = (None if t is None else t.to(torch.float32) for t in (hidden, weight, bias))
+    else:
+        hidden, weight, bias = _amp.cast_matmul_operands(hidden.device, hidden, weight, bias)
     if weight.dtype != hidden.dtype:
         raise ValueError(f"{w_name} must have the dtype of {h_name} ({hidden.dtype}), got {weight.dtype}")
     if weight.shape[0] == 0:

@@ -300,17 +300,55 @@ def rollout_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, m: torch
     return w, metrics
 
 
-def check_rollout_pairing(rollout_logp, rollout_is) -> None:
-    if (rollout_is is None) != (rollout_logp is None):
+# The band of trainer / rollout ratios ``rollout_ratio_outside_frac`` counts tokens outside of (verl #6280's).
+ROLLOUT_RATIO_BAND = (0.9, 1.1)
+
+
+@torch.no_grad()
+def rollout_mismatch_metrics(logp: torch.Tensor, rollout_logp: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The trainer / rollout mismatch over the tokens of weight ``m != 0`` (masked means, 0 without tokens):
+
+    - ``rollout_kl_k3``: mean of ``k3 = e^d - 1 - d`` with ``d = logp - rollout_logp``. The tokens were sampled
+      by the rollout engine, so with ``r = pi_train / pi_rollout = e^d`` this is Schulman's k3 estimator
+      ``(r - 1) - log r`` of ``KL(pi_rollout || pi_train)`` on the rollout's own samples (unbiased, each term
+      >= 0): NeMo-RL's ``gen_kl_error`` ("kl(P_gen || P_train) where log_ratio = prev_logprobs -
+      generation_logprobs", NVIDIA-NeMo/RL nemo_rl/algorithms/loss_functions.py at commit
+      b816b57be28b177ace79c363c73ee79ddbc4b309). Computed in float64 (``expm1``): ``d`` is often ~1e-3,
+      where float32's ``e^d - 1 - d`` cancels to a few digits;
+    - ``rollout_ratio_outside_frac``: fraction of the tokens whose ratio ``e^d`` is outside
+      ``[0.9, 1.1]`` (the band verl #6280 reports).
+    """
+    on = m != 0
+    w = m.double()
+    d = torch.where(on, logp.double() - rollout_logp.double(), 0.0)
+    k3 = torch.expm1(d) - d
+    ratio = torch.exp(d)
+    lo, hi = ROLLOUT_RATIO_BAND
+    outside = (ratio < lo) | (ratio > hi)
+    total = w.sum().clamp(min=torch.finfo(torch.float64).tiny)
+    return {
+        "rollout_kl_k3": (torch.where(on, w * k3, 0.0).sum() / total).float(),
+        "rollout_ratio_outside_frac": ((w * outside).sum() / total).float(),
+    }
+
+
+def check_rollout_pairing(rollout_logp, rollout_is, metrics_only: bool = False) -> None:
+    """``rollout_is`` needs ``rollout_logp``; ``rollout_logp`` needs ``rollout_is`` unless ``metrics_only``
+    (the loss ops from logits / hidden states take it alone, for their mismatch metrics)."""
+    if rollout_is is not None and rollout_logp is None:
+        raise ValueError("rollout_is needs rollout_logp (the rollout engine's log-probs): it names the correction "
+                         "made with them")  # fmt: skip
+    if rollout_logp is not None and rollout_is is None and not metrics_only:
         raise ValueError("rollout_logp and rollout_is go together: rollout_is names the correction made with "
                          "rollout_logp (the rollout engine's log-probs)")  # fmt: skip
 
 
-def check_rollout_logp(rollout_logp, opts: PolicyLossOptions, shape, device, what: str) -> None:
-    """``rollout_logp`` (``None`` or a float tensor of ``shape`` on ``device``) against ``opts.rollout_is``."""
+def check_rollout_logp(rollout_logp, opts: PolicyLossOptions, shape, device, what: str, metrics_only: bool = False) -> None:
+    """``rollout_logp`` (``None`` or a float tensor of ``shape`` on ``device``) against ``opts.rollout_is``
+    (``metrics_only``: it may come without ``rollout_is``, see :func:`check_rollout_pairing`)."""
     if rollout_logp is not None:
         _checks.check_float_tensor(rollout_logp, "rollout_logp")
         _checks.check_shape("rollout_logp", rollout_logp, shape, what)
         if rollout_logp.device != device:
             raise ValueError(f"rollout_logp is on {rollout_logp.device} but the log-probs are on {device}")
-    check_rollout_pairing(rollout_logp, opts.rollout_is)
+    check_rollout_pairing(rollout_logp, opts.rollout_is, metrics_only)

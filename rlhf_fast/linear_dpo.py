@@ -50,6 +50,7 @@ def linear_dpo_loss(
     reduction: str = "mean",
     skip_ignored: bool = False,
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    matmul_dtype: "torch.dtype | None" = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``dpo_loss`` on the sequence log-probs of ``hidden @ weight.T + bias``, never building the logits.
 
@@ -72,6 +73,8 @@ def linear_dpo_loss(
         process_group: tensor parallelism, as in :func:`rlhf_fast.linear_logprobs` (``weight``/``bias`` the
             rank's slice of the vocabulary's rows, ``hidden`` replicated, its gradient all-reduced): the
             composed route, vocabulary-parallel token log-probs then the DPO loss, exact in its gradients.
+        matmul_dtype: ``None`` (follow autocast) or ``torch.float32`` (the lm_head matmul in float32 under
+            any autocast), as in :func:`rlhf_fast.linear_logprobs`.
 
     Under ``torch.autocast`` the matmul follows ``rf.linear_logprobs``' policy (operands in the autocast
     dtype, float32 logits); everything after the token log-probs is float32.
@@ -87,7 +90,8 @@ def linear_dpo_loss(
     # weight, bias, ignore_index and impl are checked by linear_logprobs
     # linear_logprobs follows autocast for the matmul (rlhf_fast/_amp.py); the rest is float32 [2B, T] work.
     token_logp = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, impl=impl,
-                                 skip_ignored=skip_ignored, process_group=process_group)  # fmt: skip
+                                 skip_ignored=skip_ignored, process_group=process_group,
+                                 matmul_dtype=matmul_dtype)  # fmt: skip
     with _amp.no_autocast():
         seq_logp = sum_over_tokens(token_logp, labels != ignore_index, bool(average_log_prob))
         chosen, rejected = seq_logp[:B], seq_logp[B:]

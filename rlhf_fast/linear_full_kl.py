@@ -206,6 +206,7 @@ def linear_full_kl(
     temperature: float = 1.0,
     impl: str = "auto",
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    matmul_dtype: "torch.dtype | None" = None,
 ) -> torch.Tensor:
     """``rf.full_kl(hidden @ weight.T + bias, ref_hidden @ ref_weight.T + ref_bias)`` without either logits tensor.
 
@@ -222,6 +223,8 @@ def linear_full_kl(
             order; ``hidden`` and ``ref_hidden`` are the same on every rank. Every rank returns the KL over
             the whole vocabulary; ``weight``/``bias`` get their slice's gradient, ``hidden`` the full one,
             all-reduced (SUM) in backward (rlhf_fast/_vocab_parallel.py).
+        matmul_dtype: ``None`` (follow autocast) or ``torch.float32`` (both sides' lm_head matmuls in
+            float32 under any autocast), as in :func:`rlhf_fast.linear_logprobs`.
 
     Returns float32 ``KL(pi || pi_ref)`` ``[...]`` per position, differentiable in ``hidden``, ``weight`` and
     ``bias`` (gradients in their dtypes). Under autocast both sides' matmul operands take the autocast
@@ -234,9 +237,9 @@ def linear_full_kl(
     Not batch invariant (README "Batch invariance"): its chunk matmuls are not padded, and a one-row product
     rounds unlike the same row of a bigger one (MKL on CPU; cuBLAS picks kernels by the row count).
     """
-    hidden, weight, bias = check_linear_operands(hidden, weight, bias)
+    hidden, weight, bias = check_linear_operands(hidden, weight, bias, matmul_dtype=matmul_dtype)
     ref_hidden, ref_weight, ref_bias = check_linear_operands(ref_hidden, ref_weight, ref_bias,
-                                                   ("ref_hidden", "ref_weight", "ref_bias"))  # fmt: skip
+                                                   ("ref_hidden", "ref_weight", "ref_bias"), matmul_dtype)  # fmt: skip
     _checks.check_same_device("ref_hidden", ref_hidden, "hidden", hidden)
     if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
         raise ValueError(f"ref_hidden must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "

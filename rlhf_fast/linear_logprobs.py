@@ -11,16 +11,29 @@ building the ``[N, V]`` logits.
 - ``triton``: the forward kernel tiles ``hidden x weight^T`` with ``tl.dot`` and merges the online
   statistics of each vocabulary tile; backward recomputes logit tiles into a bounded ``[chunk, V]``
   ``dlogits`` buffer and hands the two products to cuBLAS (see kernels/linear_logprobs.py).
+
+Truncated sampling (``top_k`` / ``top_p`` / ``min_p``, rlhf_fast/truncation.py): a row's threshold needs
+its whole row of logits, so both implementations take one route: per chunk of rows, the float32 logits
+``[rows, V]`` by one matmul (cuBLAS / PyTorch, into a buffer every chunk reuses), the chunk's thresholds
+``tau`` (``truncation.thresholds(impl)``: the sort-free Triton kernel of kernels/truncation.py, or the
+PyTorch twin) and its statistics over the kept entries (``rf.logprobs``' truncated row kernels, or their
+PyTorch twins). Backward recomputes each chunk's logits with the same matmul and runs ``rf.logprobs``'
+truncated backward on them (entries below ``tau`` get no gradient; a row whose label is below it none on
+its log-prob), then the two gradient products. So the lm_head is read once forward and three times
+backward, as untruncated (no extra pass: the threshold is computed on the chunk the statistics read), and
+the extra memory is the chunk buffer plus ``[N]`` thresholds. What it gives up on the Triton side is the
+fused matmul-and-statistics kernel: the chunk's logits go through memory once.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from . import _amp, _checks, _vocab_parallel
+from . import _amp, _checks, _vocab_parallel, truncation
+from . import logprobs as _logprobs_op
 from ._dispatch import resolve
 from ._fused_chunk import MIN_CHUNK_ROWS, chunk_buffer, chunk_grad, chunk_rows, chunk_stats, pad_rows
-from ._linear_common import LinearGrads, _chunk_logits, check_linear_operands, matmul_operands
+from ._linear_common import LinearGrads, _chunk_logits, check_linear_operands, chunk_logits, matmul_operands
 from ._skip_rows import check_skip_ignored, labeled_rows, scatter_rows
 from ._softmax_torch import grad_or_zeros
 
@@ -88,6 +101,52 @@ def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, gr
     return grads.result()
 
 
+_NO_LABEL = -1  # labels are in [0, V) here: no row is ignored by rf.logprobs' row functions (the caller masks)
+
+
+def _truncated_forward(hidden, weight, bias, labels, temperature: float, with_entropy: bool, trunc, impl: str):
+    """``(logp, entropy | None, row_max, log_norm, tau)`` of the truncated distribution, chunk by chunk (module
+    docstring): each chunk's logits once, their thresholds, then ``rf.logprobs``' truncated statistics."""
+    N, V = hidden.shape[0], weight.shape[0]
+    forward, _ = _logprobs_op._backend(impl)
+    thresholds = truncation.thresholds(impl)
+    native, w_mm, b32 = matmul_operands(hidden, weight, bias)
+    outs = [torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(5)]
+    logp, entropy, row_max, log_norm, tau = outs
+    step = chunk_rows(V, _CHUNK_TEMPORARIES)
+    z_buf = chunk_buffer(step, N, V, hidden.device)
+    for r in range(0, N, step):
+        rows = slice(r, r + step)
+        z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf).unsqueeze(0)
+        tau[rows] = thresholds(z, trunc.rows(rows), temperature)
+        lp, ent, row_max[rows], log_norm[rows] = forward(z, labels[rows], temperature, _NO_LABEL, with_entropy, tau=tau[rows])
+        logp[rows] = lp
+        if with_entropy:
+            entropy[rows] = ent
+    return logp, entropy if with_entropy else None, row_max, log_norm, tau
+
+
+def _truncated_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, tau, grad_logp, grad_entropy,
+                        temperature: float, need: tuple, impl: str):  # fmt: skip
+    """``(d_hidden, d_weight, d_bias)``: each chunk's logits recomputed by the forward's matmul (the same
+    values, so the same kept sets), ``rf.logprobs``' truncated backward written over them, the products."""
+    N, V = hidden.shape[0], weight.shape[0]
+    _, backward = _logprobs_op._backend(impl)
+    native, w_mm, b32 = matmul_operands(hidden, weight, bias)
+    w32 = weight.float()
+    grads = LinearGrads(hidden, weight, bias, *need)
+    step = chunk_rows(V, _CHUNK_TEMPORARIES)
+    z_buf = chunk_buffer(step, N, V, hidden.device)
+    for r in range(0, N, step):
+        rows = slice(r, r + step)
+        z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf).unsqueeze(0)
+        ent, g_ent = (None, None) if entropy is None else (entropy[rows], grad_entropy[rows])
+        g = backward(z, labels[rows], row_max[rows], log_norm[rows], ent, grad_logp[rows], g_ent, temperature, _NO_LABEL,
+                     grad_logits=z, tau=tau[rows])  # fmt: skip
+        grads.add(rows, g[0], hidden[rows].float(), w32)
+    return grads.result()
+
+
 def _backend(impl: str):
     """``(forward, backward)`` of an implementation: the Triton launchers or their PyTorch twins."""
     if impl == "triton":
@@ -100,14 +159,19 @@ def _backend(impl: str):
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     @_amp.float32_op
-    def forward(ctx, hidden, weight, bias, labels, opts: LinearLogprobsOptions, impl: str):
+    def forward(ctx, hidden, weight, bias, labels, opts: LinearLogprobsOptions, impl: str, trunc=None):
         ignored = labels == opts.ignore_index
         safe_labels = labels.masked_fill(ignored, 0).contiguous()
-        forward, _ = _backend(impl)
-        logp, entropy, row_max, log_norm = forward(hidden, weight, bias, safe_labels, opts.temperature,
-                                                   opts.with_entropy)  # fmt: skip
+        tau = None
+        if trunc is None:
+            forward, _ = _backend(impl)
+            logp, entropy, row_max, log_norm = forward(hidden, weight, bias, safe_labels, opts.temperature,
+                                                       opts.with_entropy)  # fmt: skip
+        else:
+            logp, entropy, row_max, log_norm, tau = _truncated_forward(hidden, weight, bias, safe_labels, opts.temperature,
+                                                                       opts.with_entropy, trunc, impl)  # fmt: skip
         logp.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy)
+        ctx.save_for_backward(hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy, tau)
         ctx.opts, ctx.impl = opts, impl
         ctx.set_materialize_grads(False)
         return logp, entropy  # entropy None without opts.with_entropy
@@ -115,7 +179,7 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     @_amp.float32_op
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy = ctx.saved_tensors
+        hidden, weight, bias, safe_labels, ignored, row_max, log_norm, entropy, tau = ctx.saved_tensors
         N = hidden.shape[0]
         g_logp = grad_or_zeros(grad_logp, N, hidden.device).masked_fill(ignored, 0.0)
         # No gradient reaches the entropy (not requested, or unused by the loss): the log-prob gradient alone.
@@ -123,12 +187,17 @@ class _LinearLogprobs(torch.autograd.Function):
             entropy, g_entropy = None, None
         else:
             g_entropy = grad_or_zeros(grad_entropy, N, hidden.device)
+        if tau is not None:
+            d_hidden, d_weight, d_bias = _truncated_backward(hidden, weight, bias, safe_labels, row_max, log_norm, entropy,
+                                                             tau, g_logp, g_entropy, ctx.opts.temperature,
+                                                             tuple(ctx.needs_input_grad[:3]), ctx.impl)  # fmt: skip
+            return d_hidden, d_weight, d_bias, None, None, None, None
         _, backward = _backend(ctx.impl)
         d_hidden, d_weight, d_bias = backward(
             hidden, weight, bias, safe_labels, row_max, log_norm, entropy, g_logp, g_entropy,
             ctx.opts.temperature, *ctx.needs_input_grad[:3],
         )  # fmt: skip
-        return d_hidden, d_weight, d_bias, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None
 
 
 def vocab_parallel(hidden, weight, bias, labels, opts: LinearLogprobsOptions, impl: str, shard):
@@ -153,6 +222,11 @@ def linear_logprobs(
     impl: str = "auto",
     skip_ignored: bool = False,
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    top_k: "int | torch.Tensor | None" = None,
+    top_p: "float | torch.Tensor | None" = None,
+    min_p: "float | torch.Tensor | None" = None,
+    sampler: str = "vllm",
+    matmul_dtype: "torch.dtype | None" = None,
 ):
     """``rf.logprobs(hidden @ weight.T + bias, labels, ...)`` without materializing the ``[N, V]`` logits.
 
@@ -172,6 +246,15 @@ def linear_logprobs(
             rank. Every rank returns the outputs of the whole vocabulary; ``weight``/``bias`` get their
             slice's gradient and ``hidden`` the full gradient, all-reduced (SUM) over the group in backward:
             do not all-reduce it again. See rlhf_fast/_vocab_parallel.py.
+        top_k, top_p, min_p, sampler: truncated sampling, as in :func:`rlhf_fast.logprobs` (README
+            "Truncated sampling"): the log-probs, entropy and gradients of the truncated, renormalised
+            distribution; a label outside the kept set gets ``-inf`` and no log-prob gradient. Off values
+            are bitwise no-ops. Both impls compute it chunk by chunk (module docstring: one matmul per chunk
+            forward, thresholds and statistics on that chunk). Not with ``process_group``; batch
+            invariance is not claimed for truncated calls.
+        matmul_dtype: ``None`` (the lm_head matmul follows autocast, below) or ``torch.float32``: the matmul
+            in float32 under any autocast (operands upcast; gradients still in the inputs' dtypes), the
+            fp32 lm_head that shrinks the trainer / rollout mismatch. Anything else: ``ValueError``.
 
     Returns:
         float32 ``logp`` ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``; differentiable
@@ -190,7 +273,7 @@ def linear_logprobs(
     are not claimed.
     """
     # Under autocast the matmul operands go to the autocast dtype, as F.linear's do (see rlhf_fast/_amp.py).
-    hidden, weight, bias = check_linear_operands(hidden, weight, bias)
+    hidden, weight, bias = check_linear_operands(hidden, weight, bias, matmul_dtype=matmul_dtype)
     V = weight.shape[0]
     labels = _checks.as_labels(labels)
     _checks.check_shape("labels", labels, hidden.shape[:-1], "the leading dimensions of hidden")
@@ -200,17 +283,21 @@ def linear_logprobs(
         ignore_index=_checks.check_int("ignore_index", ignore_index),
         with_entropy=bool(return_entropy),
     )
+    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, labels.shape, V, hidden.device)
     impl = resolve(impl, hidden.device)
     shard = _vocab_parallel.shard_of(process_group, V, hidden.device)
+    if shard is not None and trunc is not None:
+        raise ValueError("top_k / top_p / min_p (truncated sampling) are not supported with a process_group yet")
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     flat_hidden, flat_labels = hidden.reshape(labels.numel(), hidden.shape[-1]), labels.reshape(-1)
     # the same labels on every rank of a group: every rank keeps the same rows
     keep = labeled_rows(flat_labels, opts.ignore_index) if check_skip_ignored(skip_ignored) else None
     if keep is not None:  # compute the labeled rows only; the others get 0 (rlhf_fast/_skip_rows.py)
         flat_hidden, flat_labels = flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep)
+        trunc = None if trunc is None else trunc.rows(keep)
     with _amp.no_autocast():
         args = (flat_hidden, weight, bias, flat_labels, opts, impl)
-        logp, entropy = _LinearLogprobs.apply(*args) if shard is None else vocab_parallel(*args, shard)
+        logp, entropy = _LinearLogprobs.apply(*args, trunc) if shard is None else vocab_parallel(*args, shard)
     if keep is not None:
         logp, entropy = scatter_rows(logp, keep, labels.numel()), scatter_rows(entropy, keep, labels.numel())
     if not opts.with_entropy:

@@ -34,7 +34,8 @@ from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, ma
 from ._policy import PolicyLossOptions
 from ._skip_rows import check_skip_ignored, ignored_rows, labeled_rows, scatter_rows
 from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs, vocab_parallel
-from .ppo_from_logits import PPOOptions, policy_step_metrics, prepare_policy_step, weighted_token_loss
+from .ppo_from_logits import (PPOOptions, check_policy_truncation, policy_step_metrics, prepare_policy_step,
+                              truncated_result, weighted_token_loss)  # fmt: skip
 
 # float32 [rows, V] temporaries a chunk holds at once: the logits and dlogits (as rf.linear_logprobs)
 _CHUNK_TEMPORARIES = 2
@@ -121,18 +122,24 @@ class _LinearPPOFused(torch.autograd.Function):
         return (*out, None, None, None, None, None, None, None, None, None, None)
 
 
-def _ordinary(hidden, weight, bias, labels, B, T, p, impl, shard=None, keep=None):
-    """``rf.linear_logprobs`` (statistics forward, recomputing backward; vocabulary-parallel on a ``shard``)
-    then the ``[B, T]`` loss; ``keep``: the rows to compute (``skip_ignored``), the others get log-prob and
-    entropy 0."""
+def _logprobs_bt(hidden, weight, bias, labels, B, T, p, impl, shard=None, keep=None, trunc=None):
+    """Differentiable ``[B, T]`` ``(logp, entropy)`` by ``rf.linear_logprobs`` (statistics forward, recomputing
+    backward; vocabulary-parallel on a ``shard``; truncated with ``trunc``); ``keep``: the rows to compute
+    (``skip_ignored``), the others get log-prob and entropy 0."""
     lp_opts = LinearLogprobsOptions(temperature=p.opts.temperature, ignore_index=p.opts.ignore_index, with_entropy=True)
     if keep is not None:
         hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
+        trunc = None if trunc is None else trunc.rows(keep)
     args = (hidden, weight, bias, labels, lp_opts, impl)
-    logp, entropy = _LinearLogprobs.apply(*args) if shard is None else vocab_parallel(*args, shard)
+    logp, entropy = _LinearLogprobs.apply(*args, trunc) if shard is None else vocab_parallel(*args, shard)
     if keep is not None:
         logp, entropy = scatter_rows(logp, keep, B * T), scatter_rows(entropy, keep, B * T)
-    logp, entropy = logp.view(B, T), entropy.view(B, T)
+    return logp.view(B, T), entropy.view(B, T)
+
+
+def _ordinary(hidden, weight, bias, labels, B, T, p, impl, shard=None, keep=None):
+    """:func:`_logprobs_bt` then the ``[B, T]`` loss by autograd."""
+    logp, entropy = _logprobs_bt(hidden, weight, bias, labels, B, T, p, impl, shard, keep)
     loss = weighted_token_loss(logp, entropy, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp, p.rollout_w, p.opts)
     return loss, logp.detach(), entropy.detach()
 
@@ -184,6 +191,11 @@ def linear_ppo_loss(
     skip_ignored: bool = False,
     impl: str = "auto",
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    top_k: "int | torch.Tensor | None" = None,
+    top_p: "float | torch.Tensor | None" = None,
+    min_p: "float | torch.Tensor | None" = None,
+    sampler: str = "vllm",
+    matmul_dtype: "torch.dtype | None" = None,
     **loss_options,
 ):
     """``rf.ppo_loss_from_logits(hidden @ weight.T + bias, labels, ...)`` without building the logits.
@@ -207,18 +219,36 @@ def linear_ppo_loss(
     gradients: ``rf.linear_logprobs``' vocabulary-parallel log-probs and entropy, then the ``[B, T]`` loss by
     autograd (the gradient is not formed in the forward); ``hidden``'s gradient is all-reduced over the
     group (rlhf_fast/_vocab_parallel.py).
+
+    ``top_k``, ``top_p``, ``min_p``, ``sampler``: truncated sampling, as in :func:`rlhf_fast.ppo_loss_from_logits`
+    (missed labels get weight 0 and are counted in ``truncation_miss_frac``). Both impls then take the
+    composed route: ``rf.linear_logprobs`` with the same truncation (chunked logits, their thresholds and
+    ``rf.logprobs``' truncated kernels or PyTorch twins: rlhf_fast/linear_logprobs.py), then the ``[B, T]``
+    loss by autograd; the gradient is not formed in the forward. Not with ``process_group``.
+
+    ``matmul_dtype``: ``None`` (follow autocast) or ``torch.float32`` (the lm_head matmul in float32 under
+    any autocast), as in :func:`rlhf_fast.linear_logprobs`.
     """
     _checks.check_float_tensor(hidden, "hidden", min_dim=1)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
-    hidden, weight, bias = check_linear_operands(hidden, weight, bias)
+    hidden, weight, bias = check_linear_operands(hidden, weight, bias, matmul_dtype=matmul_dtype)
     B, T, H = hidden.shape
     V = weight.shape[0]
     p = prepare_policy_step("linear_ppo_loss", "hidden", hidden, V, labels, old_logp, advantages, mask, options=options,
                             loss_options=loss_options, ref_logp=ref_logp, rollout_logp=rollout_logp,
                             temperature=temperature, ignore_index=ignore_index, impl=impl,
                             process_group=process_group)  # fmt: skip
-    run = _linear_ppo_skipping if check_skip_ignored(skip_ignored) else _linear_ppo
+    skip = check_skip_ignored(skip_ignored)
+    trunc = check_policy_truncation(p, top_k, top_p, min_p, sampler, V, hidden.device)
+    if trunc is not None:
+        flat_labels = p.labels.reshape(-1)
+        keep = labeled_rows(flat_labels, p.opts.ignore_index) if skip else None
+        with _amp.no_autocast():
+            logp, entropy = _logprobs_bt(hidden.reshape(B * T, H), weight, bias, flat_labels, B, T, p, p.impl, keep=keep,
+                                         trunc=trunc)  # fmt: skip
+            return truncated_result(p, logp, entropy, ref_logp, hidden.device)
+    run = _linear_ppo_skipping if skip else _linear_ppo
     with _amp.no_autocast():
         loss, logp, entropy = run(hidden.reshape(B * T, H), weight, bias, p.labels.reshape(-1), B, T, p, p.impl, p.shard)
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, hidden.device)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import _agg, _amp, _checks, _policy, _vocab_parallel
+from . import _agg, _amp, _checks, _policy, _vocab_parallel, truncation
 from ._dispatch import resolve
 from ._policy import PolicyLossOptions
 from ._softmax_torch import as_btv
@@ -125,6 +125,22 @@ def _composed(logits, labels, old_logp, advantages, m, weights, ref_logp, rollou
     return loss, logp.detach(), entropy.detach()
 
 
+def truncated_loss(p: "PreparedLoss", logp, entropy):
+    """``(loss, p_kept, miss_frac)`` of truncated sampling from the differentiable ``[B, T]`` log-probs and
+    entropy of the truncated distribution: a token whose label is outside the kept set (log-prob ``-inf``)
+    gets weight 0, as if masked out (the aggregation's denominators, the rollout weights and the metrics
+    leave it out: ``p_kept`` is ``p`` with that mask), so it contributes nothing, gradients included;
+    ``miss_frac`` is the masked fraction of such tokens, ``sum(m * missed) / sum(m)``."""
+    missed = torch.isneginf(logp.detach()) & (p.m != 0)
+    m = p.m.masked_fill(missed, 0.0)
+    pol = p.opts.policy
+    rollout_w = None if pol.rollout_is is None else _policy.rollout_weights(p.old_logp, p.rollout_logp, m, pol)[0]
+    kept = replace(p, m=m, weights=_agg.row_weights(m, pol.agg, pol.agg_norm), rollout_w=rollout_w)
+    loss = weighted_token_loss(logp, entropy, kept.old_logp, kept.advantages, m, kept.weights, kept.ref_logp,
+                               rollout_w, kept.opts)  # fmt: skip
+    return loss, kept, masked_mean(missed.float(), p.m)
+
+
 def _policy_step(logits, labels, old_logp, advantages, m, weights, ref_logp, rollout_w, opts, impl: str, shard=None):
     """``(loss, logp, entropy)``: the fused Triton kernel for the token-level modes, else the composition
     (always on a vocabulary shard)."""
@@ -173,7 +189,7 @@ def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advanta
         raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
     if mask is not None:
         _checks.check_mask(mask, labels, "labels")
-    _policy.check_rollout_logp(rollout_logp, loss, (B, T), x.device, what)
+    _policy.check_rollout_logp(rollout_logp, loss, (B, T), x.device, what, metrics_only=True)
     for arg, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
                    ("ref_logp", ref_logp)):  # fmt: skip
         if t is not None:
@@ -205,7 +221,10 @@ def policy_step_metrics(p: PreparedLoss, logp, entropy, ref_logp, device) -> dic
     ``entropy`` and ``kl``."""
     pol = p.opts.policy
     policy_term = replace(pol, kl_coef=0.0, entropy_coef=0.0)  # rf.ppo_policy_loss has no KL or entropy term
-    _, metrics = ppo_policy_loss(logp, p.old_logp, p.advantages, p.m, rollout_logp=p.rollout_logp, options=policy_term)
+    rollout_is = None if pol.rollout_is is None else p.rollout_logp  # alone, rollout_logp is for the metrics below
+    _, metrics = ppo_policy_loss(logp, p.old_logp, p.advantages, p.m, rollout_logp=rollout_is, options=policy_term)
+    if p.rollout_logp is not None:
+        metrics.update(_policy.rollout_mismatch_metrics(logp, p.rollout_logp, p.m))
     with torch.no_grad():
         metrics["entropy"] = masked_mean(entropy, p.m)
         if ref_logp is not None:
@@ -230,6 +249,10 @@ def ppo_loss_from_logits(
     ignore_index: int = -100,
     impl: str = "auto",
     process_group: "torch.distributed.ProcessGroup | None" = None,
+    top_k: "int | torch.Tensor | None" = None,
+    top_p: "float | torch.Tensor | None" = None,
+    min_p: "float | torch.Tensor | None" = None,
+    sampler: str = "vllm",
     **loss_options,
 ):
     """The policy loss straight from ``[B, T, V]`` logits, and the metrics a trainer logs.
@@ -269,7 +292,23 @@ def ppo_loss_from_logits(
     of detached float32 scalars: those of ``rf.ppo_policy_loss`` with the same options (``clipfrac``,
     ``approx_kl``, ``ratio_mean``, ``ratio_max``, ``dual_clipfrac``, ``rollout_is_*``), ``entropy`` and
     ``kl`` (masked means; ``kl`` is the plain estimator, without the bias correction, and 0 without
-    ``ref_logp``).
+    ``ref_logp``). With ``rollout_logp`` (which may come without ``rollout_is``, for these metrics alone):
+    ``rollout_kl_k3``, the mean k3 estimate of ``KL(pi_rollout || pi_train)`` on the rollout's tokens
+    (``e^d - 1 - d``, ``d = logp - rollout_logp``: NeMo-RL's ``gen_kl_error``), and
+    ``rollout_ratio_outside_frac``, the fraction of tokens whose ``e^d`` is outside ``[0.9, 1.1]``
+    (rlhf_fast/_policy.py ``rollout_mismatch_metrics``).
+
+    ``top_k``, ``top_p``, ``min_p``, ``sampler`` (per-call sampling arguments like ``temperature``, not loss
+    options; README "Truncated sampling"): ``logp`` and ``entropy`` are those of the truncated, renormalised
+    distribution the rollout sampled from (``rf.logprobs`` with the same arguments; a number, or a ``[B]``
+    or ``[B, T]`` tensor). A token whose label is outside the kept set (log-prob ``-inf``) gets weight 0,
+    exactly as if the mask were 0 there: it adds nothing to the loss, the aggregation's denominators, the
+    gradient (never NaN) or the other metrics, and is counted in ``truncation_miss_frac`` (its masked
+    fraction, ``sum(m * missed) / sum(m)``: a metric present whenever truncation is on, absent when every
+    row is off, so that off values leave the loss, gradient and metrics bitwise unchanged). Both impls take
+    the composed route when truncation is on: ``rf.logprobs``' truncated kernels (Triton; chunks for
+    PyTorch), then the ``[B, T]`` loss by autograd (two passes over the logits, as the fused kernel).
+    Not with ``process_group``.
     """
     _checks.check_float_tensor(logits, "logits", min_dim=3)
     if logits.dim() != 3:
@@ -281,6 +320,30 @@ def ppo_loss_from_logits(
                             options=options, loss_options=loss_options, ref_logp=ref_logp, rollout_logp=rollout_logp,
                             temperature=temperature, ignore_index=ignore_index, impl=impl,
                             process_group=process_group)  # fmt: skip
+    trunc = check_policy_truncation(p, top_k, top_p, min_p, sampler, V, logits.device)
+    if trunc is not None:  # the composed route with rf.logprobs' truncated kernels (Triton) or chunks (PyTorch)
+        lp_opts = LogprobsOptions(temperature=p.opts.temperature, ignore_index=p.opts.ignore_index)
+        logp, entropy = _Logprobs.apply(logits, p.labels, lp_opts, p.impl, trunc)
+        return truncated_result(p, logp, entropy, ref_logp, logits.device)
     loss, logp, entropy = _policy_step(logits, p.labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp,
                                        p.rollout_w, p.opts, p.impl, p.shard)  # fmt: skip
     return loss, policy_step_metrics(p, logp, entropy, ref_logp, logits.device)
+
+
+def check_policy_truncation(p: PreparedLoss, top_k, top_p, min_p, sampler, V: int, device):
+    """The checked truncation of a loss op's ``[B, T]`` rows (``None``: off), refused on a vocabulary shard."""
+    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, tuple(p.labels.shape), V, device)
+    if trunc is not None and p.shard is not None:
+        raise ValueError("top_k / top_p / min_p (truncated sampling) are not supported with a process_group yet")
+    return trunc
+
+
+def truncated_result(p: PreparedLoss, logp, entropy, ref_logp, device):
+    """``(loss, metrics)`` of a loss op under truncated sampling, from its differentiable ``[B, T]``
+    truncated log-probs and entropy (:func:`truncated_loss`); the metrics over the kept tokens, plus
+    ``truncation_miss_frac``."""
+    logp, entropy = logp.view(p.m.shape), entropy.view(p.m.shape)
+    loss, kept, miss_frac = truncated_loss(p, logp, entropy)
+    metrics = policy_step_metrics(kept, logp.detach(), entropy.detach(), ref_logp, device)
+    metrics["truncation_miss_frac"] = miss_frac
+    return loss, metrics
