@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_kernels_are_a_subpackage(tmp_path):
-    # Run from an empty directory so the repository's own kernels/ folder is not on sys.path.
+    # Run from an empty directory so the repository's own kernels/ folder is not on sys.path: a top-level
+    # 'kernels' there is Hugging Face's (transformers >= 5.2x installs it) or nothing, never ours.
     code = (
-        "import importlib.util, rlhf_fast.kernels as k\n"
-        "print(importlib.util.find_spec('kernels') is None)\n"
+        "import importlib.util, os, rlhf_fast.kernels as k\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(spec is None or os.path.dirname(spec.origin) != os.path.dirname(k.__file__))\n"
         "print(k.__name__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
