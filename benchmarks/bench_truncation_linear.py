@@ -4,7 +4,7 @@
     python -m benchmarks.bench_truncation_linear --shapes 64x32x1000 --in-process --no-save
 
 Issue 24's bar: at most 1.5x the untruncated op's time, forward + backward. The truncated route
-(rlhf_fast/linear_logprobs.py) adds per chunk the thresholds (``torch.topk`` and a sort of the top-k values on
+(rlhf_fast/linear_logprobs_op.py) adds per chunk the thresholds (``torch.topk`` and a sort of the top-k values on
 CPU; the sort-free kernel on GPU) and, on GPU, gives up the fused matmul-and-statistics forward kernel.
 """
 

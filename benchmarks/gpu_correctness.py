@@ -25,6 +25,7 @@ import rlhf_fast as rf
 from rlhf_fast.reference import (
     linear_dpo_loss_reference,
     logprobs_reference,
+    truncated_logprobs_reference,
     pairwise_sigmoid_loss_reference,
     ppo_loss_reference,
 )
@@ -314,10 +315,34 @@ def _sampler_reference(x):
     return {"score": x["logits"] / 0.7 + noise}
 
 
+_TRUNCATION = dict(top_k=50, top_p=0.95, temperature=0.7)
+
+
+def _truncated_inputs(shape, dtype, device):
+    """``bench_logprobs``' logits with each row's label its largest logit: always in the kept set, so every
+    log-prob is finite (a missed label's ``-inf`` has no error to measure; tests/test_truncation.py covers it)."""
+    x = bench_logprobs.make_inputs(shape, dtype, device)
+    return {**x, "labels": x["logits"].argmax(-1)}
+
+
+def _truncated_ours(x):
+    logp, ent = rf.logprobs(x["logits"], x["labels"], return_entropy=True, impl="triton", **_TRUNCATION)
+    return {"logp": logp, "entropy": ent}
+
+
+def _truncated_reference(x):
+    logp, ent = truncated_logprobs_reference(x["logits"], x["labels"], **_TRUNCATION)
+    return {"logp": logp, "entropy": ent}
+
+
 CASES: list[Case] = [
     _logprobs_case("logprobs +entropy", return_entropy=True),
     _logprobs_case("logprobs logp only", return_entropy=False),
     _logprobs_case("logprobs inplace_backward", return_entropy=True, inplace=True),
+    Case("logprobs top_k=50 top_p=0.95 (truncated)",
+         ("_row_threshold_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel"), _truncated_inputs, ("logits",),
+         _truncated_ours, _truncated_reference, shapes={"odd": (37, 1001), "real": (256, 151936)},
+         dry_shapes={"odd": (5, 67)}, fp32_tol=1e-5, row_inputs=("logits", "labels")),
     _linear_case("linear_logprobs bias +entropy", bias=True, return_entropy=True),
     _linear_case("linear_logprobs no bias, logp only", bias=False, return_entropy=False),
     Case("full_kl", ("_full_kl_fwd_kernel", "_full_kl_bwd_kernel"), _kl_inputs, ("logits",),

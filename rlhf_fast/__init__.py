@@ -7,18 +7,18 @@ The contract of each op (names, defaults, semantics) is fixed in docs/API.md (in
 from ._dispatch import IMPLS
 from ._fused_chunk import chunk_budget
 from ._policy import PolicyLossOptions
-from .full_kl import full_kl
-from .gae import gae
+from .full_kl_op import full_kl
+from .gae_op import gae
 from .linear_dpo import linear_dpo_loss
-from .linear_full_kl import linear_full_kl
-from .linear_logprobs import linear_logprobs
+from .linear_full_kl_op import linear_full_kl
+from .linear_logprobs_op import linear_logprobs
 from .linear_ppo import linear_ppo_loss
-from .logprobs import logprobs
+from .logprobs_op import logprobs
 from .rl_losses import aggregate, group_advantages, kl_penalty, masked_whiten, ppo_policy_loss, value_loss
 from .ppo_from_logits import ppo_loss_from_logits
 from .preference import dpo_loss, pairwise_sigmoid_loss
 from .sampling import sample_tokens
-from .sequence_logprobs import sequence_logprobs
+from .sequence_logprobs_op import sequence_logprobs
 
 __version__ = "0.1.0"
 

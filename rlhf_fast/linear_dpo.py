@@ -11,9 +11,9 @@ The per-token log-probs come from ``rf.linear_logprobs`` (Triton tiles or chunke
 import torch
 
 from . import _amp, _checks
-from .linear_logprobs import linear_logprobs
+from .linear_logprobs_op import linear_logprobs
 from .preference import check_dpo_options, dpo_loss
-from .sequence_logprobs import sum_over_tokens
+from .sequence_logprobs_op import sum_over_tokens
 
 
 def _check_batch(hidden, labels, ref_chosen_logp, ref_rejected_logp) -> int:

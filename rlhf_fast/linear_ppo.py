@@ -33,7 +33,7 @@ from ._fused_chunk import chunk_buffer, chunk_grad, chunk_rows, chunk_stats
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
 from ._policy import PolicyLossOptions
 from ._skip_rows import check_skip_ignored, ignored_rows, labeled_rows, scatter_rows
-from .linear_logprobs import LinearLogprobsOptions, _LinearLogprobs, vocab_parallel
+from .linear_logprobs_op import LinearLogprobsOptions, _LinearLogprobs, vocab_parallel
 from .ppo_from_logits import (PPOOptions, check_policy_truncation, policy_step_metrics, prepare_policy_step,
                               truncated_result, weighted_token_loss)  # fmt: skip
 
@@ -223,7 +223,7 @@ def linear_ppo_loss(
     ``top_k``, ``top_p``, ``min_p``, ``sampler``: truncated sampling, as in :func:`rlhf_fast.ppo_loss_from_logits`
     (missed labels get weight 0 and are counted in ``truncation_miss_frac``). Both impls then take the
     composed route: ``rf.linear_logprobs`` with the same truncation (chunked logits, their thresholds and
-    ``rf.logprobs``' truncated kernels or PyTorch twins: rlhf_fast/linear_logprobs.py), then the ``[B, T]``
+    ``rf.logprobs``' truncated kernels or PyTorch twins: rlhf_fast/linear_logprobs_op.py), then the ``[B, T]``
     loss by autograd; the gradient is not formed in the forward. Not with ``process_group``.
 
     ``matmul_dtype``: ``None`` (follow autocast) or ``torch.float32`` (the lm_head matmul in float32 under

@@ -22,7 +22,7 @@ from . import _agg, _amp, _checks, _policy, _vocab_parallel, truncation
 from ._dispatch import resolve
 from ._policy import PolicyLossOptions
 from ._softmax_torch import as_btv
-from .logprobs import LogprobsOptions, _Logprobs, vocab_parallel
+from .logprobs_op import LogprobsOptions, _Logprobs, vocab_parallel
 from .rl_losses import kl_penalty, masked_mean, ppo_policy_loss
 
 

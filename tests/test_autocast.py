@@ -217,7 +217,7 @@ def test_torch_impl_cuda_logits_are_float32_products_of_bf16_operands():
     """The torch impl's CUDA forward multiplies bf16 operands into float32 logits (``mm(out_dtype=fp32)``,
     no fp32 fallback and no bf16 rounding). Checked here for shape and dtype on the meta device, where that
     overload exists; the numbers are checked on CUDA by the test below."""
-    from rlhf_fast.linear_logprobs import _chunk_logits
+    from rlhf_fast.linear_logprobs_op import _chunk_logits
 
     h = torch.empty(5, 8, dtype=BF16, device="meta")
     w = torch.empty(11, 8, dtype=BF16, device="meta")

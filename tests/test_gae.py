@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE, IMPLS
 
 import rlhf_fast as rf
-from rlhf_fast.gae import discounted_reverse_cumsum
+from rlhf_fast.gae_op import discounted_reverse_cumsum
 from rlhf_fast.reference import gae_reference
 
 

@@ -86,8 +86,8 @@ def _layer(name: str) -> str:
 
 def test_the_import_graph_is_read():
     """The parser finds the edges it must (a sanity check: an empty graph would pass everything below)."""
-    assert "rlhf_fast.kernels.logprobs" in GRAPH["rlhf_fast.logprobs"] or any(
-        "rlhf_fast.kernels" in d for d in GRAPH["rlhf_fast.logprobs"]
+    assert "rlhf_fast.kernels.logprobs" in GRAPH["rlhf_fast.logprobs_op"] or any(
+        "rlhf_fast.kernels" in d for d in GRAPH["rlhf_fast.logprobs_op"]
     )
     assert "rlhf_fast.kernels._build" in GRAPH["rlhf_fast.kernels.logprobs"]
     assert "rlhf_fast.train.rollout" in GRAPH["rlhf_fast.train.ppo"]
@@ -127,3 +127,18 @@ def test_no_import_from_a_lower_layer_to_a_higher_one(lower):
 def test_no_source_file_is_too_long():
     long = {str(p.relative_to(ROOT)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_no_module_is_shadowed_by_a_public_name():
+    """``import rlhf_fast.X as m`` gives a module for every module X of the package: no public name of
+    ``rlhf_fast`` (an op re-exported from its module) has a module's dotted name (issue 23)."""
+    import importlib
+    import pkgutil
+    import types
+
+    import rlhf_fast
+
+    names = [m.name for m in pkgutil.iter_modules(rlhf_fast.__path__) if m.name != "__main__"]  # (runs the CLI)
+    shadowed = [n for n in names if not isinstance(getattr(rlhf_fast, n, None) or importlib.import_module(f"rlhf_fast.{n}"),
+                                                   types.ModuleType)]  # fmt: skip
+    assert not shadowed, f"rlhf_fast.<name> is not the module for: {shadowed}"

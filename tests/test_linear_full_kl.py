@@ -10,7 +10,7 @@ from reference import assert_no_worse
 import rlhf_fast as rf
 from rlhf_fast.reference import full_kl_reference
 
-lfk = importlib.import_module("rlhf_fast.linear_full_kl")  # the module (rf.linear_full_kl is the op)
+lfk = importlib.import_module("rlhf_fast.linear_full_kl_op")  # the module (rf.linear_full_kl is the op)
 linear_common = importlib.import_module("rlhf_fast._linear_common")
 
 

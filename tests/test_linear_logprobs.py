@@ -186,13 +186,13 @@ def test_logp_only_matches_float64_and_with_entropy(impl, dtype, bias, temperatu
 
 def _spy(monkeypatch, impl):
     """Record what the implementation's forward returns as entropy and what its backward gets as entropy."""
-    # import_module: the attribute rlhf_fast.linear_logprobs is the public function, not its module. Both
+    # the module (rf.linear_logprobs is the op). Both
     # pairs are looked up at each call (_backend), so replacing the module attribute reaches them.
     if impl == "triton":
         mod = importlib.import_module("rlhf_fast.kernels.linear_logprobs")
         names = ("linear_logprobs_forward", "linear_logprobs_backward")
     else:
-        mod = importlib.import_module("rlhf_fast.linear_logprobs")
+        mod = importlib.import_module("rlhf_fast.linear_logprobs_op")
         names = ("_torch_forward", "_torch_backward")
     seen = {}
     forward, backward = (getattr(mod, n) for n in names)

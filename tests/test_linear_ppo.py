@@ -131,7 +131,7 @@ def test_matmul_passes(monkeypatch, impl, mode, passes):
     calls = []
     real = linear_common._chunk_logits
     monkeypatch.setattr(linear_common, "_chunk_logits", lambda h, w, b, **k: calls.append("fwd") or real(h, w, b, **k))
-    lp_module = importlib.import_module("rlhf_fast.linear_logprobs")
+    lp_module = importlib.import_module("rlhf_fast.linear_logprobs_op")
     monkeypatch.setattr(lp_module, "_chunk_logits", lambda h, w, b, **k: calls.append("lp") or real(h, w, b, **k))
     h = hidden.clone().requires_grad_(True)
     lp_kernels = importlib.import_module("rlhf_fast.kernels.linear_logprobs")

@@ -313,8 +313,8 @@ def _spy_entropy_work(monkeypatch, impl):
     specialisation the kernels' heuristic picks at each launch."""
     seen = {"forward": [], "backward": []}
     if impl == "torch":
-        # import_module: the attribute rlhf_fast.logprobs is the public function, not its module.
-        mod = importlib.import_module("rlhf_fast.logprobs")
+        # the module (rf.logprobs is the op).
+        mod = importlib.import_module("rlhf_fast.logprobs_op")
         stats, grad, logp_grad = mod.softmax_stats_, mod.softmax_grad_, mod.logp_grad_
 
         def spy_stats(z, labels, with_entropy=True):

@@ -19,8 +19,8 @@ from rlhf_fast.kernels import linear_logprobs as linear_kernels
 from rlhf_fast.kernels import logprobs as logprobs_kernels
 
 # the public names rf.logprobs / rf.linear_logprobs shadow their modules' dotted names
-logprobs_twins = importlib.import_module("rlhf_fast.logprobs")
-linear_twins = importlib.import_module("rlhf_fast.linear_logprobs")
+logprobs_twins = importlib.import_module("rlhf_fast.logprobs_op")
+linear_twins = importlib.import_module("rlhf_fast.linear_logprobs_op")
 
 PAIRS = {
     "logprobs_forward": (logprobs_kernels.logprobs_forward, logprobs_twins._torch_forward),

@@ -8,7 +8,7 @@ Gradients flow to the logits through ``rf.logprobs``' backward.
 import torch
 
 from . import _amp, _checks
-from .logprobs import logprobs
+from .logprobs_op import logprobs
 
 
 def sum_over_tokens(token_logp: torch.Tensor, valid: torch.Tensor, average: bool) -> torch.Tensor:

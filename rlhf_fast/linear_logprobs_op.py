@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _amp, _checks, _vocab_parallel, truncation
-from . import logprobs as _logprobs_op
+from . import logprobs_op as _logprobs_op
 from ._dispatch import resolve
 from ._fused_chunk import MIN_CHUNK_ROWS, chunk_buffer, chunk_grad, chunk_rows, chunk_stats, pad_rows
 from ._linear_common import LinearGrads, _chunk_logits, check_linear_operands, chunk_logits, matmul_operands

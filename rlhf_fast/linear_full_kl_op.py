@@ -34,7 +34,7 @@ from ._dispatch import resolve
 from ._fused_chunk import chunk_buffer, chunk_rows
 from ._linear_common import LinearGrads, check_linear_operands, chunk_logits, matmul_operands
 from ._softmax_torch import grad_or_zeros
-from .full_kl import _backend as _full_kl_backend
+from .full_kl_op import _backend as _full_kl_backend
 
 # float32 [rows, V] chunks the budget (rlhf_fast/_fused_chunk.py) is split over: the two logits buffers
 # every chunk reuses (policy and reference), and one more share for what sits beside them (the small
