@@ -86,8 +86,8 @@ def simulated(op: str, d: dict, impl: str, sizes: list[int], timings: list[float
     """The same outputs and gradients from ``len(sizes)`` vocabulary slices, combined in this process.
     ``timings`` (when given) receives each slice's seconds (its forward statistics and backward)."""
     linear = op == "linear_logprobs"
-    # the op's own (forward, backward): its Triton launchers (the modules, not the functions rlhf_fast exports)
-    forward, backward = importlib.import_module(f"rlhf_fast.{op}")._backend(impl)
+    # the op's own (forward, backward): its Triton launchers or PyTorch twins (its module rlhf_fast.<op>_op)
+    forward, backward = importlib.import_module(f"rlhf_fast.{op}_op")._backend(impl)
     V, labels = sum(sizes), d["labels"]
     opts, ins, parts = [], [], []
     for r, size in enumerate(sizes):
