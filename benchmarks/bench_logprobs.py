@@ -125,11 +125,8 @@ def summarize(results: list[dict]) -> list[str]:
     On CPU this is the PyTorch implementation's bar: at most 0.5x eager's peak extra memory, and no more time.
     """
     lines = []
-    for r in results:
-        if r.get("method") != "rlhf_fast" or r.get("mode") != "full" or r["status"] != "ok":
-            continue
-        t, m = r.get("time_vs_baseline"), r.get("mem_vs_baseline")
-        if t is None or m is None:
+    for r, t, m in harness.versus_baseline(results, "rlhf_fast"):
+        if m is None:
             continue
         line = (
             f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: rlhf_fast takes {t:.2f}x eager's "

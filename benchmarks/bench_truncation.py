@@ -46,11 +46,8 @@ METHODS = (
 
 def summarize(results: list[dict]) -> list[str]:
     lines = []
-    for r in results:
-        if r.get("method") != "rlhf_fast" or r.get("mode") != "full" or r["status"] != "ok":
-            continue
-        t, m = r.get("time_vs_baseline"), r.get("mem_vs_baseline")
-        if t is None or m is None:
+    for r, t, m in harness.versus_baseline(results, "rlhf_fast"):
+        if m is None:
             continue
         verdict = "meets" if (t <= 0.5 and m <= 0.25) else "does NOT meet"
         lines.append(f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: rlhf_fast takes {t:.2f}x the "

@@ -37,14 +37,10 @@ def flops(r: dict) -> float:
 
 def summarize(results: list[dict]) -> list[str]:
     lines = []
-    for r in results:
-        if r.get("method") != "truncated" or r.get("mode") != "full" or r["status"] != "ok":
-            continue
-        t = r.get("time_vs_baseline")
-        if t is not None:
-            verdict = "meets" if t <= 1.5 else "does NOT meet"
-            lines.append(f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: truncated takes {t:.2f}x "
-                         f"the untruncated op's time: {verdict} issue 24's bar (<= 1.5x)")  # fmt: skip
+    for r, t, _ in harness.versus_baseline(results, "truncated"):
+        verdict = "meets" if t <= 1.5 else "does NOT meet"
+        lines.append(f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: truncated takes {t:.2f}x "
+                     f"the untruncated op's time: {verdict} issue 24's bar (<= 1.5x)")  # fmt: skip
     return lines
 
 

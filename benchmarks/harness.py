@@ -64,7 +64,7 @@ import torch
 from .machine import (collect_metadata, cpu_model, device_slug, git_commit, matmul_gflops, measure_ceilings,
                       measure_cpu_ceilings, package_version)  # fmt: skip
 from .measure import add_ratios, error_text, measure, measure_cpu, run_benchmark
-from .report import format_ratio, plot_results, print_report, save_results, versus, write_markdown
+from .report import format_ratio, plot_results, print_report, save_results, versus, versus_baseline, write_markdown
 from .spec import (DEFAULT_REPEATS, DEFAULT_WARMUP, DTYPES, MODES, PACKAGE, RESULT_MARKER, Benchmark, BenchRun, Method,
                    build_case, format_shape, module_cwd, module_name, results_dir, torch_compile_method)  # fmt: skip
 
@@ -75,7 +75,7 @@ __all__ = [
     # measure.py, machine.py, report.py
     "add_ratios", "error_text", "measure_cpu", "run_benchmark",
     "collect_metadata", "cpu_model", "device_slug", "git_commit", "matmul_gflops", "measure_ceilings", "package_version",
-    "format_ratio", "save_results", "versus",
+    "format_ratio", "save_results", "versus", "versus_baseline",
     # the command line every bench_<op>.py ends with
     "main",
 ]  # fmt: skip

@@ -76,6 +76,15 @@ def versus(results: list[dict], peers: tuple[str, ...], method: str = "rlhf_fast
                 yield r, peer, p
 
 
+def versus_baseline(results: list[dict], method: str, mode: str = "full"):
+    """For a benchmark's summary: ``(r, time ratio, memory ratio)`` of each successful measurement ``r`` of ``method``
+    in ``mode`` that has a time ratio to the baseline (the memory ratio may be None), in the results' order."""
+    for r in results:
+        if r.get("method") == method and r.get("mode") == mode and r["status"] == "ok":
+            if r.get("time_vs_baseline") is not None:
+                yield r, r["time_vs_baseline"], r.get("mem_vs_baseline")
+
+
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """A plain aligned text table for the terminal."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]

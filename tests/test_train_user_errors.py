@@ -25,6 +25,7 @@ from rlhf_fast.train.ops import FusedOps, ReferenceOps
 from rlhf_fast.train.rollout import Rollout, score
 
 from test_train_ppo import bandit_config
+from test_train_ppo_options import models  # noqa: F401  (the fixture: a tiny policy and its reference)
 from train_utils import tiny_causal_lm_dir
 
 
@@ -221,14 +222,6 @@ def test_non_finite_final_model_is_never_saved(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ cosmetics
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    policy = load_causal_lm(tiny_causal_lm_dir(root / "policy", seed=1)).float()
-    ref = load_causal_lm(tiny_causal_lm_dir(root / "ref", seed=2)).float().requires_grad_(False)
-    return policy, ref
 
 
 @pytest.mark.parametrize("options", [dict(), dict(delta=1.5), dict(loss_mode="gspo")])
