@@ -104,9 +104,19 @@ def _torch_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, gr
 _NO_LABEL = -1  # labels are in [0, V) here: no row is ignored by rf.logprobs' row functions (the caller masks)
 
 
+def _scaled_chunk(hidden, rows, native, w_mm, b32, z_buf, temperature: float) -> torch.Tensor:
+    """The chunk's float32 logits divided by the temperature, in ``z_buf``: the values the thresholds and
+    the statistics read (``x / T`` rounded as ``rf.logprobs``' PyTorch twin rounds it)."""
+    z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf)
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
 def _truncated_forward(hidden, weight, bias, labels, temperature: float, with_entropy: bool, trunc, impl: str):
     """``(logp, entropy | None, row_max, log_norm, tau)`` of the truncated distribution, chunk by chunk (module
-    docstring): each chunk's logits once, their thresholds, then ``rf.logprobs``' truncated statistics."""
+    docstring): each chunk's logits once, their thresholds, then the statistics of the kept entries. The
+    PyTorch route works in the chunk buffer: it masks the entries below ``tau`` to ``-inf`` in place and
+    hands the chunk to the compiled statistics body the untruncated op uses (``row_max`` and ``log_norm``
+    are then those of ``x / T``); the Triton route runs ``rf.logprobs``' truncated row kernels."""
     N, V = hidden.shape[0], weight.shape[0]
     forward, _ = _logprobs_op._backend(impl)
     thresholds = truncation.thresholds(impl)
@@ -117,10 +127,15 @@ def _truncated_forward(hidden, weight, bias, labels, temperature: float, with_en
     z_buf = chunk_buffer(step, N, V, hidden.device)
     for r in range(0, N, step):
         rows = slice(r, r + step)
-        z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf).unsqueeze(0)
-        tau[rows] = thresholds(z, trunc.rows(rows), temperature)
-        lp, ent, row_max[rows], log_norm[rows] = forward(z, labels[rows], temperature, _NO_LABEL, with_entropy, tau=tau[rows])
-        logp[rows] = lp
+        if impl == "torch":
+            z = _scaled_chunk(hidden, rows, native, w_mm, b32, z_buf, temperature)
+            tau[rows] = truncation.row_thresholds(z, trunc.rows(rows))
+            stats = chunk_stats(truncation.mask_below_(z, tau[rows]), labels[rows], 1.0, with_entropy)
+        else:
+            z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf).unsqueeze(0)
+            tau[rows] = thresholds(z, trunc.rows(rows), temperature)
+            stats = forward(z, labels[rows], temperature, _NO_LABEL, with_entropy, tau=tau[rows])
+        logp[rows], ent, row_max[rows], log_norm[rows] = stats
         if with_entropy:
             entropy[rows] = ent
     return logp, entropy if with_entropy else None, row_max, log_norm, tau
@@ -129,7 +144,9 @@ def _truncated_forward(hidden, weight, bias, labels, temperature: float, with_en
 def _truncated_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, tau, grad_logp, grad_entropy,
                         temperature: float, need: tuple, impl: str):  # fmt: skip
     """``(d_hidden, d_weight, d_bias)``: each chunk's logits recomputed by the forward's matmul (the same
-    values, so the same kept sets), ``rf.logprobs``' truncated backward written over them, the products."""
+    values, so the same kept sets), their gradient (the PyTorch route: masked in place, the compiled
+    gradient body, no gradient on the log-prob of a row whose label is below ``tau``; the Triton route:
+    ``rf.logprobs``' truncated backward written over them), then the products."""
     N, V = hidden.shape[0], weight.shape[0]
     _, backward = _logprobs_op._backend(impl)
     native, w_mm, b32 = matmul_operands(hidden, weight, bias)
@@ -137,13 +154,21 @@ def _truncated_backward(hidden, weight, bias, labels, row_max, log_norm, entropy
     grads = LinearGrads(hidden, weight, bias, *need)
     step = chunk_rows(V, _CHUNK_TEMPORARIES)
     z_buf = chunk_buffer(step, N, V, hidden.device)
+    g_buf = chunk_buffer(step, N, V, hidden.device) if impl == "torch" else None
     for r in range(0, N, step):
         rows = slice(r, r + step)
-        z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf).unsqueeze(0)
         ent, g_ent = (None, None) if entropy is None else (entropy[rows], grad_entropy[rows])
-        g = backward(z, labels[rows], row_max[rows], log_norm[rows], ent, grad_logp[rows], g_ent, temperature, _NO_LABEL,
-                     grad_logits=z, tau=tau[rows])  # fmt: skip
-        grads.add(rows, g[0], hidden[rows].float(), w32)
+        if impl == "torch":
+            z = _scaled_chunk(hidden, rows, native, w_mm, b32, z_buf, temperature)
+            missed = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) < tau[rows]
+            g = chunk_grad(truncation.mask_below_(z, tau[rows]), row_max[rows], log_norm[rows], ent,
+                           grad_logp[rows].masked_fill(missed, 0.0), g_ent, labels[rows], 1.0, out=g_buf[: z.shape[0]])  # fmt: skip
+            g = g if temperature == 1.0 else g.div_(temperature)
+        else:
+            z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf).unsqueeze(0)
+            g = backward(z, labels[rows], row_max[rows], log_norm[rows], ent, grad_logp[rows], g_ent, temperature,
+                         _NO_LABEL, grad_logits=z, tau=tau[rows])[0]  # fmt: skip
+        grads.add(rows, g, hidden[rows].float(), w32)
     return grads.result()
 
 

@@ -128,37 +128,64 @@ def check_truncation(top_k, top_p, min_p, sampler: str, row_shape, V: int, devic
 # ----------------------------------------------------------------------------------------------- torch
 
 
+def _nucleus(sv, ts, m, p, total=None):
+    """``(keep, cum)`` over descending values ``sv [n, L]``: the entries of ``S = {sv >= ts}`` whose
+    exclusive cumulative mass ``e^(sv - m)`` is ``< p`` times ``total`` (default: the mass of ``S`` in
+    ``sv``), a prefix of each row."""
+    e = torch.exp(sv - m).masked_fill_(sv < ts, 0.0)
+    cum = e.cumsum(-1)
+    excl = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # mass strictly above (no ties)
+    return excl < p * (cum[:, -1:] if total is None else total), cum
+
+
 def row_thresholds(z: torch.Tensor, trunc: RowTruncation) -> torch.Tensor:
     """``[n]`` float32 threshold ``tau`` of each row of a float32 chunk ``z [n, V]`` (logits / T): the row
     keeps ``{v : z_v >= tau}``; ``-inf`` where nothing is cut. ``z`` is read, not written.
 
-    top-k takes the k-th value of ``torch.topk``; top-p sorts only what it needs, the largest ``L`` values
-    of its rows where ``L`` is the largest kept-set size so far (k plus ties under top-k; the whole row
-    when nothing cut it before), then keeps the prefix whose exclusive cumulative mass is ``< p``.
+    top-k takes the k-th value of ``torch.topk`` (descending values, ``K`` = the largest k of the chunk,
+    plus one). top-p needs, per row, the values of the set ``S`` it renormalises over in descending order:
+    when every top-p row has a top-k and ``S``'s floor is above the last of the ``K`` values (so no tie
+    reaches past them) it reuses them; otherwise it takes the largest ``L`` values of its rows, 256 first and
+    8 times more until every row's nucleus ends inside them or ``L`` covers ``S`` (a peaked row stops early;
+    a flat one sorts up to ``|S|``, the whole row when nothing cut it before). It keeps the prefix whose
+    exclusive cumulative mass is ``< p`` times ``S``'s mass. The row's max comes from the same ``topk`` where
+    every row has a top-k.
     """
     n, V = z.shape
     neg_inf = torch.full((n,), -float("inf"), dtype=torch.float32, device=z.device)
-    m = z.amax(-1)
-    mp_on = trunc.min_p > 0
-    t_min = torch.where(mp_on, m + torch.where(mp_on, trunc.min_p, 1.0).log(), neg_inf) if bool(mp_on.any()) else neg_inf
     k = trunc.top_k.long()
     k_on = k > 0
+    vals = None
     t_k = neg_inf
     if bool(k_on.any()):
-        vals = z.topk(int(k.max()), dim=-1).values
+        # descending; one value past the largest k, so that S's floor lies above the last one unless tied
+        vals = z.topk(min(int(k.max()) + 1, V), dim=-1).values
         t_k = torch.where(k_on, vals.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1), neg_inf)
+    m = vals[:, 0] if vals is not None and bool(k_on.all()) else z.amax(-1)
+    mp_on = trunc.min_p > 0
+    t_min = torch.where(mp_on, m + torch.where(mp_on, trunc.min_p, 1.0).log(), neg_inf) if bool(mp_on.any()) else neg_inf
     t_s = torch.maximum(t_k, t_min) if trunc.sampler == "vllm" else t_k  # the set top-p renormalises over
     tau = torch.maximum(t_k, t_min)
     p_on = trunc.top_p < 1
     if bool(p_on.any()):
         rows = p_on.nonzero().squeeze(-1)
-        zr, ts, mr = z[rows], t_s[rows], m[rows]
-        L = int((zr >= ts.unsqueeze(-1)).sum(-1).max())
-        sv = zr.topk(L, dim=-1).values  # descending
-        e = torch.exp(sv - mr.unsqueeze(-1)).masked_fill_(sv < ts.unsqueeze(-1), 0.0)
-        cum = e.cumsum(-1)
-        excl = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # mass strictly above (no ties)
-        keep = excl < trunc.top_p[rows].unsqueeze(-1) * cum[:, -1:]
+        ts, mr, pr = t_s[rows].unsqueeze(-1), m[rows].unsqueeze(-1), trunc.top_p[rows].unsqueeze(-1)
+        if vals is not None and bool((k_on[rows] & (vals[rows, -1] < ts.squeeze(-1))).all()):
+            sv = vals[rows]  # S inside the top-k values: entries past S are masked below
+            keep, _ = _nucleus(sv, ts, mr, pr)
+        else:  # the largest values of S, 256 first, 8 times more until each row's nucleus ends inside them
+            zr = z if rows.numel() == n else z[rows]
+            live = zr >= ts
+            size = live.sum(-1)
+            total = torch.exp(zr - mr).masked_fill_(~live, 0.0).sum(-1, keepdim=True)  # S's mass
+            L = 256
+            while True:
+                L = min(L, int(size.max()))
+                sv = zr.topk(L, dim=-1).values
+                keep, _ = _nucleus(sv, ts, mr, pr, total)
+                if L == int(size.max()) or bool((~keep[:, -1] | (size <= L)).all()):
+                    break
+                L *= 8
         last = (keep.sum(-1) - 1).clamp(min=0)
         t_p = sv.gather(-1, last.unsqueeze(-1)).squeeze(-1)
         tau = tau.clone()
@@ -173,7 +200,9 @@ def chunked_thresholds(x: torch.Tensor, trunc: RowTruncation, temperature: float
     tau = torch.empty(x.shape[0] * x.shape[1], dtype=torch.float32, device=x.device)
     for r, (chunk,) in row_chunks([x], max(1, (1 << 21) // x.shape[-1])):
         rows = slice(r, r + chunk.shape[0])
-        tau[rows] = row_thresholds(scaled_float_copy(chunk, temperature), trunc.rows(rows))
+        # read-only: a float32 chunk at T = 1 needs no copy
+        z = chunk if chunk.dtype == torch.float32 and temperature == 1.0 else scaled_float_copy(chunk, temperature)
+        tau[rows] = row_thresholds(z, trunc.rows(rows))
     return tau
 
 

@@ -271,3 +271,49 @@ def test_sequence_logprobs_passes_truncation_through(impl, average):
     assert max_rel_err(seq.cpu()[[0, 2]], ref_seq[[0, 2]]) <= RTOL
     seq[[0, 2]].sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------- the PyTorch twin's search paths
+
+
+def _kept_sets(z, **kw):
+    """``(ours, reference)`` kept masks of float32 rows ``z [n, V]``: ``z >= tau`` of
+    ``truncation.row_thresholds`` and the float64 sorters' mask."""
+    from rlhf_fast import truncation
+    from rlhf_fast.reference import truncation_keep_reference
+
+    n, V = z.shape
+    trunc = truncation.check_truncation(kw.get("top_k"), kw.get("top_p"), kw.get("min_p"), kw.get("sampler", "vllm"),
+                                        (n,), V, z.device)  # fmt: skip
+    tau = truncation.row_thresholds(z, trunc)
+    ref = truncation_keep_reference(z.double(), trunc.top_k.long(), trunc.top_p.double(), trunc.min_p.double(),
+                                    trunc.sampler)  # fmt: skip
+    return z >= tau.unsqueeze(-1), ref
+
+
+def test_torch_top_p_alone_widens_its_prefix_until_the_nucleus_ends():
+    """top-p without top-k takes the largest 256 values of its rows, then 8x more while a row's nucleus runs
+    past them: flat rows (nuclei of thousands) next to peaked ones (a few tokens) in one chunk, each kept set
+    the float64 sorters' set."""
+    gen = torch.Generator().manual_seed(5)
+    V = 6007
+    z = torch.randn(6, V, generator=gen) * torch.tensor([0.3, 0.3, 6.0, 12.0, 1.0, 3.0]).unsqueeze(-1)
+    for kw in (dict(top_p=0.9), dict(top_p=torch.tensor([0.95, 0.5, 0.9, 0.99, 0.7, 0.2]), min_p=0.001),
+               dict(top_p=0.8, min_p=0.02, sampler="hf")):  # fmt: skip
+        ours, ref = _kept_sets(z, **kw)
+        assert torch.equal(ours, ref), kw
+    ours, _ = _kept_sets(z, top_p=0.9)
+    sizes = ours.sum(-1)
+    assert sizes[0] > 2048 and sizes[3] < 256  # the widest prefix (16384 > V: the whole row) and the first
+
+
+def test_torch_top_k_then_top_p_reuses_the_top_k_values_unless_tied_past_them():
+    """With top-k, top-p reads the top-k values (one past the largest k): exact with ties at the k-th value
+    (the whole tie kept) and with a per-row k, where it falls back to a wider prefix."""
+    gen = torch.Generator().manual_seed(6)
+    z = (torch.randn(8, 1001, generator=gen) * 2).round(decimals=1)  # many ties
+    k = torch.tensor([5, 50, 1, 20, 0, 7, 300, 12])
+    for kw in (dict(top_k=20, top_p=0.9), dict(top_k=k, top_p=0.95), dict(top_k=k, top_p=0.6, min_p=0.05, sampler="hf"),
+               dict(top_k=50, top_p=torch.tensor([0.9, 1.0] * 4))):  # fmt: skip
+        ours, ref = _kept_sets(z, **kw)
+        assert torch.equal(ours, ref), kw

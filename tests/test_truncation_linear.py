@@ -171,3 +171,35 @@ def test_bad_matmul_dtype_names_it(op, bad):
             rf.linear_full_kl(h, w, h, w, matmul_dtype=bad)
         else:
             rf.linear_dpo_loss(h, w, labels, torch.zeros(1), torch.zeros(1), matmul_dtype=bad)
+
+
+def test_torch_compiled_chunk_bodies_with_truncation(monkeypatch):
+    """A vocabulary past the compile rule (V >= 16384): the PyTorch route masks each chunk in place and runs
+    the compiled statistics and gradient bodies, over several chunks, at T != 1, against float64."""
+    from rlhf_fast import _fused_chunk
+
+    if not _fused_chunk._compile_enabled():
+        pytest.skip("torch.compile of the chunk bodies is off here")
+    gen = torch.Generator().manual_seed(3)
+    N, H, V = 24, 16, 16411
+    h0, w0 = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen) * 0.5
+    labels = torch.randint(0, V, (N,), generator=gen)
+    z = h0 @ w0.T
+    labels[:4] = z[:4].argmax(-1)  # kept: finite log-probs with a gradient
+    g1, g2 = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    kw = dict(top_k=40, top_p=torch.rand(N, generator=gen) * 0.5 + 0.5, min_p=0.01)
+    h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    with rf.chunk_budget(4 * V * 2 * 10 / 2**20):  # 10 rows a chunk
+        logp, ent = rf.linear_logprobs(h, w, labels, temperature=0.7, return_entropy=True, impl="torch", **kw)
+        grads = torch.autograd.grad((torch.where(torch.isfinite(logp), logp, 0.0) * g1).sum() + (ent * g2).sum(), (h, w))
+    h64, w64 = h0.double().requires_grad_(True), w0.double().requires_grad_(True)
+    ref_logp, ref_ent = truncated_logprobs_reference(h64 @ w64.T, labels, temperature=0.7, **kw)
+    ref_grads = torch.autograd.grad((torch.where(torch.isfinite(ref_logp), ref_logp, 0.0) * g1.double()).sum()
+                                    + (ref_ent * g2.double()).sum(), (h64, w64))  # fmt: skip
+    assert torch.equal(torch.isinf(logp), torch.isinf(ref_logp)) and torch.isfinite(logp[:4]).all()
+    assert torch.isinf(logp).any()  # some labels fall outside their kept sets
+    fin = torch.isfinite(ref_logp)
+    assert rel(logp.detach()[fin], ref_logp.detach()[fin]) <= RTOL
+    assert rel(ent.detach(), ref_ent.detach()) <= RTOL
+    for g, r in zip(grads, ref_grads):
+        assert rel(g, r) <= RTOL

@@ -26,6 +26,7 @@ import torch
 
 from . import task
 from ..train import ppo, reward, sft
+from ..train.config import check_sampling
 from ..train.models import build_causal_lm
 from ..train.metrics import write_json
 
@@ -65,10 +66,18 @@ class Config:
     advantage: str = "rloo"
     kl_coef: float = _D.kl_coef
     temperature: float = _D.temperature
+    # truncated sampling in PPO's rollouts, its loss and its evaluation (README "Truncated sampling"); off by default
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
     max_new_tokens: int = _D.max_new_tokens
     ops: str = "fused"
     compare_ops: bool = False
     threads: int = 1  # torch CPU threads: a model this small runs fastest on one (and far faster when shared)
+
+    def validate(self) -> None:
+        """The keys a run would otherwise reject only after SFT and the reward model (minutes in)."""
+        check_sampling(self)
 
 
 def _ppo_config(cfg: Config, out: Path, paths: dict, ops: str) -> ppo.Config:
@@ -78,7 +87,8 @@ def _ppo_config(cfg: Config, out: Path, paths: dict, ops: str) -> ppo.Config:
         ops=ops, steps=cfg.ppo_steps, prompts_per_step=cfg.ppo_prompts_per_step,
         samples_per_prompt=cfg.ppo_samples_per_prompt, advantage=cfg.advantage, clip_low=_D.cliprange,
         minibatch_size=cfg.ppo_prompts_per_step * cfg.ppo_samples_per_prompt // cfg.ppo_minibatches,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        min_p=cfg.min_p, ppo_epochs=cfg.ppo_epochs, lr=cfg.ppo_lr,
         critic_lr=_D.vf_lr, gamma=_D.gamma, lam=_D.lam, kl_coef=cfg.kl_coef, eval_samples=cfg.n_eval,
         seed=cfg.seed, device=cfg.device, precision="auto", log_every=5, overwrite=cfg.overwrite,
     )  # fmt: skip
@@ -142,7 +152,8 @@ def run(cfg: Config) -> dict:
                 "oracle_score_before_stderr": before["score_stderr"],
                 "oracle_score_after_stderr": after["score_stderr"], "gain_in_stderr": gain_in_se,
                 "eval_prompts": after["n"], "kl_to_ref": after["kl_to_ref"], "tokens_per_s": ppo_summary["tokens_per_s"],
-                "peak_memory_mib": ppo_summary["peak_memory_mib"], "ops": cfg.ops},
+                "peak_memory_mib": ppo_summary["peak_memory_mib"], "ops": cfg.ops,
+                "sampling": {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "min_p": cfg.min_p}},
         "ops_comparison": compare,
         "model_parameters": n_params,
         "demonstrator_score": task.DEMONSTRATOR_MEAN,
@@ -166,6 +177,10 @@ def format_table(s: dict) -> str:
         ("KL(pi || pi_ref) per response", f"{p['kl_to_ref']:.3f} nats"),
         ("PPO throughput", f"{p['tokens_per_s']:.0f} response tokens/s ({p['ops']} ops)"),
     ]  # fmt: skip
+    off = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    truncated = [f"{k}={v}" for k, v in p.get("sampling", {}).items() if k in off and v != off[k]]
+    if truncated:  # the PPO rows are then those of the truncated distribution
+        rows.insert(2, ("PPO sampling (rollouts, loss, evaluation)", ", ".join(truncated)))
     for ops, c in s["ops_comparison"].items():
         rows.append((f"PPO with {ops} ops", f"{c['tokens_per_s']:.0f} tokens/s, peak "
                                             f"{c['peak_memory_mib']['peak_mib']:.0f} MiB"))  # fmt: skip

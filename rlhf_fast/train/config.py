@@ -136,7 +136,7 @@ def check_ppo(cfg) -> None:
     if cfg.prompts_per_step % distributed.world_size():
         raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
                          f"processes ({distributed.world_size()})")  # fmt: skip
-    _sampling_temperature(cfg)
+    check_sampling(cfg)
     check_loss_options(cfg)
 
 
@@ -150,7 +150,7 @@ def check_best_of_n(cfg) -> None:
         raise ValueError(f"prompts_per_round ({cfg.prompts_per_round}) must be at least batch_size "
                          f"({cfg.batch_size}): one kept completion per prompt")  # fmt: skip
     check_shares(cfg, "batch_size")
-    _sampling_temperature(cfg)
+    check_sampling(cfg)
 
 
 def check_shares(cfg, name: str, error: type[ValueError] = ValueError) -> None:
@@ -171,7 +171,7 @@ def _one_reward(cfg) -> None:
         raise ValueError("give exactly one of reward_model and reward_fn")
 
 
-def _sampling_temperature(cfg) -> None:
+def check_sampling(cfg) -> None:
     """The sampling keys: ``temperature > 0``, ``top_k`` an int >= 0, ``top_p`` in (0, 1], ``min_p`` in [0, 1)
     and ``lm_head_precision`` (ppo) ``auto`` or ``fp32``."""
     if cfg.temperature <= 0:
