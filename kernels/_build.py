@@ -81,3 +81,13 @@ def signature(kernel, constexprs: dict, **types: str) -> dict:
         else:
             sig[name] = "fp32"
     return sig
+
+
+def kernel_build(kernel, constexprs: dict, types: dict, *, sizes: tuple[str, ...], **options) -> KernelBuild:
+    """The :class:`KernelBuild` of ``kernel`` specialised by ``constexprs``: its :func:`signature` with ``types``,
+    and divisible by 16 (as Triton's launcher marks them at the usual shapes) every pointer it passes (not a
+    ``None`` one), every runtime stride and the sizes ``sizes``; ``options`` are the other fields."""
+    sig = signature(kernel, constexprs, **types)
+    divisible = [n for n, ty in sig.items()
+                 if ty != "constexpr" and (ty.startswith("*") or n.startswith("stride") or n in sizes)]  # fmt: skip
+    return KernelBuild(kernel=kernel, signature=sig, constexprs=constexprs, divisible=divisible, **options)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._build import TL_DTYPE, KernelBuild, signature
+from ._build import TL_DTYPE, kernel_build
 from ._common import interpreter_safe_output, inverse_parts, label_term
 from ._softmax import logp_dlogits, row_softmax_stats_above, scale_by_inverse, softmax_dlogits
 from ._tuning import row_config
@@ -266,20 +266,10 @@ def build_specs():
                 if not with_entropy:  # the log-probs-only specialisation gets None entropy pointers, as launched
                     args = kernel.arg_names
                     constexprs.update(dict.fromkeys(n for n in ("entropy_ptr", "grad_entropy_ptr") if n in args))
-                sig = signature(kernel, constexprs, labels_ptr="*i64", **dict.fromkeys(in_dtype, f"*{tl_dtype}"))
-                divisible = [n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "V"]
-                specs.append(
-                    KernelBuild(
-                        kernel=kernel,
-                        signature=sig,
-                        constexprs=constexprs,
-                        divisible=[n for n in divisible if n not in constexprs],  # not the None pointers
-                        num_warps=cfg.num_warps,
-                        streams_rows=cfg.BLOCK_V >= 1024,
-                        narrow_loads=narrow,
-                        streams_out=streams_out and cfg.BLOCK_V >= 1024,
-                        label=f"{tl_dtype} {'entropy' if with_entropy else 'logp only'} BLOCK_V={cfg.BLOCK_V}"
-                        + (" truncated" if truncated else ""),
-                    )
-                )
+                types = {"labels_ptr": "*i64", **dict.fromkeys(in_dtype, f"*{tl_dtype}")}
+                label = f"{tl_dtype} {'entropy' if with_entropy else 'logp only'} BLOCK_V={cfg.BLOCK_V}"
+                specs.append(kernel_build(kernel, constexprs, types, sizes=("V",), num_warps=cfg.num_warps,
+                                          streams_rows=cfg.BLOCK_V >= 1024, narrow_loads=narrow,
+                                          streams_out=streams_out and cfg.BLOCK_V >= 1024,
+                                          label=label + (" truncated" if truncated else "")))  # fmt: skip
     return specs
