@@ -212,11 +212,9 @@ def build_specs():
             constexprs = {"HAS_REF": has_ref, "HAS_ROLLOUT": has_ref, "HAS_DUAL_CLIP": clip_options,
                           "HAS_DELTA": clip_options, "LOSS_MODE": LOSS_MODES[mode], "KL_BIAS": has_ref,
                           "KL_ESTIMATOR": KL_ESTIMATORS[estimator], "BLOCK_V": cfg.BLOCK_V}  # fmt: skip
-            if not has_ref:
-                constexprs["ref_logp_ptr"] = None
-                constexprs["rollout_w_ptr"] = None
             specs.append(kernel_build(_ppo_fwd_kernel, constexprs, {"logits_ptr": f"*{t}", "labels_ptr": "*i64"},
-                                      sizes=("V",), num_warps=cfg.num_warps, streams_rows=True,
+                                      sizes=("V",), absent=() if has_ref else ("ref_logp_ptr", "rollout_w_ptr"),
+                                      num_warps=cfg.num_warps, streams_rows=True,
                                       narrow_loads=1,  # the label logit
                                       label=f"{t} {mode} {'ref ' + estimator if has_ref else 'no ref'} BLOCK_V={cfg.BLOCK_V}"))  # fmt: skip
     return specs

@@ -129,10 +129,8 @@ def build_specs():
         for has_margin in (True, False):
             for cfg in sorted({pair_config(N) for N in (4096, 256)}, key=lambda c: c.BLOCK):
                 constexprs = {"HAS_MARGIN": has_margin, "BLOCK": cfg.BLOCK}
-                if not has_margin:
-                    constexprs["margin_ptr"] = None
                 types = dict.fromkeys(("chosen_ptr", "rejected_ptr", "margin_ptr"), f"*{tl_dtype}")
                 specs.append(kernel_build(_pairwise_sigmoid_kernel, constexprs, types, sizes=("N",),
-                                          num_warps=cfg.num_warps, streams_rows=True, streams_out=True,
+                                          absent=() if has_margin else ("margin_ptr",), num_warps=cfg.num_warps, streams_rows=True, streams_out=True,
                                           label=f"{tl_dtype} BLOCK={cfg.BLOCK} margin={has_margin}"))  # fmt: skip
     return specs

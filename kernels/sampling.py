@@ -108,10 +108,8 @@ def build_specs():
     for (torch_dtype, tl_dtype), truncated in itertools.product(TL_DTYPE.items(), (False, True)):
         cfg = row_config(151936, torch.empty((), dtype=torch_dtype).element_size())
         constexprs = {"BLOCK": cfg.BLOCK_V, "TRUNCATED": truncated}
-        if not truncated:
-            constexprs["tau_ptr"] = None
         types = {"logits_ptr": f"*{tl_dtype}", "keys_ptr": "*i64", "out_ptr": "*i64"}
         specs.append(kernel_build(_gumbel_argmax_kernel, constexprs, types, sizes=("V",), num_warps=cfg.num_warps,
-                                  streams_rows=True,
+                                  absent=() if truncated else ("tau_ptr",), streams_rows=True,
                                   label=f"{tl_dtype} BLOCK={cfg.BLOCK_V}" + (" truncated" if truncated else "")))  # fmt: skip
     return specs
