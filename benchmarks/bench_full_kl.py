@@ -53,14 +53,12 @@ def bytes_moved(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
     return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="full_kl",
     title="`rf.full_kl(logits [N, V], ref_logits [N, V])`: per-row KL over the whole vocabulary, against eager "
     "PyTorch and torch.compile.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("logits",),
-    bytes_moved=bytes_moved,
     bytes_formula="forward 2·N·V·s + 4·N, backward 3·N·V·s + 16·N, full the sum; s = element size",
     default_shapes={"cpu": ((2048, 50000),), "cuda": ((8192, 151936),)},
 )

@@ -18,6 +18,7 @@ describes how time and memory are measured.
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -137,10 +138,9 @@ _ACCEPTANCE_SHAPE = (256, 2048)
 _MIN_SPEEDUP = {"cpu": 10.0, "cuda": 100.0}
 
 
-def summarize(results: list[dict]) -> list[str]:
+def summarize(results: list[dict]) -> Iterator[str]:
     """Speedup of rf.gae over the loops, per shape; the acceptance bar (vs python_loop) at the acceptance shape."""
     ok = {(tuple(r["shape"]), r["method"]): r for r in results if r.get("mode") and r["status"] == "ok"}
-    lines = []
     for (shape, method), r in ok.items():
         if not method.startswith("rlhf_fast"):
             continue
@@ -157,26 +157,22 @@ def summarize(results: list[dict]) -> list[str]:
         bar = _MIN_SPEEDUP.get(r["device"])
         python = next((s for loop, s, _ in speedups if loop == "python_loop"), None)
         if shape == _ACCEPTANCE_SHAPE and python is not None and bar is not None:
-            line += f": {'meets' if python >= bar else 'does NOT meet'} the {r['device'].upper()} bar (>= {bar:.0f}x)"
-        lines.append(line)
-    return lines
+            line += ": " + harness.verdict(python >= bar, f"the {r['device'].upper()} bar (>= {bar:.0f}x)")
+        yield line
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="gae",
     title=f"`rf.gae(rewards [B, T], values [B, T], mask, gamma={GAMMA}, lam={LAM})`: generalized advantage "
     "estimation without a loop over T, against the Python reverse loop of TRL / OpenRLHF and verl's masked loop.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=(),  # no gradient: forward mode only
-    bytes_moved=bytes_moved,
     bytes_formula="B·T·(2·s + 4) read (rewards and values, s bytes each; float32 mask) + 8·B·T written (float32 "
     "advantages and returns)",
     default_shapes={"cpu": ((256, 2048), (256, 2048, 8)), "cuda": ((256, 2048), (256, 2048, 8))},
     default_dtype={"cpu": torch.float32, "cuda": torch.float32},
     shape_format="BxT or BxTxH (H holes per row)",
     baseline="python_loop",
-    summarize=summarize,
     # A call takes milliseconds (the loops tens to hundreds): more repeats than the harness's CPU default of 3.
     repeats={"cpu": 20},
     warmup={"cpu": 3},

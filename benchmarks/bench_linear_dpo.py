@@ -28,6 +28,7 @@ log-probs); a mismatch fails the method. Work is counted in matmul passes of ``2
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -242,10 +243,9 @@ _CPU_MAX_MEM_VS_NAIVE = 0.3
 OURS = ("rlhf_fast", "rlhf_fast_skip")
 
 
-def summarize(results: list[dict]) -> list[str]:
+def summarize(results: list[dict]) -> Iterator[str]:
     """rlhf_fast against naive and each peer, forward + backward; the CPU bars of issue 5 at their shape."""
     ok = {(tuple(r["shape"]), r["method"]): r for r in results if r.get("mode") == "full" and r["status"] == "ok"}
-    lines = []
     for (shape, method), r in ok.items():
         if method not in OURS:
             continue
@@ -260,43 +260,36 @@ def summarize(results: list[dict]) -> list[str]:
                      f"{r['median_ms'] / naive['median_ms']:.2f}x its time"
                      + ("" if m is None else f", {m:.2f}x its peak extra memory"))  # fmt: skip
             if bar and m is not None:
-                verdict = "meets" if m <= _CPU_MAX_MEM_VS_NAIVE else "does NOT meet"
-                line += f" ({verdict} the CPU bar <= {_CPU_MAX_MEM_VS_NAIVE}x)"
-        lines.append(line)
+                line += f" ({harness.verdict(m <= _CPU_MAX_MEM_VS_NAIVE, f'the CPU bar <= {_CPU_MAX_MEM_VS_NAIVE}x')})"
+        yield line
         for (shape2, peer), p in ok.items():
             if shape2 != shape or peer in (*OURS, "naive"):
                 continue
             t = r["median_ms"] / p["median_ms"]
-            overlap = r["p20_ms"] <= p["p80_ms"] and p["p20_ms"] <= r["p80_ms"]
             line = (f"{where} vs {peer}: {method} takes {t:.2f}x its time ({p['median_ms']:.0f} ms) and "
                     f"{r['peak_extra_mib'] / max(p['peak_extra_mib'], 1e-9):.2f}x its peak extra memory "
                     f"({p['peak_extra_mib']:.0f} MiB)")  # fmt: skip
-            if overlap:
+            if harness.ranges_overlap(r, p):
                 line += "; their p20–p80 ranges overlap"
             if peer.startswith("liger") and bar:
-                faster = r["median_ms"] < p["median_ms"]
-                line += f": {'meets' if faster else 'does NOT meet'} the CPU bar (faster than Liger)"
-            lines.append(line)
-    return lines
+                line += ": " + harness.verdict(r["median_ms"] < p["median_ms"], "the CPU bar (faster than Liger)")
+            yield line
 
 
 def _passes_cell(r: dict) -> str:
     return str(matmul_passes(r))
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="linear_dpo",
     title="`rf.linear_dpo_loss(hidden [2P, T, H], weight [V, H], labels [2P, T], ref_chosen_logp [P], "
     "ref_rejected_logp [P], beta=0.1)`: the sigmoid DPO loss from hidden states without the [N, V] logits, "
     "against naive PyTorch DPO (TRL-style), torch.compile of it and Liger-Kernel's LigerFusedLinearDPOLoss.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("hidden", "weight"),
     default_shapes={"cpu": ((8, 512, 256, 32000),), "cuda": ((8, 512, 4096, 128256),)},
     shape_format="PxTxHxV",
     baseline="naive",
-    summarize=summarize,
-    flops=flops,
     flops_formula="passes x 2·N·H·V with N = 2·P·T tokens, the method's matmul passes in the `passes` column (the "
     "op needs forward 1, backward 2: d_hidden and d_weight; a method that does not keep the logits recomputes them, "
     "3; liger computes its gradients in the forward call, and liger_dpo also the reference logits)",

@@ -19,6 +19,7 @@ Results go to ``benchmarks/results/<device>/linear_logprobs.{json,md,png}``; the
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -239,11 +240,10 @@ def _ratio_text(r: dict, p: dict, key: str) -> tuple[float | None, str]:
     return x, f"{x:.2f}x"
 
 
-def summarize(results: list[dict]) -> list[str]:
+def summarize(results: list[dict]) -> Iterator[str]:
     """Each rlhf_fast method against naive and every peer, forward + backward, cold and warm; on CPU, the bars
     (issue 17)."""
     ok = {(tuple(r["shape"]), r["method"]): r for r in results if r.get("mode") == "full" and r["status"] == "ok"}
-    lines = []
     for (shape, method), r in ok.items():
         if not method.startswith("rlhf_fast"):
             continue
@@ -260,19 +260,17 @@ def summarize(results: list[dict]) -> list[str]:
             bar = next((b for b in _CPU_BARS if b[:2] == (method, peer)), None) if r["device"] == "cpu" else None
             if bar is not None:
                 met = t is not None and t <= bar[2] and (w is None or w <= bar[2]) and (m is None or m <= bar[3])
-                line += (f": {'meets' if met else 'does NOT meet'} the CPU bar (<= {bar[2]}x time cold and warm, "
-                         f"<= {bar[3]}x memory)")  # fmt: skip
-            lines.append(line)
-    return lines
+                line += ": " + harness.verdict(met, f"the CPU bar (<= {bar[2]}x time cold and warm, "
+                                                    f"<= {bar[3]}x memory)")  # fmt: skip
+            yield line
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="linear_logprobs",
     title="`rf.linear_logprobs(hidden [N, H], weight [V, H], labels [N], return_entropy=True)`: per-token "
     "log-probs and entropy of the lm_head's softmax without the [N, V] logits, against the naive lm_head + "
     "log-softmax, torch.compile, Liger-Kernel, cut-cross-entropy and TRL.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("hidden", "weight"),
     default_shapes={
         "cpu": ((4096, 256, 50000),),
@@ -280,8 +278,6 @@ BENCHMARK = harness.Benchmark(
     },
     shape_format="NxHxV",
     baseline="naive",
-    summarize=summarize,
-    flops=flops,
     flops_formula="passes x 2·N·H·V, with the method's matmul passes in the `passes` column (the op needs "
     "forward 1, backward 2: d_hidden and d_weight; a method that does not keep the logits recomputes them in "
     "backward, 3); cce on CUDA: an upper bound, its backward skips the products of filtered tiles",

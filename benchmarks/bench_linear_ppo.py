@@ -19,6 +19,7 @@ Results go to ``benchmarks/results/<device>/linear_ppo.{json,md,png}``.
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -143,10 +144,9 @@ def make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 # ----------------------------------------------------------------------------------------- summary
 
 
-def summarize(results: list[dict]) -> list[str]:
+def summarize(results: list[dict]) -> Iterator[str]:
     """rlhf_fast against the composition and naive, forward + backward; on CPU the bar of issue 14:
     at most 0.8x the composition's time (cold and warm) with no more peak memory."""
-    lines = []
     for r, peer, p in harness.versus(results, ("composition", "naive"), mode="full"):
         t = r["median_ms"] / p["median_ms"]
         w = r["warm_median_ms"] / p["warm_median_ms"] if r.get("warm_median_ms") and p.get("warm_median_ms") else None
@@ -157,24 +157,20 @@ def summarize(results: list[dict]) -> list[str]:
                 + (f", {m:.2f}x its peak extra memory" if m is not None else ""))  # fmt: skip
         if peer == "composition" and r["device"] == "cpu":
             met = t <= 0.8 and (w is None or w <= 0.8) and (m is None or m <= 1.0)
-            line += f": {'meets' if met else 'does NOT meet'} the CPU bar (<= 0.8x time, <= 1x memory)"
-        lines.append(line)
-    return lines
+            line += ": " + harness.verdict(met, "the CPU bar (<= 0.8x time, <= 1x memory)")
+        yield line
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="linear_ppo",
     title="`rf.linear_ppo_loss(hidden [B, T, H], weight [V, H], labels, old_logp, advantages, mask, ref_logp=...)`: "
     "the PPO policy loss from hidden states, its gradient computed in the forward, against the composition of "
     "our earlier ops and the naive lm_head + log-softmax loss.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("hidden", "weight"),
     default_shapes={"cpu": ((8, 512, 256, 50000),), "cuda": ((16, 512, 4096, 131072),)},
     shape_format="BxTxHxV",
     baseline="composition",
-    summarize=summarize,
-    flops=flops,
     flops_formula="passes x 2·B·T·H·V: rlhf_fast 3 (all in forward), composition 1 + 3 (recompute), naive 1 + 2",
     cpu_matmul_rates=cpu_matmul_rates,
 )

@@ -10,6 +10,7 @@ how time and memory are measured.
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -119,12 +120,11 @@ def bytes_moved(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
     return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
 
 
-def summarize(results: list[dict]) -> list[str]:
+def summarize(results: list[dict]) -> Iterator[str]:
     """rlhf_fast against eager, forward + backward.
 
     On CPU this is the PyTorch implementation's bar: at most 0.5x eager's peak extra memory, and no more time.
     """
-    lines = []
     for r, t, m in harness.versus_baseline(results, "rlhf_fast"):
         if m is None:
             continue
@@ -133,20 +133,17 @@ def summarize(results: list[dict]) -> list[str]:
             f"time and {m:.2f}x its peak extra memory ({r['median_ms']:.0f} ms, {r['peak_extra_mib']:.0f} MiB)"
         )
         if r["device"] == "cpu":
-            verdict = "meets" if (m <= 0.5 and t <= 1.0) else "does NOT meet"
-            line += f": {verdict} the bar of the PyTorch implementation (<= 0.5x memory, <= 1x time)"
-        lines.append(line)
-    return lines
+            met = m <= 0.5 and t <= 1.0
+            line += ": " + harness.verdict(met, "the bar of the PyTorch implementation (<= 0.5x memory, <= 1x time)")
+        yield line
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="logprobs",
     title="`rf.logprobs(logits [N, V], labels [N], return_entropy=True)`: per-token log-probs and entropy, "
     "against eager PyTorch, torch.compile and TRL.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("logits",),
-    bytes_moved=bytes_moved,
     bytes_formula="forward N·V·s + 20·N (logits, labels; logp, entropy, lse), backward 2·N·V·s + 24·N "
     "(logits and dlogits; per-row label, lse, entropy, two output grads), full the sum; s = element size",
     default_shapes={

@@ -20,6 +20,7 @@ results. Results go to ``benchmarks/results/<device>/pairwise.{json,md,png}``; t
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -166,11 +167,9 @@ def _ops_cell(r: dict) -> str:
 # ----------------------------------------------------------------------------------------- summary
 
 
-def summarize(results: list[dict]) -> list[str]:
+def summarize(results: list[dict]) -> Iterator[str]:
     """rlhf_fast against eager (and torch.compile), per shape and mode: time and ops per call."""
-    lines = []
     for r, peer, p in harness.versus(results, ("eager", "torch_compile")):
-        overlap = r["p20_ms"] <= p["p80_ms"] and p["p20_ms"] <= r["p80_ms"]
         ops = ""
         if r.get("ops_per_call") is not None and p.get("ops_per_call") is not None:
             if r["device"] == "cuda":
@@ -178,36 +177,33 @@ def summarize(results: list[dict]) -> list[str]:
             else:
                 ops = (f"; {r['ops_per_call']} vs {p['ops_per_call']} ops per call (top-level aten ops + compiled "
                        f"kernels), {r['aten_events_per_call']} vs {p['aten_events_per_call']} aten events")
-        lines.append(
+        yield (
             f"{harness.format_shape(r['shape'])} pairs {r['dtype']} {r['mode']}: rlhf_fast "
             f"{1e3 * r['median_ms']:.0f} µs vs {peer} {1e3 * p['median_ms']:.0f} µs: {r['median_ms'] / p['median_ms']:.2f}x its time"
-            + (" (p20–p80 ranges overlap: within the run-to-run spread)" if overlap else "")
+            + (" (p20–p80 ranges overlap: within the run-to-run spread)" if harness.ranges_overlap(r, p) else "")
             + ops
         )
     if any(r.get("mode") and r["status"] == "ok" and r["device"] == "cpu" for r in results):
-        lines.append(
+        yield (
             "CPU: the arithmetic of 4096 pairs takes microseconds. The harness runs gc.collect() before each "
             "timed call, so every call starts cold (caches, the Python and dispatcher paths): that, per-op "
             "dispatch and, on a shared 2-core machine, waits for a busy core in parallel regions (F.logsigmoid, "
             "in every method, opens one even at this size) make up these times. Differences inside the p20–p80 "
             "spread are none; the op counts are the stable comparison."
         )
-    return lines
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="pairwise",
     title="`rf.pairwise_sigmoid_loss(chosen [P], rejected [P], margin=margin [P], beta=1.0)`: the Bradley-Terry "
     "loss of reward-model training with TRL's accuracy and margin statistics, against TRL's eager expression and "
     "torch.compile of it. A tiny op: time is launch cost; ops/call counts the work one call dispatches.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("chosen", "rejected"),
     bytes_moved=None,  # 12 bytes a pair: at 4096 pairs no method comes near any bandwidth; not reported
     default_shapes={"cpu": ((4096,),), "cuda": ((4096,),)},
     shape_format="P",
     baseline="eager",
-    summarize=summarize,
     extra_columns=(("ops/call", _ops_cell),),
     # Calls of tens of microseconds: many repeats for a stable median (CPU perf_counter; CUDA do_bench picks its own
     # count except in backward mode, whose loop with a setup uses these).

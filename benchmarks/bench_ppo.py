@@ -18,6 +18,7 @@ describes how time and memory are measured.
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -201,22 +202,21 @@ _GPU_MAX_VS_FLOOR = 1.3
 _GPU_MIN_SPEEDUP = 5.0
 
 
-def summarize(results: list[dict]) -> list[str]:
+def summarize(results: list[dict]) -> Iterator[str]:
     """rlhf_fast against eager and against its floor (logprobs_floor), per shape and mode; the acceptance bars.
 
     CPU: the PyTorch implementation's forward + backward must take less peak memory than eager.
     GPU: forward + backward at most 1.3x logprobs_floor's time and at least 5x faster than eager.
     """
     ok = {(tuple(r["shape"]), r["mode"], r["method"]): r for r in results if r.get("mode") and r["status"] == "ok"}
-    lines = []
     for (shape, mode, method), r in ok.items():
         if method != "rlhf_fast":
             continue
         where = f"{harness.format_shape(shape)} {r['dtype']} {mode}"
         floor, eager = ok.get((shape, mode, "logprobs_floor")), ok.get((shape, mode, "eager"))
         if floor is not None:
-            overlap = r["p20_ms"] <= floor["p80_ms"] and floor["p20_ms"] <= r["p80_ms"]
-            lines.append(
+            overlap = harness.ranges_overlap(r, floor)
+            yield (
                 f"{where}: rlhf_fast / logprobs_floor = {r['median_ms'] / floor['median_ms']:.2f}x time "
                 f"({r['median_ms']:.1f} vs {floor['median_ms']:.1f} ms"
                 + ("; their p20–p80 ranges overlap: a difference within the run-to-run spread" if overlap else "")
@@ -232,28 +232,24 @@ def summarize(results: list[dict]) -> list[str]:
                if eager["peak_extra_mib"] > 0 else "eager's peak extra memory not measurable (0 MiB)")
         )
         if r["device"] == "cpu":
-            verdict = "meets" if r["peak_extra_mib"] < eager["peak_extra_mib"] else "does NOT meet"
-            line += f": {verdict} the CPU bar (less peak memory than eager)"
+            less = r["peak_extra_mib"] < eager["peak_extra_mib"]
+            line += ": " + harness.verdict(less, "the CPU bar (less peak memory than eager)")
         elif floor is not None:
             vs_floor = r["median_ms"] / floor["median_ms"]
             good = vs_floor <= _GPU_MAX_VS_FLOOR and speedup >= _GPU_MIN_SPEEDUP
-            line += (
-                f": {'meets' if good else 'does NOT meet'} the GPU bar (<= {_GPU_MAX_VS_FLOOR}x logprobs_floor, "
-                f">= {_GPU_MIN_SPEEDUP:.0f}x faster than eager; here {vs_floor:.2f}x and {speedup:.1f}x)"
-            )
-        lines.append(line)
-    return lines
+            line += ": " + harness.verdict(good, f"the GPU bar (<= {_GPU_MAX_VS_FLOOR}x logprobs_floor, "
+                                           f">= {_GPU_MIN_SPEEDUP:.0f}x faster than eager; here {vs_floor:.2f}x and "
+                                           f"{speedup:.1f}x)")  # fmt: skip
+        yield line
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="ppo",
     title="`rf.ppo_loss_from_logits(logits [B, T, V], labels, old_logp, advantages, mask, ref_logp=..., "
     "kl_coef=0.05, kl_estimator='k3', entropy_coef=0.01)`: the fused PPO policy loss, against the eager "
     "composition (TRL / verl / OpenRLHF), torch.compile, and rf.logprobs alone (the floor).",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("logits",),
-    bytes_moved=bytes_moved,
     bytes_formula="with N = B·T and s the logits' element size: forward N·V·s + 40·N (read the logits and, per "
     "token, the int64 label and float32 old_logp, advantages, ref_logp, mask; write logp, entropy, lse, "
     "dloss/dlogp), backward 2·N·V·s + 20·N (read the logits and per-token label, lse, entropy, dloss/dlogp; "

@@ -76,14 +76,12 @@ def bytes_moved(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
     return B * V * dtype.itemsize
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="sampling",
     title=f"One sampling step at T = {TEMPERATURE} over `[B, V]` logits: the counter-based Gumbel-max sampler the "
     "trainers use against `softmax` + `torch.multinomial`.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=(),  # no gradient: forward mode only
-    bytes_moved=bytes_moved,
     bytes_formula="B·V·s read (the logits, s bytes each)",
     default_shapes={"cpu": ((16, 32000), (64, 32000)), "cuda": ((64, 151936), (256, 151936))},
     shape_format="BxV",

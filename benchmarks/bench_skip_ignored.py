@@ -14,6 +14,7 @@ backward the recomputed logits, ``d_hidden`` and ``d_weight``), one in forward m
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -65,11 +66,10 @@ def flops(r: dict) -> float:
     return _PASSES[r["mode"]] * 2.0 * rows * H * V
 
 
-def summarize(results: list[dict]) -> list[str]:
+def summarize(results: list[dict]) -> Iterator[str]:
     """rlhf_fast's (skip_ignored=True) time over all_rows', per shape and mode; on CPU forward + backward, against
     the bar."""
     ok = {(tuple(r["shape"]), r["mode"], r["method"]): r for r in results if r["status"] == "ok"}
-    lines = []
     for (shape, mode, method), r in ok.items():
         base = ok.get((shape, mode, "all_rows"))
         if method != "rlhf_fast" or base is None or not base["median_ms"]:
@@ -79,9 +79,8 @@ def summarize(results: list[dict]) -> list[str]:
         line = (f"{harness.format_shape(shape)} {r['dtype']} {mode}, {int(ignored(N).sum())} of {N} rows ignored: "
                 f"skip_ignored=True takes {x:.2f}x the time of all_rows ({r['median_ms']:.0f} vs {base['median_ms']:.0f} ms)")  # fmt: skip
         if r["device"] == "cpu" and mode == "full":
-            line += f": {'meets' if x <= _CPU_BAR else 'does NOT meet'} the CPU bar (<= {_CPU_BAR}x)"
-        lines.append(line)
-    return lines
+            line += ": " + harness.verdict(x <= _CPU_BAR, f"the CPU bar (<= {_CPU_BAR}x)")
+        yield line
 
 
 # bench_linear_logprobs' benchmark with these methods, inputs and work counts: the same gradients, dtypes,

@@ -10,6 +10,7 @@ order). The harness (``benchmarks/harness.py``) describes how time and memory ar
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -44,31 +45,25 @@ METHODS = (
 )
 
 
-def summarize(results: list[dict]) -> list[str]:
-    lines = []
+def summarize(results: list[dict]) -> Iterator[str]:
     for r, t, m in harness.versus_baseline(results, "rlhf_fast"):
         if m is None:
             continue
-        verdict = "meets" if (t <= 0.5 and m <= 0.25) else "does NOT meet"
-        lines.append(f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: rlhf_fast takes {t:.2f}x the "
-                     f"warpers' time and {m:.2f}x their peak extra memory: {verdict} issue 24's bar (<= 0.5x time, "
-                     "<= 0.25x memory)")  # fmt: skip
-    return lines
+        yield (f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: rlhf_fast takes {t:.2f}x the "
+               f"warpers' time and {m:.2f}x their peak extra memory: "
+               + harness.verdict(t <= 0.5 and m <= 0.25, "issue 24's bar (<= 0.5x time, <= 0.25x memory)"))  # fmt: skip
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="truncation",
     title=f"`rf.logprobs(logits [N, V], labels [N], top_k={TOP_K}, top_p={TOP_P})`: log-probs of the truncated "
     "distribution, against transformers' warpers + log_softmax + gather.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("logits",),
-    bytes_moved=bytes_moved,
     bytes_formula="as benchmarks/bench_logprobs.py (the untruncated op's least traffic; the thresholds read the "
     "logits again)",
     default_shapes={"cpu": ((4096, 50000),), "cuda": ((8192, 151936),)},
     baseline="hf_warpers",
-    summarize=summarize,
     modes=("full",),
 )
 

@@ -9,6 +9,7 @@ CPU; the sort-free kernel on GPU) and, on GPU, gives up the fused matmul-and-sta
 """
 
 import functools
+from collections.abc import Iterator
 
 import rlhf_fast as rf
 
@@ -35,29 +36,22 @@ def flops(r: dict) -> float:
     return {"forward": 1, "backward": 3, "full": 4}[r["mode"]] * 2 * N * H * V  # both recompute in backward
 
 
-def summarize(results: list[dict]) -> list[str]:
-    lines = []
+def summarize(results: list[dict]) -> Iterator[str]:
     for r, t, _ in harness.versus_baseline(results, "truncated"):
-        verdict = "meets" if t <= 1.5 else "does NOT meet"
-        lines.append(f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: truncated takes {t:.2f}x "
-                     f"the untruncated op's time: {verdict} issue 24's bar (<= 1.5x)")  # fmt: skip
-    return lines
+        yield (f"{harness.format_shape(r['shape'])} {r['dtype']} forward+backward: truncated takes {t:.2f}x "
+               "the untruncated op's time: " + harness.verdict(t <= 1.5, "issue 24's bar (<= 1.5x)"))  # fmt: skip
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.declare(
+    globals(),
     name="truncation_linear",
     title=f"`rf.linear_logprobs(hidden [N, H], weight [V, H], labels [N], top_k={TOP_K}, top_p={TOP_P})` against "
     "the untruncated op.",
-    methods=METHODS,
-    make_inputs=make_inputs,
     grad_inputs=("hidden", "weight"),
     default_shapes={"cpu": ((4096, 256, 50000),), "cuda": ((8192, 4096, 151936),)},
     shape_format="NxHxV",
     baseline="untruncated",
-    summarize=summarize,
-    flops=flops,
     flops_formula="passes x 2·N·H·V (1 forward, 3 backward: the logits recomputed, two gradient products)",
-    cpu_matmul_rates=cpu_matmul_rates,
     modes=("full",),
 )
 

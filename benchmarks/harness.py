@@ -2,7 +2,8 @@
 
 A benchmark module describes its op as a :class:`Benchmark` (how to build inputs for a shape, the
 methods to compare, the bytes the op must move or, for a compute-bound op, the floating-point operations each
-method performs) and calls :func:`main`. The harness measures every
+method performs), built by :func:`declare` from the parts the module names ``METHODS``, ``make_inputs``,
+``bytes_moved``, ``summarize`` (a generator of report lines), ``flops``, ``cpu_matmul_rates``, and calls :func:`main`. The harness measures every
 (shape, mode, method), prints a table and writes ``benchmarks/results/<device>/<name>.{json,md,png}``.
 
 Modes
@@ -64,18 +65,21 @@ import torch
 from .machine import (collect_metadata, cpu_model, device_slug, git_commit, matmul_gflops, measure_ceilings,
                       measure_cpu_ceilings, package_version)  # fmt: skip
 from .measure import add_ratios, error_text, measure, measure_cpu, run_benchmark
-from .report import format_ratio, plot_results, print_report, save_results, versus, versus_baseline, write_markdown
+from .report import (format_ratio, plot_results, print_report, ranges_overlap, save_results, verdict, versus,
+                     versus_baseline, write_markdown)  # fmt: skip
 from .spec import (DEFAULT_REPEATS, DEFAULT_WARMUP, DTYPES, MODES, PACKAGE, RESULT_MARKER, Benchmark, BenchRun, Method,
-                   build_case, format_shape, module_cwd, module_name, results_dir, torch_compile_method)  # fmt: skip
+                   build_case, declare, format_shape, module_cwd, module_name, results_dir,
+                   torch_compile_method)  # fmt: skip
 
 __all__ = [
     # spec.py: what a benchmark is and the run's options
-    "Benchmark", "BenchRun", "DTYPES", "Method", "PACKAGE", "build_case", "format_shape", "module_cwd", "module_name",
+    "Benchmark", "BenchRun", "DTYPES", "Method", "PACKAGE", "build_case", "declare", "format_shape", "module_cwd",
+    "module_name",
     "results_dir", "torch_compile_method",
     # measure.py, machine.py, report.py
     "add_ratios", "error_text", "measure_cpu", "run_benchmark",
     "collect_metadata", "cpu_model", "device_slug", "git_commit", "matmul_gflops", "measure_ceilings", "package_version",
-    "format_ratio", "save_results", "versus", "versus_baseline",
+    "format_ratio", "ranges_overlap", "save_results", "verdict", "versus", "versus_baseline",
     # the command line every bench_<op>.py ends with
     "main",
 ]  # fmt: skip

@@ -76,6 +76,16 @@ def versus(results: list[dict], peers: tuple[str, ...], method: str = "rlhf_fast
                 yield r, peer, p
 
 
+def verdict(met: bool, bar: str) -> str:
+    """A summary's verdict on an acceptance bar: ``"meets <bar>"`` or ``"does NOT meet <bar>"``."""
+    return f"{'meets' if met else 'does NOT meet'} {bar}"
+
+
+def ranges_overlap(r: dict, p: dict) -> bool:
+    """Whether two measurements' p20–p80 ranges overlap: a difference of medians within the run-to-run spread."""
+    return r["p20_ms"] <= p["p80_ms"] and p["p20_ms"] <= r["p80_ms"]
+
+
 def versus_baseline(results: list[dict], method: str, mode: str = "full"):
     """For a benchmark's summary: ``(r, time ratio, memory ratio)`` of each successful measurement ``r`` of ``method``
     in ``mode`` that has a time ratio to the baseline (the memory ratio may be None), in the results' order."""

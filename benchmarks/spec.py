@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -106,7 +106,7 @@ class Benchmark:
     default_dtype: dict[str, torch.dtype] = field(default_factory=lambda: {"cpu": torch.float32, "cuda": torch.bfloat16})
     shape_format: str = "NxV"
     baseline: str = "eager"
-    summarize: Callable[[list[dict]], list[str]] | None = None  # extra lines for the report
+    summarize: Callable[[list[dict]], Iterable[str]] | None = None  # extra lines for the report
     # Floating-point operations one call performs, from a result dict (its "shape", "mode", "method",
     # "device", "dtype"): adds a TFLOP/s column and, on GPU, its fraction of the measured bf16 matmul rate.
     # Per method, because methods may do different work (e.g. recompute a product in backward). None: no column.
@@ -142,6 +142,19 @@ class Benchmark:
             if m.name == name:
                 return m
         raise ValueError(f"unknown method {name!r}; {self.name} has {[m.name for m in self.methods]}")
+
+
+# The parts a ``bench_<op>.py`` module defines (or imports) under these names, and the Benchmark field each fills.
+MODULE_PARTS = {"METHODS": "methods", "make_inputs": "make_inputs", "bytes_moved": "bytes_moved",
+                "summarize": "summarize", "flops": "flops", "cpu_matmul_rates": "cpu_matmul_rates"}  # fmt: skip
+
+
+def declare(namespace: dict[str, Any], **fields: Any) -> Benchmark:
+    """A bench module's :class:`Benchmark`, ``declare(globals(), name=..., title=..., ...)``: the module's parts
+    named as in ``MODULE_PARTS`` (``METHODS`` and ``make_inputs`` always; ``bytes_moved``, ``summarize``, ``flops``,
+    ``cpu_matmul_rates`` where the module has them) fill their fields, ``fields`` the rest (and win over a part)."""
+    parts = {field_: namespace[name] for name, field_ in MODULE_PARTS.items() if name in namespace}
+    return Benchmark(**{**parts, **fields})
 
 
 # ------------------------------------------------------------------------------------------- one case

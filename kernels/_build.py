@@ -81,3 +81,16 @@ def signature(kernel, constexprs: dict, **types: str) -> dict:
         else:
             sig[name] = "fp32"
     return sig
+
+
+def kernel_build(kernel, constexprs: dict, types: dict, *, sizes: tuple[str, ...], absent: tuple[str, ...] = (),
+                 **options) -> KernelBuild:  # fmt: skip
+    """The :class:`KernelBuild` of ``kernel`` specialised by ``constexprs`` and by the pointers ``absent`` (the
+    ``None`` the launcher passes for an absent input): its :func:`signature` with ``types``, and divisible by 16
+    (as Triton's launcher marks them at the usual shapes) every pointer it passes, every runtime stride and the
+    sizes ``sizes``; ``options`` are the other fields."""
+    constexprs = {**constexprs, **dict.fromkeys(absent)}
+    sig = signature(kernel, constexprs, **types)
+    divisible = [n for n, ty in sig.items()
+                 if ty != "constexpr" and (ty.startswith("*") or n.startswith("stride") or n in sizes)]  # fmt: skip
+    return KernelBuild(kernel=kernel, signature=sig, constexprs=constexprs, divisible=divisible, **options)

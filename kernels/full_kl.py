@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import interpreter_safe_output, inverse_parts
 from ._softmax import scale_by_inverse
-from ._build import TL_DTYPE, KernelBuild, signature
+from ._build import TL_DTYPE, kernel_build
 from ._tuning import row_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -215,17 +215,7 @@ def build_specs():
             (_full_kl_fwd_kernel, ("logits_ptr", "ref_ptr"), False),
             (_full_kl_bwd_kernel, ("logits_ptr", "ref_ptr", "grad_logits_ptr"), True),
         ):
-            sig = signature(kernel, constexprs, **dict.fromkeys(in_dtype, f"*{t}"))
-            specs.append(
-                KernelBuild(
-                    kernel=kernel,
-                    signature=sig,
-                    constexprs=constexprs,
-                    divisible=[n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n in ("V", "N")],
-                    num_warps=cfg.num_warps,
-                    streams_rows=True,
-                    streams_out=streams_out,
-                    label=f"{t} BLOCK_V={cfg.BLOCK_V}",
-                )
-            )
+            specs.append(kernel_build(kernel, constexprs, dict.fromkeys(in_dtype, f"*{t}"), sizes=("V", "N"),
+                                      num_warps=cfg.num_warps, streams_rows=True, streams_out=streams_out,
+                                      label=f"{t} BLOCK_V={cfg.BLOCK_V}"))  # fmt: skip
     return specs

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._build import TL_DTYPE, KernelBuild, signature
+from ._build import TL_DTYPE, kernel_build
 from ._tuning import gae_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -152,21 +152,9 @@ def build_specs():
         for has_mask in (True, False):
             for cfg in sorted({gae_config(T) for T in (4096, 128)}, key=lambda c: c.BLOCK_T):
                 constexprs = {"HAS_MASK": has_mask, "BLOCK_T": cfg.BLOCK_T}
-                if not has_mask:
-                    constexprs["mask_ptr"] = None
-                sig = signature(_gae_kernel, constexprs, rewards_ptr=f"*{tl_dtype}", values_ptr=f"*{tl_dtype}",
-                                mask_ptr="*u8")  # fmt: skip
-                specs.append(
-                    KernelBuild(
-                        kernel=_gae_kernel,
-                        signature=sig,
-                        constexprs=constexprs,
-                        divisible=[n for n in sig if n.endswith("_ptr") and sig[n] != "constexpr"]
-                        + [n for n in sig if n.startswith("stride")] + ["T"],
-                        num_warps=cfg.num_warps,
-                        streams_rows=True,
-                        streams_out=True,
-                        label=f"{tl_dtype} BLOCK_T={cfg.BLOCK_T} mask={has_mask}",
-                    )
-                )
+                types = {"rewards_ptr": f"*{tl_dtype}", "values_ptr": f"*{tl_dtype}", "mask_ptr": "*u8"}
+                specs.append(kernel_build(_gae_kernel, constexprs, types, sizes=("T",),
+                                          absent=() if has_mask else ("mask_ptr",), num_warps=cfg.num_warps,
+                                          streams_rows=True, streams_out=True,
+                                          label=f"{tl_dtype} BLOCK_T={cfg.BLOCK_T} mask={has_mask}"))  # fmt: skip
     return specs

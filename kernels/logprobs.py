@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._build import TL_DTYPE, KernelBuild, signature
+from ._build import TL_DTYPE, kernel_build
 from ._common import interpreter_safe_output, inverse_parts, label_term
 from ._softmax import logp_dlogits, row_softmax_stats_above, scale_by_inverse, softmax_dlogits
 from ._tuning import row_config
@@ -261,25 +261,14 @@ def build_specs():
                 (_logprobs_bwd_kernel, ("logits_ptr", "grad_logits_ptr"), int(truncated), True),
             ):
                 constexprs = {"BLOCK_V": cfg.BLOCK_V, "WITH_ENTROPY": with_entropy, "TRUNCATED": truncated}
-                if not truncated:  # untruncated: a None tau pointer, as launched
-                    constexprs["tau_ptr"] = None
-                if not with_entropy:  # the log-probs-only specialisation gets None entropy pointers, as launched
-                    args = kernel.arg_names
-                    constexprs.update(dict.fromkeys(n for n in ("entropy_ptr", "grad_entropy_ptr") if n in args))
-                sig = signature(kernel, constexprs, labels_ptr="*i64", **dict.fromkeys(in_dtype, f"*{tl_dtype}"))
-                divisible = [n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "V"]
-                specs.append(
-                    KernelBuild(
-                        kernel=kernel,
-                        signature=sig,
-                        constexprs=constexprs,
-                        divisible=[n for n in divisible if n not in constexprs],  # not the None pointers
-                        num_warps=cfg.num_warps,
-                        streams_rows=cfg.BLOCK_V >= 1024,
-                        narrow_loads=narrow,
-                        streams_out=streams_out and cfg.BLOCK_V >= 1024,
-                        label=f"{tl_dtype} {'entropy' if with_entropy else 'logp only'} BLOCK_V={cfg.BLOCK_V}"
-                        + (" truncated" if truncated else ""),
-                    )
-                )
+                # as launched: untruncated, a None tau pointer; log-probs only, None entropy pointers
+                absent = () if truncated else ("tau_ptr",)
+                if not with_entropy:
+                    absent += tuple(n for n in ("entropy_ptr", "grad_entropy_ptr") if n in kernel.arg_names)
+                types = {"labels_ptr": "*i64", **dict.fromkeys(in_dtype, f"*{tl_dtype}")}
+                label = f"{tl_dtype} {'entropy' if with_entropy else 'logp only'} BLOCK_V={cfg.BLOCK_V}"
+                specs.append(kernel_build(kernel, constexprs, types, sizes=("V",), absent=absent, num_warps=cfg.num_warps,
+                                          streams_rows=cfg.BLOCK_V >= 1024, narrow_loads=narrow,
+                                          streams_out=streams_out and cfg.BLOCK_V >= 1024,
+                                          label=label + (" truncated" if truncated else "")))  # fmt: skip
     return specs

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._common import inverse_parts
 from ._softmax import row_softmax_stats, scale_by_inverse
-from ._build import TL_DTYPE, KernelBuild, signature
+from ._build import TL_DTYPE, kernel_build
 from ._tuning import row_config
 
 # The largest float32, the cap of the importance ratio (see _ppo_fwd_kernel)
@@ -212,20 +212,9 @@ def build_specs():
             constexprs = {"HAS_REF": has_ref, "HAS_ROLLOUT": has_ref, "HAS_DUAL_CLIP": clip_options,
                           "HAS_DELTA": clip_options, "LOSS_MODE": LOSS_MODES[mode], "KL_BIAS": has_ref,
                           "KL_ESTIMATOR": KL_ESTIMATORS[estimator], "BLOCK_V": cfg.BLOCK_V}  # fmt: skip
-            if not has_ref:
-                constexprs["ref_logp_ptr"] = None
-                constexprs["rollout_w_ptr"] = None
-            sig = signature(_ppo_fwd_kernel, constexprs, logits_ptr=f"*{t}", labels_ptr="*i64")
-            specs.append(
-                KernelBuild(
-                    kernel=_ppo_fwd_kernel,
-                    signature=sig,
-                    constexprs=constexprs,
-                    divisible=[n for n, ty in sig.items() if ty.startswith("*") or n.startswith("stride") or n == "V"],
-                    num_warps=cfg.num_warps,
-                    streams_rows=True,
-                    narrow_loads=1,  # the label logit
-                    label=f"{t} {mode} {'ref ' + estimator if has_ref else 'no ref'} BLOCK_V={cfg.BLOCK_V}",
-                )
-            )
+            specs.append(kernel_build(_ppo_fwd_kernel, constexprs, {"logits_ptr": f"*{t}", "labels_ptr": "*i64"},
+                                      sizes=("V",), absent=() if has_ref else ("ref_logp_ptr", "rollout_w_ptr"),
+                                      num_warps=cfg.num_warps, streams_rows=True,
+                                      narrow_loads=1,  # the label logit
+                                      label=f"{t} {mode} {'ref ' + estimator if has_ref else 'no ref'} BLOCK_V={cfg.BLOCK_V}"))  # fmt: skip
     return specs

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._build import TL_DTYPE, KernelBuild, signature
+from ._build import TL_DTYPE, kernel_build
 from ._tuning import pair_config
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -129,20 +129,8 @@ def build_specs():
         for has_margin in (True, False):
             for cfg in sorted({pair_config(N) for N in (4096, 256)}, key=lambda c: c.BLOCK):
                 constexprs = {"HAS_MARGIN": has_margin, "BLOCK": cfg.BLOCK}
-                if not has_margin:
-                    constexprs["margin_ptr"] = None
-                in_dtype = ("chosen_ptr", "rejected_ptr", "margin_ptr")
-                sig = signature(_pairwise_sigmoid_kernel, constexprs, **dict.fromkeys(in_dtype, f"*{tl_dtype}"))
-                specs.append(
-                    KernelBuild(
-                        kernel=_pairwise_sigmoid_kernel,
-                        signature=sig,
-                        constexprs=constexprs,
-                        divisible=[n for n in sig if n.endswith("_ptr") and sig[n] != "constexpr"] + ["N"],
-                        num_warps=cfg.num_warps,
-                        streams_rows=True,
-                        streams_out=True,
-                        label=f"{tl_dtype} BLOCK={cfg.BLOCK} margin={has_margin}",
-                    )
-                )
+                types = dict.fromkeys(("chosen_ptr", "rejected_ptr", "margin_ptr"), f"*{tl_dtype}")
+                specs.append(kernel_build(_pairwise_sigmoid_kernel, constexprs, types, sizes=("N",),
+                                          absent=() if has_margin else ("margin_ptr",), num_warps=cfg.num_warps, streams_rows=True, streams_out=True,
+                                          label=f"{tl_dtype} BLOCK={cfg.BLOCK} margin={has_margin}"))  # fmt: skip
     return specs

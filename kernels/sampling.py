@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._build import TL_DTYPE, KernelBuild, signature
+from ._build import TL_DTYPE, kernel_build
 from ._common import inverse_parts
 from ._softmax import scale_by_inverse
 from ._tuning import row_config
@@ -108,18 +108,8 @@ def build_specs():
     for (torch_dtype, tl_dtype), truncated in itertools.product(TL_DTYPE.items(), (False, True)):
         cfg = row_config(151936, torch.empty((), dtype=torch_dtype).element_size())
         constexprs = {"BLOCK": cfg.BLOCK_V, "TRUNCATED": truncated}
-        if not truncated:
-            constexprs["tau_ptr"] = None
-        specs.append(
-            KernelBuild(
-                kernel=_gumbel_argmax_kernel,
-                signature=signature(_gumbel_argmax_kernel, constexprs, logits_ptr=f"*{tl_dtype}", keys_ptr="*i64",
-                                    out_ptr="*i64"),  # fmt: skip
-                constexprs=constexprs,
-                divisible=["logits_ptr", "keys_ptr", "out_ptr", "V", "stride_row"] + (["tau_ptr"] if truncated else []),
-                num_warps=cfg.num_warps,
-                streams_rows=True,
-                label=f"{tl_dtype} BLOCK={cfg.BLOCK_V}" + (" truncated" if truncated else ""),
-            )
-        )
+        types = {"logits_ptr": f"*{tl_dtype}", "keys_ptr": "*i64", "out_ptr": "*i64"}
+        specs.append(kernel_build(_gumbel_argmax_kernel, constexprs, types, sizes=("V",), num_warps=cfg.num_warps,
+                                  absent=() if truncated else ("tau_ptr",), streams_rows=True,
+                                  label=f"{tl_dtype} BLOCK={cfg.BLOCK_V}" + (" truncated" if truncated else "")))  # fmt: skip
     return specs

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._build import TL_DTYPE, KernelBuild, signature
+from ._build import TL_DTYPE, kernel_build
 from ._common import inverse_parts
 from ._softmax import scale_by_inverse
 from ._tuning import threshold_config
@@ -179,16 +179,8 @@ def build_specs():
         cfg = threshold_config(151936, torch_dtype.itemsize)
         for hf in (False, True):
             constexprs = {"HF": hf, "BLOCK_V": cfg.BLOCK_V, "PROBES": cfg.PROBES}
-            sig = signature(_row_threshold_kernel, constexprs, logits_ptr=f"*{tl_dtype}", top_k_ptr="*i32")
-            specs.append(
-                KernelBuild(
-                    kernel=_row_threshold_kernel,
-                    signature=sig,
-                    constexprs=constexprs,
-                    divisible=[n for n in sig if n.endswith("_ptr") or n.startswith("stride") or n == "V"],
-                    num_warps=cfg.num_warps,
-                    streams_rows=True,
-                    label=f"{tl_dtype} {'hf' if hf else 'vllm'} BLOCK_V={cfg.BLOCK_V} PROBES={cfg.PROBES}",
-                )
-            )
+            types = {"logits_ptr": f"*{tl_dtype}", "top_k_ptr": "*i32"}
+            specs.append(kernel_build(_row_threshold_kernel, constexprs, types, sizes=("V",), num_warps=cfg.num_warps,
+                                      streams_rows=True,
+                                      label=f"{tl_dtype} {'hf' if hf else 'vllm'} BLOCK_V={cfg.BLOCK_V} PROBES={cfg.PROBES}"))  # fmt: skip
     return specs

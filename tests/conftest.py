@@ -94,9 +94,9 @@ def native_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-def run_native(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """``python <args>`` from the checkout's root in :func:`native_env`, its output captured as text."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=native_env(), capture_output=True, text=True,
+def run_native(args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python <args>`` from ``cwd`` (the checkout's root) in :func:`native_env`, its output captured as text."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=native_env(), capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
 
 

@@ -1,13 +1,12 @@
 """The impl switch shared by every op."""
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMPLS, native_env
+from conftest import IMPLS, run_native
 
 import rlhf_fast as rf
 from rlhf_fast import _dispatch
@@ -57,7 +56,6 @@ def test_unknown_impl(impl):
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     """Without TRITON_INTERPRET=1, impl='triton' on CPU tensors must say what to do, not crash in Triton."""
-    env = native_env()
     code = (
         "import torch, rlhf_fast as rf\n"
         "try:\n"
@@ -66,7 +64,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
         "    print('VALUEERROR', e)\n"
         "print('torch-ok', float(rf.logprobs(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), impl='auto')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = run_native(["-c", code], 120)
     assert out.returncode == 0, out.stderr
     if torch.cuda.is_available():
         pytest.skip("CUDA machine: the message is still checked by the line below only on CPU")

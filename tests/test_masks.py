@@ -71,6 +71,24 @@ def _ppo64(d, m, agg, clip=0.2, kl_coef=0.1, entropy_coef=0.01):
     return agg64(L, m, agg), metrics
 
 
+def _check_against(loss, metrics, ref_loss, ref_metrics, what):
+    """A loss and every metric of ``_ppo64`` against its float64 values."""
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=what)
+    for k, v in ref_metrics.items():
+        torch.testing.assert_close(metrics[k].double(), v, rtol=1e-5, atol=1e-6, msg=f"{what} {k}")
+
+
+def _check_composition(d, m, agg, ref_loss, ref_metrics):
+    """The composition: ppo_policy_loss + aggregate of the KL and entropy terms, the same weights ``m``."""
+    logp, ent = rf.logprobs(d["logits"], d["labels"], return_entropy=True)
+    pg, metrics = rf.ppo_policy_loss(logp, d["old_logp"], d["adv"], m, agg=agg)
+    kl = rf.kl_penalty(logp, d["ref_logp"], estimator="k3")
+    loss = pg + 0.1 * rf.aggregate(kl, m, agg=agg) - 0.01 * rf.aggregate(ent, m, agg=agg)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    for k in ("clipfrac", "approx_kl", "ratio_mean"):
+        torch.testing.assert_close(metrics[k].double(), ref_metrics[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.mark.parametrize("agg", AGGS)
 def test_every_policy_loss_reads_the_mask_as_weights(agg):
     """The issue's case: ppo_loss_from_logits (weights) and ppo_policy_loss / aggregate (any nonzero = 1)
@@ -81,18 +99,8 @@ def test_every_policy_loss_reads_the_mask_as_weights(agg):
         loss, metrics = rf.ppo_loss_from_logits(d["logits"], d["labels"], d["old_logp"], d["adv"], MASK,
                                                 ref_logp=d["ref_logp"], kl_coef=0.1, entropy_coef=0.01, agg=agg,
                                                 impl=impl)  # fmt: skip
-        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=impl)
-        for k, v in ref_metrics.items():
-            torch.testing.assert_close(metrics[k].double(), v, rtol=1e-5, atol=1e-6, msg=f"{impl} {k}")
-
-    # The composition: ppo_policy_loss + aggregate of the KL and entropy terms, the same weights.
-    logp, ent = rf.logprobs(d["logits"], d["labels"], return_entropy=True)
-    pg, metrics = rf.ppo_policy_loss(logp, d["old_logp"], d["adv"], MASK, agg=agg)
-    kl = rf.kl_penalty(logp, d["ref_logp"], estimator="k3")
-    loss = pg + 0.1 * rf.aggregate(kl, MASK, agg=agg) - 0.01 * rf.aggregate(ent, MASK, agg=agg)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    for k in ("clipfrac", "approx_kl", "ratio_mean"):
-        torch.testing.assert_close(metrics[k].double(), ref_metrics[k], rtol=1e-5, atol=1e-6, msg=k)
+        _check_against(loss, metrics, ref_loss, ref_metrics, impl)
+    _check_composition(d, MASK, agg, ref_loss, ref_metrics)
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -147,17 +155,8 @@ def test_weights_below_one_every_op(agg, mask):
         from_logits = rf.ppo_loss_from_logits(d["logits"], d["labels"], d["old_logp"], d["adv"], m, impl=impl, **kw)
         linear = rf.linear_ppo_loss(hidden, weight, d["labels"], d["old_logp"], d["adv"], m, impl=impl, **kw)
         for name, (loss, metrics) in (("ppo_loss_from_logits", from_logits), ("linear_ppo_loss", linear)):
-            torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=f"{name} {impl}")
-            for k, v in ref_metrics.items():
-                torch.testing.assert_close(metrics[k].double(), v, rtol=1e-5, atol=1e-6, msg=f"{name} {impl} {k}")
-
-    logp, ent = rf.logprobs(d["logits"], d["labels"], return_entropy=True)
-    pg, metrics = rf.ppo_policy_loss(logp, d["old_logp"], d["adv"], m, agg=agg)
-    kl = rf.kl_penalty(logp, d["ref_logp"], estimator="k3")
-    loss = pg + 0.1 * rf.aggregate(kl, m, agg=agg) - 0.01 * rf.aggregate(ent, m, agg=agg)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    for k in ("clipfrac", "approx_kl", "ratio_mean"):
-        torch.testing.assert_close(metrics[k].double(), ref_metrics[k], rtol=1e-5, atol=1e-6, msg=k)
+            _check_against(loss, metrics, ref_loss, ref_metrics, f"{name} {impl}")
+    _check_composition(d, m, agg, ref_loss, ref_metrics)
     v, old, R = (d[k].double() for k in ("values", "old_values", "returns"))
     L = torch.maximum((v - R) ** 2, (old + (v - old).clamp(-0.3, 0.3) - R) ** 2)
     vl = rf.value_loss(d["values"], d["old_values"], d["returns"], m, clip=0.3, agg=agg)

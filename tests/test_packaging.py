@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import run_native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def test_kernels_are_a_subpackage(tmp_path):
         "print(spec is None or os.path.dirname(spec.origin) != os.path.dirname(k.__file__))\n"
         "print(k.__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = run_native(["-c", code], 120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "rlhf_fast.kernels"]
 
