@@ -86,6 +86,12 @@ OPS: list[OpRun] = [
     OpRun("ppo", ((16, 512, 151936),), ((2, 4, 64),), planned_s=25, note="GRPO/PPO loss from logits"),
     OpRun("linear_ppo", ((16, 512, 4096, 131072),), ((1, 8, 16, 64),), modes=("full",), planned_s=20,
           note="M=8192 H=4096 V=131072 bf16: issue 14's bar 40 ms (three matmul passes, ~33 ms at the measured rate)"),
+    # issue 24's two bars (truncated sampling): never measured on a GPU, planned_s as skip_ignored's (two methods,
+    # forward + backward only; benchmarks/README.md)
+    OpRun("truncation", ((8192, 151936),), ((4, 64),), modes=("full",), planned_s=10,
+          note="issue 24: rf.logprobs top_k=50 top_p=0.95 vs transformers' warpers + log_softmax (bar: <= 0.5x time, <= 0.25x memory)"),
+    OpRun("truncation_linear", ((8192, 4096, 151936),), ((8, 16, 64),), modes=("full",), planned_s=10,
+          note="issue 24: rf.linear_logprobs top_k=50 top_p=0.95 vs untruncated (bar: <= 1.5x time)"),
     OpRun("full_kl", ((8192, 151936),), ((4, 64),), planned_s=15),
     OpRun("gae", ((256, 2048),), ((2, 16),), modes=("forward",), planned_s=10, note="B=256, T=2048"),
     OpRun("linear_dpo", ((4, 512, 4096, 128256),), ((1, 4, 16, 64),), planned_s=25,
@@ -305,7 +311,7 @@ def run_trainer(ctx: Context) -> None:
 
 SECTIONS: list[Section] = [
     Section("environment", "Environment and measured ceilings", 15, run_environment),
-    Section("correctness", "Native correctness of every kernel against float64", 130, run_correctness),
+    Section("correctness", "Native correctness of every kernel against float64", 110, run_correctness),
     Section("ops", "Op benchmarks at the peers' headline shapes", sum(op.planned_s for op in OPS), run_ops),
     Section("trainer", "Qwen2.5-0.5B shape: a PPO step, fused vs reference ops; a TRL GRPO step, stock vs rlhf_fast",
             sum(TRAINER_PLANNED_S.values()), run_trainer),

@@ -332,23 +332,20 @@ def rollout_mismatch_metrics(logp: torch.Tensor, rollout_logp: torch.Tensor, m: 
     }
 
 
-def check_rollout_pairing(rollout_logp, rollout_is, metrics_only: bool = False) -> None:
-    """``rollout_is`` needs ``rollout_logp``; ``rollout_logp`` needs ``rollout_is`` unless ``metrics_only``
-    (the loss ops from logits / hidden states take it alone, for their mismatch metrics)."""
+def check_rollout_pairing(rollout_logp, rollout_is) -> None:
+    """``rollout_is`` needs ``rollout_logp``; ``rollout_logp`` may come alone (every loss op then reports the
+    mismatch metrics of :func:`rollout_mismatch_metrics`, and the loss is unchanged)."""
     if rollout_is is not None and rollout_logp is None:
         raise ValueError("rollout_is needs rollout_logp (the rollout engine's log-probs): it names the correction "
                          "made with them")  # fmt: skip
-    if rollout_logp is not None and rollout_is is None and not metrics_only:
-        raise ValueError("rollout_logp and rollout_is go together: rollout_is names the correction made with "
-                         "rollout_logp (the rollout engine's log-probs)")  # fmt: skip
 
 
-def check_rollout_logp(rollout_logp, opts: PolicyLossOptions, shape, device, what: str, metrics_only: bool = False) -> None:
+def check_rollout_logp(rollout_logp, opts: PolicyLossOptions, shape, device, what: str) -> None:
     """``rollout_logp`` (``None`` or a float tensor of ``shape`` on ``device``) against ``opts.rollout_is``
-    (``metrics_only``: it may come without ``rollout_is``, see :func:`check_rollout_pairing`)."""
+    (:func:`check_rollout_pairing`)."""
     if rollout_logp is not None:
         _checks.check_float_tensor(rollout_logp, "rollout_logp")
         _checks.check_shape("rollout_logp", rollout_logp, shape, what)
         if rollout_logp.device != device:
             raise ValueError(f"rollout_logp is on {rollout_logp.device} but the log-probs are on {device}")
-    check_rollout_pairing(rollout_logp, opts.rollout_is, metrics_only)
+    check_rollout_pairing(rollout_logp, opts.rollout_is)

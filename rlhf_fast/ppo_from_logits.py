@@ -189,7 +189,7 @@ def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advanta
         raise ValueError(f"advantages must have shape {(B, T)} or {(B,)}, got {tuple(advantages.shape)}")
     if mask is not None:
         _checks.check_mask(mask, labels, "labels")
-    _policy.check_rollout_logp(rollout_logp, loss, (B, T), x.device, what, metrics_only=True)
+    _policy.check_rollout_logp(rollout_logp, loss, (B, T), x.device, what)
     for arg, t in (("labels", labels), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
                    ("ref_logp", ref_logp)):  # fmt: skip
         if t is not None:
@@ -221,10 +221,8 @@ def policy_step_metrics(p: PreparedLoss, logp, entropy, ref_logp, device) -> dic
     ``entropy`` and ``kl``."""
     pol = p.opts.policy
     policy_term = replace(pol, kl_coef=0.0, entropy_coef=0.0)  # rf.ppo_policy_loss has no KL or entropy term
-    rollout_is = None if pol.rollout_is is None else p.rollout_logp  # alone, rollout_logp is for the metrics below
-    _, metrics = ppo_policy_loss(logp, p.old_logp, p.advantages, p.m, rollout_logp=rollout_is, options=policy_term)
-    if p.rollout_logp is not None:
-        metrics.update(_policy.rollout_mismatch_metrics(logp, p.rollout_logp, p.m))
+    # with rollout_logp (alone or with rollout_is), its metrics include the rollout mismatch
+    _, metrics = ppo_policy_loss(logp, p.old_logp, p.advantages, p.m, rollout_logp=p.rollout_logp, options=policy_term)
     with torch.no_grad():
         metrics["entropy"] = masked_mean(entropy, p.m)
         if ref_logp is not None:

@@ -169,8 +169,8 @@ def ppo_policy_loss(
             select tokens), or ``None`` (all tokens).
         is_weights: ``[B, T]`` per-token importance weights multiplying ``L`` (e.g. truncated
             rollout/trainer mismatch corrections); used as given, so detach them if they are constants.
-        rollout_logp: ``[B, T]`` the rollout engine's log-probs, with ``rollout_is`` (the correction made
-            with them) and only with it.
+        rollout_logp: ``[B, T]`` the rollout engine's log-probs of the sampled tokens: with ``rollout_is``
+            the correction made with them; alone, for the mismatch metrics only (the loss is unchanged).
         options, **loss_options: the policy-loss options (:class:`rlhf_fast.PolicyLossOptions`).
 
     Returns:
@@ -188,7 +188,12 @@ def ppo_policy_loss(
         - ``ratio_mean``, ``ratio_max``: mean and max of the token ratio ``r`` (the max over tokens of
           nonzero weight);
         - with ``rollout_is``: ``rollout_is_mean``, ``rollout_is_max`` and ``rollout_is_masked_frac`` (the
-          fraction of tokens whose weight a ``*_mask`` / ``icepop`` mode set to 0).
+          fraction of tokens whose weight a ``*_mask`` / ``icepop`` mode set to 0);
+        - with ``rollout_logp`` (with or without ``rollout_is``), the trainer / rollout mismatch of
+          ``rf.ppo_loss_from_logits`` and ``rf.linear_ppo_loss``: ``rollout_kl_k3``, the mean of
+          ``e^d - 1 - d`` with ``d = logp - rollout_logp`` (k3 estimate of ``KL(pi_rollout || pi_train)``,
+          computed in float64), and ``rollout_ratio_outside_frac``, the fraction of tokens whose ``e^d`` is
+          outside ``[0.9, 1.1]`` (``rlhf_fast/_policy.py`` ``rollout_mismatch_metrics``).
 
     Masked-out tokens (weight 0) contribute nothing, gradients included, whatever ``logp``, ``old_logp``,
     ``advantages``, ``is_weights`` or ``rollout_logp`` hold there (NaN, ``±inf``).
@@ -245,6 +250,8 @@ def ppo_policy_loss(
         if tl.dual_clipped is not None:
             metrics["dual_clipfrac"] = masked_mean(tl.dual_clipped.float(), m)
         metrics.update(rollout_metrics)
+        if rollout_logp is not None:
+            metrics.update(_policy.rollout_mismatch_metrics(logp.detach(), rollout_logp, m))
     return loss, metrics
 
 

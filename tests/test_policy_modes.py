@@ -139,7 +139,6 @@ def test_rollout_is_icepop_band_default():
         (dict(agg_norm=0.0), "agg_norm"),
         (dict(agg_norm=True), "agg_norm"),
         (dict(rollout_is="token_truncate"), "rollout_logp"),
-        (dict(rollout_logp=torch.zeros(2, 3)), "rollout_is"),
         (dict(rollout_logp=torch.zeros(2, 3), rollout_is="tis"), "rollout_is"),
         (dict(rollout_logp=torch.zeros(2, 4), rollout_is="token_mask"), "rollout_logp"),
         (dict(rollout_logp=torch.zeros(2, 3), rollout_is="token_mask", rollout_is_cap=-1.0), "rollout_is_cap"),
@@ -150,10 +149,6 @@ def test_rollout_is_icepop_band_default():
 )
 @pytest.mark.parametrize("op", ["ppo_policy_loss", "ppo_loss_from_logits"])
 def test_bad_policy_arguments_raise(kwargs, arg, op):
-    if op == "ppo_loss_from_logits" and set(kwargs) == {"rollout_logp"}:
-        # rollout_logp alone is refused by rf.ppo_policy_loss only: the ops from logits / hidden states take it
-        # for their mismatch metrics (tests/test_truncation_rollout_metrics.py)
-        return
     if op == "ppo_policy_loss":
         args = (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
     else:

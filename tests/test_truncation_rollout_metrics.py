@@ -1,4 +1,5 @@
-"""The trainer / rollout mismatch metrics of the loss ops (rf.ppo_loss_from_logits, rf.linear_ppo_loss):
+"""The trainer / rollout mismatch metrics of the loss ops (rf.ppo_policy_loss, rf.ppo_loss_from_logits,
+rf.linear_ppo_loss):
 ``rollout_kl_k3`` and ``rollout_ratio_outside_frac`` whenever ``rollout_logp`` is given, with or without
 ``rollout_is``, against float64 written out here. Direction (NeMo-RL's gen_kl_error, NVIDIA-NeMo/RL
 nemo_rl/algorithms/loss_functions.py at commit b816b57be28b177ace79c363c73ee79ddbc4b309: "kl(P_gen ||
@@ -77,15 +78,56 @@ def test_mismatch_metrics_under_truncation_use_the_truncated_logprobs(op):
     assert metrics["rollout_ratio_outside_frac"] == frac == 0  # e^0.05 = 1.051: inside the band
 
 
+@pytest.mark.parametrize("rollout_is", [None, "token_truncate"])
+def test_ppo_policy_loss_reports_the_mismatch_against_float64(rollout_is):
+    """rf.ppo_policy_loss (from [B, T] log-probs) reports the same two metrics whenever rollout_logp is given;
+    alone, it changes neither the loss, nor its gradient, nor the other metrics."""
+    logits, labels, old, adv, mask, rollout = batch()
+    lp64, _ = logprobs_reference(logits.double(), labels)
+    logp = lp64.float().requires_grad_()
+    kw = dict(rollout_logp=rollout) if rollout_is is None else dict(rollout_logp=rollout, rollout_is=rollout_is)
+    loss, metrics = rf.ppo_policy_loss(logp, old, adv, mask, **kw)
+    kl, frac = expected(logp.detach().double(), rollout, mask)
+    assert kl > 0 and 0 < frac < 1
+    torch.testing.assert_close(metrics["rollout_kl_k3"].double(), kl, rtol=2e-5, atol=0)
+    torch.testing.assert_close(metrics["rollout_ratio_outside_frac"].double(), frac, rtol=1e-6, atol=0)
+    if rollout_is is None:
+        (grad,) = torch.autograd.grad(loss, logp)
+        plain_logp = logp.detach().clone().requires_grad_()
+        plain, plain_metrics = rf.ppo_policy_loss(plain_logp, old, adv, mask)
+        (plain_grad,) = torch.autograd.grad(plain, plain_logp)
+        assert torch.equal(loss, plain) and torch.equal(grad, plain_grad) and "rollout_is_mean" not in metrics
+        assert set(metrics) == set(plain_metrics) | {"rollout_kl_k3", "rollout_ratio_outside_frac"}
+        assert all(torch.equal(plain_metrics[k], metrics[k]) for k in plain_metrics)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_three_loss_ops_report_the_same_mismatch(impl):
+    """On the same tokens (rf.ppo_policy_loss given the log-probs the other two compute), the three loss
+    ops report the same mismatch metrics."""
+    logits, labels, old, adv, mask, rollout = batch(seed=2)
+    logp = rf.logprobs(logits, labels, impl=impl)
+    _, from_logp = rf.ppo_policy_loss(logp, old, adv, mask, rollout_logp=rollout)
+    _, from_logits = run("logits", impl, logits, labels, old, adv, mask, rollout_logp=rollout)
+    _, from_hidden = run("linear", impl, logits, labels, old, adv, mask, rollout_logp=rollout)
+    lp64, _ = logprobs_reference(logits.double(), labels)
+    kl, frac = expected(lp64, rollout, mask)
+    for metrics in (from_logp, from_logits, from_hidden):
+        torch.testing.assert_close(metrics["rollout_kl_k3"].double(), kl, rtol=2e-5, atol=0)
+        torch.testing.assert_close(metrics["rollout_ratio_outside_frac"].double(), frac, rtol=1e-6, atol=0)
+
+
 def test_the_pairing_rule_present_only_with_rollout_logp():
-    """rollout_logp alone is accepted by the ops from logits / hidden states (metrics only), still refused
-    by rf.ppo_policy_loss; rollout_is always needs rollout_logp; no rollout_logp: no mismatch metrics."""
+    """rollout_logp alone is accepted by every loss op (metrics only); rollout_is always needs rollout_logp;
+    no rollout_logp: no mismatch metrics."""
     logits, labels, old, adv, mask, rollout = batch()
     _, metrics = rf.ppo_loss_from_logits(logits, labels, old, adv, mask)
     _, with_rollout = rf.ppo_loss_from_logits(logits, labels, old, adv, mask, rollout_logp=rollout)
     assert {"rollout_kl_k3", "rollout_ratio_outside_frac"} <= with_rollout.keys()
     assert "rollout_kl_k3" not in metrics and "rollout_ratio_outside_frac" not in metrics
-    with pytest.raises(ValueError, match="rollout_is"):  # rf.ppo_policy_loss has no use for it alone
-        rf.ppo_policy_loss(old, old, adv, mask, rollout_logp=rollout)
-    with pytest.raises(ValueError, match="rollout_logp"):
-        rf.ppo_loss_from_logits(logits, labels, old, adv, mask, rollout_is="token_mask")
+    _, plain = rf.ppo_policy_loss(old, old, adv, mask)
+    assert "rollout_kl_k3" not in plain and "rollout_ratio_outside_frac" not in plain
+    for op_call in (lambda **kw: rf.ppo_policy_loss(old, old, adv, mask, **kw),
+                    lambda **kw: rf.ppo_loss_from_logits(logits, labels, old, adv, mask, **kw)):  # fmt: skip
+        with pytest.raises(ValueError, match="rollout_logp"):
+            op_call(rollout_is="token_mask")

@@ -62,7 +62,7 @@ def _logit_scale(cfg) -> float:
 
 
 def install_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
-                       outputs: tuple[str, ...] = ("log_probs",)) -> None:  # fmt: skip
+                       outputs: tuple[str, ...] = ("log_probs",), truncation: dict | None = None) -> None:  # fmt: skip
     """Give the model *instance* a fused LM head on ``rf.linear_logprobs`` with TRL 1.16's calling convention.
 
     ``model(..., labels=labels, fused_lm_head=True)`` returns a ``trl.trainer.utils.FusedCausalLMOutput``
@@ -70,6 +70,8 @@ def install_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32:
     labels (``-100`` = not scored, 0 there) under ``softmax(logit_scale * logits / temperature)``; a call without
     ``fused_lm_head`` goes to the model's previous forward (generation is unchanged). The instance's
     ``forward`` attribute is replaced, as TRL's own ``add_fused_lm_head`` does; the class is not touched.
+    ``truncation`` (``rf.linear_logprobs``' ``top_k`` / ``top_p`` / ``min_p`` / ``sampler`` keywords): the
+    log-probs and entropy are those of that truncated distribution (a label outside its kept set: ``-inf``).
     """
     unknown = set(outputs) - set(HEAD_OUTPUTS)
     if unknown:
@@ -109,7 +111,7 @@ def install_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32:
             weight, bias = weight.to(h.dtype), None if bias is None else bias.to(h.dtype)
         with ctx:
             out = rf.linear_logprobs(h, weight, y, bias=bias, temperature=effective_temperature,
-                                     return_entropy="entropy" in outputs)  # fmt: skip
+                                     return_entropy="entropy" in outputs, **(truncation or {}))  # fmt: skip
             is_top1 = _is_top1(h, weight, bias, y) if "is_top1" in outputs else None
         logp, entropy = out if "entropy" in outputs else (out, None)
         mean_logits = None
@@ -158,13 +160,16 @@ def _policy_and_reference(trainer) -> list:
     return [policy] if ref is None else [policy, trainer.accelerator.unwrap_model(ref)]
 
 
-def install_heads(trainer, name: str, policy_outputs: tuple[str, ...], temperature: float, cast_fp32: bool) -> bool:
-    """Our fused head on the trainer's policy and reference models; ``False`` (with a warning) if one cannot take it."""
+def install_heads(trainer, name: str, policy_outputs: tuple[str, ...], temperature: float, cast_fp32: bool,
+                  truncation: dict | None = None) -> bool:  # fmt: skip
+    """Our fused head on the trainer's policy and reference models; ``False`` (with a warning) if one cannot take it.
+    ``truncation`` applies to the policy's head only (the reference keeps the full softmax)."""
     if heads_unsupported(trainer, name) is not None:
         return False
     for i, model in enumerate(_policy_and_reference(trainer)):
         install_fused_head(model, temperature=temperature, cast_lm_head_to_fp32=cast_fp32,
-                           outputs=policy_outputs if i == 0 else ("log_probs",))  # fmt: skip
+                           outputs=policy_outputs if i == 0 else ("log_probs",),
+                           truncation=truncation if i == 0 else None)  # fmt: skip
     return True
 
 

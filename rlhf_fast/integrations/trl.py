@@ -39,6 +39,16 @@ Each class subclasses TRL's and takes the same arguments; what changes:
   The entropy mask (``top_entropy_quantile``), the off-policy sequence mask and vLLM's importance-sampling
   correction (all four modes: TRL computes the truncated / masked ratio while scoring, it reaches the loss
   as a constant per-token weight) enter as ``is_weights``. A static ``entropy_coef`` bonus is supported.
+- **Truncated sampling** (GRPO, opt-in: ``GRPOTrainer(..., truncated_logprobs=True)``; default ``False`` is
+  stock TRL, the full softmax). TRL samples with ``top_k`` / ``top_p`` / ``min_p`` (``generation_kwargs``
+  overriding them: ``generation_truncation``) but scores over the full softmax, which biases the ratio by the
+  kept mass. With the option, the policy's head scores the truncated, renormalised distribution
+  (``rf.linear_logprobs``' truncation; ``sampler="vllm"`` with ``use_vllm``, whose ``processed_logprobs``
+  TRL asks for, ``"hf"`` for ``generate``'s warpers): the loss's log-probs and entropy, and the old
+  log-probs of TRL's importance sampling and vLLM correction. The reference keeps the full softmax. A token
+  outside the kept set (``-inf``: trainer and sampler logits differ, or the kept set moved) gets weight 0,
+  never NaN, logged as ``truncation_miss_frac``. ``ValueError`` where rlhf_fast's loss or head does not
+  serve the config, or with ``beta != 0`` and no reference model of its own (PEFT: the policy's head).
 - **DPO loss**: ``rf.dpo_loss`` on the sequence sums of the ``rf.linear_logprobs`` log-probs
   (``loss_type`` ``sigmoid`` or ``hinge``).
 - **Reward loss**: ``rf.pairwise_sigmoid_loss`` (with TRL's ``margin`` column and
@@ -136,13 +146,40 @@ def grpo_unsupported(trainer) -> str | None:
     )  # fmt: skip
 
 
-class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
-    """``trl.GRPOTrainer`` with log-probs, entropy and the loss on rlhf_fast (module docstring)."""
+def generation_truncation(args) -> dict | None:
+    """The truncation TRL's generation samples with, as ``rf.linear_logprobs`` keywords (``top_k``, ``top_p``,
+    ``min_p``, ``sampler``), or ``None`` when it samples from the full softmax. ``GRPOConfig``'s ``top_k`` /
+    ``top_p`` / ``min_p``, each overridden by ``generation_kwargs`` (TRL passes those last, to
+    ``GenerationConfig`` or vLLM's ``SamplingParams``); ``sampler="vllm"`` with ``use_vllm``, else ``"hf"``."""
+    extra = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else {}
+    top_k, top_p, min_p = (extra.get(name, getattr(args, name)) for name in ("top_k", "top_p", "min_p"))
+    top_k = None if top_k is None or top_k <= 0 else top_k  # 0 (TRL, HF) and -1 (vLLM): off
+    top_p = None if top_p is None or top_p >= 1.0 else top_p
+    min_p = None if not min_p else min_p
+    if top_k is None and top_p is None and min_p is None:
+        return None
+    return dict(top_k=top_k, top_p=top_p, min_p=min_p, sampler="vllm" if args.use_vllm else "hf")
 
-    def __init__(self, *args, **kwargs):
+
+class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
+    """``trl.GRPOTrainer`` with log-probs, entropy and the loss on rlhf_fast (module docstring); takes TRL's
+    arguments and ``truncated_logprobs`` (the loss over the distribution generation samples from)."""
+
+    def __init__(self, *args, truncated_logprobs: bool = False, **kwargs):
+        if not isinstance(truncated_logprobs, bool):
+            raise ValueError(f"truncated_logprobs must be a bool, got {truncated_logprobs!r}")
         super().__init__(*args, **kwargs)
-        install_heads(self, "GRPOTrainer", ("log_probs", "entropy"), self.temperature, self.args.cast_lm_head_to_fp32)
+        self._rf_truncation = generation_truncation(self.args) if truncated_logprobs else None
         self._rf_loss_unsupported = grpo_unsupported(self)
+        if self._rf_truncation is not None:
+            why = self._rf_loss_unsupported
+            if why is None and self.beta != 0.0 and self.ref_model is None:
+                why = "beta != 0 without a reference model of its own (a PEFT policy scores it through its head)"
+            if why is not None:
+                raise ValueError(f"truncated_logprobs=True is not supported with {why}")
+        if not install_heads(self, "GRPOTrainer", ("log_probs", "entropy"), self.temperature,
+                             self.args.cast_lm_head_to_fp32, self._rf_truncation) and self._rf_truncation:  # fmt: skip
+            raise ValueError("truncated_logprobs=True needs rlhf_fast's fused head, which this model cannot take")
         if self._rf_loss_unsupported is not None:
             warn_once(f"rlhf_fast.integrations.trl.GRPOTrainer: {self._rf_loss_unsupported} is not supported by "
                       "rlhf_fast's policy loss; this trainer computes stock TRL's loss for this config.")  # fmt: skip
@@ -155,6 +192,9 @@ class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
             advantages = advantages[:, 0]
         sequence = self.importance_sampling_level == "sequence"
         if sequence and advantages.dim() == 2 and self.loss_type != "cispo":
+            if self._rf_truncation is not None:  # stock TRL's loss would turn the -inf log-probs into NaN
+                raise ValueError("truncated_logprobs=True is not supported with importance_sampling_level="
+                                 "'sequence' and per-token advantages")  # fmt: skip
             warn_once("rlhf_fast.integrations.trl.GRPOTrainer: importance_sampling_level='sequence' with per-token "
                       "advantages is not supported by rlhf_fast's policy loss; stock TRL's loss for these "
                       "batches.")  # fmt: skip
@@ -174,9 +214,17 @@ class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
                                           "mm_token_type_ids", "image_position_ids")},
         )  # fmt: skip
         B, T = logp.shape
-        m = mask.to(torch.float32)
         old_logp = inputs.get("old_per_token_logps")
         old_logp = logp.detach() if old_logp is None else old_logp
+        missed = None
+        if self._rf_truncation is not None:
+            # A token outside the kept set, now or when old_logp was computed (log-prob -inf), gets weight 0 as
+            # in rf's loss ops; its log-probs become a finite 0 through where(), whose gradient there is exactly 0
+            missed = (mask != 0) & (torch.isneginf(logp.detach()) | torch.isneginf(old_logp))
+            logp, old_logp = torch.where(missed, 0.0, logp), torch.where(missed, 0.0, old_logp)
+            missed_frac = torch.stack([(missed * mask).sum(), mask.sum()]).float()
+            mask = mask.masked_fill(missed, 0)
+        m = mask.to(torch.float32)
         # TRL's importance ratio, differentiable: per token [B, T], or GSPO's row geometric mean [B, 1]
         log_ratio = torch.where(m != 0, logp - old_logp, 0.0)
         if sequence:
@@ -246,6 +294,9 @@ class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         kl = None if kl is None else kl.detach()
         self._log_grpo_metrics(mode, coef.detach(), advantages, m, entropy.detach(), kl)
+        if missed is not None:  # over the tokens of the mask before the misses were dropped
+            totals = self.accelerator.reduce(missed_frac, reduction="sum")
+            self._metrics[mode]["truncation_miss_frac"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return loss
 
     def _rf_policy_options(self) -> dict:
