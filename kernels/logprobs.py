@@ -142,8 +142,11 @@ def _logprobs_bwd_kernel(
     g_logp = tl.where(ignored, 0.0, tl.load(grad_logp_ptr + row).to(tl.float32))
     if TRUNCATED:
         tau = tl.load(tau_ptr + row)
-        z_label = scale_by_inverse(tl.load(row_ptr + tl.where(ignored, 0, label)).to(tl.float32), inv_t_hi, inv_t_lo)
-        g_logp = tl.where(z_label < tau, 0.0, g_logp)  # a missed label: log-prob -inf, a constant
+        # label V: a row whose label term label_term moved out of the kernel (a vocabulary slice that does not
+        # own the label): no column to read; the caller drops the gradient of a label outside the kept set
+        moved = label >= V
+        z_label = scale_by_inverse(tl.load(row_ptr + tl.where(ignored | moved, 0, label)).to(tl.float32), inv_t_hi, inv_t_lo)
+        g_logp = tl.where((z_label < tau) & ~moved, 0.0, g_logp)  # a missed label: log-prob -inf, a constant
     if WITH_ENTROPY:
         entropy = tl.load(entropy_ptr + row)
         g_entropy = tl.load(grad_entropy_ptr + row).to(tl.float32)

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import _amp
+from . import _amp, _truncation_parallel
 from ._softmax_torch import as_btv, grad_or_zeros
 
 # Label id the implementations see as "ignored" here: none. Labels handed to them are shard-local ids >= 0 (0
@@ -180,6 +180,7 @@ class LogprobsShardOptions:
     temperature: float = 1.0
     ignore_index: int = -100
     with_entropy: bool = True
+    trunc: object = None  # truncation.RowTruncation of the rows: truncated sampling (rlhf_fast/_truncation_parallel.py)
 
 
 def shard_partials(o: LogprobsShardOptions, labels: torch.Tensor, ins):
@@ -212,13 +213,19 @@ class _LogprobsShard(torch.autograd.Function):
     @_amp.float32_op
     def forward(ctx, o: LogprobsShardOptions, labels, *inputs):
         ins = inputs if o.linear else (as_btv(inputs[0]),)
-        local, owned, stats = shard_partials(o, labels, ins)
+        tau = None
+        if o.trunc is None:
+            local, owned, stats = shard_partials(o, labels, ins)
+        else:  # the whole row's thresholds, then the slice's statistics over its kept entries
+            local, owned = o.shard.localize(labels, o.ignore_index)
+            local, stats, tau = _truncation_parallel.partials(o, ins, local, owned)
         logp, entropy, row_max, log_norm = (None if t is None else t.unsqueeze(0) for t in stats)
         logp, entropy, row_max, log_norm = combine_logprobs(logp, entropy, row_max, log_norm, owned[None],
                                                             o.shard.group)  # fmt: skip
         ignored = labels == o.ignore_index
         logp.masked_fill_(ignored, 0.0)
-        ctx.save_for_backward(*ins, local, owned, ignored, row_max, log_norm, entropy)
+        no_grad = ignored if tau is None else ignored | ((logp == -float("inf")) & (tau > -float("inf")))  # missed
+        ctx.save_for_backward(*ins, local, owned, no_grad, row_max, log_norm, entropy, tau)
         ctx.o, ctx.input_shape = o, inputs[0].shape
         ctx.set_materialize_grads(False)
         return logp, entropy
@@ -227,12 +234,17 @@ class _LogprobsShard(torch.autograd.Function):
     @_amp.float32_op
     def backward(ctx, grad_logp, grad_entropy):
         o = ctx.o
-        *ins, local, owned, ignored, row_max, log_norm, entropy = ctx.saved_tensors
+        *ins, local, owned, no_grad, row_max, log_norm, entropy, tau = ctx.saved_tensors
         n = local.numel()
-        g_logp = grad_or_zeros(grad_logp, n, local.device).masked_fill(ignored, 0.0)
+        # no log-prob gradient on ignored rows, nor (truncated) on rows whose label is outside the kept set
+        g_logp = grad_or_zeros(grad_logp, n, local.device).masked_fill(no_grad, 0.0)
         g_entropy = None if grad_entropy is None else grad_or_zeros(grad_entropy, n, local.device)
-        grads = shard_grads(o, ins, local, owned, (row_max, log_norm, entropy), g_logp, g_entropy,
-                            ctx.needs_input_grad[2:5])  # fmt: skip
+        stats = (row_max, log_norm, entropy)
+        if tau is None:
+            grads = shard_grads(o, ins, local, owned, stats, g_logp, g_entropy, ctx.needs_input_grad[2:5])
+        else:
+            grads = _truncation_parallel.grads(o, ins, local, owned, stats, tau, g_logp, g_entropy,
+                                               ctx.needs_input_grad[2:5])  # fmt: skip
         if not o.linear:
             return None, None, grads.reshape(ctx.input_shape)
         d_hidden, d_weight, d_bias = grads

@@ -225,13 +225,15 @@ class _LinearLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None, None, None, None
 
 
-def vocab_parallel(hidden, weight, bias, labels, opts: LinearLogprobsOptions, impl: str, shard):
+def vocab_parallel(hidden, weight, bias, labels, opts: LinearLogprobsOptions, impl: str, shard, trunc=None):
     """``_LinearLogprobs.apply`` with ``weight [V_r, H]`` (``bias [V_r]``) a vocabulary shard and ``hidden``
     replicated (rlhf_fast/_vocab_parallel.py): ``(logp, entropy | None)`` ``[N]`` of the whole vocabulary;
-    gradients to the shard's weight and bias and, all-reduced, to ``hidden``."""
+    gradients to the shard's weight and bias and, all-reduced, to ``hidden``. ``trunc``: truncated sampling over
+    the whole vocabulary (rlhf_fast/_truncation_parallel.py)."""
     forward, backward = _backend(impl)
     o = _vocab_parallel.LogprobsShardOptions(shard, impl, forward, backward, linear=True, temperature=opts.temperature,
-                                             ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)  # fmt: skip
+                                             ignore_index=opts.ignore_index, with_entropy=opts.with_entropy,
+                                             trunc=trunc)  # fmt: skip
     return _vocab_parallel.logprobs(o, labels, hidden, weight, bias)
 
 
@@ -275,8 +277,9 @@ def linear_logprobs(
             "Truncated sampling"): the log-probs, entropy and gradients of the truncated, renormalised
             distribution; a label outside the kept set gets ``-inf`` and no log-prob gradient. Off values
             are bitwise no-ops. Both impls compute it chunk by chunk (module docstring: one matmul per chunk
-            forward, thresholds and statistics on that chunk). Not with ``process_group``; batch
-            invariance is not claimed for truncated calls.
+            forward, thresholds and statistics on that chunk). With ``process_group``: the truncation of the
+            whole vocabulary (rlhf_fast/_truncation_parallel.py). Batch invariance is not claimed for
+            truncated calls.
         matmul_dtype: ``None`` (the lm_head matmul follows autocast, below) or ``torch.float32``: the matmul
             in float32 under any autocast (operands upcast; gradients still in the inputs' dtypes), the
             fp32 lm_head that shrinks the trainer / rollout mismatch. Anything else: ``ValueError``.
@@ -308,11 +311,10 @@ def linear_logprobs(
         ignore_index=_checks.check_int("ignore_index", ignore_index),
         with_entropy=bool(return_entropy),
     )
-    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, labels.shape, V, hidden.device)
     impl = resolve(impl, hidden.device)
     shard = _vocab_parallel.shard_of(process_group, V, hidden.device)
-    if shard is not None and trunc is not None:
-        raise ValueError("top_k / top_p / min_p (truncated sampling) are not supported with a process_group yet")
+    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, labels.shape, V if shard is None else shard.vocab,
+                                        hidden.device)  # fmt: skip
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     flat_hidden, flat_labels = hidden.reshape(labels.numel(), hidden.shape[-1]), labels.reshape(-1)
     # the same labels on every rank of a group: every rank keeps the same rows
@@ -322,7 +324,7 @@ def linear_logprobs(
         trunc = None if trunc is None else trunc.rows(keep)
     with _amp.no_autocast():
         args = (flat_hidden, weight, bias, flat_labels, opts, impl)
-        logp, entropy = _LinearLogprobs.apply(*args, trunc) if shard is None else vocab_parallel(*args, shard)
+        logp, entropy = _LinearLogprobs.apply(*args, trunc) if shard is None else vocab_parallel(*args, shard, trunc)
     if keep is not None:
         logp, entropy = scatter_rows(logp, keep, labels.numel()), scatter_rows(entropy, keep, labels.numel())
     if not opts.with_entropy:

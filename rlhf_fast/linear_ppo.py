@@ -131,7 +131,7 @@ def _logprobs_bt(hidden, weight, bias, labels, B, T, p, impl, shard=None, keep=N
         hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)
         trunc = None if trunc is None else trunc.rows(keep)
     args = (hidden, weight, bias, labels, lp_opts, impl)
-    logp, entropy = _LinearLogprobs.apply(*args, trunc) if shard is None else vocab_parallel(*args, shard)
+    logp, entropy = _LinearLogprobs.apply(*args, trunc) if shard is None else vocab_parallel(*args, shard, trunc)
     if keep is not None:
         logp, entropy = scatter_rows(logp, keep, B * T), scatter_rows(entropy, keep, B * T)
     return logp.view(B, T), entropy.view(B, T)
@@ -224,7 +224,8 @@ def linear_ppo_loss(
     (missed labels get weight 0 and are counted in ``truncation_miss_frac``). Both impls then take the
     composed route: ``rf.linear_logprobs`` with the same truncation (chunked logits, their thresholds and
     ``rf.logprobs``' truncated kernels or PyTorch twins: rlhf_fast/linear_logprobs_op.py), then the ``[B, T]``
-    loss by autograd; the gradient is not formed in the forward. Not with ``process_group``.
+    loss by autograd; the gradient is not formed in the forward. With ``process_group``: the truncation of the
+    whole vocabulary (rlhf_fast/_truncation_parallel.py).
 
     ``matmul_dtype``: ``None`` (follow autocast) or ``torch.float32`` (the lm_head matmul in float32 under
     any autocast), as in :func:`rlhf_fast.linear_logprobs`.
@@ -245,8 +246,8 @@ def linear_ppo_loss(
         flat_labels = p.labels.reshape(-1)
         keep = labeled_rows(flat_labels, p.opts.ignore_index) if skip else None
         with _amp.no_autocast():
-            logp, entropy = _logprobs_bt(hidden.reshape(B * T, H), weight, bias, flat_labels, B, T, p, p.impl, keep=keep,
-                                         trunc=trunc)  # fmt: skip
+            logp, entropy = _logprobs_bt(hidden.reshape(B * T, H), weight, bias, flat_labels, B, T, p, p.impl, p.shard,
+                                         keep=keep, trunc=trunc)  # fmt: skip
             return truncated_result(p, logp, entropy, ref_logp, hidden.device)
     run = _linear_ppo_skipping if skip else _linear_ppo
     with _amp.no_autocast():

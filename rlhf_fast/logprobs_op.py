@@ -178,12 +178,14 @@ class _Logprobs(torch.autograd.Function):
         return grad.reshape(ctx.logits_shape), None, None, None, None
 
 
-def vocab_parallel(logits, labels, opts: LogprobsOptions, impl: str, shard):
+def vocab_parallel(logits, labels, opts: LogprobsOptions, impl: str, shard, trunc=None):
     """``_Logprobs.apply`` on a vocabulary shard ``logits [..., V_r]`` (rlhf_fast/_vocab_parallel.py): the
-    ``(logp, entropy | None)`` of the whole vocabulary, shaped like ``labels``; the gradient of the shard."""
+    ``(logp, entropy | None)`` of the whole vocabulary, shaped like ``labels``; the gradient of the shard.
+    ``trunc``: truncated sampling over the whole vocabulary (rlhf_fast/_truncation_parallel.py)."""
     forward, backward = _backend(impl)
     o = _vocab_parallel.LogprobsShardOptions(shard, impl, forward, backward, linear=False, temperature=opts.temperature,
-                                             ignore_index=opts.ignore_index, with_entropy=opts.with_entropy)  # fmt: skip
+                                             ignore_index=opts.ignore_index, with_entropy=opts.with_entropy,
+                                             trunc=trunc)  # fmt: skip
     logp, entropy = _vocab_parallel.logprobs(o, labels, logits)
     return logp.view(labels.shape), None if entropy is None else entropy.view(labels.shape)
 
@@ -232,7 +234,8 @@ def logprobs(
             leading part such as ``[B]``); ``top_k`` 0 or ``>= V``, ``top_p`` 1 and ``min_p`` 0 are off
             (bitwise the untruncated op). A label outside the kept set gets ``-inf`` and no gradient; the
             gradient reaches kept logits only. ``sampler="vllm"`` (default) or ``"hf"`` (the order of the
-            rules). Not with ``process_group``.
+            rules). With ``process_group``: the truncation of the whole vocabulary (the same arguments on
+            every rank; rlhf_fast/_truncation_parallel.py).
 
     Returns:
         float32 ``logp`` of shape ``[...]``, or ``(logp, entropy)`` with ``return_entropy=True``.
@@ -261,16 +264,15 @@ def logprobs(
         inplace_backward=bool(inplace_backward),
         with_entropy=bool(return_entropy),
     )
-    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, logits.shape[:-1], V, logits.device)
     impl = resolve(impl, logits.device)
     shard = _vocab_parallel.shard_of(process_group, V, logits.device)
     if shard is not None and opts.inplace_backward:
         raise ValueError("inplace_backward=True is not supported with a process_group")
-    if shard is not None and trunc is not None:
-        raise ValueError("top_k / top_p / min_p (truncated sampling) are not supported with a process_group yet")
+    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, logits.shape[:-1],
+                                        V if shard is None else shard.vocab, logits.device)  # fmt: skip
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     if shard is None:
         logp, entropy = _Logprobs.apply(logits, labels, opts, impl, trunc)
     else:
-        logp, entropy = vocab_parallel(logits, labels, opts, impl, shard)
+        logp, entropy = vocab_parallel(logits, labels, opts, impl, shard, trunc)
     return (logp, entropy) if opts.with_entropy else logp

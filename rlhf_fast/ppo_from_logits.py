@@ -306,7 +306,7 @@ def ppo_loss_from_logits(
     row is off, so that off values leave the loss, gradient and metrics bitwise unchanged). Both impls take
     the composed route when truncation is on: ``rf.logprobs``' truncated kernels (Triton; chunks for
     PyTorch), then the ``[B, T]`` loss by autograd (two passes over the logits, as the fused kernel).
-    Not with ``process_group``.
+    With ``process_group``: the truncation of the whole vocabulary (rlhf_fast/_truncation_parallel.py).
     """
     _checks.check_float_tensor(logits, "logits", min_dim=3)
     if logits.dim() != 3:
@@ -321,7 +321,10 @@ def ppo_loss_from_logits(
     trunc = check_policy_truncation(p, top_k, top_p, min_p, sampler, V, logits.device)
     if trunc is not None:  # the composed route with rf.logprobs' truncated kernels (Triton) or chunks (PyTorch)
         lp_opts = LogprobsOptions(temperature=p.opts.temperature, ignore_index=p.opts.ignore_index)
-        logp, entropy = _Logprobs.apply(logits, p.labels, lp_opts, p.impl, trunc)
+        if p.shard is None:
+            logp, entropy = _Logprobs.apply(logits, p.labels, lp_opts, p.impl, trunc)
+        else:  # the truncation of the whole vocabulary (rlhf_fast/_truncation_parallel.py)
+            logp, entropy = vocab_parallel(logits, p.labels, lp_opts, p.impl, p.shard, trunc)
         return truncated_result(p, logp, entropy, ref_logp, logits.device)
     loss, logp, entropy = _policy_step(logits, p.labels, p.old_logp, p.advantages, p.m, p.weights, p.ref_logp,
                                        p.rollout_w, p.opts, p.impl, p.shard)  # fmt: skip
@@ -329,11 +332,10 @@ def ppo_loss_from_logits(
 
 
 def check_policy_truncation(p: PreparedLoss, top_k, top_p, min_p, sampler, V: int, device):
-    """The checked truncation of a loss op's ``[B, T]`` rows (``None``: off), refused on a vocabulary shard."""
-    trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, tuple(p.labels.shape), V, device)
-    if trunc is not None and p.shard is not None:
-        raise ValueError("top_k / top_p / min_p (truncated sampling) are not supported with a process_group yet")
-    return trunc
+    """The checked truncation of a loss op's ``[B, T]`` rows (``None``: off), over the whole vocabulary (``V``:
+    the shard's slice size on a vocabulary shard)."""
+    V = V if p.shard is None else p.shard.vocab
+    return truncation.check_truncation(top_k, top_p, min_p, sampler, tuple(p.labels.shape), V, device)
 
 
 def truncated_result(p: PreparedLoss, logp, entropy, ref_logp, device):

@@ -27,6 +27,7 @@ off, the ops take their untruncated code path (bitwise no-ops).
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ._softmax_torch import row_chunks, scaled_float_copy
 
@@ -138,9 +139,41 @@ def _nucleus(sv, ts, m, p, total=None):
     return excl < p * (cum[:, -1:] if total is None else total), cum
 
 
-def row_thresholds(z: torch.Tensor, trunc: RowTruncation) -> torch.Tensor:
+
+_MAX, _SUM = "max", "sum"
+
+
+def _reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
+    """``t`` all-reduced over ``group`` (``None``: ``t`` itself)."""
+    if group is None:
+        return t
+    t = t.contiguous()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == _MAX else dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _top_values(z: torch.Tensor, L: int, group) -> torch.Tensor:
+    """``[n, L]`` the ``L`` largest values of each row, descending. With a ``group``: of the whole row, from
+    the all-gathered ``L`` largest of each rank's slice (``-inf`` past a slice shorter than ``L``)."""
+    if group is None:
+        return z.topk(L, dim=-1).values
+    top = z.topk(min(L, z.shape[1]), dim=-1).values
+    if top.shape[1] < L:
+        top = torch.cat([top, top.new_full((top.shape[0], L - top.shape[1]), -float("inf"))], dim=-1)
+    parts = [torch.empty_like(top) for _ in range(group.size())]
+    dist.all_gather(parts, top.contiguous(), group=group)
+    return torch.cat(parts, dim=-1).topk(L, dim=-1).values
+
+
+def row_thresholds(z: torch.Tensor, trunc: RowTruncation, group=None, vocab: int | None = None) -> torch.Tensor:
     """``[n]`` float32 threshold ``tau`` of each row of a float32 chunk ``z [n, V]`` (logits / T): the row
     keeps ``{v : z_v >= tau}``; ``-inf`` where nothing is cut. ``z`` is read, not written.
+
+    ``group`` (a process group, with ``vocab`` the whole vocabulary's size): ``z`` is this rank's slice of
+    each row's vocabulary and ``tau`` is the whole row's, the same on every rank
+    (rlhf_fast/_truncation_parallel.py): the row's max is an all-reduce (MAX), the largest values of the
+    row an all-gather of each slice's largest (:func:`_top_values`), the counts and masses all-reduces
+    (SUM); every branch below depends only on these shared values, so every rank runs the same collectives.
 
     top-k takes the k-th value of ``torch.topk`` (descending values, ``K`` = the largest k of the chunk,
     plus one). top-p needs, per row, the values of the set ``S`` it renormalises over in descending order:
@@ -151,7 +184,7 @@ def row_thresholds(z: torch.Tensor, trunc: RowTruncation) -> torch.Tensor:
     exclusive cumulative mass is ``< p`` times ``S``'s mass. The row's max comes from the same ``topk`` where
     every row has a top-k.
     """
-    n, V = z.shape
+    n, V = z.shape[0], z.shape[1] if vocab is None else vocab
     neg_inf = torch.full((n,), -float("inf"), dtype=torch.float32, device=z.device)
     k = trunc.top_k.long()
     k_on = k > 0
@@ -159,9 +192,9 @@ def row_thresholds(z: torch.Tensor, trunc: RowTruncation) -> torch.Tensor:
     t_k = neg_inf
     if bool(k_on.any()):
         # descending; one value past the largest k, so that S's floor lies above the last one unless tied
-        vals = z.topk(min(int(k.max()) + 1, V), dim=-1).values
+        vals = _top_values(z, min(int(k.max()) + 1, V), group)
         t_k = torch.where(k_on, vals.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1), neg_inf)
-    m = vals[:, 0] if vals is not None and bool(k_on.all()) else z.amax(-1)
+    m = vals[:, 0] if vals is not None and bool(k_on.all()) else _reduce(z.amax(-1), _MAX, group)
     mp_on = trunc.min_p > 0
     t_min = torch.where(mp_on, m + torch.where(mp_on, trunc.min_p, 1.0).log(), neg_inf) if bool(mp_on.any()) else neg_inf
     t_s = torch.maximum(t_k, t_min) if trunc.sampler == "vllm" else t_k  # the set top-p renormalises over
@@ -176,12 +209,12 @@ def row_thresholds(z: torch.Tensor, trunc: RowTruncation) -> torch.Tensor:
         else:  # the largest values of S, 256 first, 8 times more until each row's nucleus ends inside them
             zr = z if rows.numel() == n else z[rows]
             live = zr >= ts
-            size = live.sum(-1)
-            total = torch.exp(zr - mr).masked_fill_(~live, 0.0).sum(-1, keepdim=True)  # S's mass
+            size = _reduce(live.sum(-1), _SUM, group)
+            total = _reduce(torch.exp(zr - mr).masked_fill_(~live, 0.0).sum(-1, keepdim=True), _SUM, group)  # S's mass
             L = 256
             while True:
                 L = min(L, int(size.max()))
-                sv = zr.topk(L, dim=-1).values
+                sv = _top_values(zr, L, group)
                 keep, _ = _nucleus(sv, ts, mr, pr, total)
                 if L == int(size.max()) or bool((~keep[:, -1] | (size <= L)).all()):
                     break
