@@ -100,6 +100,26 @@ def run_native(args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.
                           timeout=timeout)  # fmt: skip
 
 
+def spawn_gloo(rank_fn, world: int, tmp: Path, *args) -> list:
+    """``rank_fn(rank, world, *args)`` in ``world`` spawned processes joined in a gloo process group (the
+    default group, one torch thread each, a file rendezvous under ``tmp``); each rank's result, rank order."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(rank_fn, world, str(tmp), args), nprocs=world, join=True)
+    return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+
+
+def _gloo_rank(rank: int, rank_fn, world: int, tmp: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        torch.save(rank_fn(rank, world, *args), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def check_native(code: str, timeout: float = 60) -> None:
     """``code`` in a fresh ``python -c`` (:func:`run_native`) must exit 0 having printed ``ok``."""
     proc = run_native(["-c", code], timeout)

@@ -14,8 +14,7 @@ set whose nucleus is wider than 256 tokens (the gathered prefix widens), a row w
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import IMPLS
+from conftest import IMPLS, spawn_gloo
 
 import rlhf_fast as rf
 from rlhf_fast.reference import truncated_logprobs_reference
@@ -97,27 +96,21 @@ def _run(d, impl, sl, group, wide=False):
     return {k: v.detach() for k, v in out.items()}
 
 
-def _worker(rank, world, init_file, out_dir, impls):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        saved = {}
-        for wide in (False, True):
-            d = _case(world, wide)
-            lo = sum(d["sizes"][:rank])
-            sl = slice(lo, lo + d["sizes"][rank])
-            saved[wide] = ({impl: _run(d, impl, sl, dist.group.WORLD, wide) for impl in impls}, (sl.start, sl.stop))
-        torch.save(saved, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank, world, impls):
+    """What rank ``rank`` of ``world`` computes on its slice, both cases (run by conftest.spawn_gloo)."""
+    saved = {}
+    for wide in (False, True):
+        d = _case(world, wide)
+        lo = sum(d["sizes"][:rank])
+        sl = slice(lo, lo + d["sizes"][rank])
+        saved[wide] = ({impl: _run(d, impl, sl, dist.group.WORLD, wide) for impl in impls}, (sl.start, sl.stop))
+    return saved
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
 def spawned(request, tmp_path_factory):
     world = request.param
-    tmp = tmp_path_factory.mktemp(f"trunc_tp{world}")
-    mp.spawn(_worker, args=(world, str(tmp / "init"), str(tmp), list(IMPLS)), nprocs=world, join=True)
-    return world, [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+    return world, spawn_gloo(_rank_results, world, tmp_path_factory.mktemp(f"trunc_tp{world}"), list(IMPLS))
 
 
 def _reference(d, wide):

@@ -11,8 +11,7 @@ the Triton implementation runs under the interpreter on CPU.
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import IMPLS
+from conftest import IMPLS, spawn_gloo
 
 import rlhf_fast as rf
 
@@ -126,40 +125,34 @@ def _run_ops(d: dict, impl: str, sl: slice, group) -> dict:
     return {k: v.detach() for k, v in out.items()}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, impls: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        d = _case(world)
-        lo = sum(d["sizes"][:rank])
-        sl = slice(lo, lo + d["sizes"][rank])
-        results = {impl: _run_ops(d, impl, sl, dist.group.WORLD) for impl in impls}
-        # A label past the global vocabulary is an error on every rank; one past this rank's slice is not.
-        errors = []
-        for bad in (sum(d["sizes"]), -1):
-            try:
-                rf.logprobs(d["logits"][..., sl], torch.full((B, T), bad), process_group=dist.group.WORLD)
-                errors.append("")
-            except ValueError as exc:
-                errors.append(str(exc))
-        saved = {"results": results, "errors": errors, "slice": (sl.start, sl.stop)}
-        if world == 4:  # two TP groups of 2 (as beside data parallelism): each splits the 2-rank case
-            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
-            sub, d2 = rank % 2, _case(2)
-            lo = sum(d2["sizes"][:sub])
-            saved["subgroup"] = _run_ops(d2, "torch", slice(lo, lo + d2["sizes"][sub]), groups[rank // 2])
-            saved["subgroup_slice"] = (lo, lo + d2["sizes"][sub])
-        torch.save(saved, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int, world: int, impls: list[str]) -> dict:
+    """What rank ``rank`` of ``world`` computes on its slice (run by conftest.spawn_gloo)."""
+    d = _case(world)
+    lo = sum(d["sizes"][:rank])
+    sl = slice(lo, lo + d["sizes"][rank])
+    results = {impl: _run_ops(d, impl, sl, dist.group.WORLD) for impl in impls}
+    # A label past the global vocabulary is an error on every rank; one past this rank's slice is not.
+    errors = []
+    for bad in (sum(d["sizes"]), -1):
+        try:
+            rf.logprobs(d["logits"][..., sl], torch.full((B, T), bad), process_group=dist.group.WORLD)
+            errors.append("")
+        except ValueError as exc:
+            errors.append(str(exc))
+    saved = {"results": results, "errors": errors, "slice": (sl.start, sl.stop)}
+    if world == 4:  # two TP groups of 2 (as beside data parallelism): each splits the 2-rank case
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        sub, d2 = rank % 2, _case(2)
+        lo = sum(d2["sizes"][:sub])
+        saved["subgroup"] = _run_ops(d2, "torch", slice(lo, lo + d2["sizes"][sub]), groups[rank // 2])
+        saved["subgroup_slice"] = (lo, lo + d2["sizes"][sub])
+    return saved
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["P2", "P4"])
 def spawned(request, tmp_path_factory):
     world = request.param
-    tmp = tmp_path_factory.mktemp(f"tp{world}")
-    mp.spawn(_worker, args=(world, str(tmp / "init"), str(tmp), list(IMPLS)), nprocs=world, join=True)
-    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+    ranks = spawn_gloo(_rank_results, world, tmp_path_factory.mktemp(f"tp{world}"), list(IMPLS))
     d = _case(world)
     reference = {impl: _run_ops(d, impl, slice(None), None) for impl in IMPLS}
     return world, ranks, reference
