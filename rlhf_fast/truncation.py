@@ -139,7 +139,6 @@ def _nucleus(sv, ts, m, p, total=None):
     return excl < p * (cum[:, -1:] if total is None else total), cum
 
 
-
 _MAX, _SUM = "max", "sum"
 
 
