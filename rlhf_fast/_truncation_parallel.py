@@ -51,13 +51,6 @@ _NO_IGNORE = -1  # labels here are shard-local ids >= 0; the caller masks ignore
 _CHUNK_TEMPORARIES = 2  # float32 [rows, V_r]: the chunk's z and, in the row functions, one more
 
 
-def _row_functions(impl: str):
-    """``rf.logprobs``' ``(forward, backward)``: Triton launchers or PyTorch twins (both take ``tau``)."""
-    from . import logprobs_op  # imported here: logprobs_op imports _vocab_parallel, which imports this module
-
-    return logprobs_op._backend(impl)
-
-
 def _chunks(o, ins, N: int):
     """``(step, z_of)``: rows per chunk (the same on every rank) and ``z_of(rows)``, the slice's float32
     ``logits / T`` of those rows in a buffer the caller may overwrite."""
@@ -81,7 +74,7 @@ def partials(o, ins, local: torch.Tensor, owned: torch.Tensor):
     the global thresholds ``tau [N]``, the slice's statistics over its kept entries (``logp`` meaningful
     where ``owned``) and the local labels the backward must use (the slice's argmax where not ``owned``)."""
     N = local.numel()
-    forward, _ = _row_functions(o.impl)
+    forward, _ = o.row_functions  # rf.logprobs' (set by the ops: this module does not import them)
     step, z_of = _chunks(o, ins, N)
     logp, row_max, log_norm, tau = (torch.empty(N, dtype=torch.float32, device=local.device) for _ in range(4))
     entropy = torch.empty_like(logp) if o.with_entropy else None
@@ -106,7 +99,7 @@ def grads(o, ins, labels, owned, stats, tau, g_logp, g_entropy, needs=(True, Tru
     ``grad`` of the logits, or ``(d_hidden part, d_weight, d_bias)`` (as ``_vocab_parallel.shard_grads``).
     ``g_logp`` is 0 on ignored rows and on rows whose label is outside the kept set."""
     N = labels.numel()
-    _, backward = _row_functions(o.impl)
+    _, backward = o.row_functions
     step, z_of = _chunks(o, ins, N)
     row_max, log_norm, entropy = stats
     label_grad = g_logp.masked_fill(~owned, 0.0)  # only the label's owner adds the label term

@@ -181,6 +181,7 @@ class LogprobsShardOptions:
     ignore_index: int = -100
     with_entropy: bool = True
     trunc: object = None  # truncation.RowTruncation of the rows: truncated sampling (rlhf_fast/_truncation_parallel.py)
+    row_functions: tuple | None = None  # with trunc: rf.logprobs' (forward, backward), which run on each chunk
 
 
 def shard_partials(o: LogprobsShardOptions, labels: torch.Tensor, ins):

@@ -233,7 +233,7 @@ def vocab_parallel(hidden, weight, bias, labels, opts: LinearLogprobsOptions, im
     forward, backward = _backend(impl)
     o = _vocab_parallel.LogprobsShardOptions(shard, impl, forward, backward, linear=True, temperature=opts.temperature,
                                              ignore_index=opts.ignore_index, with_entropy=opts.with_entropy,
-                                             trunc=trunc)  # fmt: skip
+                                             trunc=trunc, row_functions=_logprobs_op._backend(impl))  # fmt: skip
     return _vocab_parallel.logprobs(o, labels, hidden, weight, bias)
 
 

@@ -185,7 +185,7 @@ def vocab_parallel(logits, labels, opts: LogprobsOptions, impl: str, shard, trun
     forward, backward = _backend(impl)
     o = _vocab_parallel.LogprobsShardOptions(shard, impl, forward, backward, linear=False, temperature=opts.temperature,
                                              ignore_index=opts.ignore_index, with_entropy=opts.with_entropy,
-                                             trunc=trunc)  # fmt: skip
+                                             trunc=trunc, row_functions=(forward, backward))  # fmt: skip
     logp, entropy = _vocab_parallel.logprobs(o, labels, logits)
     return logp.view(labels.shape), None if entropy is None else entropy.view(labels.shape)
 
