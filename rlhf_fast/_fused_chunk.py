@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from ._softmax_torch import logp_grad_, softmax_grad_, softmax_stats_
+from .truncation import mask_below_
 
 # Budget for a chunk's float32 [rows, V] temporaries. 192 MiB is 503 rows at V = 50000 with two temporaries
 # (backward: the logits and dlogits). The logits product has K = H (256 here), and on 2 threads its rate
@@ -109,9 +110,14 @@ def chunk_buffer(step: int, N: int, V: int, device: torch.device) -> torch.Tenso
 # kernels/logprobs.py), written out of place so that Inductor fuses it into one loop.
 
 
-def _stats(x: torch.Tensor, labels: torch.Tensor, inv_t: torch.Tensor, with_entropy: bool):
+def _kept(z: torch.Tensor, tau: torch.Tensor | None) -> torch.Tensor:
+    """``z`` with each row's entries below its ``tau`` at ``-inf`` (truncated sampling); ``z`` without ``tau``."""
+    return z if tau is None else torch.where(z >= tau.unsqueeze(-1), z, torch.full_like(z, -float("inf")))
+
+
+def _stats(x: torch.Tensor, labels: torch.Tensor, inv_t: torch.Tensor, with_entropy: bool, tau=None):
     """``(logp, entropy | None, row_max, log_norm)`` of ``softmax(x * inv_t)``; the twin of ``softmax_stats_``."""
-    z = x * inv_t
+    z = _kept(x * inv_t, tau)
     m = z.amax(dim=-1, keepdim=True)
     m = torch.where(m == -float("inf"), torch.zeros_like(m), m)  # an all -inf row: shift by 0
     d = z - m
@@ -126,9 +132,9 @@ def _stats(x: torch.Tensor, labels: torch.Tensor, inv_t: torch.Tensor, with_entr
     return d_label - log_s, log_s - u / s, m.squeeze(-1), log_s
 
 
-def _grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor, label_grad=None):
+def _grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor, label_grad=None, tau=None):
     """``dL/dx`` for ``z = x * inv_t``; the twin of ``softmax_grad_`` (``entropy`` None: of ``logp_grad_``)."""
-    logp_all = x * inv_t - row_max.unsqueeze(-1) - log_norm.unsqueeze(-1)
+    logp_all = _kept(x * inv_t, tau) - row_max.unsqueeze(-1) - log_norm.unsqueeze(-1)
     p = torch.exp(logp_all)
     if entropy is None:
         g = -p * g_logp.unsqueeze(-1)
@@ -141,10 +147,10 @@ def _grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch
 
 
 def _grad_into(out, x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t: torch.Tensor,
-               label_grad=None) -> None:  # fmt: skip
+               label_grad=None, tau=None) -> None:  # fmt: skip
     """``_grad`` stored into ``out``: Inductor writes a mutated input in place, so a caller that reuses one
     buffer for every chunk allocates (and page-faults) nothing per chunk."""
-    out.copy_(_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t, label_grad))
+    out.copy_(_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, inv_t, label_grad, tau))
 
 
 _compiled: dict[str, object] = {}
@@ -181,27 +187,43 @@ def _use_compiled(x: torch.Tensor) -> bool:
     return x.shape[-1] * COMPILE_RULE_ROWS >= COMPILE_MIN_ELEMENTS and x.device.type == "cpu" and _compile_enabled()
 
 
-def chunk_stats(x: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool):
+def _check_tau(tau, temperature: float) -> str:
+    """The compiled bodies' name suffix of a call with ``tau`` (``""`` without)."""
+    if tau is None:
+        return ""
+    if temperature != 1.0:  # the bodies scale by 1 / T, which may round otherwise than the division tau saw
+        raise ValueError("tau needs the chunk already divided by the temperature (temperature=1.0)")
+    return "_tau"
+
+
+def chunk_stats(x: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool, tau=None):
     """``(logp, entropy | None, row_max, log_norm)`` of ``softmax(x / temperature)`` for a float32 chunk
-    ``x [rows, V]`` (left unchanged) and labels in ``[0, V)``."""
+    ``x [rows, V]`` (left unchanged) and labels in ``[0, V)``. ``tau [rows]`` (truncated sampling, with ``x``
+    already divided by the temperature and ``temperature=1.0``): the softmax over each row's entries
+    ``>= tau`` (a label below it gets ``-inf``), masked inside the body rather than by a pass of its own."""
+    suffix = _check_tau(tau, temperature)
     if _use_compiled(x):
-        ok, stats = _run_compiled(f"stats{int(with_entropy)}", _stats, x, labels, _inv(temperature), with_entropy)
+        ok, stats = _run_compiled(f"stats{int(with_entropy)}{suffix}", _stats, x, labels, _inv(temperature),
+                                  with_entropy, tau)  # fmt: skip
         if ok:
             return stats
     z = x.clone() if temperature == 1.0 else x / temperature
-    return softmax_stats_(z, labels, with_entropy)
+    return softmax_stats_(z if tau is None else mask_below_(z, tau), labels, with_entropy)
 
 
 def chunk_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature: float,
-               out: torch.Tensor | None = None, label_grad=None) -> torch.Tensor:  # fmt: skip
+               out: torch.Tensor | None = None, label_grad=None, tau=None) -> torch.Tensor:  # fmt: skip
     """``dL/dx`` for the float32 chunk ``x [rows, V]`` (overwritten) of ``softmax(x / temperature)``, with
     ``L = sum(g_logp * logp + g_entropy * entropy)``; ``entropy`` None: the log-prob terms alone.
 
     ``out``: a ``[rows, V]`` float32 buffer the compiled body writes the result into (returned); the eager
-    twins ignore it and return ``x``, overwritten. ``label_grad``: see ``softmax_grad_``."""
+    twins ignore it and return ``x``, overwritten. ``label_grad``: see ``softmax_grad_``. ``tau``: as in
+    :func:`chunk_stats` (the entries below it get no gradient; ``g_logp`` must be 0 on a row whose label is
+    below it)."""
+    suffix = _check_tau(tau, temperature)
     if _use_compiled(x):
-        args = (x, row_max, log_norm, entropy, g_logp, g_entropy, labels, _inv(temperature), label_grad)
-        name = f"grad{int(entropy is not None)}"
+        args = (x, row_max, log_norm, entropy, g_logp, g_entropy, labels, _inv(temperature), label_grad, tau)
+        name = f"grad{int(entropy is not None)}{suffix}"
         if out is None:
             ok, result = _run_compiled(name, _grad, *args)
         else:
@@ -209,6 +231,7 @@ def chunk_grad(x, row_max, log_norm, entropy, g_logp, g_entropy, labels, tempera
         if ok:
             return result
     z = x if temperature == 1.0 else x.div_(temperature)
+    z = z if tau is None else mask_below_(z, tau)
     if entropy is None:
         return logp_grad_(z, row_max, log_norm, g_logp, labels, temperature, label_grad)
     return softmax_grad_(z, row_max, log_norm, entropy, g_logp, g_entropy, labels, temperature, label_grad)

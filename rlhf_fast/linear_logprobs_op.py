@@ -114,9 +114,10 @@ def _scaled_chunk(hidden, rows, native, w_mm, b32, z_buf, temperature: float) ->
 def _truncated_forward(hidden, weight, bias, labels, temperature: float, with_entropy: bool, trunc, impl: str):
     """``(logp, entropy | None, row_max, log_norm, tau)`` of the truncated distribution, chunk by chunk (module
     docstring): each chunk's logits once, their thresholds, then the statistics of the kept entries. The
-    PyTorch route works in the chunk buffer: it masks the entries below ``tau`` to ``-inf`` in place and
-    hands the chunk to the compiled statistics body the untruncated op uses (``row_max`` and ``log_norm``
-    are then those of ``x / T``); the Triton route runs ``rf.logprobs``' truncated row kernels."""
+    PyTorch route divides the chunk buffer by ``T`` in place and hands it, with ``tau``, to the compiled
+    statistics body of the untruncated op, which masks the entries below ``tau`` as it reads them
+    (``row_max`` and ``log_norm`` are then those of ``x / T``); the Triton route runs ``rf.logprobs``'
+    truncated row kernels."""
     N, V = hidden.shape[0], weight.shape[0]
     forward, _ = _logprobs_op._backend(impl)
     thresholds = truncation.thresholds(impl)
@@ -130,7 +131,7 @@ def _truncated_forward(hidden, weight, bias, labels, temperature: float, with_en
         if impl == "torch":
             z = _scaled_chunk(hidden, rows, native, w_mm, b32, z_buf, temperature)
             tau[rows] = truncation.row_thresholds(z, trunc.rows(rows))
-            stats = chunk_stats(truncation.mask_below_(z, tau[rows]), labels[rows], 1.0, with_entropy)
+            stats = chunk_stats(z, labels[rows], 1.0, with_entropy, tau=tau[rows])
         else:
             z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf).unsqueeze(0)
             tau[rows] = thresholds(z, trunc.rows(rows), temperature)
@@ -144,8 +145,8 @@ def _truncated_forward(hidden, weight, bias, labels, temperature: float, with_en
 def _truncated_backward(hidden, weight, bias, labels, row_max, log_norm, entropy, tau, grad_logp, grad_entropy,
                         temperature: float, need: tuple, impl: str):  # fmt: skip
     """``(d_hidden, d_weight, d_bias)``: each chunk's logits recomputed by the forward's matmul (the same
-    values, so the same kept sets), their gradient (the PyTorch route: masked in place, the compiled
-    gradient body, no gradient on the log-prob of a row whose label is below ``tau``; the Triton route:
+    values, so the same kept sets), their gradient (the PyTorch route: the compiled gradient body with
+    ``tau``, no gradient on the log-prob of a row whose label is below it; the Triton route:
     ``rf.logprobs``' truncated backward written over them), then the products."""
     N, V = hidden.shape[0], weight.shape[0]
     _, backward = _logprobs_op._backend(impl)
@@ -161,8 +162,8 @@ def _truncated_backward(hidden, weight, bias, labels, row_max, log_norm, entropy
         if impl == "torch":
             z = _scaled_chunk(hidden, rows, native, w_mm, b32, z_buf, temperature)
             missed = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) < tau[rows]
-            g = chunk_grad(truncation.mask_below_(z, tau[rows]), row_max[rows], log_norm[rows], ent,
-                           grad_logp[rows].masked_fill(missed, 0.0), g_ent, labels[rows], 1.0, out=g_buf[: z.shape[0]])  # fmt: skip
+            g = chunk_grad(z, row_max[rows], log_norm[rows], ent, grad_logp[rows].masked_fill(missed, 0.0), g_ent,
+                           labels[rows], 1.0, out=g_buf[: z.shape[0]], tau=tau[rows])  # fmt: skip
             g = g if temperature == 1.0 else g.div_(temperature)
         else:
             z = chunk_logits(hidden, rows, native, w_mm, b32, out=z_buf).unsqueeze(0)
