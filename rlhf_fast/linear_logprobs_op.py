@@ -15,11 +15,11 @@ building the ``[N, V]`` logits.
 Truncated sampling (``top_k`` / ``top_p`` / ``min_p``, rlhf_fast/truncation.py): a row's threshold needs
 its whole row of logits, so both implementations take one route: per chunk of rows, the float32 logits
 ``[rows, V]`` by one matmul (cuBLAS / PyTorch, into a buffer every chunk reuses), the chunk's thresholds
-``tau`` (``truncation.thresholds(impl)``: the sort-free Triton kernel of kernels/truncation.py, or the
-PyTorch twin) and its statistics over the kept entries (``rf.logprobs``' truncated row kernels, or their
-PyTorch twins). Backward recomputes each chunk's logits with the same matmul and runs ``rf.logprobs``'
-truncated backward on them (entries below ``tau`` get no gradient; a row whose label is below it none on
-its log-prob), then the two gradient products. So the lm_head is read once forward and three times
+``tau`` (the sort-free Triton kernel of kernels/truncation.py, or ``truncation.row_thresholds``) and its
+statistics over the kept entries (``rf.logprobs``' truncated row kernels, or the compiled chunk bodies of
+the untruncated PyTorch route, which mask below ``tau`` as they read). Backward recomputes each chunk's
+logits with the same matmul and their truncated gradient (entries below ``tau`` get none; a row whose label
+is below it none on its log-prob), then the two gradient products. So the lm_head is read once forward and three times
 backward, as untruncated (no extra pass: the threshold is computed on the chunk the statistics read), and
 the extra memory is the chunk buffer plus ``[N]`` thresholds. What it gives up on the Triton side is the
 fused matmul-and-statistics kernel: the chunk's logits go through memory once.
