@@ -91,3 +91,17 @@ def test_console_script_is_installed():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "rlhf-fast"]
     assert script.load() is cli.main
+
+
+def test_demo_rejects_bad_sampling_keys_before_any_stage(tmp_path):
+    """A bad top_k / top_p / min_p is one line and exit 2 before the data, SFT or the reward model (minutes of
+    work) run, and nothing is written; the keys reach PPO's config."""
+    from rlhf_fast import demo
+
+    for key, bad in (("top_p", "1.5"), ("top_k", "-1"), ("min_p", "1.0")):
+        out = _run_module("demo", f"out_dir={tmp_path / 'run'}", f"{key}={bad}")
+        assert out.returncode == 2 and out.stderr.startswith(f"rlhf-fast: error: {key} must be"), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    cfg = demo.Config(top_k=20, top_p=0.9, min_p=0.05)
+    ppo_cfg = demo._ppo_config(cfg, tmp_path, {"prompts": "p", "eval_prompts": "e"}, "fused")
+    assert (ppo_cfg.top_k, ppo_cfg.top_p, ppo_cfg.min_p) == (20, 0.9, 0.05)
