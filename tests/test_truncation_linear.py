@@ -203,3 +203,30 @@ def test_torch_compiled_chunk_bodies_with_truncation(monkeypatch):
     assert rel(ent.detach(), ref_ent.detach()) <= RTOL
     for g, r in zip(grads, ref_grads):
         assert rel(g, r) <= RTOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_truncated_ops_under_cpu_bf16_autocast(impl):
+    """Truncated rf.linear_logprobs and rf.logprobs under CPU bf16 autocast (the mixed-precision path a GPU
+    trainer takes): the lm_head multiplies bf16-rounded operands into float32 logits, as autocast's F.linear
+    would, and everything after is the float32 truncated op: bitwise the same op on the rounded operands, with
+    finite gradients in the inputs' dtype and -inf (no NaN) for a label outside the kept set."""
+    h0, w0, b0, labels = operands()
+    kw = dict(top_k=9, top_p=0.85, min_p=0.05, temperature=0.9)
+    h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent = rf.linear_logprobs(h, w, labels, return_entropy=True, impl=impl, **kw)
+    rounded = rf.linear_logprobs(h0.bfloat16().float(), w0.bfloat16().float(), labels, return_entropy=True,
+                                 impl=impl, **kw)  # fmt: skip
+    assert torch.equal(logp, rounded[0]) and torch.equal(ent, rounded[1])
+    assert logp[1] == -float("inf") and not torch.isnan(logp).any()
+    (torch.where(torch.isfinite(logp), logp, 0.0).sum() + ent.sum()).backward()
+    assert h.grad.dtype == torch.float32 and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+    z = (h0 @ w0.T).bfloat16()
+    x = z.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = rf.logprobs(x, labels, impl=impl, **kw)
+    assert torch.equal(lp, rf.logprobs(z.float(), labels, impl=impl, **kw)) and not torch.isnan(lp).any()
+    torch.where(torch.isfinite(lp), lp, 0.0).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
