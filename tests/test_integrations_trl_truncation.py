@@ -184,3 +184,33 @@ def test_bf16_training_with_truncation_and_a_reference_model_runs(model_dir, tmp
     misses = [r["truncation_miss_frac"] for r in trainer.state.log_history if "truncation_miss_frac" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert len(misses) == 2 and all(0 <= x < 0.5 for x in misses)
+
+
+@pytest.mark.parametrize(
+    "fields,want",
+    [
+        (dict(repetition_penalty=1.1), "repetition_penalty=1.1"),
+        (dict(generation_kwargs={"typical_p": 0.9}), "typical_p=0.9"),
+        (dict(use_vllm=True, generation_kwargs={"presence_penalty": 0.5}), "presence_penalty=0.5"),
+        (dict(generation_kwargs={"do_sample": False}), "do_sample=False"),
+        (dict(generation_kwargs={"num_beams": 4}), "num_beams=4"),
+        (dict(generation_kwargs={"bad_words_ids": [[3]]}), "bad_words_ids=[[3]]"),
+        (dict(repetition_penalty=1.2, generation_kwargs={"repetition_penalty": 1.0}), None),  # overridden, as in TRL
+        (dict(generation_kwargs={"typical_p": 1.0, "suppress_tokens": [], "min_new_tokens": None, "seed": 3}), None),
+        (dict(), None),
+    ],
+)  # fmt: skip
+def test_generation_unmatched_names_what_changes_the_sampled_distribution(fields, want):
+    args = trl.GRPOConfig(output_dir="unused", report_to=[], use_cpu=True, **fields)
+    assert rft.generation_unmatched(args) == want
+
+
+def test_truncated_logprobs_refuses_a_repetition_penalty_and_the_option_off_takes_it(model_dir, tmp_path):
+    """transformers' RepetitionPenaltyLogitsProcessor changes the sampled distribution per row and step: the
+    truncated log-probs would be of another distribution, so the option refuses it by name; stock TRL (option
+    off) scores the full softmax whatever generation did, as before."""
+    with pytest.raises(ValueError, match=r"truncated_logprobs=True is not supported with repetition_penalty=1\.3"):
+        _trainer(model_dir, tmp_path, repetition_penalty=1.3)
+    with pytest.raises(ValueError, match=r"typical_p=0\.5 in the generation settings"):
+        _trainer(model_dir, tmp_path, generation_kwargs={"typical_p": 0.5})
+    assert _trainer(model_dir, tmp_path, truncated_logprobs=False, repetition_penalty=1.3)._rf_truncation is None

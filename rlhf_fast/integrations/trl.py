@@ -48,7 +48,10 @@ Each class subclasses TRL's and takes the same arguments; what changes:
   log-probs of TRL's importance sampling and vLLM correction. The reference keeps the full softmax. A token
   outside the kept set (``-inf``: trainer and sampler logits differ, or the kept set moved) gets weight 0,
   never NaN, logged as ``truncation_miss_frac``. ``ValueError`` where rlhf_fast's loss or head does not
-  serve the config, or with ``beta != 0`` and no reference model of its own (PEFT: the policy's head).
+  serve the config, with ``beta != 0`` and no reference model of its own (PEFT: the policy's head), or with
+  a generation setting that changes the sampled distribution in a way the truncated log-probs do not
+  reproduce (``repetition_penalty != 1``, ``typical_p``, vLLM's presence / frequency penalties, greedy or
+  beam search, ...: ``generation_unmatched``).
 - **DPO loss**: ``rf.dpo_loss`` on the sequence sums of the ``rf.linear_logprobs`` log-probs
   (``loss_type`` ``sigmoid`` or ``hinge``).
 - **Reward loss**: ``rf.pairwise_sigmoid_loss`` (with TRL's ``margin`` column and
@@ -161,6 +164,34 @@ def generation_truncation(args) -> dict | None:
     return dict(top_k=top_k, top_p=top_p, min_p=min_p, sampler="vllm" if args.use_vllm else "hf")
 
 
+# Generation settings that change the distribution sampled from, beyond temperature and the truncation, with
+# their neutral values (transformers' GenerationConfig and vLLM's SamplingParams, as TRL passes them): the
+# truncated log-probs cannot reproduce them, so truncated_logprobs=True refuses a non-neutral one.
+_UNMATCHED_GENERATION = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "bad_words": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "logit_bias": None, "allowed_token_ids": None,
+    "min_length": 0, "min_new_tokens": None, "min_tokens": 0, "exponential_decay_length_penalty": None,
+    "guidance_scale": None, "watermarking_config": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "logits_processors": None, "do_sample": True, "num_beams": 1, "use_beam_search": False,
+}  # fmt: skip
+
+
+def generation_unmatched(args) -> str | None:
+    """The first generation setting of ``args`` (a ``GRPOConfig``) that changes the sampled distribution in a
+    way the truncated log-probs do not reproduce (``GRPOConfig.repetition_penalty``, or a non-neutral key of
+    ``_UNMATCHED_GENERATION`` in ``generation_kwargs``, which override it as in TRL; ``None`` and empty
+    containers are neutral), as ``"key=value"``; ``None`` when there is none."""
+    extra = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else {}
+    settings = {"repetition_penalty": args.repetition_penalty, **extra}
+    for key, neutral in _UNMATCHED_GENERATION.items():
+        value = settings.get(key)
+        if value is not None and value != neutral and not (isinstance(value, (list, tuple, dict)) and not value):
+            return f"{key}={value!r}"
+    return None
+
+
 class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
     """``trl.GRPOTrainer`` with log-probs, entropy and the loss on rlhf_fast (module docstring); takes TRL's
     arguments and ``truncated_logprobs`` (the loss over the distribution generation samples from)."""
@@ -173,6 +204,10 @@ class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
         self._rf_loss_unsupported = grpo_unsupported(self)
         if self._rf_truncation is not None:
             why = self._rf_loss_unsupported
+            unmatched = generation_unmatched(self.args)
+            if why is None and unmatched is not None:
+                why = (f"{unmatched} in the generation settings (it changes the distribution generation samples "
+                       "from, which the truncated log-probs would not be)")
             if why is None and self.beta != 0.0 and self.ref_model is None:
                 why = "beta != 0 without a reference model of its own (a PEFT policy scores it through its head)"
             if why is not None:
