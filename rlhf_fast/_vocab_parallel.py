@@ -3,7 +3,8 @@
 Layout. With a process group of size ``P``, the last dimension of the logits (``ref_logits``), or the rows of
 an lm_head ``weight`` (and ``bias``), hold this rank's contiguous slice of the vocabulary; rank ``r`` holds
 ids ``[offset_r, offset_r + V_r)`` with ``offset_r = V_0 + ... + V_{r-1}``: the slices in rank order, of any
-sizes (each call exchanges the ``V_r`` with one all-reduce of a ``[P]`` vector). Labels are global ids, the
+sizes (each call exchanges the ``V_r`` with one all-reduce of a ``[P]`` vector, which also checks that the row
+arguments - temperature, ignore_index, truncation - are the same on every rank). Labels are global ids, the
 same tensor on every rank. Megatron-LM's layout is this one with equal slices: rank ``r`` owns
 ``[r V/P, (r+1) V/P)`` (``VocabUtility`` in megatron/core/tensor_parallel/utils.py; the lm_head is a
 ``ColumnParallelLinear`` with ``gather_output=False``, the loss ``vocab_parallel_cross_entropy``), and so is
@@ -42,6 +43,7 @@ With ``process_group=None`` the ops do no work here (``shard_of`` returns ``None
 run exactly as without tensor parallelism.
 """
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,17 +98,62 @@ def check_group(process_group) -> None:
         raise ValueError("process_group does not include this process (its rank in it is -1)")
 
 
-def shard_of(process_group, V_local: int, device: torch.device) -> Shard | None:
-    """The layout of this rank's vocabulary slice (``None`` without a group), from every rank's ``V_local``."""
+def shard_of(process_group, V_local: int, device: torch.device, same: dict | None = None) -> Shard | None:
+    """The layout of this rank's vocabulary slice (``None`` without a group), from every rank's ``V_local``.
+
+    ``same``: the row arguments every rank must pass alike (``{"temperature": 0.7, "top_k": tensor, ...}``);
+    ``ValueError`` naming the first one that differs between ranks, raised on every rank (so none goes on into
+    collectives the others never join: a ``top_k`` on one rank only would otherwise hang the group or mix
+    thresholds). Checked in the same all-reduce that exchanges the slice sizes: each rank writes its row of a
+    ``[P, 1 + len(same)]`` int64 table (its size, then each argument's fingerprint), the SUM gives every rank
+    every row."""
     if process_group is None:
         return None
     check_group(process_group)
     rank, size = process_group.rank(), process_group.size()
-    sizes = torch.zeros(size, dtype=torch.int64, device=device)
-    sizes[rank] = V_local
-    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=process_group)
-    sizes = sizes.tolist()
+    names = list(same or {})
+    table = torch.zeros(size, 1 + len(names), dtype=torch.int64, device=device)
+    table[rank, 0] = V_local
+    for j, name in enumerate(names):
+        table[rank, 1 + j] = _fingerprint(same[name], device)
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=process_group)
+    table = table.cpu()
+    for j, name in enumerate(names):
+        if bool((table[:, 1 + j] != table[0, 1 + j]).any()):
+            raise ValueError(f"{name} differs between the ranks of process_group: the vocabulary is split over "
+                             f"the ranks, the rows are not, so every rank must pass the same {name}")  # fmt: skip
+    sizes = table[:, 0].tolist()
     return Shard(process_group, offset=sum(sizes[:rank]), size=V_local, vocab=sum(sizes))
+
+
+def row_arguments(temperature, ignore_index, top_k, top_p, min_p, sampler) -> dict:
+    """The arguments of a log-prob or loss op that act on its rows, which ``shard_of`` checks are the same on
+    every rank: always all six (the table every rank all-reduces must have the same shape everywhere)."""
+    return {"temperature": temperature, "ignore_index": ignore_index, "top_k": top_k, "top_p": top_p,
+            "min_p": min_p, "sampler": sampler}  # fmt: skip
+
+
+_MOD = 2_147_483_647  # 2^31 - 1: fingerprints sum products of residues, exactly and without int64 overflow
+
+
+def _fingerprint(value, device) -> torch.Tensor | int:
+    """An int64 fingerprint of an argument, equal on two ranks when the argument is (``None``; a number, by
+    its float64 value; a string; a tensor, by its shape, dtype and each element's float64 bits at its position,
+    a 0-d int64 tensor on ``device`` so that no host sync is needed); anything else by its type's name."""
+    if value is None:
+        return -1
+    if isinstance(value, (bool, int, float)) and abs(value) <= 1e308:
+        return int(torch.tensor(float(value), dtype=torch.float64).view(torch.int64))
+    if isinstance(value, str):
+        return zlib.crc32(value.encode()) + (1 << 40)
+    if isinstance(value, torch.Tensor) and not value.is_complex() and value.device.type != "meta":
+        bits = value.detach().reshape(-1).to(device=device, dtype=torch.float64).view(torch.int64)
+        position = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=device) % _MOD
+        low, high = bits & 0xFFFFFFFF, (bits >> 32) & 0xFFFFFFFF
+        mixed = ((low % _MOD) * position % _MOD + (high % _MOD) * (position * 7919 % _MOD) % _MOD).sum() % _MOD
+        shape = zlib.crc32(f"{tuple(value.shape)} {value.dtype}".encode())
+        return mixed * _MOD + shape
+    return zlib.crc32(type(value).__name__.encode()) + (1 << 41)
 
 
 def _reduce_(t: torch.Tensor, op, group) -> torch.Tensor:

@@ -239,7 +239,7 @@ def linear_ppo_loss(
     p = prepare_policy_step("linear_ppo_loss", "hidden", hidden, V, labels, old_logp, advantages, mask, options=options,
                             loss_options=loss_options, ref_logp=ref_logp, rollout_logp=rollout_logp,
                             temperature=temperature, ignore_index=ignore_index, impl=impl,
-                            process_group=process_group)  # fmt: skip
+                            process_group=process_group, truncation=(top_k, top_p, min_p, sampler))  # fmt: skip
     skip = check_skip_ignored(skip_ignored)
     trunc = check_policy_truncation(p, top_k, top_p, min_p, sampler, V, hidden.device)
     if trunc is not None:

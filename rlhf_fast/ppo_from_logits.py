@@ -171,7 +171,8 @@ class PreparedLoss:
 
 
 def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advantages, mask, *, options, loss_options,
-                        ref_logp, rollout_logp, temperature, ignore_index, impl, process_group) -> PreparedLoss:  # fmt: skip
+                        ref_logp, rollout_logp, temperature, ignore_index, impl, process_group,
+                        truncation: tuple = (None, None, None, "vllm")) -> PreparedLoss:  # fmt: skip
     """Check a call of the op ``op`` (``x``: its ``[B, T, ...]`` logits or hidden states, argument ``name``;
     ``V`` the vocabulary of this rank) and build what the policy step takes (``ValueError`` naming the
     argument; the policy-loss options are ``options=`` or ``loss_options``, the keywords)."""
@@ -201,7 +202,8 @@ def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advanta
         raise ValueError(f"{name} has no tokens (shape {tuple(x.shape)}): the loss and its metrics are means over "
                          "the batch's tokens")  # fmt: skip
     impl = resolve(impl, x.device)
-    shard = _vocab_parallel.shard_of(process_group, V, x.device)
+    shard = _vocab_parallel.shard_of(process_group, V, x.device,
+                                     _vocab_parallel.row_arguments(opts.temperature, opts.ignore_index, *truncation))
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
     m = torch.ones(B, T, device=x.device) if mask is None else mask.to(torch.float32)
@@ -317,7 +319,7 @@ def ppo_loss_from_logits(
     p = prepare_policy_step("ppo_loss_from_logits", "logits", logits, V, labels, old_logp, advantages, mask,
                             options=options, loss_options=loss_options, ref_logp=ref_logp, rollout_logp=rollout_logp,
                             temperature=temperature, ignore_index=ignore_index, impl=impl,
-                            process_group=process_group)  # fmt: skip
+                            process_group=process_group, truncation=(top_k, top_p, min_p, sampler))  # fmt: skip
     trunc = check_policy_truncation(p, top_k, top_p, min_p, sampler, V, logits.device)
     if trunc is not None:  # the composed route with rf.logprobs' truncated kernels (Triton) or chunks (PyTorch)
         lp_opts = LogprobsOptions(temperature=p.opts.temperature, ignore_index=p.opts.ignore_index)

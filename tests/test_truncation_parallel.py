@@ -96,6 +96,58 @@ def _run(d, impl, sl, group, wide=False):
     return {k: v.detach() for k, v in out.items()}
 
 
+def _run_bf16(d, impl, sl, group):
+    """The truncated ops on bf16 inputs: ``rf.logprobs`` on bf16 logits, ``rf.linear_logprobs`` and
+    ``rf.linear_ppo_loss`` on float32 leaves under CPU bf16 autocast (a GPU trainer's mixed-precision path)."""
+    out, kw = {}, dict(impl=impl, process_group=group, temperature=TEMP)
+    tr = _configs(B, T)["per_row"] | dict(top_p=0.9)
+    x = _leaf(d["logits"][..., sl].bfloat16())
+    logp, ent = rf.logprobs(x, d["labels"], return_entropy=True, **tr, **kw)
+    torch.autograd.backward([logp, ent], [d["g1"], d["g2"]])
+    out.update({"bf16/logp": logp, "bf16/entropy": ent, "bf16/d_logits": x.grad})
+    h, w, b = _leaf(d["hidden"]), _leaf(d["weight"][sl]), _leaf(d["bias"][sl])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, ent = rf.linear_logprobs(h, w, d["labels"], bias=b, return_entropy=True, **tr, **kw)
+        loss, m = rf.linear_ppo_loss(h, w, d["labels"], d["old_logp"], d["advantages"], d["mask"], bias=b,
+                                     top_k=4, top_p=0.9, **kw)  # fmt: skip
+    torch.autograd.backward([logp, ent, loss], [d["g1"], d["g2"], torch.tensor(1.0)])
+    out.update({"bf16_linear/logp": logp, "bf16_linear/entropy": ent, "bf16_linear/loss": loss,
+                "bf16_linear/miss": m["truncation_miss_frac"], "bf16_linear/d_hidden": h.grad,
+                "bf16_linear/d_weight": w.grad, "bf16_linear/d_bias": b.grad})  # fmt: skip
+    return {k: v.detach() for k, v in out.items()}
+
+
+MISMATCHED = {  # name: (the argument the error must name, rank -> keywords)
+    "top_k": ("top_k", lambda r: dict(top_k=3 + r)),
+    "one_rank_off": ("top_p", lambda r: dict(top_p=0.9) if r == 0 else {}),
+    "per_row_tensor": ("top_k", lambda r: dict(top_k=torch.tensor([[2, 3, 4], [5, 6, 2 + (r > 0)]]))),
+    "sampler": ("sampler", lambda r: dict(top_k=3, sampler="vllm" if r == 0 else "hf")),
+    "temperature": ("temperature", lambda r: dict(temperature=1.0 + r, top_k=3)),
+}  # fmt: skip
+
+
+def _mismatched(d, impl, sl, group, rank):
+    """The error each op raises on this rank for arguments that differ between ranks (``None``: none raised),
+    then a correct call on the same group (the group is still in step)."""
+    errors = {}
+    for name, (_, kw_of) in MISMATCHED.items():
+        kw = dict(temperature=TEMP) | kw_of(rank)
+        for op in ("logprobs", "linear_logprobs", "ppo_loss_from_logits"):
+            try:
+                if op == "logprobs":
+                    rf.logprobs(d["logits"][..., sl], d["labels"], impl=impl, process_group=group, **kw)
+                elif op == "linear_logprobs":
+                    rf.linear_logprobs(d["hidden"], d["weight"][sl], d["labels"], impl=impl, process_group=group, **kw)
+                else:
+                    rf.ppo_loss_from_logits(d["logits"][..., sl], d["labels"], d["old_logp"], d["advantages"],
+                                            impl=impl, process_group=group, **kw)  # fmt: skip
+                errors[f"{name}/{op}"] = None
+            except ValueError as e:
+                errors[f"{name}/{op}"] = str(e)
+    errors["after"] = rf.logprobs(d["logits"][..., sl], d["labels"], impl=impl, process_group=group, top_k=3)
+    return errors
+
+
 def _rank_results(rank, world, impls):
     """What rank ``rank`` of ``world`` computes on its slice, both cases (run by conftest.spawn_gloo)."""
     saved = {}
@@ -104,6 +156,9 @@ def _rank_results(rank, world, impls):
         lo = sum(d["sizes"][:rank])
         sl = slice(lo, lo + d["sizes"][rank])
         saved[wide] = ({impl: _run(d, impl, sl, dist.group.WORLD, wide) for impl in impls}, (sl.start, sl.stop))
+        if not wide:
+            saved["bf16"] = {impl: _run_bf16(d, impl, sl, dist.group.WORLD) for impl in impls}
+            saved["mismatch"] = {impl: _mismatched(d, impl, sl, dist.group.WORLD, rank) for impl in impls}
     return saved
 
 
@@ -195,3 +250,43 @@ def test_truncated_outputs_are_identical_on_every_rank(spawned, impl):
             for key, value in saved[wide][0][impl].items():
                 if key.rsplit("/", 1)[1] not in ("d_logits", "d_weight", "d_bias"):
                     assert torch.equal(value, first[key]), key
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_truncated_ops_on_bf16_and_under_cpu_autocast_match_one_process(spawned, impl):
+    """bf16 logits, and the linear ops under CPU bf16 autocast, sharded: the one-process result on the same
+    inputs (log-probs, entropy and loss to 1e-5; the gradients, made of bf16 products, within bf16 rounding; no
+    NaN, ``-inf`` exactly where one process has it), in the inputs' dtypes."""
+    world, ranks = spawned
+    d = _case(world)
+    ref = _run_bf16(d, impl, slice(None), None)
+    assert ref["bf16/logp"].isinf().any() and ref["bf16_linear/miss"] > 0  # labels outside the kept set
+    assert ref["bf16/d_logits"].dtype == torch.bfloat16 and ref["bf16_linear/d_weight"].dtype == torch.float32
+    for rank, saved in enumerate(ranks):
+        _, sl = saved[False]
+        for key, want in ref.items():
+            got, want = saved["bf16"][impl][key], _shard(key, want, slice(*sl))
+            assert got.dtype == want.dtype and not got.isnan().any(), key
+            assert torch.equal(got.isinf(), want.isinf()), key
+            grad = key.rsplit("/", 1)[1].startswith("d_")  # from bf16 products: summed over slices in another order
+            tol = dict(rtol=1.6e-2, atol=1e-3) if grad else dict(rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.masked_fill(got.isinf(), 0), want.masked_fill(want.isinf(), 0), **tol,
+                                       msg=lambda m, key=key: f"{key} on rank {rank} of {world}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_arguments_that_differ_between_ranks_raise_on_every_rank(spawned, impl):
+    """A truncation argument (or the temperature) that differs between ranks is a ValueError naming it, on
+    every rank and every op, before any threshold collective (a top_k on one rank only would otherwise hang
+    the group); the group is still usable afterwards."""
+    world, ranks = spawned
+    d = _case(world)
+    for name, (arg, _) in MISMATCHED.items():
+        for op in ("logprobs", "linear_logprobs", "ppo_loss_from_logits"):
+            for rank, saved in enumerate(ranks):
+                message = saved["mismatch"][impl][f"{name}/{op}"]
+                assert message is not None, f"{name}/{op}: no error on rank {rank}"
+                assert message.startswith(f"{arg} differs between the ranks of process_group"), message
+    want = truncated_logprobs_reference(d["logits"].double(), d["labels"], top_k=3)[0]
+    for rank, saved in enumerate(ranks):
+        _close(saved["mismatch"][impl]["after"], want, f"the call after the errors on rank {rank}")
