@@ -181,3 +181,29 @@ def test_compute_approx_kl_matches_openrlhf(estimator, unbiased):
     torch.testing.assert_close(got.double(), want.detach().double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-6)
     assert rfo.KL_IS_WEIGHT_CLIP == NS["KL_IS_WEIGHT_CLIP"]
+
+
+def test_log_probs_from_logits_with_truncation_is_the_truncated_distributions():
+    """OpenRLHF's vLLM rollouts sample with ``--top_k`` / ``--top_p``: the drop-in's truncation keywords give
+    that distribution's log-probs and entropy (float64 reference, vLLM's sampler; ``-inf`` outside the kept
+    set, no gradient through it); off values are the plain function, bitwise."""
+    from rlhf_fast.reference import truncated_logprobs_reference
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 6, 29, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 29, (3, 6), generator=g)
+    gl, ge = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    x64 = logits.clone().requires_grad_()
+    want_lp, want_ent = truncated_logprobs_reference(x64, labels, temperature=0.7, top_k=8, top_p=0.9, min_p=0.02)
+    missed = torch.isinf(want_lp)
+    assert missed.any() and not missed.all()
+    ((want_lp.masked_fill(missed, 0) * gl).sum() + (want_ent * ge).sum()).backward()
+    x = logits.float().requires_grad_()
+    lp, ent = rfo.log_probs_from_logits(x, labels, 0.7, return_entropy=True, top_k=8, top_p=0.9, min_p=0.02)
+    assert torch.equal(torch.isinf(lp), missed)
+    ((lp.masked_fill(missed, 0).double() * gl).sum() + (ent.double() * ge).sum()).backward()
+    torch.testing.assert_close(lp.masked_fill(missed, 0).double(), want_lp.detach().masked_fill(missed, 0), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), want_ent.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    off = rfo.log_probs_from_logits(logits.float(), labels, 0.7, top_k=0, top_p=1.0, min_p=0.0)
+    assert torch.equal(off, rfo.log_probs_from_logits(logits.float(), labels, 0.7))

@@ -231,3 +231,62 @@ def test_register_puts_the_loss_in_a_verl_style_registry():
         verl_fn = VERL[f"compute_policy_loss_{name[len('rlhf_fast_'):]}"]
         assert inspect.signature(fn).parameters.keys() == inspect.signature(verl_fn).parameters.keys()
         assert fn.__defaults__ == verl_fn.__defaults__, name
+
+
+def _rollout_defaults() -> dict:
+    """verl's ``RolloutConfig`` sampling fields and their defaults, read from the installed file (so a renamed
+    or re-defaulted field fails here)."""
+    tree = ast.parse((VERL_DIR / "workers/config/rollout.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RolloutConfig")
+    fields = {n.target.id: n.value for n in cls.body if isinstance(n, ast.AnnAssign) and n.value is not None}
+    keys = ("top_k", "top_p", "do_sample", "repetition_penalty")
+    return {k: ast.literal_eval(fields[k]) for k in keys}
+
+
+def test_rollout_truncation_reads_verls_rollout_config():
+    defaults = _rollout_defaults()
+    assert defaults == {"top_k": -1, "top_p": 1.0, "do_sample": True, "repetition_penalty": 1.0}
+    cfg = SimpleNamespace(name="vllm", **defaults)
+    assert rfv.rollout_truncation(cfg) == {}  # verl's defaults: the full softmax
+    assert rfv.rollout_truncation(SimpleNamespace(**{**vars(cfg), "top_k": 50, "top_p": 0.9})) == dict(
+        top_k=50, top_p=0.9, sampler="vllm")
+    assert rfv.rollout_truncation(SimpleNamespace(**{**vars(cfg), "name": "hf", "top_p": 0.8})) == dict(
+        top_p=0.8, sampler="hf")
+    for change, match in ((dict(name="sglang"), "name='sglang'"), (dict(do_sample=False), "do_sample=False"),
+                          (dict(repetition_penalty=1.2), "repetition_penalty=1.2")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            rfv.rollout_truncation(SimpleNamespace(**{**vars(cfg), "top_k": 20, **change}))
+
+
+def test_fused_linear_for_ppo_with_truncation_is_the_truncated_distributions():
+    """``FusedLinearForPPO(truncation=...)`` against the float64 truncated reference (vLLM's sampler):
+    log-probs (``-inf`` outside the kept set), entropy and gradients; off values are the plain module."""
+    from rlhf_fast.reference import truncated_logprobs_reference
+
+    g = torch.Generator().manual_seed(9)
+    H, V, shape, T = 16, 41, (3, 5), 0.8
+    hidden = torch.randn(*shape, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.7
+    ids = torch.randint(0, V, shape, generator=g)
+    ids[:, ::2] = (hidden @ weight.T)[:, ::2].argmax(-1)  # kept labels next to (mostly) missed random ones
+    gl, ge = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    trunc = dict(top_k=6, top_p=0.85, sampler="vllm")
+    h64, w64 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want_lp, want_ent = truncated_logprobs_reference(h64 @ w64.T, ids, temperature=T, **trunc)
+    missed = torch.isinf(want_lp)
+    assert missed.any() and not missed.all()
+    ((want_lp.masked_fill(missed, 0) * gl).sum() + (want_ent * ge).sum()).backward()
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    lp, ent = rfv.FusedLinearForPPO(truncation=trunc)(h, w, ids, temperature=T)
+    assert torch.equal(torch.isinf(lp), missed)
+    ((lp.masked_fill(missed, 0).double() * gl).sum() + (ent.double() * ge).sum()).backward()
+    torch.testing.assert_close(lp.masked_fill(missed, 0).double(), want_lp.detach().masked_fill(missed, 0), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), want_ent.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    off = rfv.FusedLinearForPPO(truncation=rfv.rollout_truncation(SimpleNamespace(name="vllm", top_k=-1, top_p=1.0)))
+    plain = rfv.FusedLinearForPPO()
+    for a, b in zip(off(hidden.float(), weight.float(), ids, 0.8), plain(hidden.float(), weight.float(), ids, 0.8)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="truncation takes"):
+        rfv.FusedLinearForPPO(truncation={"top_n": 3})

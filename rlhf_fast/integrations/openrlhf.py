@@ -20,7 +20,8 @@ DeepSpeed, so the tests run the classes and functions of the installed files, no
   e^20 is clipped by the trust region either way; only its unclipped side differs).
 - ``log_probs_from_logits(logits, labels, temperature=1.0, *, return_entropy=False)``: ``rf.logprobs``,
   entropy from the same pass (OpenRLHF computes it separately under ``torch.compile``), float32 out,
-  and the caller's logits are not divided in place.
+  and the caller's logits are not divided in place; ``top_k`` / ``top_p`` / ``min_p`` give the truncated
+  distribution's (the one OpenRLHF's vLLM rollouts sample from), off by default.
 - ``compute_approx_kl``: OpenRLHF's estimators k1 / k2 / k3 (clamped to [-10, 10]) and its
   ``unbiased_gradient`` straight-through, on ``rf.kl_penalty``.
 
@@ -173,10 +174,15 @@ def _check_gspo_inputs(advantages: torch.Tensor, m: torch.Tensor) -> None:
                          "(OpenRLHF multiplies the sequence ratio by it)")  # fmt: skip
 
 
-def log_probs_from_logits(logits, labels, temperature: float = 1.0, *, return_entropy: bool = False):
+def log_probs_from_logits(logits, labels, temperature: float = 1.0, *, return_entropy: bool = False,
+                          top_k=None, top_p=None, min_p=None, sampler: str = "vllm"):  # fmt: skip
     """OpenRLHF's ``log_probs_from_logits`` on ``rf.logprobs``; with ``return_entropy=True``, ``(log_probs,
-    entropy)`` of ``softmax(logits / temperature)`` from the same pass (float32)."""
-    return rf.logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    entropy)`` of ``softmax(logits / temperature)`` from the same pass (float32). ``top_k`` / ``top_p`` /
+    ``min_p`` (OpenRLHF's ``--top_k`` / ``--top_p`` of its vLLM rollouts; ``sampler="vllm"``): those of the
+    truncated distribution the rollout sampled from (``-inf`` for a token outside the kept set: mask it out
+    of ``action_mask`` before the loss). Off by default, as OpenRLHF."""
+    return rf.logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy, top_k=top_k,
+                       top_p=top_p, min_p=min_p, sampler=sampler)  # fmt: skip
 
 
 def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator: str = "k1",

@@ -27,6 +27,8 @@ functions of the installed verl files, not ``import verl``; see tests/test_integ
   (``forward(hidden_states, vocab_weights, input_ids, temperature=1.0) -> (log_probs, entropy)``), one
   pass through ``rf.linear_logprobs`` (Triton on CUDA); entropy comes back float32 (verl's torch backend
   rounds it to the hidden states' dtype).
+  With ``truncation=rollout_truncation(config.actor_rollout_ref.rollout)``: the log-probs of the truncated
+  distribution the rollout sampled from (verl's ``top_k`` / ``top_p``), for old and new log-probs alike.
 - ``kl_penalty``: verl's ``kl_penalty(logprob, ref_logprob, kl_penalty)`` (k1/kl, abs, k2/mse, k3/low_var_kl
   and the straight-through ``+`` variants, verl's clamps kept) plus ``"full"``, which verl leaves
   unimplemented: the exact ``KL(pi || pi_ref)`` over the vocabulary from ``logits`` / ``ref_logits`` by
@@ -170,16 +172,52 @@ LOSS_NAMES = tuple(POLICY_LOSSES)
 
 class FusedLinearForPPO(torch.nn.Module):
     """Drop-in for verl's ``FusedLinearForPPO``: per-token log-probs and entropy of
-    ``softmax(hidden_states @ vocab_weights.T / temperature)`` in one ``rf.linear_logprobs`` pass."""
+    ``softmax(hidden_states @ vocab_weights.T / temperature)`` in one ``rf.linear_logprobs`` pass.
 
-    def __init__(self, chunk_size: int = 512, impl_backend: str = "rlhf_fast"):
+    ``truncation`` (keywords ``top_k`` / ``top_p`` / ``min_p`` / ``sampler``, e.g. ``rollout_truncation(
+    config.actor_rollout_ref.rollout)``): the log-probs and entropy of the truncated distribution the rollout
+    sampled from instead (``rf.linear_logprobs``' truncation; ``-inf`` for a token outside the kept set, which
+    rf's verl losses do not take: mask it out of ``response_mask`` first). Default: the full softmax, as verl."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "rlhf_fast", truncation: dict | None = None):
         super().__init__()
         self.chunk_size = chunk_size  # accepted for the interface: rf picks its own chunks (rf.chunk_budget)
         self.impl_backend = impl_backend
+        unknown = set(truncation or {}) - {"top_k", "top_p", "min_p", "sampler"}
+        if unknown:
+            raise ValueError(f"truncation takes top_k, top_p, min_p and sampler, got {sorted(unknown)}")
+        self.truncation = dict(truncation or {})
 
     def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
         return rf.linear_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64), temperature=temperature,
-                                  return_entropy=True)  # fmt: skip
+                                  return_entropy=True, **self.truncation)  # fmt: skip
+
+
+def rollout_truncation(rollout) -> dict:
+    """The truncation verl's rollout samples with, as ``rf`` keywords (``FusedLinearForPPO(truncation=...)``,
+    ``rf.linear_logprobs``, ``rf.logprobs``); ``{}`` when it samples from the full softmax. ``rollout``: verl's
+    ``actor_rollout_ref.rollout`` config (``RolloutConfig`` or its Hydra node): ``top_k`` (-1 or 0: off),
+    ``top_p`` (1: off), ``min_p`` where it has one (0: off). ``sampler="vllm"`` for ``name="vllm"``, ``"hf"``
+    for ``"hf"``; ``ValueError`` for another engine (its sampler's ties and boundaries are not checked
+    against ours), greedy decoding (``do_sample=False``) or a ``repetition_penalty`` != 1 (the distribution
+    sampled from is then not the truncated softmax)."""
+    top_k, top_p, min_p = (getattr(rollout, key, off) for key, off in (("top_k", -1), ("top_p", 1.0), ("min_p", 0.0)))
+    on = {"top_k": top_k if top_k is not None and top_k > 0 else None,
+          "top_p": top_p if top_p is not None and top_p < 1.0 else None,
+          "min_p": min_p if min_p else None}  # fmt: skip
+    if all(v is None for v in on.values()):
+        return {}
+    name = getattr(rollout, "name", None)
+    if name not in ("vllm", "hf"):
+        raise ValueError(f"rollout_truncation: rollout name={name!r}: truncated log-probs match vLLM's sampler "
+                         "(name='vllm') and transformers' generate (name='hf') only")  # fmt: skip
+    if getattr(rollout, "do_sample", True) is False:
+        raise ValueError("rollout_truncation: do_sample=False decodes greedily; there is no sampled distribution")
+    penalty = getattr(rollout, "repetition_penalty", 1.0)
+    if penalty not in (None, 1.0):
+        raise ValueError(f"rollout_truncation: repetition_penalty={penalty} changes the sampled distribution, "
+                         "which the truncated log-probs would not be")  # fmt: skip
+    return {k: v for k, v in on.items() if v is not None} | {"sampler": name}
 
 
 def kl_penalty(logprob, ref_logprob, kl_penalty: str, *, logits=None, ref_logits=None, temperature: float = 1.0):
