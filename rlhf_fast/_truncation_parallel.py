@@ -21,7 +21,7 @@ communication: ``[n]`` or ``[n, K]`` vectors per chunk of rows, never the ``[n, 
 
 Every branch of the threshold search depends only on the gathered or all-reduced values (and on the
 truncation arguments, which must be the same on every rank, like the labels: ``_vocab_parallel.shard_of``
-checks them, and the temperature, before any of this runs), so every rank runs the same
+checks them, the temperature and the labels before any of this runs), so every rank runs the same
 collectives and gets the same ``tau``. The chunks of rows are sized by the whole vocabulary, so that they
 are the same on every rank whatever its slice size.
 

@@ -4,7 +4,7 @@ Layout. With a process group of size ``P``, the last dimension of the logits (``
 an lm_head ``weight`` (and ``bias``), hold this rank's contiguous slice of the vocabulary; rank ``r`` holds
 ids ``[offset_r, offset_r + V_r)`` with ``offset_r = V_0 + ... + V_{r-1}``: the slices in rank order, of any
 sizes (each call exchanges the ``V_r`` with one all-reduce of a ``[P]`` vector, which also checks that the row
-arguments - temperature, ignore_index, truncation - are the same on every rank). Labels are global ids, the
+arguments - labels, temperature, ignore_index, truncation - are the same on every rank). Labels are global ids, the
 same tensor on every rank. Megatron-LM's layout is this one with equal slices: rank ``r`` owns
 ``[r V/P, (r+1) V/P)`` (``VocabUtility`` in megatron/core/tensor_parallel/utils.py; the lm_head is a
 ``ColumnParallelLinear`` with ``gather_output=False``, the loss ``vocab_parallel_cross_entropy``), and so is
@@ -101,7 +101,7 @@ def check_group(process_group) -> None:
 def shard_of(process_group, V_local: int, device: torch.device, same: dict | None = None) -> Shard | None:
     """The layout of this rank's vocabulary slice (``None`` without a group), from every rank's ``V_local``.
 
-    ``same``: the row arguments every rank must pass alike (``{"temperature": 0.7, "top_k": tensor, ...}``);
+    ``same``: the row arguments every rank must pass alike (``{"labels": tensor, "temperature": 0.7, ...}``);
     ``ValueError`` naming the first one that differs between ranks, raised on every rank (so none goes on into
     collectives the others never join: a ``top_k`` on one rank only would otherwise hang the group or mix
     thresholds). Checked in the same all-reduce that exchanges the slice sizes: each rank writes its row of a
@@ -126,11 +126,12 @@ def shard_of(process_group, V_local: int, device: torch.device, same: dict | Non
     return Shard(process_group, offset=sum(sizes[:rank]), size=V_local, vocab=sum(sizes))
 
 
-def row_arguments(temperature, ignore_index, top_k, top_p, min_p, sampler) -> dict:
+def row_arguments(labels, temperature, ignore_index, top_k, top_p, min_p, sampler) -> dict:
     """The arguments of a log-prob or loss op that act on its rows, which ``shard_of`` checks are the same on
-    every rank: always all six (the table every rank all-reduces must have the same shape everywhere)."""
-    return {"temperature": temperature, "ignore_index": ignore_index, "top_k": top_k, "top_p": top_p,
-            "min_p": min_p, "sampler": sampler}  # fmt: skip
+    every rank: always all seven (the table every rank all-reduces must have the same shape everywhere).
+    ``labels`` costs one elementwise pass over ``[N]`` ids, nothing next to the ``[N, V_r]`` slice."""
+    return {"labels": labels, "temperature": temperature, "ignore_index": ignore_index, "top_k": top_k,
+            "top_p": top_p, "min_p": min_p, "sampler": sampler}  # fmt: skip
 
 
 _MOD = 2_147_483_647  # 2^31 - 1: fingerprints sum products of residues, exactly and without int64 overflow

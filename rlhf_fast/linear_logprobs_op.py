@@ -314,7 +314,7 @@ def linear_logprobs(
     )
     impl = resolve(impl, hidden.device)
     shard = _vocab_parallel.shard_of(process_group, V, hidden.device, _vocab_parallel.row_arguments(
-        opts.temperature, opts.ignore_index, top_k, top_p, min_p, sampler))  # fmt: skip
+        labels, opts.temperature, opts.ignore_index, top_k, top_p, min_p, sampler))  # fmt: skip
     trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, labels.shape, V if shard is None else shard.vocab,
                                         hidden.device)  # fmt: skip
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)

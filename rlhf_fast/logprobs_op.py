@@ -266,7 +266,7 @@ def logprobs(
     )
     impl = resolve(impl, logits.device)
     shard = _vocab_parallel.shard_of(process_group, V, logits.device, _vocab_parallel.row_arguments(
-        opts.temperature, opts.ignore_index, top_k, top_p, min_p, sampler))  # fmt: skip
+        labels, opts.temperature, opts.ignore_index, top_k, top_p, min_p, sampler))  # fmt: skip
     if shard is not None and opts.inplace_backward:
         raise ValueError("inplace_backward=True is not supported with a process_group")
     trunc = truncation.check_truncation(top_k, top_p, min_p, sampler, logits.shape[:-1],

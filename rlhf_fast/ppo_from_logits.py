@@ -203,7 +203,7 @@ def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advanta
                          "the batch's tokens")  # fmt: skip
     impl = resolve(impl, x.device)
     shard = _vocab_parallel.shard_of(process_group, V, x.device,
-                                     _vocab_parallel.row_arguments(opts.temperature, opts.ignore_index, *truncation))
+                                     _vocab_parallel.row_arguments(labels, opts.temperature, opts.ignore_index, *truncation))
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
     m = torch.ones(B, T, device=x.device) if mask is None else mask.to(torch.float32)

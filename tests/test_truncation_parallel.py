@@ -123,6 +123,7 @@ MISMATCHED = {  # name: (the argument the error must name, rank -> keywords)
     "per_row_tensor": ("top_k", lambda r: dict(top_k=torch.tensor([[2, 3, 4], [5, 6, 2 + (r > 0)]]))),
     "sampler": ("sampler", lambda r: dict(top_k=3, sampler="vllm" if r == 0 else "hf")),
     "temperature": ("temperature", lambda r: dict(temperature=1.0 + r, top_k=3)),
+    "labels": ("labels", lambda r: dict(labels_shift=r)),  # one label differs on ranks > 0, no truncation
 }  # fmt: skip
 
 
@@ -132,14 +133,16 @@ def _mismatched(d, impl, sl, group, rank):
     errors = {}
     for name, (_, kw_of) in MISMATCHED.items():
         kw = dict(temperature=TEMP) | kw_of(rank)
+        labels = d["labels"].clone()
+        labels[0, 0] = (labels[0, 0] + kw.pop("labels_shift", 0)) % d["logits"].shape[-1]
         for op in ("logprobs", "linear_logprobs", "ppo_loss_from_logits"):
             try:
                 if op == "logprobs":
-                    rf.logprobs(d["logits"][..., sl], d["labels"], impl=impl, process_group=group, **kw)
+                    rf.logprobs(d["logits"][..., sl], labels, impl=impl, process_group=group, **kw)
                 elif op == "linear_logprobs":
-                    rf.linear_logprobs(d["hidden"], d["weight"][sl], d["labels"], impl=impl, process_group=group, **kw)
+                    rf.linear_logprobs(d["hidden"], d["weight"][sl], labels, impl=impl, process_group=group, **kw)
                 else:
-                    rf.ppo_loss_from_logits(d["logits"][..., sl], d["labels"], d["old_logp"], d["advantages"],
+                    rf.ppo_loss_from_logits(d["logits"][..., sl], labels, d["old_logp"], d["advantages"],
                                             impl=impl, process_group=group, **kw)  # fmt: skip
                 errors[f"{name}/{op}"] = None
             except ValueError as e:
@@ -276,9 +279,9 @@ def test_truncated_ops_on_bf16_and_under_cpu_autocast_match_one_process(spawned,
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_arguments_that_differ_between_ranks_raise_on_every_rank(spawned, impl):
-    """A truncation argument (or the temperature) that differs between ranks is a ValueError naming it, on
-    every rank and every op, before any threshold collective (a top_k on one rank only would otherwise hang
-    the group); the group is still usable afterwards."""
+    """A truncation argument, the temperature or the labels differing between ranks is a ValueError naming
+    it, on every rank and every op, before any threshold collective (a top_k on one rank only would otherwise
+    hang the group; other labels would silently mix rows); the group is still usable afterwards."""
     world, ranks = spawned
     d = _case(world)
     for name, (arg, _) in MISMATCHED.items():
