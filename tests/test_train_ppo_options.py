@@ -18,6 +18,7 @@ import torch
 
 import rlhf_fast as rf
 from rlhf_fast.train import ppo
+from rlhf_fast.train.metrics import read_metrics
 from rlhf_fast.train.models import load_causal_lm
 from rlhf_fast.train.ops import LOSS_TYPES, FusedOps, PolicyLossConfig, ReferenceOps, micro_aggregation
 
@@ -264,3 +265,27 @@ def test_options_are_printed_and_alter_the_run_on_resume(tmp_path, capsys):
     for key, value in (("loss_mode", "cispo"), ("loss_type", "grpo"), ("delta", 2.0), ("kl_bias_correction", True)):
         refused, allowed = resume_changes(config_to_dict(base), ppo.Config(**{**base.__dict__, key: value}))
         assert len(refused) == 1 and refused[0].startswith(f"{key} (") and not allowed
+
+
+def test_frac_reward_zero_std_is_the_share_of_prompts_whose_samples_score_alike(tmp_path):
+    """The critic-free trainer logs TRL's ``frac_reward_zero_std``: per step, the share of prompts whose
+    ``samples_per_prompt`` scores are all equal (no advantage signal), recomputed here from the scores the
+    reward function returned; GAE runs do not log it."""
+    assert ppo.zero_std_fraction(torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.5]), 4) == 1 / 3
+    returned = []
+
+    def reward(prompts, completions):
+        scores = bandit_reward(prompts, completions)
+        returned.append(scores)
+        return scores
+
+    cfg = bandit_config(tmp_path, advantage="rloo", steps=3, prompts_per_step=4, samples_per_prompt=4, minibatch_size=16,
+                        log_every=1)  # fmt: skip
+    ppo.train(cfg, reward_fn=reward)
+    logged = [r["frac_reward_zero_std"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "score" in r]
+    assert len(returned) == len(logged) == 3
+    want = [sum(len(set(s[i : i + 4])) == 1 for i in range(0, 16, 4)) / 4 for s in returned]
+    assert logged == want
+    gae = bandit_config(tmp_path / "gae", advantage="gae", steps=1, prompts_per_step=4, minibatch_size=4, log_every=1)
+    ppo.train(gae, reward_fn=bandit_reward)
+    assert all("frac_reward_zero_std" not in r for r in read_metrics(tmp_path / "gae" / "run" / "metrics.jsonl"))

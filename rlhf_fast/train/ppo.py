@@ -155,6 +155,13 @@ def sequence_advantages(scores: torch.Tensor, cfg: Config) -> torch.Tensor:
     return rf.group_advantages(scores, G, normalize_std=False, baseline="loo")
 
 
+def zero_std_fraction(scores: torch.Tensor, group: int) -> float:
+    """The share of prompts whose ``group`` consecutive scores are all equal (TRL's ``frac_reward_zero_std``):
+    groups that give a critic-free advantage no signal."""
+    groups = scores.view(-1, group)
+    return int((groups == groups[:, :1]).all(1).sum()) / groups.shape[0]
+
+
 # -------------------------------------------------------------------------------------------- train
 
 
@@ -397,6 +404,8 @@ def train(cfg: Config, *, reward_fn=None, eval_fn=None) -> dict:
                    "response_length": float(mask.sum(1).mean()), "finished": float(batch["finished"].mean()),
                    "tokens_per_s": tokens / seconds, "rollout_s": t_update - t0,
                    "update_s": seconds - (t_update - t0)}  # fmt: skip
+        if cfg.advantage != "gae":
+            record["frac_reward_zero_std"] = zero_std_fraction(batch["scores"], cfg.samples_per_prompt)
         if models.critic is not None:
             on = mask > 0
             residual = (returns - batch["values"])[on]
