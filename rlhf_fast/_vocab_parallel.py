@@ -3,8 +3,8 @@
 Layout. With a process group of size ``P``, the last dimension of the logits (``ref_logits``), or the rows of
 an lm_head ``weight`` (and ``bias``), hold this rank's contiguous slice of the vocabulary; rank ``r`` holds
 ids ``[offset_r, offset_r + V_r)`` with ``offset_r = V_0 + ... + V_{r-1}``: the slices in rank order, of any
-sizes (each call exchanges the ``V_r`` with one all-reduce of a ``[P]`` vector, which also checks that the row
-arguments - labels, temperature, ignore_index, truncation - are the same on every rank). Labels are global ids, the
+sizes (each call exchanges the ``V_r`` with one all-reduce of a small ``[P, k]`` table, which also checks that
+the row arguments - labels, temperature, ignore_index, truncation - are the same on every rank). Labels are global ids, the
 same tensor on every rank. Megatron-LM's layout is this one with equal slices: rank ``r`` owns
 ``[r V/P, (r+1) V/P)`` (``VocabUtility`` in megatron/core/tensor_parallel/utils.py; the lm_head is a
 ``ColumnParallelLinear`` with ``gather_output=False``, the loss ``vocab_parallel_cross_entropy``), and so is
@@ -138,9 +138,10 @@ _MOD = 2_147_483_647  # 2^31 - 1: fingerprints sum products of residues, exactly
 
 
 def _fingerprint(value, device) -> torch.Tensor | int:
-    """An int64 fingerprint of an argument, equal on two ranks when the argument is (``None``; a number, by
-    its float64 value; a string; a tensor, by its shape, dtype and each element's float64 bits at its position,
-    a 0-d int64 tensor on ``device`` so that no host sync is needed); anything else by its type's name."""
+    """An int64 fingerprint of an argument, equal on two ranks when the argument is: ``None``; a number (by its
+    float64 value); a string; a tensor (by its shape, dtype and each element's float64 bits at its position;
+    returned as a 0-d int64 tensor on ``device``, so that no host sync is needed). Anything else is
+    fingerprinted by its type's name (the op's own checks reject it next)."""
     if value is None:
         return -1
     if isinstance(value, (bool, int, float)) and abs(value) <= 1e308:

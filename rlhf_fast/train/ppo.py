@@ -12,8 +12,8 @@ the loss instead, ``kl_mode="k3_loss"`` GRPO's k3 estimate (a forward-KL gradien
 Advantages: ``"gae"`` (a critic with a value head, ``rf.gae``, whitened), or critic-free with several samples
 per prompt: ``"grpo"`` (score minus the group mean, over the group std) and ``"rloo"`` (score minus the mean
 of the *other* samples of the prompt). Critic-free modes with ``kl_mode="reward"`` subtract
-``kl_coef * sum_t k1_t`` from each sequence's score, and log ``frac_reward_zero_std`` (TRL's name): the share
-of prompts whose samples all score alike, which give no advantage signal.
+``kl_coef * sum_t k1_t`` from each sequence's score. Critic-free runs log ``frac_reward_zero_std`` (TRL's
+name): the share of prompts whose samples all score alike, which give no advantage signal.
 
 Distributed (``torchrun --nproc-per-node N``, DDP): each process samples and scores a contiguous ``1/N`` of the
 step's prompts (all samples of a prompt on one process), the rollouts are gathered so every process holds the
