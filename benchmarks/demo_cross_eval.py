@@ -50,12 +50,12 @@ def main(argv=None) -> dict:
             ref = load_causal_lm(cfg.policy, dtype="fp32", device=device).eval().requires_grad_(False)
             _, scorer = make_scorers(cfg, device)
             prompts = tokenize_prompts(cfg.eval_prompts, tok, cfg.max_prompt_length)
-            evaluate = policy_evaluator(cfg, ref, tok, prompts.select(range(min(cfg.eval_samples, len(prompts)))),
-                                        scorer=scorer, ops=ops)  # fmt: skip
+            held_out = prompts.select(range(min(cfg.eval_samples, len(prompts))))
+            evaluate = policy_evaluator(cfg, ref, tok, held_out, scorer=scorer, ops=ops)
             label = ", ".join(f"{k}={v}" for k, v in sampling.items())
             for name, path in policies.items():
                 policy = load_causal_lm(path, dtype="fp32", device=device).eval()
-                r = evaluate(policy) | {"teacher_forced": teacher_forced(policy, tok, prompts, sampling, cfg.eval_samples)}
+                r = evaluate(policy) | {"teacher_forced": teacher_forced(policy, tok, held_out, sampling)}
                 scores.setdefault(name, {})[label] = r
                 t = r["teacher_forced"]
                 print(f"{name:<28} sampled with {label:<45} {r['score']:.3f} ± {r['score_stderr']:.3f}  "
@@ -68,20 +68,19 @@ def main(argv=None) -> dict:
 
 
 @torch.no_grad()
-def teacher_forced(policy, tok, prompts, sampling: dict, n: int) -> dict:
-    """Over the right completions (``task.target`` + ``</s>``) of the first ``n`` prompts, one prompt at a time:
+def teacher_forced(policy, tok, prompts, sampling: dict) -> dict:
+    """Over the right completions (``task.target`` + ``</s>``) of ``prompts``, one prompt at a time:
     the mean probability of the right token under the full softmax (``p_right_full``) and under the truncated
     distribution of ``sampling`` (``p_right_truncated``, 0 outside its kept set), and the share of right tokens
     inside the kept set (``right_kept_frac``)."""
-    truncation = {k: sampling[k] for k in ("top_k", "top_p", "min_p")}
+    T, truncation = sampling["temperature"], {k: sampling[k] for k in ("top_k", "top_p", "min_p")}
     full = truncated = kept = 0.0
     count = 0
-    for row in prompts.select(range(min(n, len(prompts)))):
+    for row in prompts:
         answer = tok(task.target(row["prompt"]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids = torch.tensor([list(row["prompt_input_ids"]) + answer], device=policy.device)
         logits = policy(ids).logits[:, -len(answer) - 1 : -1].float()
         labels = torch.tensor([answer], device=ids.device)
-        T = sampling["temperature"]
         logp = rf.logprobs(logits, labels, temperature=T)
         logp_truncated = rf.logprobs(logits, labels, temperature=T, **truncation)
         full += float(logp.exp().sum())

@@ -40,7 +40,7 @@ def _reference(policy, tok, prompts, temperature):
 
 def test_teacher_forced_without_truncation_is_the_full_softmax(setup):
     policy, tok, prompts = setup
-    got = teacher_forced(policy, tok, prompts, OFF | dict(temperature=0.8), n=8)
+    got = teacher_forced(policy, tok, prompts.select(range(8)), OFF | dict(temperature=0.8))
     probs, _ = _reference(policy, tok, prompts.select(range(8)), 0.8)
     assert got["tokens"] == probs.numel()
     assert got["right_kept_frac"] == 1.0
@@ -50,7 +50,7 @@ def test_teacher_forced_without_truncation_is_the_full_softmax(setup):
 
 def test_teacher_forced_with_top_k_1_keeps_only_argmax_right_tokens(setup):
     policy, tok, prompts = setup
-    got = teacher_forced(policy, tok, prompts, OFF | dict(top_k=1), n=len(prompts))
+    got = teacher_forced(policy, tok, prompts, OFF | dict(top_k=1))
     probs, top = _reference(policy, tok, prompts, 1.0)
     assert 0 < top.double().mean() < 1  # some right tokens are the argmax, some are not
     assert got["right_kept_frac"] == pytest.approx(float(top.double().mean()), abs=1e-12)
