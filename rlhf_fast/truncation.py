@@ -72,6 +72,16 @@ def _check_range(name: str, x: torch.Tensor, ok: torch.Tensor, what: str) -> Non
         raise ValueError(f"{name} must be {what}, found {x[~ok].flatten()[0].item()}")
 
 
+def keys_on(top_k=None, top_p=None, min_p=None) -> dict:
+    """The truncation keywords that cut anything, as an engine or a config states them: ``top_k > 0`` (off: 0
+    in transformers, TRL and here, -1 in vLLM and verl), ``top_p < 1``, ``min_p > 0``; ``None`` is off. The
+    trainers' keys, TRL's ``GRPOConfig`` and verl's rollout config all go through it, so they agree on what
+    is off."""
+    on = {"top_k": top_k is not None and top_k > 0, "top_p": top_p is not None and top_p < 1.0,
+          "min_p": min_p is not None and min_p > 0}  # fmt: skip
+    return {key: value for key, value in zip(on, (top_k, top_p, min_p)) if on[key]}
+
+
 def check_truncation(top_k, top_p, min_p, sampler: str, row_shape, V: int, device) -> RowTruncation | None:
     """Checked per-row truncation of rows ``row_shape`` (the logits' leading shape) over a vocabulary of ``V``;
     ``None`` when every row is off (the caller then runs its untruncated code). ``ValueError`` names the

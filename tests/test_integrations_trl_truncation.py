@@ -155,10 +155,10 @@ def test_option_on_without_truncation_is_the_untruncated_loss(model_dir, tmp_pat
 @pytest.mark.parametrize(
     "fields,want",
     [
-        (dict(top_k=50, top_p=0.95), dict(top_k=50, top_p=0.95, min_p=None, sampler="hf")),
-        (dict(use_vllm=True, top_k=50), dict(top_k=50, top_p=None, min_p=None, sampler="vllm")),
+        (dict(top_k=50, top_p=0.95), dict(top_k=50, top_p=0.95, sampler="hf")),
+        (dict(use_vllm=True, top_k=50), dict(top_k=50, sampler="vllm")),
         (dict(min_p=0.1, generation_kwargs={"top_k": -1, "top_p": 0.9}),
-         dict(top_k=None, top_p=0.9, min_p=0.1, sampler="hf")),  # generation_kwargs override, as in TRL
+         dict(top_p=0.9, min_p=0.1, sampler="hf")),  # generation_kwargs override, as in TRL
         (dict(top_k=0, top_p=1.0, min_p=0.0), None),
     ],
 )  # fmt: skip

@@ -317,3 +317,15 @@ def test_torch_top_k_then_top_p_reuses_the_top_k_values_unless_tied_past_them():
                dict(top_k=50, top_p=torch.tensor([0.9, 1.0] * 4))):  # fmt: skip
         ours, ref = _kept_sets(z, **kw)
         assert torch.equal(ours, ref), kw
+
+
+def test_keys_on_reads_every_engines_off_values():
+    """One reading of "off" for the trainers' keys, TRL's GRPOConfig and verl's rollout config: top_k 0 (ours,
+    transformers, TRL) or -1 (vLLM, verl), top_p 1, min_p 0, or None; anything else is kept as given."""
+    from rlhf_fast.truncation import keys_on
+
+    for off in (dict(), dict(top_k=0, top_p=1.0, min_p=0.0), dict(top_k=-1, top_p=None, min_p=None)):
+        assert keys_on(**off) == {}
+    assert keys_on(top_k=20, top_p=0.9, min_p=0.05) == dict(top_k=20, top_p=0.9, min_p=0.05)
+    assert keys_on(top_k=-1, top_p=0.95, min_p=0.0) == dict(top_p=0.95)
+    assert keys_on(top_k=1, top_p=1.0, min_p=1e-6) == dict(top_k=1, min_p=1e-6)

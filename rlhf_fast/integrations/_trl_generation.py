@@ -2,20 +2,17 @@
 (``top_k`` / ``top_p`` / ``min_p`` as ``rf`` keywords) and the settings that change the sampled distribution
 in ways the truncated log-probs do not reproduce (rlhf_fast.integrations.trl, ``truncated_logprobs=True``)."""
 
+from rlhf_fast.truncation import keys_on
+
 
 def generation_truncation(args) -> dict | None:
-    """The truncation TRL's generation samples with, as ``rf.linear_logprobs`` keywords (``top_k``, ``top_p``,
-    ``min_p``, ``sampler``), or ``None`` when it samples from the full softmax. ``GRPOConfig``'s ``top_k`` /
+    """The truncation TRL's generation samples with, as ``rf.linear_logprobs`` keywords (those of ``top_k``,
+    ``top_p``, ``min_p`` that are on, and ``sampler``), or ``None`` when it samples from the full softmax. ``GRPOConfig``'s ``top_k`` /
     ``top_p`` / ``min_p``, each overridden by ``generation_kwargs`` (TRL passes those last, to
     ``GenerationConfig`` or vLLM's ``SamplingParams``); ``sampler="vllm"`` with ``use_vllm``, else ``"hf"``."""
     extra = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else {}
-    top_k, top_p, min_p = (extra.get(name, getattr(args, name)) for name in ("top_k", "top_p", "min_p"))
-    top_k = None if top_k is None or top_k <= 0 else top_k  # 0 (TRL, HF) and -1 (vLLM): off
-    top_p = None if top_p is None or top_p >= 1.0 else top_p
-    min_p = None if not min_p else min_p
-    if top_k is None and top_p is None and min_p is None:
-        return None
-    return dict(top_k=top_k, top_p=top_p, min_p=min_p, sampler="vllm" if args.use_vllm else "hf")
+    on = keys_on(*(extra.get(name, getattr(args, name)) for name in ("top_k", "top_p", "min_p")))
+    return on | {"sampler": "vllm" if args.use_vllm else "hf"} if on else None
 
 
 # Generation settings that change the distribution sampled from, beyond temperature and the truncation, with

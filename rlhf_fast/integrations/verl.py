@@ -50,6 +50,7 @@ import torch
 
 import rlhf_fast as rf
 from rlhf_fast.rl_losses import masked_mean
+from rlhf_fast.truncation import keys_on
 
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
@@ -201,11 +202,8 @@ def rollout_truncation(rollout) -> dict:
     for ``"hf"``; ``ValueError`` for another engine (its sampler's ties and boundaries are not checked
     against ours), greedy decoding (``do_sample=False``) or a ``repetition_penalty`` != 1 (the distribution
     sampled from is then not the truncated softmax)."""
-    top_k, top_p, min_p = (getattr(rollout, key, off) for key, off in (("top_k", -1), ("top_p", 1.0), ("min_p", 0.0)))
-    on = {"top_k": top_k if top_k is not None and top_k > 0 else None,
-          "top_p": top_p if top_p is not None and top_p < 1.0 else None,
-          "min_p": min_p if min_p else None}  # fmt: skip
-    if all(v is None for v in on.values()):
+    on = keys_on(*(getattr(rollout, key, None) for key in ("top_k", "top_p", "min_p")))
+    if not on:
         return {}
     name = getattr(rollout, "name", None)
     if name not in ("vllm", "hf"):
@@ -217,7 +215,7 @@ def rollout_truncation(rollout) -> dict:
     if penalty not in (None, 1.0):
         raise ValueError(f"rollout_truncation: repetition_penalty={penalty} changes the sampled distribution, "
                          "which the truncated log-probs would not be")  # fmt: skip
-    return {k: v for k, v in on.items() if v is not None} | {"sampler": name}
+    return on | {"sampler": name}
 
 
 def kl_penalty(logprob, ref_logprob, kl_penalty: str, *, logits=None, ref_logits=None, temperature: float = 1.0):

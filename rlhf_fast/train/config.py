@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..preference import DPO_LOSS_TYPES
+from ..truncation import keys_on
 from . import distributed
 from .config_io import (add_config_args, config_from_args, config_to_dict, describe_config, load_config,
                         parse_overrides, save_config)  # fmt: skip
@@ -191,8 +192,7 @@ def check_sampling(cfg) -> None:
 def sampling_truncation(cfg) -> dict:
     """The truncation keywords of ``rf.sample_tokens`` and the log-prob ops for a ppo / best-of-n config: only
     the keys that are on (``top_k > 0``, ``top_p < 1``, ``min_p > 0``; vLLM's sampler), ``{}`` when none is."""
-    on = {"top_k": cfg.top_k > 0, "top_p": cfg.top_p < 1, "min_p": cfg.min_p > 0}
-    return {key: getattr(cfg, key) for key, is_on in on.items() if is_on}
+    return keys_on(cfg.top_k, cfg.top_p, cfg.min_p)
 
 
 # ---------------------------------------------------------------------------------------------------
