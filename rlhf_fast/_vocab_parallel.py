@@ -4,7 +4,8 @@ Layout. With a process group of size ``P``, the last dimension of the logits (``
 an lm_head ``weight`` (and ``bias``), hold this rank's contiguous slice of the vocabulary; rank ``r`` holds
 ids ``[offset_r, offset_r + V_r)`` with ``offset_r = V_0 + ... + V_{r-1}``: the slices in rank order, of any
 sizes (each call exchanges the ``V_r`` with one all-reduce of a small ``[P, k]`` table, which also checks that
-the row arguments - labels, temperature, ignore_index, truncation - are the same on every rank). Labels are global ids, the
+the row arguments - labels, temperature, ignore_index, truncation; a PPO loss's tensors and options - are
+the same on every rank). Labels are global ids, the
 same tensor on every rank. Megatron-LM's layout is this one with equal slices: rank ``r`` owns
 ``[r V/P, (r+1) V/P)`` (``VocabUtility`` in megatron/core/tensor_parallel/utils.py; the lm_head is a
 ``ColumnParallelLinear`` with ``gather_output=False``, the loss ``vocab_parallel_cross_entropy``), and so is
@@ -43,6 +44,7 @@ With ``process_group=None`` the ops do no work here (``shard_of`` returns ``None
 run exactly as without tensor parallelism.
 """
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -132,6 +134,15 @@ def row_arguments(labels, temperature, ignore_index, top_k, top_p, min_p, sample
     ``labels`` costs one elementwise pass over ``[N]`` ids, nothing next to the ``[N, V_r]`` slice."""
     return {"labels": labels, "temperature": temperature, "ignore_index": ignore_index, "top_k": top_k,
             "top_p": top_p, "min_p": min_p, "sampler": sampler}  # fmt: skip
+
+
+def loss_arguments(options, **tensors) -> dict:
+    """What else a PPO loss op's ranks must pass alike: its ``[B, T]`` tensors (``None`` where not given) and
+    every field of its policy-loss options (a dataclass; each named by its field, as the keywords are). A
+    rank with other advantages, old log-probs or mask (a data loader that is not the same on the ranks of the
+    tensor-parallel group) or another ``clip_low`` would compute another loss, and its slice's gradient with
+    it, silently. One elementwise pass over each ``[B, T]`` tensor."""
+    return tensors | {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
 _MOD = 2_147_483_647  # 2^31 - 1: fingerprints sum products of residues, exactly and without int64 overflow

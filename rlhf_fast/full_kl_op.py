@@ -116,8 +116,9 @@ def full_kl(
         impl: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
         process_group: tensor parallelism (``None``: none). ``logits`` and ``ref_logits`` hold this rank's
             contiguous slice of the vocabulary (the same slice), slices in rank order (any sizes). Every rank
-            returns the KL over the whole vocabulary and gets its slice's gradient; two small all-reduces
-            per forward, none in backward (rlhf_fast/_vocab_parallel.py).
+            returns the KL over the whole vocabulary and gets its slice's gradient; three small all-reduces
+            per forward (the first checks that ``temperature`` and the rows' shape are the same on every
+            rank: ``ValueError`` naming the one that is not), none in backward (rlhf_fast/_vocab_parallel.py).
 
     Entries where ``logits`` is ``-inf`` (masked vocabulary) add nothing; an entry where only
     ``ref_logits`` is ``-inf`` makes the KL ``+inf``. Computed in float32 whatever autocast says.
@@ -135,7 +136,8 @@ def full_kl(
     impl = resolve(impl, logits.device)
     if process_group is None:
         return _FullKL.apply(logits, ref_logits.detach(), opts, impl)
-    _vocab_parallel.check_group(process_group)
+    _vocab_parallel.shard_of(process_group, logits.shape[-1], logits.device, {
+        "temperature": opts.temperature, "logits.shape[:-1]": torch.tensor(list(logits.shape[:-1]))})  # fmt: skip
     o = _vocab_parallel.FullKLShardOptions(process_group, impl, *_backend(impl), linear=False,
                                            temperature=opts.temperature)  # fmt: skip
     return _vocab_parallel.full_kl(o, logits, ref_logits.detach()).view(logits.shape[:-1])

@@ -220,7 +220,8 @@ def linear_full_kl(
         impl: ``"auto"`` | ``"triton"`` | ``"torch"`` (see the module docstring).
         process_group: tensor parallelism (``None``: none). ``weight``/``bias`` and ``ref_weight``/``ref_bias``
             hold this rank's contiguous slice of the vocabulary's rows (the same slice), slices in rank
-            order; ``hidden`` and ``ref_hidden`` are the same on every rank. Every rank returns the KL over
+            order; ``hidden`` and ``ref_hidden`` are the same on every rank (``temperature`` and the rows' shape
+            are checked to be: ``ValueError`` naming the one that is not). Every rank returns the KL over
             the whole vocabulary; ``weight``/``bias`` get their slice's gradient, ``hidden`` the full one,
             all-reduced (SUM) in backward (rlhf_fast/_vocab_parallel.py).
         matmul_dtype: ``None`` (follow autocast) or ``torch.float32`` (both sides' lm_head matmuls in
@@ -256,7 +257,8 @@ def linear_full_kl(
         if process_group is None:
             kl = _LinearFullKL.apply(*args, opts, impl)
         else:
-            _vocab_parallel.check_group(process_group)
+            _vocab_parallel.shard_of(process_group, weight.shape[0], hidden.device, {
+                "temperature": opts.temperature, "hidden.shape[:-1]": torch.tensor(list(lead))})  # fmt: skip
             o = _vocab_parallel.FullKLShardOptions(process_group, impl, _forward, _backward, linear=True,
                                                    temperature=opts.temperature)  # fmt: skip
             kl = _vocab_parallel.full_kl(o, *args)

@@ -202,8 +202,9 @@ def prepare_policy_step(op: str, name: str, x, V: int, labels, old_logp, advanta
         raise ValueError(f"{name} has no tokens (shape {tuple(x.shape)}): the loss and its metrics are means over "
                          "the batch's tokens")  # fmt: skip
     impl = resolve(impl, x.device)
-    shard = _vocab_parallel.shard_of(process_group, V, x.device,
-                                     _vocab_parallel.row_arguments(labels, opts.temperature, opts.ignore_index, *truncation))
+    shard = _vocab_parallel.shard_of(process_group, V, x.device, _vocab_parallel.row_arguments(
+        labels, opts.temperature, opts.ignore_index, *truncation) | _vocab_parallel.loss_arguments(
+        loss, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp, rollout_logp=rollout_logp))
     _checks.check_labels_in_range(labels, V if shard is None else shard.vocab, opts.ignore_index)
     adv = advantages.float() if advantages.dim() == 2 else advantages.float().unsqueeze(-1).expand(B, T)
     m = torch.ones(B, T, device=x.device) if mask is None else mask.to(torch.float32)

@@ -151,6 +151,53 @@ def _mismatched(d, impl, sl, group, rank):
     return errors
 
 
+LOSS_MISMATCHED = {  # name: (the argument the error must name, (rank, data) -> keywords of the PPO loss ops)
+    "old_logp": ("old_logp", lambda r, d: dict(old_logp=d["old_logp"] - 0.01 * r)),
+    "advantages": ("advantages", lambda r, d: dict(advantages=d["advantages"] * (1 + r))),
+    "mask": ("mask", lambda r, d: dict(mask=torch.where(torch.arange(B * T).view(B, T) == 0, float(r > 0), d["mask"]))),
+    "ref_logp_on_one_rank": ("ref_logp", lambda r, d: dict(ref_logp=d["old_logp"]) if r == 0 else {}),
+    "clip_low": ("clip_low", lambda r, d: dict(clip_low=0.2 + 0.05 * r)),
+}  # fmt: skip
+KL_MISMATCHED = {  # name: (the argument the error must name, rank -> (keywords, transpose the rows))
+    "temperature": ("temperature", lambda r: (dict(temperature=1.0 + r), False)),
+    "rows": ("shape[:-1]", lambda r: ({}, r > 0)),  # [B, T] rows on rank 0, [T, B] elsewhere: the same count
+}
+
+
+def _mismatched_loss_and_kl(d, impl, sl, group, rank):
+    """As ``_mismatched``, for what the PPO loss ops and the full-KL ops must also be passed alike."""
+    errors = {}
+    base = dict(old_logp=d["old_logp"], advantages=d["advantages"], mask=d["mask"])
+    for name, (_, kw_of) in LOSS_MISMATCHED.items():
+        kw = base | kw_of(rank, d)
+        for op in ("ppo_loss_from_logits", "linear_ppo_loss"):
+            try:
+                if op == "ppo_loss_from_logits":
+                    rf.ppo_loss_from_logits(d["logits"][..., sl], d["labels"], impl=impl, process_group=group, **kw)
+                else:
+                    rf.linear_ppo_loss(d["hidden"], d["weight"][sl], d["labels"], impl=impl, process_group=group, **kw)
+                errors[f"{name}/{op}"] = None
+            except ValueError as e:
+                errors[f"{name}/{op}"] = str(e)
+    for name, (_, kw_of) in KL_MISMATCHED.items():
+        kw, transpose = kw_of(rank)
+        rows = (lambda t: t.transpose(0, 1)) if transpose else (lambda t: t)
+        for op in ("full_kl", "linear_full_kl"):
+            try:
+                if op == "full_kl":
+                    rf.full_kl(rows(d["logits"][..., sl]), rows(d["logits"][..., sl].flip(0)), impl=impl,
+                               process_group=group, **kw)  # fmt: skip
+                else:
+                    rf.linear_full_kl(rows(d["hidden"]), d["weight"][sl], rows(d["hidden"].flip(0)), d["weight"][sl] / 2,
+                                      impl=impl, process_group=group, **kw)  # fmt: skip
+                errors[f"{name}/{op}"] = None
+            except ValueError as e:
+                errors[f"{name}/{op}"] = str(e)
+    errors["after"] = rf.ppo_loss_from_logits(d["logits"][..., sl], d["labels"], impl=impl, process_group=group,
+                                              **base)[0].detach()  # fmt: skip
+    return errors
+
+
 def _rank_results(rank, world, impls):
     """What rank ``rank`` of ``world`` computes on its slice, both cases (run by conftest.spawn_gloo)."""
     saved = {}
@@ -162,6 +209,8 @@ def _rank_results(rank, world, impls):
         if not wide:
             saved["bf16"] = {impl: _run_bf16(d, impl, sl, dist.group.WORLD) for impl in impls}
             saved["mismatch"] = {impl: _mismatched(d, impl, sl, dist.group.WORLD, rank) for impl in impls}
+            saved["mismatch_loss_kl"] = {impl: _mismatched_loss_and_kl(d, impl, sl, dist.group.WORLD, rank)
+                                         for impl in impls}  # fmt: skip
     return saved
 
 
@@ -293,3 +342,27 @@ def test_arguments_that_differ_between_ranks_raise_on_every_rank(spawned, impl):
     want = truncated_logprobs_reference(d["logits"].double(), d["labels"], top_k=3)[0]
     for rank, saved in enumerate(ranks):
         _close(saved["mismatch"][impl]["after"], want, f"the call after the errors on rank {rank}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_loss_and_kl_arguments_that_differ_between_ranks_raise_on_every_rank(spawned, impl):
+    """The PPO loss ops' tensors (old_logp, advantages, mask, ref_logp given on one rank only) and options
+    (clip_low), and the full-KL ops' temperature and row shape (the same row count, transposed), differing
+    between ranks: a ValueError naming the argument on every rank and both ops of each pair (before, the loss
+    ops computed a different loss on each rank and the KL ops combined other rows, silently); the group is
+    still usable afterwards."""
+    world, ranks = spawned
+    d = _case(world)
+    cases = [(name, arg, op) for name, (arg, _) in LOSS_MISMATCHED.items()
+             for op in ("ppo_loss_from_logits", "linear_ppo_loss")]  # fmt: skip
+    cases += [(name, arg, op) for name, (arg, _) in KL_MISMATCHED.items() for op in ("full_kl", "linear_full_kl")]
+    for name, arg, op in cases:
+        for rank, saved in enumerate(ranks):
+            message = saved["mismatch_loss_kl"][impl][f"{name}/{op}"]
+            assert message is not None, f"{name}/{op}: no error on rank {rank}"
+            if arg == "shape[:-1]":
+                arg = ("logits" if op == "full_kl" else "hidden") + ".shape[:-1]"
+            assert message.startswith(f"{arg} differs between the ranks of process_group"), message
+    want, _ = rf.ppo_loss_from_logits(d["logits"], d["labels"], d["old_logp"], d["advantages"], d["mask"], impl=impl)
+    for rank, saved in enumerate(ranks):
+        torch.testing.assert_close(saved["mismatch_loss_kl"][impl]["after"], want.detach(), rtol=1e-5, atol=1e-6)
