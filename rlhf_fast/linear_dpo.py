@@ -10,7 +10,7 @@ The per-token log-probs come from ``rf.linear_logprobs`` (Triton tiles or chunke
 
 import torch
 
-from . import _amp, _checks
+from . import _amp, _checks, _vocab_parallel
 from .linear_logprobs_op import linear_logprobs
 from .preference import check_dpo_options, dpo_loss
 from .sequence_logprobs_op import sum_over_tokens
@@ -73,6 +73,8 @@ def linear_dpo_loss(
         process_group: tensor parallelism, as in :func:`rlhf_fast.linear_logprobs` (``weight``/``bias`` the
             rank's slice of the vocabulary's rows, ``hidden`` replicated, its gradient all-reduced): the
             composed route, vocabulary-parallel token log-probs then the DPO loss, exact in its gradients.
+            ``ref_chosen_logp``, ``ref_rejected_logp`` and the DPO options must be the same on every rank
+            (``ValueError`` naming the one that is not, checked in one small all-reduce of their own).
         matmul_dtype: ``None`` (follow autocast) or ``torch.float32`` (the lm_head matmul in float32 under
             any autocast), as in :func:`rlhf_fast.linear_logprobs`.
 
@@ -87,6 +89,10 @@ def linear_dpo_loss(
     labels = _checks.as_labels(labels)
     B = _check_batch(hidden, labels, ref_chosen_logp, ref_rejected_logp)
     check_dpo_options(beta, loss_type, label_smoothing, reduction)  # before the expensive part
+    if process_group is not None:  # another rank's reference log-probs or beta: its own loss, silently
+        _vocab_parallel.shard_of(process_group, 0, hidden.device, dict(
+            ref_chosen_logp=ref_chosen_logp, ref_rejected_logp=ref_rejected_logp, beta=beta, loss_type=loss_type,
+            label_smoothing=label_smoothing, reduction=reduction, average_log_prob=bool(average_log_prob)))  # fmt: skip
     # weight, bias, ignore_index and impl are checked by linear_logprobs
     # linear_logprobs follows autocast for the matmul (rlhf_fast/_amp.py); the rest is float32 [2B, T] work.
     token_logp = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, impl=impl,

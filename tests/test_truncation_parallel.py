@@ -193,6 +193,14 @@ def _mismatched_loss_and_kl(d, impl, sl, group, rank):
                 errors[f"{name}/{op}"] = None
             except ValueError as e:
                 errors[f"{name}/{op}"] = str(e)
+    for name, kw in (("ref_chosen_logp", dict(ref_chosen_logp=torch.tensor([-5.0 - rank]))),
+                     ("beta", dict(beta=0.1 * (1 + rank)))):  # fmt: skip
+        kw = dict(ref_chosen_logp=torch.tensor([-5.0]), ref_rejected_logp=torch.tensor([-6.0])) | kw
+        try:  # one pair: row 0 chosen, row 1 rejected
+            rf.linear_dpo_loss(d["hidden"], d["weight"][sl], d["labels"], impl=impl, process_group=group, **kw)
+            errors[f"{name}/linear_dpo_loss"] = None
+        except ValueError as e:
+            errors[f"{name}/linear_dpo_loss"] = str(e)
     errors["after"] = rf.ppo_loss_from_logits(d["logits"][..., sl], d["labels"], impl=impl, process_group=group,
                                               **base)[0].detach()  # fmt: skip
     return errors
@@ -347,7 +355,8 @@ def test_arguments_that_differ_between_ranks_raise_on_every_rank(spawned, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_loss_and_kl_arguments_that_differ_between_ranks_raise_on_every_rank(spawned, impl):
     """The PPO loss ops' tensors (old_logp, advantages, mask, ref_logp given on one rank only) and options
-    (clip_low), and the full-KL ops' temperature and row shape (the same row count, transposed), differing
+    (clip_low), the full-KL ops' temperature and row shape (the same row count, transposed), and
+    linear_dpo_loss's reference log-probs and beta, differing
     between ranks: a ValueError naming the argument on every rank and both ops of each pair (before, the loss
     ops computed a different loss on each rank and the KL ops combined other rows, silently); the group is
     still usable afterwards."""
@@ -356,6 +365,7 @@ def test_loss_and_kl_arguments_that_differ_between_ranks_raise_on_every_rank(spa
     cases = [(name, arg, op) for name, (arg, _) in LOSS_MISMATCHED.items()
              for op in ("ppo_loss_from_logits", "linear_ppo_loss")]  # fmt: skip
     cases += [(name, arg, op) for name, (arg, _) in KL_MISMATCHED.items() for op in ("full_kl", "linear_full_kl")]
+    cases += [("ref_chosen_logp", "ref_chosen_logp", "linear_dpo_loss"), ("beta", "beta", "linear_dpo_loss")]
     for name, arg, op in cases:
         for rank, saved in enumerate(ranks):
             message = saved["mismatch_loss_kl"][impl][f"{name}/{op}"]
