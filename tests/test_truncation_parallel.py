@@ -9,6 +9,10 @@ Cases: top-k, top-p, min-p alone and combined, both samplers, per-row tensors wi
 top-p takes both of its paths: from the gathered top-k values, and the search without top-k), a flat row
 set whose nucleus is wider than 256 tokens (the gathered prefix widens), a row whose slice on rank 0 is all
 ``-inf``, ignored labels, temperature != 1.
+
+Arguments every rank must pass alike (the row arguments of every op; a PPO loss's tensors and options; the
+full-KL ops' temperature and rows; linear_dpo_loss's reference log-probs and options), passed otherwise on
+some rank: a ValueError naming the argument on every rank, and the group still usable.
 """
 
 import pytest
