@@ -68,7 +68,7 @@ def test_first_epoch_ratio_is_exactly_one_with_top_k_top_p(tmp_path, monkeypatch
 
 
 def _kept(pi: torch.Tensor, trunc: dict) -> torch.Tensor:
-    """Bool ``[V]``: the tokens vLLM's sampler keeps from the distribution ``pi`` under ``trunc`` (float64 reference)."""
+    """Bool ``[V]``: the tokens vLLM's sampler keeps from ``pi`` under ``trunc`` (the float64 reference)."""
     row = lambda key, off: torch.tensor([trunc.get(key, off)], dtype=torch.float64)  # noqa: E731
     return reference.truncation_keep_reference(pi.log()[None], row("top_k", 0).long(), row("top_p", 1.0),
                                                row("min_p", 0.0))[0]  # fmt: skip

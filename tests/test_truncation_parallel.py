@@ -192,8 +192,8 @@ def _mismatched_loss_and_kl(d, impl, sl, group, rank):
                     rf.full_kl(rows(d["logits"][..., sl]), rows(d["logits"][..., sl].flip(0)), impl=impl,
                                process_group=group, **kw)  # fmt: skip
                 else:
-                    rf.linear_full_kl(rows(d["hidden"]), d["weight"][sl], rows(d["hidden"].flip(0)), d["weight"][sl] / 2,
-                                      impl=impl, process_group=group, **kw)  # fmt: skip
+                    rf.linear_full_kl(rows(d["hidden"]), d["weight"][sl], rows(d["hidden"].flip(0)),
+                                      d["weight"][sl] / 2, impl=impl, process_group=group, **kw)  # fmt: skip
                 errors[f"{name}/{op}"] = None
             except ValueError as e:
                 errors[f"{name}/{op}"] = str(e)

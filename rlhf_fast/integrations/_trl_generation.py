@@ -7,9 +7,10 @@ from rlhf_fast.truncation import keys_on
 
 def generation_truncation(args) -> dict | None:
     """The truncation TRL's generation samples with, as ``rf.linear_logprobs`` keywords (those of ``top_k``,
-    ``top_p``, ``min_p`` that are on, and ``sampler``), or ``None`` when it samples from the full softmax. ``GRPOConfig``'s ``top_k`` /
-    ``top_p`` / ``min_p``, each overridden by ``generation_kwargs`` (TRL passes those last, to
-    ``GenerationConfig`` or vLLM's ``SamplingParams``); ``sampler="vllm"`` with ``use_vllm``, else ``"hf"``."""
+    ``top_p``, ``min_p`` that are on, and ``sampler``), or ``None`` when it samples from the full softmax.
+    ``GRPOConfig``'s ``top_k`` / ``top_p`` / ``min_p``, each overridden by ``generation_kwargs`` (TRL passes
+    those last, to ``GenerationConfig`` or vLLM's ``SamplingParams``); ``sampler="vllm"`` with ``use_vllm``,
+    else ``"hf"``."""
     extra = args.generation_kwargs if isinstance(args.generation_kwargs, dict) else {}
     on = keys_on(*(extra.get(name, getattr(args, name)) for name in ("top_k", "top_p", "min_p")))
     return on | {"sampler": "vllm" if args.use_vllm else "hf"} if on else None
