@@ -37,7 +37,8 @@ setup(
     extras_require={
         # the harness tests run a benchmark end to end: its plot and its memory probe
         # TRL: the drop-in and policy-loss tests compare against stock TRL itself (skipped without it)
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "psutil", "trl>=1.16,<1.17"],
+        # peft: the TRL GRPO drop-in with a LoRA policy (its reference scored through the policy, adapter off)
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "psutil", "trl>=1.16,<1.17", "peft"],
         "bench": ["matplotlib", "pytest-benchmark", "psutil"],
         "peers": ["liger-kernel", "trl", "cut-cross-entropy"],
         # rlhf_fast.integrations: drop-ins for these trainers (the versions their tests ran against)

@@ -214,3 +214,37 @@ def test_truncated_logprobs_refuses_a_repetition_penalty_and_the_option_off_take
     with pytest.raises(ValueError, match=r"typical_p=0\.5 in the generation settings"):
         _trainer(model_dir, tmp_path, generation_kwargs={"typical_p": 0.5})
     assert _trainer(model_dir, tmp_path, truncated_logprobs=False, repetition_penalty=1.3)._rf_truncation is None
+
+
+def test_a_peft_policy_scores_its_reference_over_the_full_softmax(model_dir, tmp_path):
+    """A LoRA policy without a reference model (TRL scores the reference through the policy, its adapter off):
+    with truncated_logprobs=True and beta != 0, TRL's reference log-probs are the base model's full softmax (the
+    reference a separate model would give: finite on every token), the old log-probs the warpers' truncated
+    ones, and two train() steps have finite losses. (This combination used to be refused: the reference pass went
+    through the policy's truncated head, so a token outside its kept set would have given an infinite KL.)"""
+    peft = pytest.importorskip("peft")
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "peft"), per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=6, num_iterations=2, beta=0.04,
+                          **{**COMMON, "bf16": False, "loss_type": "bnpo", "max_steps": 2, **SAMPLING})  # fmt: skip
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer = rft.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **kw: [float(len(c) % 5) for c in completions],
+                                  args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}), peft_config=lora,
+                                  truncated_logprobs=True)  # fmt: skip
+    assert trainer.ref_model is None and isinstance(trainer.model, peft.PeftModel)
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = trainer._prepare_inputs([{"prompt": p} for p in PROMPTS[:2]] * 2)
+    truncated, logits = _warped_logprobs(trainer, inputs)  # a fresh LoRA adapter (B = 0): the base model's logits
+    T = inputs["completion_ids"].size(1)
+    full = torch.log_softmax(logits / SAMPLING["temperature"], -1).gather(-1, inputs["completion_ids"][..., None])[..., 0]
+    on = inputs["completion_mask"] != 0
+    assert on.sum() > 8 and full.shape == (4, T)
+    ref, old = inputs["ref_per_token_logps"], inputs["old_per_token_logps"]
+    assert torch.isfinite(ref[on]).all()
+    torch.testing.assert_close(ref[on].double(), full[on], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(old[on].double(), truncated[on], rtol=1e-5, atol=1e-5)
+    assert (truncated[on] - full[on]).abs().max() > 1e-2  # the two passes really differ
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

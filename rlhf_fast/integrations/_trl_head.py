@@ -71,7 +71,8 @@ def install_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32:
     ``fused_lm_head`` goes to the model's previous forward (generation is unchanged). The instance's
     ``forward`` attribute is replaced, as TRL's own ``add_fused_lm_head`` does; the class is not touched.
     ``truncation`` (``rf.linear_logprobs``' ``top_k`` / ``top_p`` / ``min_p`` / ``sampler`` keywords): the
-    log-probs and entropy are those of that truncated distribution (a label outside its kept set: ``-inf``).
+    log-probs and entropy are those of that truncated distribution (a label outside its kept set: ``-inf``),
+    except inside ``reference_pass()``, where the model scores as the reference (the full softmax).
     """
     unknown = set(outputs) - set(HEAD_OUTPUTS)
     if unknown:
@@ -110,8 +111,9 @@ def install_fused_head(model, *, temperature: float = 1.0, cast_lm_head_to_fp32:
             # as TRL's chunked head: the projection runs in the hidden states' dtype
             weight, bias = weight.to(h.dtype), None if bias is None else bias.to(h.dtype)
         with ctx:
+            trunc = None if _REFERENCE_PASS.get() else truncation  # the reference: the full softmax
             out = rf.linear_logprobs(h, weight, y, bias=bias, temperature=effective_temperature,
-                                     return_entropy="entropy" in outputs, **(truncation or {}))  # fmt: skip
+                                     return_entropy="entropy" in outputs, **(trunc or {}))  # fmt: skip
             is_top1 = _is_top1(h, weight, bias, y) if "is_top1" in outputs else None
         logp, entropy = out if "entropy" in outputs else (out, None)
         mean_logits = None
@@ -171,6 +173,39 @@ def install_heads(trainer, name: str, policy_outputs: tuple[str, ...], temperatu
                            outputs=policy_outputs if i == 0 else ("log_probs",),
                            truncation=truncation if i == 0 else None)  # fmt: skip
     return True
+
+
+# Set while TRL scores the reference through the policy model itself (a PEFT policy without a reference model
+# of its own, its adapter off or set to "ref"): a truncated head answers with the full softmax there, as the
+# head of a separate reference model does.
+_REFERENCE_PASS: contextvars.ContextVar = contextvars.ContextVar("rlhf_fast_reference_pass", default=False)
+
+
+@contextlib.contextmanager
+def reference_pass():
+    token = _REFERENCE_PASS.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_PASS.reset(token)
+
+
+def score_reference_untruncated(trl_module) -> None:
+    """Make ``trl_module``'s ``use_adapter`` (TRL's context for scoring the reference through a PEFT policy, the
+    only use GRPO makes of it) also enter ``reference_pass()``. Idempotent; outside our truncated heads it
+    changes nothing (the flag is read by them only)."""
+    trl_use_adapter = trl_module.use_adapter
+    if getattr(trl_use_adapter, "_rf_hooked", False):
+        return
+
+    @contextlib.contextmanager
+    @functools.wraps(trl_use_adapter)
+    def use_adapter(*args, **kwargs):
+        with trl_use_adapter(*args, **kwargs), reference_pass():
+            yield
+
+    use_adapter._rf_hooked = True
+    trl_module.use_adapter = use_adapter
 
 
 # Set while one of our trainers' constructors runs: what to do with each model TRL has just put its head on

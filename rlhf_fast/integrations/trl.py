@@ -47,9 +47,9 @@ Each class subclasses TRL's and takes the same arguments; what changes:
   TRL asks for, ``"hf"`` for ``generate``'s warpers): the loss's log-probs and entropy, and the old
   log-probs of TRL's importance sampling and vLLM correction. The reference keeps the full softmax. A token
   outside the kept set (``-inf``: trainer and sampler logits differ, or the kept set moved) gets weight 0,
-  never NaN, logged as ``truncation_miss_frac``. ``ValueError`` where rlhf_fast's loss or head does not
-  serve the config, with ``beta != 0`` and no reference model of its own (PEFT: the policy's head), or with
-  a generation setting that changes the sampled distribution in a way the truncated log-probs do not
+  never NaN, logged as ``truncation_miss_frac``. A PEFT policy without a reference model scores its
+  reference through its own head with the adapter off: that pass is the full softmax too. ``ValueError``
+  where rlhf_fast's loss or head does not serve the config, or with a generation setting that changes the sampled distribution in a way the truncated log-probs do not
   reproduce (``repetition_penalty != 1``, ``typical_p``, vLLM's presence / frequency penalties, greedy or
   beam search, ...: ``generation_unmatched``).
 - **DPO loss**: ``rf.dpo_loss`` on the sequence sums of the ``rf.linear_logprobs`` log-probs
@@ -78,12 +78,13 @@ import torch
 import trl
 from packaging.version import Version
 from trl.trainer import dpo_trainer as trl_dpo_trainer
+from trl.trainer import grpo_trainer as trl_grpo_trainer
 
 import rlhf_fast as rf
 
 from ._trl_generation import generation_truncation, generation_unmatched
 from ._trl_head import (HEAD_OUTPUTS, after_trl_heads, heads_unsupported, install_fused_head, install_heads,
-                        warn_once)
+                        score_reference_untruncated, warn_once)
 
 __all__ = ["GRPOTrainer", "DPOTrainer", "RewardTrainer", "install_fused_head", "check_trl_version"]
 
@@ -166,10 +167,9 @@ class GRPOTrainer(_VersionChecked, trl.GRPOTrainer):
             if why is None and unmatched is not None:
                 why = (f"{unmatched} in the generation settings (it changes the distribution generation samples "
                        "from, which the truncated log-probs would not be)")
-            if why is None and self.beta != 0.0 and self.ref_model is None:
-                why = "beta != 0 without a reference model of its own (a PEFT policy scores it through its head)"
             if why is not None:
                 raise ValueError(f"truncated_logprobs=True is not supported with {why}")
+            score_reference_untruncated(trl_grpo_trainer)  # a PEFT policy's reference pass: the full softmax
         if not install_heads(self, "GRPOTrainer", ("log_probs", "entropy"), self.temperature,
                              self.args.cast_lm_head_to_fp32, self._rf_truncation) and self._rf_truncation:  # fmt: skip
             raise ValueError("truncated_logprobs=True needs rlhf_fast's fused head, which this model cannot take")
