@@ -49,9 +49,9 @@ Each class subclasses TRL's and takes the same arguments; what changes:
   outside the kept set (``-inf``: trainer and sampler logits differ, or the kept set moved) gets weight 0,
   never NaN, logged as ``truncation_miss_frac``. A PEFT policy without a reference model scores its
   reference through its own head with the adapter off: that pass is the full softmax too. ``ValueError``
-  where rlhf_fast's loss or head does not serve the config, or with a generation setting that changes the sampled distribution in a way the truncated log-probs do not
-  reproduce (``repetition_penalty != 1``, ``typical_p``, vLLM's presence / frequency penalties, greedy or
-  beam search, ...: ``generation_unmatched``).
+  where rlhf_fast's loss or head does not serve the config, or with a generation setting that changes the
+  sampled distribution in a way the truncated log-probs do not reproduce (``repetition_penalty != 1``,
+  ``typical_p``, vLLM's presence / frequency penalties, greedy or beam search, ...: ``generation_unmatched``).
 - **DPO loss**: ``rf.dpo_loss`` on the sequence sums of the ``rf.linear_logprobs`` log-probs
   (``loss_type`` ``sigmoid`` or ``hinge``).
 - **Reward loss**: ``rf.pairwise_sigmoid_loss`` (with TRL's ``margin`` column and
