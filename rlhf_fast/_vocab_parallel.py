@@ -128,6 +128,13 @@ def shard_of(process_group, V_local: int, device: torch.device, same: dict | Non
     return Shard(process_group, offset=sum(sizes[:rank]), size=V_local, vocab=sum(sizes))
 
 
+def same_on_every_rank(process_group, device: torch.device, same: dict) -> None:
+    """``shard_of``'s check alone, for an op that needs no slice layout (``full_kl``, ``linear_full_kl``,
+    ``linear_dpo_loss``): ``ValueError`` on every rank naming the first argument of ``same`` that differs between
+    the ranks of ``process_group``; one all-reduce of a small table."""
+    shard_of(process_group, 0, device, same)
+
+
 def row_arguments(labels, temperature, ignore_index, top_k, top_p, min_p, sampler) -> dict:
     """The arguments of a log-prob or loss op that act on its rows, which ``shard_of`` checks are the same on
     every rank: always all seven (the table every rank all-reduces must have the same shape everywhere).
@@ -150,8 +157,9 @@ _MOD = 2_147_483_647  # 2^31 - 1: fingerprints sum products of residues, exactly
 
 def _fingerprint(value, device) -> torch.Tensor | int:
     """An int64 fingerprint of an argument, equal on two ranks when the argument is: ``None``; a number (by its
-    float64 value); a string; a tensor (by its shape, dtype and each element's float64 bits at its position;
-    returned as a 0-d int64 tensor on ``device``, so that no host sync is needed). Anything else is
+    float64 value); a string; a tuple or list of ints, such as a ``torch.Size`` (as the int64 tensor of them);
+    a tensor (by its shape, dtype and each element's float64 bits at its position; returned as a 0-d int64
+    tensor on ``device``, so that no host sync is needed). Anything else is
     fingerprinted by its type's name (the op's own checks reject it next)."""
     if value is None:
         return -1
@@ -159,6 +167,8 @@ def _fingerprint(value, device) -> torch.Tensor | int:
         return int(torch.tensor(float(value), dtype=torch.float64).view(torch.int64))
     if isinstance(value, str):
         return zlib.crc32(value.encode()) + (1 << 40)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):  # a shape (torch.Size)
+        return _fingerprint(torch.tensor(list(value), dtype=torch.int64), device)
     if isinstance(value, torch.Tensor) and not value.is_complex() and value.device.type != "meta":
         bits = value.detach().reshape(-1).to(device=device, dtype=torch.float64).view(torch.int64)
         position = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=device) % _MOD

@@ -136,8 +136,8 @@ def full_kl(
     impl = resolve(impl, logits.device)
     if process_group is None:
         return _FullKL.apply(logits, ref_logits.detach(), opts, impl)
-    _vocab_parallel.shard_of(process_group, logits.shape[-1], logits.device, {
-        "temperature": opts.temperature, "logits.shape[:-1]": torch.tensor(list(logits.shape[:-1]))})  # fmt: skip
+    _vocab_parallel.same_on_every_rank(process_group, logits.device, {
+        "temperature": opts.temperature, "logits.shape[:-1]": logits.shape[:-1]})  # fmt: skip
     o = _vocab_parallel.FullKLShardOptions(process_group, impl, *_backend(impl), linear=False,
                                            temperature=opts.temperature)  # fmt: skip
     return _vocab_parallel.full_kl(o, logits, ref_logits.detach()).view(logits.shape[:-1])

@@ -90,7 +90,7 @@ def linear_dpo_loss(
     B = _check_batch(hidden, labels, ref_chosen_logp, ref_rejected_logp)
     check_dpo_options(beta, loss_type, label_smoothing, reduction)  # before the expensive part
     if process_group is not None:  # another rank's reference log-probs or beta: its own loss, silently
-        _vocab_parallel.shard_of(process_group, 0, hidden.device, dict(
+        _vocab_parallel.same_on_every_rank(process_group, hidden.device, dict(
             ref_chosen_logp=ref_chosen_logp, ref_rejected_logp=ref_rejected_logp, beta=beta, loss_type=loss_type,
             label_smoothing=label_smoothing, reduction=reduction, average_log_prob=bool(average_log_prob)))  # fmt: skip
     # weight, bias, ignore_index and impl are checked by linear_logprobs

@@ -257,8 +257,8 @@ def linear_full_kl(
         if process_group is None:
             kl = _LinearFullKL.apply(*args, opts, impl)
         else:
-            _vocab_parallel.shard_of(process_group, weight.shape[0], hidden.device, {
-                "temperature": opts.temperature, "hidden.shape[:-1]": torch.tensor(list(lead))})  # fmt: skip
+            _vocab_parallel.same_on_every_rank(process_group, hidden.device, {
+                "temperature": opts.temperature, "hidden.shape[:-1]": lead})  # fmt: skip
             o = _vocab_parallel.FullKLShardOptions(process_group, impl, _forward, _backward, linear=True,
                                                    temperature=opts.temperature)  # fmt: skip
             kl = _vocab_parallel.full_kl(o, *args)
